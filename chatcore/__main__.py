@@ -1,0 +1,3 @@
+from chatcore.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""Write a GGUF model out as a Hugging Face directory (config.json, model.safetensors, tokenizer files).
+
+The tensors are written as dequantized float32, so the directory computes exactly what the GGUF does,
+and transformers can load it too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from chatcore.errors import ModelFormatError
+from chatcore.loader import open_checkpoint
+from chatcore.models import FAMILIES
+
+
+def gguf_to_hf_dir(gguf_path: Path, out: str | Path) -> Path:
+    if gguf_path.suffix.lower() != ".gguf":
+        raise ModelFormatError(f"{gguf_path} is not a .gguf file; only GGUF models are converted")
+    cfg, source, tok = open_checkpoint(gguf_path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {name: source.get(name).contiguous() for name in FAMILIES[cfg.family].tensor_names(cfg)}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2), encoding="utf-8")
+    generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids)}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
+    if tok is not None:
+        tok.save(out)
+    return out

@@ -1,0 +1,166 @@
+"""The engine: token ids in, token ids (and their text) out, one KV cache slot per sequence."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from chatcore.config import ModelConfig
+from chatcore.detokenize import IncrementalDetokenizer
+from chatcore.errors import PromptTooLong, TokenizerMissing
+from chatcore.kv_cache import KVCache
+from chatcore.runtime import Runtime
+from chatcore.sampling import Sampler, SamplingParams
+from chatcore.stopping import StopStrings
+from chatcore.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int
+    cached_tokens: int          # prompt tokens the slot already held (not recomputed)
+    prefill_tokens: int         # prompt tokens computed by this call
+    generated_tokens: int
+    prefill_s: float
+    ttft_s: float               # call start to the first sampled token
+    decode_s: float
+    finish_reason: str          # "stop" (EOS, stop token or stop string) or "length"
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = self.generated_tokens - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token. ``text`` is what to show now (may be empty while text is held back).
+
+    The last event of a generation carries ``finish_reason`` and ``stats``; when it ends on EOS or a
+    stop token, that token is not part of the reply and its ``text`` only flushes what was held back.
+    """
+
+    token_id: int
+    text: str
+    logprob: float | None = None
+    finish_reason: str | None = None
+    stats: GenerationStats | None = None
+
+
+class Engine:
+    def __init__(self, model, config: ModelConfig, runtime: Runtime, tokenizer: Tokenizer | None,  # noqa: ANN001
+                 source: str = "") -> None:
+        self.model = model
+        self.config = config
+        self.runtime = runtime
+        self.tokenizer = tokenizer
+        self.source = source
+        eos = set(config.eos_token_ids)
+        if tokenizer is not None:
+            eos.update(tokenizer.eos_token_ids)
+        self.eos_token_ids = frozenset(eos)
+
+    @property
+    def window(self) -> int:
+        return self.runtime.max_seq_len
+
+    def new_slot(self, capacity: int | None = None) -> KVCache:
+        """A KV cache slot to keep between calls (its tokens are reused as a prefix)."""
+        return self.model.new_cache(min(capacity or self.window, self.window))
+
+    # -- forward passes -----------------------------------------------------------------------------
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        bad = next((i for i in ids if not 0 <= i < self.config.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        return ids
+
+    @torch.inference_mode()
+    def _run(self, ids: Sequence[int], slot: KVCache, *, all_logits: bool = False) -> torch.Tensor:
+        x = torch.tensor(ids, dtype=torch.long, device=self.runtime.device)
+        out = self.model.forward(x, slot, all_logits=all_logits)
+        slot.commit(ids)
+        return out
+
+    def prefill(self, ids: Sequence[int], slot: KVCache, *, all_logits: bool = False) -> torch.Tensor:
+        """Append ``ids`` to the slot in chunks; return logits of the last token (or of all tokens)."""
+        if slot.length + len(ids) > slot.capacity:
+            raise PromptTooLong(
+                f"the prompt needs {slot.length + len(ids)} tokens but the context window is {slot.capacity}; "
+                "shorten it or raise the window")
+        chunk = self.runtime.prefill_chunk
+        outs = [self._run(ids[i : i + chunk], slot, all_logits=all_logits) for i in range(0, len(ids), chunk)]
+        return torch.cat(outs) if all_logits else outs[-1]
+
+    def logits(self, ids: Sequence[int]) -> torch.Tensor:
+        """Logits [len(ids), vocab] (float32, on the CPU) for scoring and checks; uses a scratch slot."""
+        ids = self._check_ids(ids)
+        return self.prefill(ids, self.new_slot(len(ids)), all_logits=True).float().cpu()
+
+    # -- generation --------------------------------------------------------------------------------
+    def generate(self, ids: Sequence[int], params: SamplingParams | None = None, *,
+                 slot: KVCache | None = None) -> Iterator[TokenEvent]:
+        """Stream the continuation of ``ids``. With a ``slot``, its matching prefix is not recomputed."""
+        params = params or SamplingParams()
+        ids = self._check_ids(ids)
+        slot = slot if slot is not None else self.new_slot()
+        if len(ids) > slot.capacity:
+            raise PromptTooLong(f"the prompt has {len(ids)} tokens but the context window is {slot.capacity}; "
+                                "shorten it or raise the window")
+        t0 = time.perf_counter()
+        keep = min(slot.common_prefix(ids), len(ids) - 1)   # at least one token must run to get logits
+        slot.truncate(keep)
+        logits = self.prefill(ids[keep:], slot)[-1]
+        prefill_s = time.perf_counter() - t0
+        return self._decode(ids, logits, params, slot, t0, prefill_s, keep)
+
+    def _decode(self, ids: list[int], logits: torch.Tensor, params: SamplingParams, slot: KVCache,
+                t0: float, prefill_s: float, cached: int) -> Iterator[TokenEvent]:
+        sampler = Sampler(params, self.config.vocab_size, self.runtime.device)
+        sampler.start(ids)
+        stops = StopStrings(params.stop)
+        detok = IncrementalDetokenizer(self.tokenizer.decode, prefix_ids=ids[-6:]) if self.tokenizer else None
+        end_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        n = 0
+        ttft = 0.0
+        t_first = t0
+        while True:
+            token, logprob = sampler.sample(logits)
+            n += 1
+            if n == 1:
+                t_first = time.perf_counter()
+                ttft = t_first - t0
+            sampler.accept(token)
+            ended = token in end_ids
+            text, stopped = stops.feed(detok.push(token)) if detok and not ended else ("", False)
+            finish = "stop" if ended or stopped else None
+            if finish is None and (n >= params.max_new_tokens or slot.length >= slot.capacity):
+                finish = "length"
+            if finish is None:
+                yield TokenEvent(token, text, logprob)
+                logits = self._run([token], slot)[-1]
+                continue
+            if not stopped and detok is not None:
+                tail, stopped = stops.feed(detok.flush())
+                text += tail + ("" if stopped else stops.flush())
+            stats = GenerationStats(
+                prompt_tokens=len(ids), cached_tokens=cached, prefill_tokens=len(ids) - cached,
+                generated_tokens=n - (1 if ended else 0), prefill_s=prefill_s, ttft_s=ttft,
+                decode_s=time.perf_counter() - t_first, finish_reason=finish)
+            yield TokenEvent(token, text, logprob, finish, stats)
+            return
+
+    def require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise TokenizerMissing(f"{self.source} has no tokenizer (tokenizer.json); give token ids instead")
+        return self.tokenizer

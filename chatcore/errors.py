@@ -1,0 +1,27 @@
+"""Errors the user can act on: each carries a one-line message saying what is wrong and what to do."""
+
+from __future__ import annotations
+
+
+class ChatcoreError(Exception):
+    """Base class for user-facing errors (the CLI prints the message alone, no traceback)."""
+
+
+class ModelNotFound(ChatcoreError):
+    """The model path does not exist or holds no model."""
+
+
+class ModelFormatError(ChatcoreError):
+    """The model files exist but are missing pieces, corrupt, or of an unsupported kind."""
+
+
+class UnsupportedArchitecture(ModelFormatError):
+    """The model's architecture is not one chatcore implements."""
+
+
+class PromptTooLong(ChatcoreError):
+    """A prompt does not fit the context window."""
+
+
+class TokenizerMissing(ChatcoreError):
+    """Text was given to a model loaded without a tokenizer."""

@@ -1,0 +1,84 @@
+"""The one attention entry point, with backends that compute the same function.
+
+Shapes: ``q`` is [T, Hq, D] for the T newest tokens of one sequence; ``k`` and ``v`` are [S, Hkv, D], the
+cache view holding every key up to and including those T tokens (S = q_offset + T). Attention is causal
+and bottom-right aligned: query i sees keys 0 .. q_offset + i. Hq must be a multiple of Hkv (GQA).
+
+Backends:
+- ``flash``: flash-attn's kernels (GPU, fp16/bf16), used automatically when the package imports;
+- ``torch``: PyTorch's scaled_dot_product_attention (any device);
+- ``math``: plain float32 softmax attention, the reference the others are tested against.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("flash", "torch", "math")
+
+
+def flash_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def pick_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Resolve ``auto`` to the best backend for a device and dtype; check an explicit choice."""
+    if requested == "auto":
+        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_available():
+            return "flash"
+        return "torch"
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown attention backend {requested!r}; choose from auto, {', '.join(BACKENDS)}")
+    if requested == "flash" and not (device.type == "cuda" and flash_available()):
+        raise ValueError("attention backend 'flash' needs a CUDA device and the flash-attn package")
+    return requested
+
+
+def _causal_mask(t: int, s: int, q_offset: int, device: torch.device) -> torch.Tensor:
+    rows = torch.arange(t, device=device)[:, None] + q_offset
+    return torch.arange(s, device=device)[None, :] <= rows
+
+
+def _torch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int) -> torch.Tensor:
+    t, s = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    gqa = q.shape[1] != k.shape[1]
+    if t == 1:
+        out = F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=gqa)
+    elif q_offset == 0:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=gqa)
+    else:
+        mask = _causal_mask(t, s, q_offset, q.device)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)
+    return out.transpose(0, 1)
+
+
+def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int) -> torch.Tensor:
+    t, hq, d = q.shape
+    s, hkv, _ = k.shape
+    rep = hq // hkv
+    kf = k.float().repeat_interleave(rep, dim=1)
+    vf = v.float().repeat_interleave(rep, dim=1)
+    scores = torch.einsum("thd,shd->hts", q.float(), kf) / math.sqrt(d)
+    scores = scores.masked_fill(~_causal_mask(t, s, q_offset, q.device), float("-inf"))
+    out = torch.einsum("hts,shd->thd", scores.softmax(-1), vf)
+    return out.to(q.dtype)
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int) -> torch.Tensor:
+    from flash_attn import flash_attn_func
+
+    # flash-attn aligns the causal mask bottom-right when seqlen_q != seqlen_k, as we need.
+    return flash_attn_func(q[None], k[None], v[None], causal=True)[0]
+
+
+_IMPLS = {"flash": _flash, "torch": _torch_sdpa, "math": _math}
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_offset: int, backend: str) -> torch.Tensor:
+    """Causal attention of the T newest queries over the cached keys; returns [T, Hq, D]."""
+    return _IMPLS[backend](q, k, v, q_offset)

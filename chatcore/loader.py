@@ -1,0 +1,136 @@
+"""``chatcore.load``: a model directory, a ``.gguf`` file or ``"demo"`` in, a ready :class:`Engine` out."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chatcore.config import ModelConfig
+from chatcore.engine import Engine
+from chatcore.errors import ModelFormatError, ModelNotFound
+from chatcore.layers.attention import pick_backend
+from chatcore.models import FAMILIES
+from chatcore.runtime import Runtime, pick_device, pick_dtype
+from chatcore.tokenizer.hf import HFTokenizer
+from chatcore.weights import TensorSource
+
+# progress(done, total) while tensors load; None shows a bar on an interactive terminal.
+Progress = Callable[[int, int], None]
+
+
+def resolve(path: str | Path | None) -> Path:
+    """The model path, fetching the demo model for ``None`` / ``"demo"``."""
+    if path is None or str(path) == "demo":
+        from chatcore.demo import ensure_demo_model
+
+        return ensure_demo_model()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelNotFound(f"model path {p} does not exist; give a model directory (config.json + "
+                            "*.safetensors), a .gguf file, or 'demo'")
+    return p
+
+
+def open_checkpoint(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | None]:
+    """Config, tensor source and tokenizer of a model directory or GGUF file (no weights read yet)."""
+    if p.is_dir():
+        return _open_hf_dir(p)
+    if p.suffix.lower() == ".gguf":
+        return _open_gguf(p)
+    raise ModelFormatError(f"{p} is neither a model directory nor a .gguf file")
+
+
+def _open_hf_dir(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | None]:
+    from chatcore.weights.safetensors_dir import SafetensorsDir
+
+    cfg = ModelConfig.from_hf_file(p / "config.json")
+    extra_eos: tuple[int, ...] = ()
+    gen_path = p / "generation_config.json"
+    if gen_path.exists():
+        try:
+            gen = json.loads(gen_path.read_text(encoding="utf-8"))
+            eos = gen.get("eos_token_id")
+            extra_eos = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            pass  # generation_config is advisory; a broken one only loses extra EOS ids
+    if extra_eos:
+        cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + extra_eos)))
+    return cfg, SafetensorsDir(p), HFTokenizer.from_dir(p, extra_eos_ids=cfg.eos_token_ids)
+
+
+def _open_gguf(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | None]:
+    import gguf
+    from tokenizers import Tokenizer as HFTok
+
+    from chatcore.tokenizer.gguf_vocab import metadata_from_reader, tokenizer_config_from_gguf, tokenizer_json_from_gguf
+    from chatcore.weights.gguf_file import GGUFTensors
+
+    try:
+        reader = gguf.GGUFReader(str(p))
+        meta: dict[str, Any] = metadata_from_reader(reader)
+    except (ValueError, OSError, IndexError, KeyError) as exc:
+        raise ModelFormatError(f"{p} is not a readable GGUF file ({exc}); re-download it") from None
+    cfg = ModelConfig.from_gguf(meta)
+    source = GGUFTensors(reader, p, cfg.num_heads, cfg.num_kv_heads)
+    if "rope_freqs.weight" in {t.name for t in reader.tensors}:
+        raise ModelFormatError(f"{p} uses per-frequency RoPE factors (rope_freqs), not supported yet")
+    cfg = dataclasses.replace(cfg, tie_word_embeddings="lm_head.weight" not in source.names())
+    tok_cfg = tokenizer_config_from_gguf(meta)
+    tok = HFTokenizer(HFTok.from_str(json.dumps(tokenizer_json_from_gguf(meta))), tok_cfg,
+                      extra_eos_ids=cfg.eos_token_ids)
+    return cfg, source, tok
+
+
+def _bar(total: int, label: str) -> Progress:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=f"loading {label}", unit="tensor", file=sys.stderr, disable=None, leave=False)
+
+    def update(done: int, _total: int) -> None:
+        bar.update(done - bar.n)
+        if done >= _total:
+            bar.close()
+
+    return update
+
+
+def load(path: str | Path | None = "demo", device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, *, max_seq_len: int | None = None, prefill_chunk: int = 512,
+         attention: str = "auto", progress: Progress | None = None) -> Engine:
+    """Load a model for generation.
+
+    ``path``: a Hugging Face directory, a ``.gguf`` file, or ``"demo"`` / None for SmolLM2-135M-Instruct.
+    ``device`` / ``dtype``: None picks CUDA + bfloat16 when available, else CPU + float32.
+    ``max_seq_len``: the context window to serve (default: the model's own).
+    """
+    p = resolve(path)
+    cfg, source, tokenizer = open_checkpoint(p)
+    family = FAMILIES[cfg.family]
+    names = family.tensor_names(cfg)
+    missing = [n for n in names if n not in source.names()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelFormatError(f"{p} lacks the tensor {missing[0]!r}{more}; the checkpoint is incomplete")
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    window = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    runtime = Runtime(device=dev, dtype=dt, max_seq_len=window, prefill_chunk=prefill_chunk,
+                      attention_backend=pick_backend(attention, dev, dt))
+    report = progress or _bar(len(names), p.name)
+    done = 0
+
+    def get(name: str) -> torch.Tensor:
+        nonlocal done
+        t = source.get(name).to(device=dev, dtype=dt)
+        done += 1
+        report(done, len(names))
+        return t
+
+    model = family(cfg, runtime, get, runtime.attention_backend)
+    return Engine(model, cfg, runtime, tokenizer, source=str(p))

@@ -1,0 +1,104 @@
+"""The Llama family: Llama 2, Llama 3/3.1/3.2, SmolLM. Pre-norm decoder, RoPE, GQA, SwiGLU MLP.
+
+Weights arrive under their Hugging Face names; q/k/v and gate/up are fused at load for fewer kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from chatcore.config import ModelConfig
+from chatcore.kv_cache import KVCache
+from chatcore.layers.attention import attention
+from chatcore.layers.norm import rms_norm
+from chatcore.layers.rope import Rotary
+from chatcore.runtime import Runtime
+
+GetTensor = Callable[[str], torch.Tensor]
+
+
+class Block:
+    __slots__ = ("attn_norm", "wqkv", "bqkv", "wo", "bo", "mlp_norm", "w_gate_up", "b_gate_up", "w_down", "b_down")
+
+    def __init__(self, get: GetTensor, prefix: str, cfg: ModelConfig) -> None:
+        a, m = f"{prefix}.self_attn", f"{prefix}.mlp"
+        self.attn_norm = get(f"{prefix}.input_layernorm.weight")
+        self.mlp_norm = get(f"{prefix}.post_attention_layernorm.weight")
+        self.wqkv = torch.cat([get(f"{a}.q_proj.weight"), get(f"{a}.k_proj.weight"), get(f"{a}.v_proj.weight")])
+        self.wo = get(f"{a}.o_proj.weight")
+        self.bqkv = self.bo = None
+        if cfg.attention_bias:
+            self.bqkv = torch.cat([get(f"{a}.q_proj.bias"), get(f"{a}.k_proj.bias"), get(f"{a}.v_proj.bias")])
+            self.bo = get(f"{a}.o_proj.bias")
+        self.w_gate_up = torch.cat([get(f"{m}.gate_proj.weight"), get(f"{m}.up_proj.weight")])
+        self.w_down = get(f"{m}.down_proj.weight")
+        self.b_gate_up = self.b_down = None
+        if cfg.mlp_bias:
+            self.b_gate_up = torch.cat([get(f"{m}.gate_proj.bias"), get(f"{m}.up_proj.bias")])
+            self.b_down = get(f"{m}.down_proj.bias")
+
+
+class LlamaModel:
+    """A loaded Llama-family model; :meth:`forward` runs T new tokens of one sequence through a cache slot."""
+
+    def __init__(self, cfg: ModelConfig, runtime: Runtime, get: GetTensor, backend: str) -> None:
+        self.cfg, self.runtime, self.backend = cfg, runtime, backend
+        self.embed = get("model.embed_tokens.weight")
+        self.layers = [Block(get, f"model.layers.{i}", cfg) for i in range(cfg.num_layers)]
+        self.norm = get("model.norm.weight")
+        self.lm_head = self.embed if cfg.tie_word_embeddings else get("lm_head.weight")
+        self.rotary = Rotary(cfg, runtime.max_seq_len, runtime.device)
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+
+    @staticmethod
+    def tensor_names(cfg: ModelConfig) -> list[str]:
+        """Every Hugging Face tensor name this family reads (used to check and convert checkpoints)."""
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        if not cfg.tie_word_embeddings:
+            names.append("lm_head.weight")
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}"
+            names += [f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"]
+            for proj in ("q", "k", "v", "o"):
+                names.append(f"{p}.self_attn.{proj}_proj.weight")
+                if cfg.attention_bias:
+                    names.append(f"{p}.self_attn.{proj}_proj.bias")
+            for proj in ("gate", "up", "down"):
+                names.append(f"{p}.mlp.{proj}_proj.weight")
+                if cfg.mlp_bias:
+                    names.append(f"{p}.mlp.{proj}_proj.bias")
+        return names
+
+    def new_cache(self, capacity: int) -> KVCache:
+        c = self.cfg
+        return KVCache(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                       capacity=capacity, dtype=self.runtime.dtype, device=self.runtime.device,
+                       rotary=self.rotary)
+
+    def forward(self, ids: torch.Tensor, cache: KVCache, *, all_logits: bool = False) -> torch.Tensor:
+        """Run ``ids`` [T] after the slot's current tokens; return logits [T, vocab] or [1, vocab] (last)."""
+        c = self.cfg
+        t = ids.shape[0]
+        start = cache.length
+        cache.reserve(t)
+        cos, sin = self.rotary.tables(start, t, self.runtime.dtype)
+        x = F.embedding(ids, self.embed)
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.attn_norm, c.rms_norm_eps)
+            qkv = F.linear(h, layer.wqkv, layer.bqkv)
+            q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+            q = Rotary.apply(q.view(t, c.num_heads, c.head_dim), cos, sin)
+            k = Rotary.apply(k.view(t, c.num_kv_heads, c.head_dim), cos, sin)
+            keys, values = cache.write(i, start, k, v.view(t, c.num_kv_heads, c.head_dim))
+            o = attention(q, keys, values, q_offset=start, backend=self.backend)
+            x = x + F.linear(o.reshape(t, self.q_size), layer.wo, layer.bo)
+            h = rms_norm(x, layer.mlp_norm, c.rms_norm_eps)
+            gate, up = F.linear(h, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.w_down, layer.b_down)
+        if not all_logits:
+            x = x[-1:]
+        return F.linear(rms_norm(x, self.norm, c.rms_norm_eps), self.lm_head)

@@ -1,0 +1,225 @@
+"""Choosing the next token: penalties, temperature, top-k, top-p, min-p and a per-request seed.
+
+`SamplingParams` is the frozen, validated per-request configuration. `Sampler` turns one step's
+logits into a token id. Its penalty state (a seen-mask over prompt + generated tokens and the
+per-id counts of generated tokens) lives in device tensors, so a step costs O(vocab) on the
+device and nothing proportional to the history, and the only host synchronisation is reading
+the chosen token id back.
+
+The processing order is the one Hugging Face transformers uses (and vLLM for the two OpenAI
+penalties): repetition penalty, presence / frequency penalties, temperature, top-k, top-p, min-p.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any
+
+import torch
+
+# Token ids travel back to the host as float32 together with the logprob (one transfer);
+# float32 holds every integer below 2**24 exactly, far above any vocabulary in use.
+_MAX_VOCAB = 2**24
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _fail(name: str, allowed: str, value: object) -> ValueError:
+    return ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling configuration (validated on construction; hashable)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # HF/CTRL style, applied to prompt + generated tokens
+    presence_penalty: float = 0.0  # OpenAI style, generated tokens only
+    frequency_penalty: float = 0.0  # OpenAI style, generated tokens only
+    seed: int | None = None  # None: a fresh random seed per request
+    stop: tuple[str, ...] = ()  # a list or a single string is accepted and stored as a tuple
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        self._validate()
+
+    def _validate(self) -> None:
+        if not (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1):
+            raise _fail("max_new_tokens", "an int >= 1", self.max_new_tokens)
+        if not (_is_real(self.temperature) and self.temperature >= 0):
+            raise _fail("temperature", "a finite number >= 0 (0 = greedy)", self.temperature)
+        if not (_is_int(self.top_k) and self.top_k >= 0):
+            raise _fail("top_k", "an int >= 0 (0 = off)", self.top_k)
+        if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
+            raise _fail("top_p", "in (0, 1] (1 = off)", self.top_p)
+        if not (_is_real(self.min_p) and 0 <= self.min_p <= 1):
+            raise _fail("min_p", "in [0, 1] (0 = off)", self.min_p)
+        if not (_is_real(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise _fail("repetition_penalty", "a finite number > 0 (1 = off)", self.repetition_penalty)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (_is_real(value) and -2 <= value <= 2):
+                raise _fail(name, "in [-2, 2] (0 = off)", value)
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**64):
+            raise _fail("seed", "None or an int in [0, 2**64)", self.seed)
+        for s in self.stop:
+            if not (isinstance(s, str) and s):
+                raise _fail("stop", "a tuple of non-empty strings", self.stop)
+        for t in self.stop_token_ids:
+            if not (_is_int(t) and t >= 0):
+                raise _fail("stop_token_ids", "a tuple of ints >= 0", self.stop_token_ids)
+        for name in ("ignore_eos", "logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise _fail(name, "a bool", getattr(self, name))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+class Sampler:
+    """Turns one decode step's logits into a token for one request.
+
+    Use: ``start(prompt_ids)`` once per request, then per step ``token, logprob = sample(logits)``
+    followed by ``accept(token)`` (sample does not record the token itself, so the engine may
+    also force tokens through ``accept``).
+
+    ``start`` reseeds the private generator from ``params.seed`` (or a fresh random seed, kept in
+    ``self.seed``), so one Sampler reused for several requests with a fixed seed repeats itself.
+    Draws are reproducible for the same seed, inputs and device type (CPU and CUDA generators
+    produce different streams).
+    """
+
+    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device | str = "cpu") -> None:
+        if not (_is_int(vocab_size) and 1 <= vocab_size <= _MAX_VOCAB):
+            raise ValueError(f"Sampler vocab_size must be an int in [1, {_MAX_VOCAB}], got {vocab_size!r}")
+        self.params = params
+        self.vocab_size = int(vocab_size)
+        self.device = torch.device(device)
+        self._use_repetition = params.repetition_penalty != 1
+        self._use_counts = params.presence_penalty != 0 or params.frequency_penalty != 0
+        self._seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+        self._counts = torch.zeros(self.vocab_size, dtype=torch.float32, device=self.device)
+        self._generator = torch.Generator(device=self.device)
+        self.seed = 0
+        self.start(())
+
+    # -- per-request state -------------------------------------------------------------------
+
+    def start(self, prompt_ids: Sequence[int]) -> None:
+        """Begin a request: clear penalty state, mark the prompt's tokens as seen, reseed."""
+        self._seen.zero_()
+        self._counts.zero_()
+        if self._use_repetition and len(prompt_ids) > 0:
+            ids = torch.as_tensor(prompt_ids, dtype=torch.long)
+            lo, hi = int(ids.min()), int(ids.max())  # prompt ids are usually host data: no sync
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {lo}..{hi}")
+            self._seen[ids.to(self.device)] = True
+        self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
+        self._generator.manual_seed(self.seed)
+
+    def accept(self, token_id: int) -> None:
+        """Record a generated token for the penalties (device-side updates, no sync)."""
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id must be in [0, {self.vocab_size}), got {token_id}")
+        if self._use_repetition:
+            self._seen[token_id] = True
+        if self._use_counts:
+            self._counts[token_id] += 1
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution `sample` draws from: float32 [vocab] summing to 1.
+
+        After penalties, temperature, top-k, top-p and min-p; for temperature 0 it is one-hot at
+        the argmax of the penalised logits.
+        """
+        scores = self._scores(self._upcast(logits))
+        if self.params.greedy:
+            onehot = torch.zeros_like(scores)
+            return onehot.scatter_(0, scores.argmax().unsqueeze(0), 1.0)
+        return scores.softmax(dim=-1)
+
+    def sample(self, logits: torch.Tensor) -> tuple[int, float | None]:
+        """Choose the next token; returns ``(token_id, logprob or None)``.
+
+        The logprob (only when ``params.logprobs``) is ``log_softmax`` of the raw model logits,
+        before penalties, temperature and filtering, at the chosen token -- what vLLM reports by
+        default. Exactly one device->host transfer happens (token id and logprob together).
+        """
+        raw = self._upcast(logits)
+        scores = self._scores(raw)
+        if self.params.greedy:
+            token = scores.argmax()
+        else:
+            # Exponential race (Gumbel-max in probability space): argmax(p_i / E_i), E_i ~ Exp(1),
+            # picks i with probability p_i, without torch.multinomial's host synchronisation.
+            probs = scores.softmax(dim=-1)
+            race = torch.empty_like(probs).exponential_(generator=self._generator)
+            token = (probs / race.clamp_min_(torch.finfo(torch.float32).tiny)).argmax()
+        if not self.params.logprobs:
+            return int(token.item()), None
+        logprob = raw[token] - torch.logsumexp(raw, dim=-1)
+        token_f, logprob_f = torch.stack([token.to(torch.float32), logprob]).tolist()
+        return int(token_f), logprob_f
+
+    # -- shared processing -------------------------------------------------------------------
+
+    def _upcast(self, logits: torch.Tensor) -> torch.Tensor:
+        if logits.dim() != 1 or logits.shape[0] != self.vocab_size or not logits.is_floating_point():
+            raise ValueError(
+                f"logits must be a 1-D float tensor of size {self.vocab_size}, "
+                f"got {tuple(logits.shape)} {logits.dtype}"
+            )
+        return logits.float()  # every step below is out of place: the caller's tensor is untouched
+
+    def _scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Processed float32 logits; removed tokens are -inf. Greedy stops after the penalties."""
+        p = self.params
+        if self._use_repetition:  # CTRL / HF: divide positive logits, multiply negative ones
+            r = p.repetition_penalty
+            x = torch.where(self._seen, torch.where(x < 0, x * r, x / r), x)
+        if self._use_counts:  # OpenAI: counts of generated tokens only
+            x = x - p.frequency_penalty * self._counts - p.presence_penalty * (self._counts > 0).float()
+        if p.greedy:
+            return x
+        if p.temperature != 1:
+            x = x / p.temperature
+        if 0 < p.top_k < self.vocab_size:  # ties with the k-th value are kept, as in HF
+            kth = torch.topk(x, p.top_k).values[-1]
+            x = x.masked_fill(x < kth, -math.inf)
+        if p.top_p < 1:  # HF: drop the low tail whose total mass is <= 1 - top_p; keep the top token
+            sorted_x, order = torch.sort(x)
+            drop_sorted = sorted_x.softmax(dim=-1).cumsum(dim=-1) <= 1 - p.top_p
+            drop_sorted[-1] = False
+            x = x.masked_fill(drop_sorted.scatter(0, order, drop_sorted), -math.inf)
+        if p.min_p > 0:  # relative to the most likely token, after temperature (as HF / llama.cpp)
+            probs = x.softmax(dim=-1)
+            x = x.masked_fill(probs < p.min_p * probs.max(), -math.inf)
+        return x

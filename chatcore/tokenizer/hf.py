@@ -1,0 +1,160 @@
+"""The ``tokenizers`` backend (``tokenizer.json``), with the model's own chat template.
+
+Text a user typed never becomes a special token: chat prompts are encoded so that special-token
+strings are matched only where the template put them, never inside a message's content.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as HFTok
+
+from chatcore.errors import ModelFormatError
+from chatcore.tokenizer import chat_template
+from chatcore.tokenizer.chat_template import ChatTemplateError
+
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _token_str(value: Any) -> str | None:
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _pick_template(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # [{"name": ..., "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, Mapping)}
+        return named.get("default") or next(iter(named.values()), None)
+    return None
+
+
+class HFTokenizer:
+    def __init__(self, tok: HFTok, config: Mapping[str, Any] | None = None, *,
+                 chat_template_source: str | None = None, extra_eos_ids: Sequence[int] = ()) -> None:
+        config = dict(config or {})
+        self._tok = tok
+        self._plain = HFTok.from_str(tok.to_str())   # same tokenizer, special tokens treated as text
+        self._plain.encode_special_tokens = True
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.special_tokens = {k: _token_str(config.get(k)) for k in _SPECIAL_KEYS}
+        self.chat_template = chat_template_source or _pick_template(config.get("chat_template"))
+        self.add_bos = bool(config.get("add_bos_token", False))
+        self.bos_token_id = self._id(self.special_tokens["bos_token"])
+        eos = [self._id(self.special_tokens["eos_token"]), *extra_eos_ids]
+        self.eos_token_ids = tuple(dict.fromkeys(i for i in eos if i is not None))
+        specials = [t.content for t in tok.get_added_tokens_decoder().values() if t.special]
+        self._special_ids = {s: tok.token_to_id(s) for s in specials}
+        self._special_re = (re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+                            if specials else None)
+
+    @classmethod
+    def from_dir(cls, directory: Path, extra_eos_ids: Sequence[int] = ()) -> HFTokenizer | None:
+        """Load ``tokenizer.json`` (+ ``tokenizer_config.json``, ``chat_template.jinja``); None if absent."""
+        path = directory / "tokenizer.json"
+        if not path.exists():
+            return None
+        try:
+            tok = HFTok.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+            raise ModelFormatError(f"{path} cannot be read ({exc}); re-download the model") from None
+        config: dict[str, Any] = {}
+        cfg_path = directory / "tokenizer_config.json"
+        if cfg_path.exists():
+            try:
+                config = json.loads(cfg_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ModelFormatError(f"{cfg_path} is not valid JSON ({exc}); re-download the model") from None
+        template = None
+        jinja_path = directory / "chat_template.jinja"
+        if jinja_path.exists():
+            template = jinja_path.read_text(encoding="utf-8")
+        return cls(tok, config, chat_template_source=template, extra_eos_ids=extra_eos_ids)
+
+    def save(self, directory: Path) -> None:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (special tokens, chat template)."""
+        self._tok.save(str(directory / "tokenizer.json"))
+        config: dict[str, Any] = {k: v for k, v in self.special_tokens.items() if v is not None}
+        config.update(add_bos_token=self.add_bos, chat_template=self.chat_template,
+                      tokenizer_class="PreTrainedTokenizerFast")
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False),
+                                                         encoding="utf-8")
+
+    def _id(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    # -- text <-> ids -------------------------------------------------------------------------------
+    def encode(self, text: str, *, add_bos: bool = False, allow_special: bool = False) -> list[int]:
+        """Token ids of ``text``. Special-token strings stay plain text unless ``allow_special``."""
+        ids = (self._tok if allow_special else self._plain).encode(text, add_special_tokens=False).ids
+        if add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    # -- chat ---------------------------------------------------------------------------------------
+    def render_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False,
+                             **extra: Any) -> str:
+        if not self.chat_template:
+            raise ChatTemplateError("this model has no chat template; give a raw prompt instead")
+        return chat_template.render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                                    special_tokens=self.special_tokens, **extra)
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False,
+                            **extra: Any) -> list[int]:
+        """Render and encode a conversation. Special-token strings inside messages stay plain text.
+
+        Each special-token string in a message is swapped for a private-use placeholder before rendering;
+        the rendered text is split at the special tokens the template wrote, and every other stretch is
+        encoded as plain text with the placeholders restored. With no special strings in the messages
+        this is exactly how transformers encodes the rendered prompt.
+        """
+        if self._special_re is None:
+            return self.encode(self.render_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                          **extra))
+        hidden: list[str] = []
+        safe = [_hide(m, self._special_re, hidden) for m in messages]
+        text = self.render_chat_template(safe, add_generation_prompt=add_generation_prompt, **extra)
+        ids: list[int] = []
+        pos = 0
+        for m in self._special_re.finditer(text):
+            if m.start() > pos:
+                ids += self.encode(_restore(text[pos : m.start()], hidden))
+            ids.append(self._special_ids[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            ids += self.encode(_restore(text[pos:], hidden))
+        return ids
+
+
+_MARK = re.compile("\uE000([0-9]+)\uE001")
+
+
+def _hide(value: Any, special: re.Pattern[str], hidden: list[str]) -> Any:
+    """Copy of a message with every special-token string (and our marker chars) in its strings hidden."""
+    if isinstance(value, str):
+        def swap(m: re.Match[str]) -> str:
+            hidden.append(m.group())
+            return f"\uE000{len(hidden) - 1}\uE001"
+        return re.sub(f"{special.pattern}|[\uE000\uE001]", swap, value)
+    if isinstance(value, Mapping):
+        return {k: (v if k == "role" else _hide(v, special, hidden)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_hide(v, special, hidden) for v in value]
+    return value
+
+
+def _restore(text: str, hidden: list[str]) -> str:
+    return _MARK.sub(lambda m: hidden[int(m.group(1))], text)
