@@ -40,6 +40,7 @@ class KVCache:
         return self.k.numel() * self.k.element_size() * 2
 
     # -- growth -------------------------------------------------------------------------------
+    @torch.inference_mode()
     def reserve(self, extra: int) -> None:
         """Make room for ``extra`` more tokens; raise :class:`PromptTooLong` past the capacity."""
         need = self.length + extra
@@ -86,6 +87,7 @@ class KVCache:
             raise ValueError(f"cannot truncate a slot of {self.length} tokens to {n}")
         del self.tokens[n:]
 
+    @torch.inference_mode()
     def drop(self, start: int, end: int) -> None:
         """Remove tokens ``start .. end-1``; what follows moves back by ``end - start`` positions.
 

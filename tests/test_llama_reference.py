@@ -1,0 +1,103 @@
+"""The Llama family against the transformers implementation: logits in float32 and greedy tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_llama_dir
+
+import chatcore
+from chatcore import SamplingParams
+
+GREEDY = SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True)
+
+
+def reference(path: Path):  # noqa: ANN201
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def hf_greedy(model, ids: list[int], n: int = 32) -> list[int]:  # noqa: ANN001
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def our_greedy(engine: chatcore.Engine, ids: list[int], slot=None) -> list[int]:  # noqa: ANN001
+    return [ev.token_id for ev in engine.generate(ids, GREEDY, slot=slot)]
+
+
+def prompt(n: int, seed: int, vocab: int = 320) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, vocab, (n,), generator=g).tolist()
+
+
+VARIANTS = {
+    "plain": {},
+    "tied-bias": {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True},
+    "mha-headdim": {"num_key_value_heads": 4, "head_dim": 32},
+    "rope-linear": {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+    "rope-llama3": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    path = make_llama_dir(tmp_path_factory.mktemp(request.param), seed=3, **VARIANTS[request.param])
+    return chatcore.load(path, device="cpu", dtype="float32"), reference(path)
+
+
+def test_logits_match_transformers(pair) -> None:  # noqa: ANN001
+    engine, ref = pair
+    ids = prompt(200, seed=1)
+    ours = engine.logits(ids)
+    with torch.inference_mode():
+        theirs = ref(torch.tensor([ids])).logits[0]
+    assert ours.shape == theirs.shape == (200, 320)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_greedy_matches_generate(pair) -> None:  # noqa: ANN001
+    engine, ref = pair
+    ids = prompt(37, seed=2)
+    assert our_greedy(engine, ids) == hf_greedy(ref, ids)
+
+
+def test_chunked_prefill_same_tokens(tiny_llama_dir: Path) -> None:
+    ref = reference(tiny_llama_dir)
+    ids = prompt(150, seed=4)
+    one_shot = chatcore.load(tiny_llama_dir, device="cpu", dtype="float32", prefill_chunk=4096)
+    chunked = chatcore.load(tiny_llama_dir, device="cpu", dtype="float32", prefill_chunk=16)
+    assert (one_shot.logits(ids) - chunked.logits(ids)).abs().max().item() <= 1e-5
+    expected = hf_greedy(ref, ids)
+    assert our_greedy(one_shot, ids) == expected
+    assert our_greedy(chunked, ids) == expected
+
+
+def test_prefix_reuse_prefills_only_the_rest(tiny_llama_dir: Path) -> None:
+    ref = reference(tiny_llama_dir)
+    engine = chatcore.load(tiny_llama_dir, device="cpu", dtype="float32", prefill_chunk=8)
+    slot = engine.new_slot()
+    first = prompt(40, seed=5)
+    reply = our_greedy(engine, first, slot=slot)
+    assert slot.tokens == first + reply[:-1]          # the last sampled token was never run
+    second = first + reply + prompt(12, seed=6)       # the next turn extends the conversation
+    events = list(engine.generate(second, GREEDY, slot=slot))
+    stats = events[-1].stats
+    assert stats is not None and stats.cached_tokens == len(first) + len(reply) - 1
+    assert stats.prefill_tokens == len(second) - stats.cached_tokens
+    assert [ev.token_id for ev in events] == hf_greedy(ref, second)
+    # A prompt that diverges early: the slot is cut back to the shared prefix, the rest recomputed.
+    third = first[:10] + prompt(20, seed=7)
+    events = list(engine.generate(third, GREEDY, slot=slot))
+    assert events[-1].stats.cached_tokens == 10
+    assert [ev.token_id for ev in events] == hf_greedy(ref, third)
+    # The identical prompt again: everything but the last token comes from the cache.
+    events = list(engine.generate(third, GREEDY, slot=slot))
+    assert events[-1].stats.cached_tokens == len(third) - 1
+    assert [ev.token_id for ev in events] == hf_greedy(ref, third)
