@@ -1,9 +1,33 @@
-"""chatcore: a long-context chat engine for local language models (the generation core)."""
+"""chatcore: a long-context chat engine for local language models (the generation core).
 
-from chatcore.engine import Engine, GenerationStats, TokenEvent
-from chatcore.errors import ChatcoreError
-from chatcore.loader import load
-from chatcore.sampling import SamplingParams
+The public names load lazily, so ``chatcore`` subcommands that need no model start without torch.
+"""
 
-__all__ = ["ChatcoreError", "Engine", "GenerationStats", "SamplingParams", "TokenEvent", "load"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from chatcore.engine import Engine, GenerationStats, TokenEvent
+    from chatcore.errors import ChatcoreError
+    from chatcore.loader import load
+    from chatcore.sampling import SamplingParams
+
+_EXPORTS = {
+    "ChatcoreError": "chatcore.errors",
+    "Engine": "chatcore.engine",
+    "GenerationStats": "chatcore.engine",
+    "SamplingParams": "chatcore.sampling",
+    "TokenEvent": "chatcore.engine",
+    "load": "chatcore.loader",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'chatcore' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -76,7 +76,7 @@ class GGUFTensors:
             raise ModelFormatError(
                 f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be read ({exc})") from None
         shape = tuple(int(d) for d in reversed(t.shape))
-        w = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32).reshape(shape))
+        w = torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a writable copy
         proj = name.split(".")[-2]
         if proj in self.heads:
             w = unpermute_qk(w, self.heads[proj])
