@@ -1,0 +1,182 @@
+"""The store's plumbing: configuration, Redis error translation, WATCH transactions, liveness."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from redis import exceptions as rx
+
+from .errors import Conflict, CorruptRecord, StorageError, StoreUnavailable
+from .keys import SESSION_KINDS, key
+
+log = logging.getLogger("storage")
+T = TypeVar("T")
+_EXPECTED_TYPES = {"meta": "hash", "msgs": "hash", "order": "list", "live": "hash", "tok": "hash"}
+_HOST = socket.gethostname()
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Limits and streaming policy. Checked on creation."""
+
+    max_message_bytes: int = 8 * 1024 * 1024
+    checkpoint_tokens: int = 64  # a streaming reply is saved at least every this many tokens...
+    checkpoint_interval: float = 1.0  # ...and at least this often (seconds) while tokens arrive
+    stale_after: float = 60.0  # a streaming reply with no heartbeat for this long reads as incomplete
+    keepalive: float | None = 10.0  # heartbeat period of a writer's background thread (None: off)
+
+    def __post_init__(self) -> None:
+        if self.max_message_bytes < 1:
+            raise ValueError("max_message_bytes must be at least 1")
+        if self.checkpoint_tokens < 1 or self.checkpoint_interval <= 0:
+            raise ValueError("checkpoint_tokens must be >= 1 and checkpoint_interval > 0")
+        if self.stale_after <= 0:
+            raise ValueError("stale_after must be > 0")
+        if self.keepalive is not None and not 0 < self.keepalive < self.stale_after:
+            raise ValueError("keepalive must be > 0 and shorter than stale_after")
+
+
+def describe_client(client: Any) -> str:
+    """Where a client points, without credentials: host:port/db or the unix socket path."""
+    try:
+        kw = client.connection_pool.connection_kwargs
+    except AttributeError:
+        return "redis"
+    if kw.get("path"):
+        return f"unix://{kw['path']}?db={kw.get('db', 0)}"
+    return f"redis://{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+
+
+def live_value() -> str:
+    """What a streaming reply stores as its heartbeat: milliseconds, pid, host."""
+    return f"{int(time.time() * 1000)} {os.getpid()} {_HOST}"
+
+
+def writer_alive(raw: str | None, now: float, stale_after: float) -> bool:
+    """Whether a streaming reply's writer looks alive: recent heartbeat, and (same host) pid alive."""
+    if raw is None:
+        return False
+    parts = raw.split(" ", 2)
+    try:
+        beat = int(parts[0]) / 1000.0
+        pid = int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        return False
+    if now - beat > stale_after:
+        return False
+    if len(parts) == 3 and parts[2] == _HOST and pid > 0 and pid != os.getpid():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+    return True
+
+
+class StoreBase:
+    """Holds the client and translates every Redis failure into one of our errors."""
+
+    def __init__(self, client: Any, config: StoreConfig | None = None, *, where: str | None = None,
+                 secrets: Sequence[str] = (), on_close: Callable[[], None] | None = None) -> None:
+        self._r = client
+        self.config = config or StoreConfig()
+        self.where = where or describe_client(client)
+        self._secrets = tuple(s for s in secrets if s)
+        self._on_close = on_close
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.where})"
+
+    def close(self) -> None:
+        """Release connections (and stop the embedded server if this was its last user)."""
+        try:
+            if self._on_close is not None:
+                self._on_close()
+            else:
+                self._r.close()
+        except Exception as exc:  # closing must never raise
+            log.debug("closing %s: %s", self.where, self._scrub(str(exc)))
+
+    def ping(self) -> None:
+        """Raise StoreUnavailable unless Redis answers."""
+        with self._guard():
+            self._r.ping()
+
+    def _scrub(self, text: str) -> str:
+        for s in self._secrets:
+            text = text.replace(s, "***")
+        return text
+
+    @contextmanager
+    def _guard(self, session_id: str | None = None) -> Iterator[None]:
+        try:
+            yield
+        except rx.WatchError:
+            raise
+        except rx.AuthenticationError:
+            raise StoreUnavailable(self.where, "authentication failed (check the user and password)") \
+                from None
+        except rx.BusyLoadingError:
+            raise StoreUnavailable(self.where, "Redis is still loading its data; retry shortly") from None
+        except (rx.ConnectionError, rx.TimeoutError, OSError) as exc:
+            raise StoreUnavailable(self.where, self._scrub(str(exc)) or type(exc).__name__) from None
+        except rx.ResponseError as exc:
+            raise self._translate(exc, session_id) from None
+
+    def _translate(self, exc: rx.ResponseError, session_id: str | None) -> StorageError:
+        msg = self._scrub(str(exc))
+        if "WRONGTYPE" in msg and session_id is not None:
+            return self._diagnose(session_id) or CorruptRecord(f"chatcore:{{{session_id}}}:*", msg)
+        for marker, reason in (("NOAUTH", "authentication required: put the password in the URL"),
+                               ("WRONGPASS", "authentication failed (check the user and password)"),
+                               ("AUTH", "authentication failed (check the user and password)"),
+                               ("READONLY", "it is a read-only replica; point at the primary"),
+                               ("OOM", "Redis is out of memory (maxmemory); free memory or raise it"),
+                               ("MISCONF", "Redis cannot persist to disk; check its disk and logs")):
+            if marker in msg:
+                return StoreUnavailable(self.where, reason)
+        return StorageError(f"Redis refused a command: {msg}; report this with the command that failed")
+
+    def _diagnose(self, session_id: str) -> CorruptRecord | None:
+        """Find which of a session's keys holds a foreign type (after a WRONGTYPE reply)."""
+        try:
+            pipe = self._r.pipeline(transaction=False)
+            names = [key(kind, session_id) for kind in SESSION_KINDS]
+            for name in names:
+                pipe.type(name)
+            types = pipe.execute()
+        except rx.RedisError:
+            return None
+        for kind, name, found in zip(SESSION_KINDS, names, types, strict=True):
+            found = found.decode() if isinstance(found, bytes) else found
+            if found not in ("none", _EXPECTED_TYPES[kind]):
+                return CorruptRecord(name, f"is a Redis {found}, expected a {_EXPECTED_TYPES[kind]}")
+        return None
+
+    def _transact(self, session_id: str, body: Callable[[Any], T], attempts: int = 50) -> T:
+        """Run `body(pipe)` under WATCH of the session record: reads first, `pipe.multi()`, writes.
+
+        Every change to a session's branch structure goes through its record (the append script
+        moves the tip), so watching it is enough to detect any concurrent writer; we retry then.
+        """
+        meta = key("meta", session_id)
+        for attempt in range(attempts):
+            with self._guard(session_id), self._r.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(meta)
+                    result = body(pipe)
+                    pipe.execute()
+                    return result
+                except rx.WatchError:
+                    time.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+        raise Conflict(f"session {session_id!r} kept changing under {attempts} attempts to update it; "
+                       "retry when the other writer is done")

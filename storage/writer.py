@@ -1,0 +1,201 @@
+"""Streaming replies: saved while they stream, so a crash leaves a readable, incomplete reply."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from .base import live_value
+from .codec import decode_message, encode_message, text
+from .errors import InvalidInput, NotFound, StorageError, StoreUnavailable
+from .keys import key
+from .models import FINAL_STATUSES, Message
+from .scripts import CHECKPOINT, FINISH, HEARTBEAT
+
+if TYPE_CHECKING:
+    from .messages import MessagesMixin
+
+log = logging.getLogger("storage")
+
+
+class ReplyWriter:
+    """Writes one streaming reply. Use as a context manager around generation:
+
+        with store.begin_reply(sid, parent_id=user_msg.id) as w:
+            for piece in engine.stream(...):
+                if not w.write(piece):      # False: the reply was deleted elsewhere; stop
+                    break
+        # normal exit -> complete; an exception -> incomplete; KeyboardInterrupt -> cancelled
+
+    The text is checkpointed at least every `checkpoint_tokens` tokens or `checkpoint_interval`
+    seconds. While Redis is unreachable the text is kept in memory, `error` is set, and each
+    checkpoint retries; `finish()` raises StoreUnavailable and may simply be called again later.
+    """
+
+    def __init__(self, store: MessagesMixin, session_id: str, parent: Any, message_id: str, *,
+                 role: str = "assistant", extra: Mapping[str, Any] | None = None) -> None:
+        self.store = store
+        self.session_id = session_id
+        self.id = message_id
+        self.role = role
+        self.extra = dict(extra or {})
+        self.parent_id: str | None = None if not isinstance(parent, str) else parent
+        self._parent_ref = parent
+        self.created_at = time.time()
+        self._parts: list[str] = []
+        self._bytes = 0
+        self._pending = 0
+        self._last_save = time.monotonic()
+        self._started = False
+        self.error: StoreUnavailable | None = None  # the last failure to save, None once saved again
+        self.gone = False  # the reply (or its session) was deleted by someone else
+        self.finished: Message | None = None
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------------ streaming
+
+    @property
+    def text(self) -> str:
+        if len(self._parts) > 1:
+            self._parts = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
+    def write(self, delta: str, tokens: int = 1) -> bool:
+        """Add generated text (`tokens` tokens of it). Returns False once the reply was deleted."""
+        if self.finished is not None:
+            raise InvalidInput(f"reply {self.id!r} is already finished; begin a new one")
+        if self.gone:
+            return False
+        size = len(delta.encode("utf-8"))
+        self.store._check_size(self._bytes + size)
+        self._parts.append(delta)
+        self._bytes += size
+        self._pending += tokens
+        if (self._pending >= self.store.config.checkpoint_tokens
+                or time.monotonic() - self._last_save >= self.store.config.checkpoint_interval):
+            self.checkpoint()
+        return not self.gone
+
+    def start(self) -> bool:
+        """Store the (empty) reply as `streaming` now. Returns False if Redis is unreachable (the
+        writer keeps going in memory and retries); raises NotFound for a missing session/parent."""
+        return self.checkpoint()
+
+    def checkpoint(self) -> bool:
+        """Save the text so far. Returns False if it could not be saved (see `error`, `gone`)."""
+        self._last_save = time.monotonic()
+        self._pending = 0
+        try:
+            if not self._started:
+                self._begin()
+            else:
+                with self.store._guard(self.session_id):
+                    ok = CHECKPOINT(self.store._r, [key("msgs", self.session_id), key("live", self.session_id)],
+                                    [self.id, encode_message(self._message("streaming")), live_value()])
+                self.gone = not ok
+        except StoreUnavailable as exc:
+            if self.error is None:
+                log.warning("reply %s not saved, kept in memory and retried: %s", self.id, exc)
+            self.error = exc
+            return False
+        self.error = None
+        return not self.gone
+
+    def heartbeat(self) -> None:
+        """Tell readers this reply is still being generated (e.g. during a long prefill)."""
+        if self._started and self.finished is None and not self.gone:
+            with self.store._guard(self.session_id):
+                alive = HEARTBEAT(self.store._r, [key("live", self.session_id)], [self.id, live_value()])
+            self.gone = not alive
+
+    # ------------------------------------------------------------------ the end
+
+    def finish(self, status: str = "complete", tokens: int | None = None) -> Message:
+        """Save the final text with `status` (complete / cancelled / incomplete). Idempotent.
+        Raises StoreUnavailable (state kept: call again) or NotFound (deleted while streaming)."""
+        if self.finished is not None:
+            return self.finished
+        if status not in FINAL_STATUSES:
+            raise InvalidInput(f"a reply finishes as one of {', '.join(FINAL_STATUSES)}, not {status!r}")
+        if not self._started:
+            self._begin()  # safe to repeat: appends are idempotent by id
+        if self.gone:
+            raise NotFound("message", self.id, "the reply was deleted while it streamed")
+        m = self._message(status, tokens)
+        names = [key(k, self.session_id) for k in ("meta", "msgs", "live", "tok")]
+        with self.store._guard(self.session_id):
+            pipe = self.store._r.pipeline(transaction=False)
+            FINISH.queue(pipe, names, [self.id, encode_message(m), repr(m.updated_at),
+                                       "" if tokens is None else str(int(tokens))])
+            pipe.zadd(key("index"), {self.session_id: m.updated_at}, xx=True, gt=True)
+            res = pipe.execute()[0]
+        if res[0] == 1:
+            return self._done(m)
+        if len(res) < 2 or res[1] is None:
+            self.gone = True
+            raise NotFound("message", self.id, "the reply was deleted while it streamed")
+        # Finished before (our own earlier attempt whose answer was lost): report what is stored.
+        return self._done(decode_message(names[1], self.id, self.session_id, text(res[1])))
+
+    def cancel(self) -> Message:
+        return self.finish("cancelled")
+
+    def fail(self) -> Message:
+        return self.finish("incomplete")
+
+    def __enter__(self) -> ReplyWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if self.finished is not None or self.gone:
+            self._stop.set()
+            return
+        if exc_type is None:
+            self.finish("complete")
+            return
+        status = "cancelled" if issubclass(exc_type, (KeyboardInterrupt, GeneratorExit)) else "incomplete"
+        try:
+            self.finish(status)
+        except StorageError as err:  # never mask the exception that is already propagating
+            log.warning("reply %s could not be marked %s: %s", self.id, status, err)
+
+    # ------------------------------------------------------------------ internals
+
+    def _message(self, status: str, tokens: int | None = None) -> Message:
+        return Message(self.id, self.session_id, self.role, self.text, self.parent_id, status,  # type: ignore[arg-type]
+                       self.created_at, time.time(), tokens, -1, self.extra)
+
+    def _begin(self) -> None:
+        m = self.store.append_message(self.session_id, self.role, self.text, parent_id=self._parent_ref,
+                                      message_id=self.id, status="streaming", extra=self.extra)
+        self.parent_id = m.parent_id
+        self._started = True
+        if self.text:
+            self.checkpoint()
+        interval = self.store.config.keepalive
+        if interval is not None:
+            threading.Thread(target=_keepalive, args=(weakref.ref(self), self._stop, interval),
+                             name=f"chatcore-keepalive-{self.id}", daemon=True).start()
+
+    def _done(self, m: Message) -> Message:
+        self._stop.set()
+        self.finished = m
+        self.parent_id = m.parent_id
+        return m
+
+
+def _keepalive(ref: weakref.ref[ReplyWriter], stop: threading.Event, interval: float) -> None:
+    """Heartbeat a reply until it finishes (or its writer is garbage collected)."""
+    while not stop.wait(interval):
+        writer = ref()
+        if writer is None or writer.finished is not None or writer.gone:
+            return
+        try:
+            writer.heartbeat()
+        except StorageError as exc:
+            log.debug("heartbeat of reply %s failed: %s", writer.id, exc)
+        del writer
