@@ -117,11 +117,13 @@ def main() -> None:
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     plot(result, Path(args.out).with_suffix(".png"))
-    print(f"{'prompt':>7} {'ours dec':>9} {'hf dec':>8} {'x':>5} {'ours pre':>9} {'hf pre':>8} {'x':>5} {'of limit':>8}")
+    head = ("prompt", "ours dec", "hf dec", "x", "ours pre", "hf pre", "x", "of limit")
+    print("{:>7} {:>9} {:>8} {:>5} {:>9} {:>8} {:>5} {:>8}".format(*head))
     for r in rows:
         o, h = r["chatcore"], r["transformers"]
-        print(f"{r['prompt_tokens']:>7} {o['decode_tok_s']:>9.1f} {h['decode_tok_s']:>8.1f} {r['decode_speedup']:>5.2f} "
-              f"{o['prefill_tok_s']:>9.0f} {h['prefill_tok_s']:>8.0f} {r['prefill_speedup']:>5.2f} "
+        print(f"{r['prompt_tokens']:>7} {o['decode_tok_s']:>9.1f} {h['decode_tok_s']:>8.1f} "
+              f"{r['decode_speedup']:>5.2f} {o['prefill_tok_s']:>9.0f} {h['prefill_tok_s']:>8.0f} "
+              f"{r['prefill_speedup']:>5.2f} "
               f"{r['decode_fraction_of_bandwidth_limit']:>8.0%}")
 
 
@@ -133,7 +135,8 @@ def plot(result: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     labels = [str(r["prompt_tokens"]) for r in result["rows"]]
-    for ax, key, title in ((axes[0], "decode_tok_s", "decode tokens/s"), (axes[1], "prefill_tok_s", "prefill tokens/s")):
+    panels = ((axes[0], "decode_tok_s", "decode tokens/s"), (axes[1], "prefill_tok_s", "prefill tokens/s"))
+    for ax, key, title in panels:
         xs = range(len(labels))
         ax.bar([x - 0.2 for x in xs], [r["chatcore"][key] for r in result["rows"]], 0.4, label="chatcore")
         ax.bar([x + 0.2 for x in xs], [r["transformers"][key] for r in result["rows"]], 0.4, label="transformers")

@@ -22,7 +22,7 @@ _EXPORTS = {
     "TokenEvent": "chatcore.engine",
     "load": "chatcore.loader",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = ["ChatcoreError", "Engine", "GenerationStats", "SamplingParams", "TokenEvent", "load"]
 __version__ = "0.1.0"
 
 
