@@ -84,3 +84,12 @@ def test_model_without_tokenizer(tiny_llama_dir: Path) -> None:
 def test_help_lists_commands() -> None:
     done = run("--help")
     assert done.returncode == 0 and "generate" in done.stdout and "sessions" in done.stdout
+
+
+def test_missing_shard(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    LlamaForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(tmp_path, max_shard_size="100KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    shards[-1].unlink()
+    assert_one_line_error(run("generate", "--model", str(tmp_path), "--prompt", "hi"), shards[-1].name)

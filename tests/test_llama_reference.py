@@ -101,3 +101,16 @@ def test_prefix_reuse_prefills_only_the_rest(tiny_llama_dir: Path) -> None:
     events = list(engine.generate(third, GREEDY, slot=slot))
     assert events[-1].stats.cached_tokens == len(third) - 1
     assert [ev.token_id for ev in events] == hf_greedy(ref, third)
+
+
+def test_sharded_checkpoint_loads_like_a_single_file(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    sharded = tmp_path / "sharded"
+    LlamaForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    ids = prompt(30, seed=8)
+    one = chatcore.load(tiny_llama_dir, device="cpu", dtype="float32").logits(ids)
+    many = chatcore.load(sharded, device="cpu", dtype="float32").logits(ids)
+    assert torch.equal(one, many)
