@@ -131,6 +131,10 @@ class StoreBase:
             raise StoreUnavailable(self.where, self._scrub(str(exc)) or type(exc).__name__) from None
         except rx.ResponseError as exc:
             raise self._translate(exc, session_id) from None
+        except UnicodeDecodeError:  # only with a client made with decode_responses=True
+            where = f"chatcore:{{{session_id}}}:*" if session_id else "chatcore:*"
+            raise CorruptRecord(where, "holds bytes that are not UTF-8 (use a client with "
+                                       "decode_responses=False to find which)") from None
 
     def _translate(self, exc: rx.ResponseError, session_id: str | None) -> StorageError:
         msg = self._scrub(str(exc))

@@ -40,6 +40,12 @@ def dumps(value: Any) -> str:
 
 
 def text(value: bytes | str) -> str:
+    """A reply as str. Undecodable bytes become U+FFFD (ids that then match nothing are reported as
+    corrupt where they are used); records themselves are decoded strictly by the JSON parser."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _strict(value: bytes | str) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
@@ -95,7 +101,7 @@ def _str_list(key: str, value: list, name: str) -> tuple[str, ...]:
 def decode_session(key: str, raw_hash: Mapping[bytes | str, bytes | str]) -> Session:
     """Decode a session hash (as HGETALL returns it); raise CorruptRecord / SchemaVersionError."""
     try:
-        raw = {text(k): text(v) for k, v in raw_hash.items()}
+        raw = {_strict(k): _strict(v) for k, v in raw_hash.items()}
     except UnicodeDecodeError:
         raise CorruptRecord(key, "holds bytes that are not UTF-8") from None
     raw = _upgrade(key, raw, _field(key, raw, "v", (int,)), MIGRATIONS_SESSION)

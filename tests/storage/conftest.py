@@ -30,11 +30,12 @@ TCP_URL = os.environ.get("CHATCORE_TEST_REDIS_URL")
 @dataclass
 class Backend:
     name: str
-    client: redis.Redis
+    client: redis.Redis  # for the tests to look and poke at (str replies)
+    store_client: redis.Redis  # what the Store gets: bytes replies, as open_store() makes it
     env: dict[str, str]  # what a subprocess needs so that storage.open_store() reaches this Redis
 
     def store(self, config: StoreConfig | None = None) -> Store:
-        return Store(self.client, config)
+        return Store(self.store_client, config)
 
     def run(self, *args: str, **kw: object) -> subprocess.Popen:
         """Start `tests/storage/_procs.py ARGS` against this backend."""
@@ -55,9 +56,9 @@ def embedded_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def embedded_client(embedded_home: Path) -> Iterator[redis.Redis]:
+def embedded_store(embedded_home: Path) -> Iterator[Store]:
     store = open_embedded(embedded_path(embedded_home))
-    yield store._r
+    yield store
     store.close()
 
 
@@ -67,15 +68,17 @@ def backend(request: pytest.FixtureRequest, embedded_home: Path) -> Iterator[Bac
         if not TCP_URL:
             pytest.skip("CHATCORE_TEST_REDIS_URL is not set (.ci/run sets it)")
         client = redis.Redis.from_url(TCP_URL, decode_responses=True)
-        b = Backend("tcp", client, _env(REDIS_URL=TCP_URL))
+        b = Backend("tcp", client, redis.Redis.from_url(TCP_URL), _env(REDIS_URL=TCP_URL))
     else:
-        client = request.getfixturevalue("embedded_client")
-        b = Backend("embedded", client, _env(CHATCORE_HOME=str(embedded_home)))
+        embedded = request.getfixturevalue("embedded_store")._r
+        client = redis.Redis(unix_socket_path=embedded.socket_file, decode_responses=True)
+        b = Backend("embedded", client, embedded, _env(CHATCORE_HOME=str(embedded_home)))
     client.flushdb()
     yield b
     client.flushdb()
+    client.close()
     if request.param == "tcp":
-        client.close()
+        b.store_client.close()
 
 
 @pytest.fixture
