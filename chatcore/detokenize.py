@@ -16,7 +16,9 @@ from collections.abc import Callable, Sequence
 
 REPLACEMENT = "\ufffd"
 PREFIX_TOKENS = 5  # prompt tokens kept from prefix_ids to seed the window (as vLLM)
-MAX_HELD_TOKENS = 16  # past this, a run of invalid bytes is emitted up to a safe point
+# Past this many held ids (only a model emitting invalid bytes gets here) the text is emitted up to
+# a point that can no longer change; the window then stays under 2 * MAX_HELD_TOKENS + a few ids.
+MAX_HELD_TOKENS = 16
 _TAIL_TOKENS = 3  # a UTF-8 character is <= 4 bytes: 3 more tokens settle the one before them
 
 

@@ -139,7 +139,7 @@ class Sampler:
             lo, hi = int(ids.min()), int(ids.max())  # prompt ids are usually host data: no sync
             if lo < 0 or hi >= self.vocab_size:
                 raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {lo}..{hi}")
-            self._seen[ids.to(self.device)] = True
+            self._seen.index_fill_(0, ids.to(self.device), True)
         self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
         self._generator.manual_seed(self.seed)
 
@@ -147,10 +147,11 @@ class Sampler:
         """Record a generated token for the penalties (device-side updates, no sync)."""
         if not 0 <= token_id < self.vocab_size:
             raise ValueError(f"token id must be in [0, {self.vocab_size}), got {token_id}")
+        # fill_/add_ on a view: a kernel with a scalar argument (item assignment would copy host->device)
         if self._use_repetition:
-            self._seen[token_id] = True
+            self._seen[token_id].fill_(True)
         if self._use_counts:
-            self._counts[token_id] += 1
+            self._counts[token_id].add_(1)
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -178,14 +179,13 @@ class Sampler:
         if self.params.greedy:
             token = scores.argmax()
         else:
-            # Exponential race (Gumbel-max in probability space): argmax(p_i / E_i), E_i ~ Exp(1),
-            # picks i with probability p_i, without torch.multinomial's host synchronisation.
-            probs = scores.softmax(dim=-1)
-            race = torch.empty_like(probs).exponential_(generator=self._generator)
-            token = (probs / race.clamp_min_(torch.finfo(torch.float32).tiny)).argmax()
+            # Gumbel-max: argmax(x_i - log E_i) with E_i ~ Exp(1) is argmax(p_i / E_i), which picks i
+            # with probability p_i = softmax(x)_i; no softmax, and no host sync (unlike multinomial).
+            race = torch.empty_like(scores).exponential_(generator=self._generator)
+            token = (scores - race.clamp_min_(torch.finfo(torch.float32).tiny).log_()).argmax()
         if not self.params.logprobs:
             return int(token.item()), None
-        logprob = raw[token] - torch.logsumexp(raw, dim=-1)
+        logprob = raw.gather(0, token.unsqueeze(0))[0] - torch.logsumexp(raw, dim=-1)  # raw[token] syncs
         token_f, logprob_f = torch.stack([token.to(torch.float32), logprob]).tolist()
         return int(token_f), logprob_f
 
@@ -193,33 +193,39 @@ class Sampler:
 
     def _upcast(self, logits: torch.Tensor) -> torch.Tensor:
         if logits.dim() != 1 or logits.shape[0] != self.vocab_size or not logits.is_floating_point():
-            raise ValueError(
-                f"logits must be a 1-D float tensor of size {self.vocab_size}, "
-                f"got {tuple(logits.shape)} {logits.dtype}"
-            )
+            got = f"{tuple(logits.shape)} {logits.dtype}"
+            raise ValueError(f"logits must be a 1-D float tensor of size {self.vocab_size}, got {got}")
         return logits.float()  # every step below is out of place: the caller's tensor is untouched
 
     def _scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Processed float32 logits; removed tokens are -inf. Greedy stops after the penalties."""
+        """Processed float32 logits; removed tokens are -inf. Greedy stops after the penalties.
+
+        Same results as the HF processors, computed without a softmax over the vocabulary (a
+        single-row softmax is one slow GPU block) and without topk (which synchronises on CUDA).
+        """
         p = self.params
         if self._use_repetition:  # CTRL / HF: divide positive logits, multiply negative ones
             r = p.repetition_penalty
             x = torch.where(self._seen, torch.where(x < 0, x * r, x / r), x)
-        if self._use_counts:  # OpenAI: counts of generated tokens only
-            x = x - p.frequency_penalty * self._counts - p.presence_penalty * (self._counts > 0).float()
+        if self._use_counts:  # OpenAI: counts of generated tokens; counts.sign() is "present"
+            x = x.sub(self._counts, alpha=p.frequency_penalty)
+            x = x.sub_(self._counts.sign(), alpha=p.presence_penalty)
         if p.greedy:
             return x
         if p.temperature != 1:
             x = x / p.temperature
-        if 0 < p.top_k < self.vocab_size:  # ties with the k-th value are kept, as in HF
-            kth = torch.topk(x, p.top_k).values[-1]
-            x = x.masked_fill(x < kth, -math.inf)
-        if p.top_p < 1:  # HF: drop the low tail whose total mass is <= 1 - top_p; keep the top token
-            sorted_x, order = torch.sort(x)
-            drop_sorted = sorted_x.softmax(dim=-1).cumsum(dim=-1) <= 1 - p.top_p
-            drop_sorted[-1] = False
-            x = x.masked_fill(drop_sorted.scatter(0, order, drop_sorted), -math.inf)
-        if p.min_p > 0:  # relative to the most likely token, after temperature (as HF / llama.cpp)
-            probs = x.softmax(dim=-1)
-            x = x.masked_fill(probs < p.min_p * probs.max(), -math.inf)
+        top_k = 0 < p.top_k < self.vocab_size
+        if top_k or p.top_p < 1:  # one descending sort serves both
+            s, order = torch.sort(x, descending=True)
+            if top_k:  # ties with the k-th value are kept, as in HF
+                s = s.masked_fill(s < s[p.top_k - 1], -math.inf)
+            if p.top_p < 1:
+                # HF drops the low tail whose mass is <= 1 - top_p, i.e. keeps a token while the mass
+                # strictly above it is < top_p (so the top token always stays). e = unnormalised probs.
+                e = (s - s[0]).exp()
+                cum = e.cumsum(dim=0)
+                s = s.masked_fill(cum - e >= p.top_p * cum[-1], -math.inf)
+            x = torch.empty_like(x).scatter_(0, order, s)
+        if p.min_p > 0:  # p_i < min_p * p_max  <=>  x_i < x_max + log(min_p); after temperature, as HF
+            x = x.masked_fill(x < x.max() + math.log(p.min_p), -math.inf)
         return x
