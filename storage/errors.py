@@ -10,11 +10,11 @@ class StorageError(Exception):
 class StoreUnavailable(StorageError):
     """Redis cannot be reached (down, refused, timed out, wrong password) or failed to start."""
 
-    def __init__(self, where: str, reason: str) -> None:
+    def __init__(self, where: str, reason: str, hint: str = "") -> None:
         self.where = where
         self.reason = reason
-        super().__init__(f"cannot reach Redis at {where}: {reason.rstrip('.')}; start it, or point REDIS_URL "
-                         "(or --redis-url) at a running Redis")
+        hint = hint or "start it, or point REDIS_URL (or --redis-url) at a running Redis"
+        super().__init__(f"cannot reach Redis at {where}: {reason.rstrip('.')}; {hint}")
 
 
 class CorruptRecord(StorageError):
