@@ -1,7 +1,9 @@
 """The KV cache: one slot per live sequence, with the token ids it holds beside it.
 
-Keys are stored already rotated (RoPE applied), so attention kernels read them as they are. Storage
-grows on demand up to ``capacity`` tokens. A slot knows its tokens, so the next request prefills only
+Keys are stored already rotated (RoPE applied), so attention kernels read them as they are. The layout
+is head-major, [layers, kv_heads, positions, head_dim], so each head's keys are contiguous (what
+PyTorch's attention reads fastest; flash-attn takes the transposed view). Storage grows on demand up
+to ``capacity`` tokens. A slot knows its tokens, so the next request prefills only
 what differs (:meth:`common_prefix`).
 """
 
@@ -22,7 +24,7 @@ class KVCache:
                  dtype: torch.dtype, device: torch.device, rotary: Rotary | None) -> None:
         self.capacity = capacity
         self.rotary = rotary
-        self._shape = (num_layers, 0, num_kv_heads, head_dim)
+        self._shape = (num_layers, num_kv_heads, 0, head_dim)
         self._dtype, self._device = dtype, device
         self.k = torch.empty(self._shape, dtype=dtype, device=device)
         self.v = torch.empty(self._shape, dtype=dtype, device=device)
@@ -34,7 +36,7 @@ class KVCache:
 
     @property
     def allocated(self) -> int:
-        return self.k.shape[1]
+        return self.k.shape[2]
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
@@ -52,20 +54,20 @@ class KVCache:
             return
         size = min(self.capacity, max(need, 2 * self.allocated, _GROW))
         size = min(self.capacity, -(-size // _GROW) * _GROW)
-        shape = (self._shape[0], size, *self._shape[2:])
+        shape = (*self._shape[:2], size, self._shape[3])
         for name in ("k", "v"):
             old = getattr(self, name)
             new = torch.empty(shape, dtype=self._dtype, device=self._device)
-            new[:, : self.length] = old[:, : self.length]
+            new[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, new)
 
     # -- writes during a forward pass -------------------------------------------------------------
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store [T, Hkv, D] keys/values at ``start``; return views of everything up to them."""
+        """Store [T, Hkv, D] keys/values at ``start``; return [Hkv, S, D] views of everything up to them."""
         end = start + k.shape[0]
-        self.k[layer, start:end] = k
-        self.v[layer, start:end] = v
-        return self.k[layer, :end], self.v[layer, :end]
+        self.k[layer, :, start:end] = k.transpose(0, 1)
+        self.v[layer, :, start:end] = v.transpose(0, 1)
+        return self.k[layer, :, :end], self.v[layer, :, :end]
 
     def commit(self, ids: Sequence[int]) -> None:
         """Record the token ids whose keys/values the last forward pass wrote."""
@@ -101,11 +103,11 @@ class KVCache:
         n = self.length
         moved = n - end
         if moved:
-            k = self.k[:, end:n].clone()
+            k = self.k[:, :, end:n].clone()
             if self.rotary is not None:
                 k = self.rotary.shift(k, -delta)
-            self.k[:, start : start + moved] = k
-            self.v[:, start : start + moved] = self.v[:, end:n].clone()
+            self.k[:, :, start : start + moved] = k
+            self.v[:, :, start : start + moved] = self.v[:, :, end:n].clone()
         del self.tokens[start:end]
 
     def reset(self) -> None:

@@ -11,8 +11,8 @@ from chatcore.layers.attention import attention, pick_backend
 def qkv(t: int, s: int, hq: int, hkv: int, d: int, dtype: torch.dtype, device: str, seed: int):  # noqa: ANN201
     g = torch.Generator(device=device).manual_seed(seed)
     q = torch.randn(t, hq, d, generator=g, device=device).to(dtype)
-    k = torch.randn(s, hkv, d, generator=g, device=device).to(dtype)
-    v = torch.randn(s, hkv, d, generator=g, device=device).to(dtype)
+    k = torch.randn(hkv, s, d, generator=g, device=device).to(dtype)
+    v = torch.randn(hkv, s, d, generator=g, device=device).to(dtype)
     return q, k, v
 
 

@@ -32,10 +32,10 @@ def test_drop_shifts_and_rerotates_keys(engine: chatcore.Engine) -> None:
     n = len(kept)
     # Layer 0's keys and values depend only on token and position: after the shift they must equal a
     # fresh computation at the new positions (deeper layers legitimately remember the dropped tokens).
-    assert torch.allclose(slot.k[0, :n], fresh.k[0, :n], atol=1e-5)
-    assert torch.allclose(slot.v[0, :n], fresh.v[0, :n], atol=1e-6)
+    assert torch.allclose(slot.k[0, :, :n], fresh.k[0, :, :n], atol=1e-5)
+    assert torch.allclose(slot.v[0, :, :n], fresh.v[0, :, :n], atol=1e-6)
     # The first tokens did not move at any layer.
-    assert torch.equal(slot.k[:, :4], fresh.k[:, :4])
+    assert torch.equal(slot.k[:, :, :4], fresh.k[:, :, :4])
 
 
 def test_truncate_then_continue_equals_fresh(engine: chatcore.Engine) -> None:

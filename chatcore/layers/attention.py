@@ -1,7 +1,8 @@
 """The one attention entry point, with backends that compute the same function.
 
-Shapes: ``q`` is [T, Hq, D] for the T newest tokens of one sequence; ``k`` and ``v`` are [S, Hkv, D], the
-cache view holding every key up to and including those T tokens (S = q_offset + T). Attention is causal
+Shapes: ``q`` is [T, Hq, D] for the T newest tokens of one sequence; ``k`` and ``v`` are [Hkv, S, D]
+(head-major, the KV cache's layout), holding every key up to and including those T tokens
+(S = q_offset + T). Attention is causal
 and bottom-right aligned: query i sees keys 0 .. q_offset + i. Hq must be a multiple of Hkv (GQA).
 
 Backends:
@@ -44,28 +45,32 @@ def _causal_mask(t: int, s: int, q_offset: int, device: torch.device) -> torch.T
 
 
 def _torch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int) -> torch.Tensor:
-    t, s = q.shape[0], k.shape[0]
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-    gqa = q.shape[1] != k.shape[1]
+    t, hq, d = q.shape
+    hkv, s, _ = k.shape
     if t == 1:
-        out = F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=gqa)
-    elif q_offset == 0:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=gqa)
+        # Decode: every key is visible, so each KV head's query group is a batch of rows over it
+        # (no repeated K/V, no mask): several times faster than enable_gqa on the CPU.
+        out = F.scaled_dot_product_attention(q.view(hkv, hq // hkv, d), k, v)
+        return out.reshape(1, hq, d)
+    qh = q.transpose(0, 1)
+    gqa = hq != hkv
+    if q_offset == 0:
+        out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, enable_gqa=gqa)
     else:
         mask = _causal_mask(t, s, q_offset, q.device)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, enable_gqa=gqa)
     return out.transpose(0, 1)
 
 
 def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int) -> torch.Tensor:
     t, hq, d = q.shape
-    s, hkv, _ = k.shape
+    hkv, s, _ = k.shape
     rep = hq // hkv
-    kf = k.float().repeat_interleave(rep, dim=1)
-    vf = v.float().repeat_interleave(rep, dim=1)
-    scores = torch.einsum("thd,shd->hts", q.float(), kf) / math.sqrt(d)
+    kf = k.float().repeat_interleave(rep, dim=0)
+    vf = v.float().repeat_interleave(rep, dim=0)
+    scores = torch.einsum("thd,hsd->hts", q.float(), kf) / math.sqrt(d)
     scores = scores.masked_fill(~_causal_mask(t, s, q_offset, q.device), float("-inf"))
-    out = torch.einsum("hts,shd->thd", scores.softmax(-1), vf)
+    out = torch.einsum("hts,hsd->thd", scores.softmax(-1), vf)
     return out.to(q.dtype)
 
 
@@ -73,7 +78,7 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int) -> 
     from flash_attn import flash_attn_func
 
     # flash-attn aligns the causal mask bottom-right when seqlen_q != seqlen_k, as we need.
-    return flash_attn_func(q[None], k[None], v[None], causal=True)[0]
+    return flash_attn_func(q[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], causal=True)[0]
 
 
 _IMPLS = {"flash": _flash, "torch": _torch_sdpa, "math": _math}
