@@ -19,7 +19,7 @@ from .keys import SESSION_KINDS, key
 
 log = logging.getLogger("storage")
 T = TypeVar("T")
-_EXPECTED_TYPES = {"meta": "hash", "msgs": "hash", "order": "list", "live": "hash", "tok": "hash"}
+_EXPECTED_TYPES = {"meta": "hash", "msgs": "hash", "live": "hash"}
 _HOST = socket.gethostname()
 
 

@@ -2,8 +2,14 @@
 
 Session record: a hash whose every field holds a JSON value (`v`, `id`, `title`, `created`,
 `updated`, `model`, `system_prompt`, `sampling`, `pinned`, `summary`, `tags`, `tip`, `count`).
-Message record: one compact JSON object per message, `parent` first so the append script can
-prepend the parent it resolves atomically without decoding or re-encoding anything.
+Message record: one header line of tab-separated fields, a newline, then the text exactly as written:
+
+    parent-id | seq | schema | id | role | status | created | updated | tokens | extra-JSON  \n  text
+
+(empty parent: a root; empty tokens: unknown; empty extra: none). `parent` and `seq` come first so
+the append script can prepend them (it resolves the tip and the next sequence number atomically)
+without decoding anything. A tab-separated header decodes ~2.5x faster than a JSON one, and the text
+is never escaped or parsed: that is what keeps loading a 10,000-message session well under 100 ms.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from .errors import CorruptRecord, InvalidInput, SchemaVersionError
@@ -20,7 +27,7 @@ from .models import ROLES, STATUSES, Message, Session, Summary
 SCHEMA = 1
 #: version -> function upgrading a decoded record of that version by one step.
 MIGRATIONS_SESSION: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
-MIGRATIONS_MESSAGE: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+MIGRATIONS_MESSAGE: dict[int, Callable[[str], str]] = {}  # header line of version N -> of N + 1
 #: OpenAI-style field names that may not be used in `extra` (they are ours).
 RESERVED = frozenset(
     {"id", "parent", "parent_id", "role", "content", "status", "created", "created_at", "updated",
@@ -41,7 +48,7 @@ def dumps(value: Any) -> str:
 
 def text(value: bytes | str) -> str:
     """A reply as str. Undecodable bytes become U+FFFD (ids that then match nothing are reported as
-    corrupt where they are used); records themselves are decoded strictly by the JSON parser."""
+    corrupt where they are used); records themselves are decoded strictly."""
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
@@ -80,13 +87,10 @@ def encode_session(s: Session) -> dict[str, str]:
     }
 
 
-def _field(key: str, raw: Mapping[str, str], name: str, kinds: tuple[type, ...]) -> Any:
-    if name not in raw:
+def _get(key: str, fields: Mapping[str, Any], name: str, kinds: tuple[type, ...]) -> Any:
+    if name not in fields:
         raise CorruptRecord(key, f"field {name!r} is missing")
-    try:
-        value = _loads(raw[name])
-    except ValueError:
-        raise CorruptRecord(key, f"field {name!r} is not JSON: {raw[name][:40]!r}") from None
+    value = fields[name]
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         raise CorruptRecord(key, f"field {name!r} has the wrong type ({type(value).__name__})")
     return value
@@ -98,15 +102,31 @@ def _str_list(key: str, value: list, name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def parse_session_hash(key: str, raw_hash: Mapping[bytes | str, bytes | str]) -> dict[str, Any]:
+    """HGETALL of a session record -> field name -> decoded JSON value, naming any bad field."""
+    out: dict[str, Any] = {}
+    for k, v in raw_hash.items():
+        try:
+            name, value = _strict(k), _strict(v)
+        except UnicodeDecodeError:
+            raise CorruptRecord(key, "holds bytes that are not UTF-8") from None
+        try:
+            out[name] = _loads(value)
+        except ValueError:
+            raise CorruptRecord(key, f"field {name!r} is not JSON: {value[:40]!r}") from None
+    return out
+
+
 def decode_session(key: str, raw_hash: Mapping[bytes | str, bytes | str]) -> Session:
     """Decode a session hash (as HGETALL returns it); raise CorruptRecord / SchemaVersionError."""
-    try:
-        raw = {_strict(k): _strict(v) for k, v in raw_hash.items()}
-    except UnicodeDecodeError:
-        raise CorruptRecord(key, "holds bytes that are not UTF-8") from None
-    raw = _upgrade(key, raw, _field(key, raw, "v", (int,)), MIGRATIONS_SESSION)
+    return session_from_fields(key, parse_session_hash(key, raw_hash))
+
+
+def session_from_fields(key: str, fields: Mapping[str, Any]) -> Session:
+    """Check and convert a session record's decoded fields."""
+    f = _upgrade(key, dict(fields), _get(key, fields, "v", (int,)), MIGRATIONS_SESSION)
     num = (int, float)
-    summary = _field(key, raw, "summary", (dict, type(None)))
+    summary = _get(key, f, "summary", (dict, type(None)))
     if summary is not None:
         try:
             summary = Summary(text=summary["text"], first_id=summary["first_id"],
@@ -114,20 +134,23 @@ def decode_session(key: str, raw_hash: Mapping[bytes | str, bytes | str]) -> Ses
                               created_at=float(summary.get("created_at", 0.0)))
         except (KeyError, TypeError, ValueError):
             raise CorruptRecord(key, "field 'summary' is not a summary object") from None
-    count = _field(key, raw, "count", (int,))
+    try:
+        sid = check_id(_get(key, f, "id", (str,)), "session")
+    except InvalidInput:
+        raise CorruptRecord(key, "field 'id' is not a valid session id") from None
     return Session(
-        id=check_id(_field(key, raw, "id", (str,)), "session"),
-        title=_field(key, raw, "title", (str,)),
-        created_at=float(_field(key, raw, "created", num)),
-        updated_at=float(_field(key, raw, "updated", num)),
-        model=_field(key, raw, "model", (str, type(None))),
-        system_prompt=_field(key, raw, "system_prompt", (str, type(None))),
-        sampling=_field(key, raw, "sampling", (dict,)),
-        pinned=_str_list(key, _field(key, raw, "pinned", (list,)), "pinned"),
+        id=sid,
+        title=_get(key, f, "title", (str,)),
+        created_at=float(_get(key, f, "created", num)),
+        updated_at=float(_get(key, f, "updated", num)),
+        model=_get(key, f, "model", (str, type(None))),
+        system_prompt=_get(key, f, "system_prompt", (str, type(None))),
+        sampling=_get(key, f, "sampling", (dict,)),
+        pinned=_str_list(key, _get(key, f, "pinned", (list,)), "pinned"),
         summary=summary,
-        tags=_str_list(key, _field(key, raw, "tags", (list,)), "tags"),
-        tip_id=_field(key, raw, "tip", (str, type(None))),
-        message_count=count,
+        tags=_str_list(key, _get(key, f, "tags", (list,)), "tags"),
+        tip_id=_get(key, f, "tip", (str, type(None))),
+        message_count=_get(key, f, "count", (int,)),
         schema=SCHEMA,
     )
 
@@ -135,52 +158,68 @@ def decode_session(key: str, raw_hash: Mapping[bytes | str, bytes | str]) -> Ses
 # ----------------------------------------------------------------------------- messages
 
 def message_rest(m: Message) -> str:
-    """The message record without its leading `{"parent":...,` (the append script prepends it)."""
-    rec: dict[str, Any] = {"id": m.id, "role": m.role, "content": m.content, "status": m.status,
-                           "created": m.created_at, "updated": m.updated_at, "v": SCHEMA}
-    if m.extra:
-        rec["extra"] = m.extra
-    return dumps(rec)[1:]
+    """The record without its leading `parent<TAB>seq<TAB>` (the append script adds those)."""
+    return "\t".join((str(SCHEMA), m.id, m.role, m.status, repr(float(m.created_at)), repr(float(m.updated_at)),
+                      "" if m.tokens is None else str(int(m.tokens)), dumps(m.extra) if m.extra else "")) \
+        + "\n" + m.content
 
 
 def encode_message(m: Message) -> str:
-    return '{"parent":' + dumps(m.parent_id) + "," + message_rest(m)
+    return f"{m.parent_id or ''}\t{int(m.seq)}\t" + message_rest(m)
 
 
-def decode_message(key: str, field: str, session_id: str, raw: bytes | str, seq: int = -1,
-                   tokens: int | None = None) -> Message:
-    """Decode one stored message record (hash `key`, field `field`); refuse anything malformed."""
+def message_header(m: Message) -> str:
+    """Just the header line of `m`'s record (to rewrite it without resending the text)."""
+    return encode_message(replace(m, content=""))[:-1]
+
+
+_new = object.__new__
+_setattr = object.__setattr__
+_ROLES = frozenset(ROLES)
+_STATUSES = frozenset(STATUSES)
+_V = str(SCHEMA)
+
+
+def decode_message(key: str, field: str | None, session_id: str, raw: bytes | str) -> Message:
+    """Decode one stored record (hash `key`, field `field` if known); refuse anything malformed.
+
+    This is the hot loop of `Store.load`: for 10,000 messages every microsecond here is 10 ms there.
+    """
     try:
-        rec = _loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise CorruptRecord(key, f"message {field!r} is not JSON") from None
-    if type(rec) is not dict:
-        raise CorruptRecord(key, f"message {field!r} is a JSON {type(rec).__name__}, not an object")
-    v = rec.get("v")
-    if v != SCHEMA:
-        rec = _upgrade(key, rec, v, MIGRATIONS_MESSAGE)
-    try:
-        mid, parent, role, content = rec["id"], rec["parent"], rec["role"], rec["content"]
-        status, created, updated = rec["status"], rec["created"], rec["updated"]
-        extra = rec.get("extra") or {}
-    except KeyError as exc:
-        raise CorruptRecord(key, f"message {field!r} lacks field {exc.args[0]!r}") from None
-    if (mid != field or not (parent is None or type(parent) is str) or role not in ROLES
-            or type(content) is not str or status not in STATUSES or type(extra) is not dict
-            or not isinstance(created, (int, float)) or not isinstance(updated, (int, float))):
-        raise CorruptRecord(key, f"message {field!r} has a field of the wrong type or value")
-    return Message(mid, session_id, role, content, parent, status, float(created), float(updated),
-                   tokens, seq, extra)
+        head, sep, content = (raw.decode() if type(raw) is bytes else raw).partition("\n")  # type: ignore[union-attr]
+        fields = head.split("\t")
+        parent, seq, v, mid, role, status, created, updated, tokens, extra = fields
+        if v != _V:
+            return _migrate_message(key, field, session_id, fields, content)
+        # A frozen dataclass pays ~2.5 us per __init__ (object.__setattr__ per field); filling
+        # __dict__ directly builds the same object several times faster.
+        m = _new(Message)
+        _setattr(m, "__dict__", {
+            "id": mid, "session_id": session_id, "role": role, "content": content, "parent_id": parent or None,
+            "status": status, "created_at": (c := float(created)),
+            "updated_at": c if updated == created else float(updated),
+            "tokens": int(tokens) if tokens else None, "seq": int(seq), "extra": _loads(extra) if extra else {}})
+    except ValueError:  # UnicodeDecodeError, a wrong field count, a number that is not one, bad JSON
+        raise CorruptRecord(key, f"message {field or '?'!r} is not a record we wrote") from None
+    if (not sep or role not in _ROLES or status not in _STATUSES or (field is not None and mid != field)
+            or not mid or (m.tokens is not None and m.tokens < 0) or type(m.extra) is not dict):
+        raise CorruptRecord(key, f"message {field or mid!r} has a field of the wrong value")
+    return m
 
 
-def decode_tokens(key: str, raw: bytes | str) -> int:
+def _migrate_message(key: str, field: str | None, session_id: str, fields: list[str], content: str) -> Message:
     try:
-        n = int(raw)
+        version = int(fields[2])
     except ValueError:
-        raise CorruptRecord(key, f"token count {text(raw)[:20]!r} is not an integer") from None
-    if n < 0:
-        raise CorruptRecord(key, f"token count {n} is negative")
-    return n
+        raise CorruptRecord(key, f"message {field or '?'!r} has no schema version") from None
+    if version < 1:
+        raise CorruptRecord(key, f"message {field or '?'!r} has schema version {version}")
+    if version > SCHEMA:
+        raise SchemaVersionError(key, version, SCHEMA)
+    step = MIGRATIONS_MESSAGE.get(version)
+    if step is None:
+        raise SchemaVersionError(key, version, SCHEMA)
+    return decode_message(key, field, session_id, step("\t".join(fields)) + "\n" + content)
 
 
 def check_number(value: object, what: str) -> float:

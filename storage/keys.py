@@ -16,9 +16,8 @@ from .errors import InvalidInput
 PREFIX = "chatcore"
 
 #: Kinds of per-session keys. `meta` is a hash (the session record), `msgs` a hash of message id ->
-#: JSON record, `order` a list of message ids in the order they were added, `live` a hash of the
-#: replies being streamed (id -> heartbeat), `tok` a hash of message id -> token count.
-SESSION_KINDS = ("meta", "msgs", "order", "live", "tok")
+#: message record, `live` a hash of the replies being streamed (message id -> heartbeat).
+SESSION_KINDS = ("meta", "msgs", "live")
 #: Global kinds: `index` is a sorted set of session ids scored by last activity.
 GLOBAL_KINDS = ("index",)
 

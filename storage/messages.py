@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from operator import attrgetter
 from typing import Any
 
 from . import tree
@@ -15,16 +16,16 @@ from .codec import (
     SCHEMA,
     decode_message,
     decode_session,
-    decode_tokens,
     dumps,
     encode_session,
+    message_header,
     message_rest,
     text,
 )
 from .errors import Conflict, CorruptRecord, InvalidInput, NotFound, SchemaVersionError
 from .keys import check_id, key, new_id
 from .models import ROLES, STATUSES, Conversation, Message
-from .scripts import APPEND, SET_TIP, SET_TOKENS
+from .scripts import APPEND, SET_HEADERS, SET_TIP
 from .sessions import SessionsMixin
 
 
@@ -104,27 +105,27 @@ class MessagesMixin(SessionsMixin):
         updated = max([now] + [m.created_at for m, _, _ in drafts])
         args: list[Any] = [str(SCHEMA), dumps(updated), len(drafts)]
         for m, mode, parent in drafts:
-            args += [m.id, mode, parent, message_rest(m), live_value() if m.status == "streaming" else "",
-                     "" if m.tokens is None else str(m.tokens)]
-        names = [key(k, session_id) for k in ("meta", "msgs", "order", "live", "tok")]
+            args += [m.id, mode, parent, message_rest(m), live_value() if m.status == "streaming" else ""]
+        names = [key(k, session_id) for k in ("meta", "msgs", "live")]
         with self._guard(session_id):
             pipe = self._r.pipeline(transaction=False)
             APPEND.queue(pipe, names, args)
             pipe.zadd(key("index"), {session_id: updated}, xx=True, gt=True)
-            res = [text(x) if isinstance(x, bytes) else x for x in pipe.execute()[0]]
-        if res[0] == "nosession":
+            res = pipe.execute()[0]
+        what = text(res[0])
+        if what == "nosession":
             raise NotFound("session", session_id, "create it first")
-        if res[0] == "version":
-            raise SchemaVersionError(names[0], res[1], SCHEMA)
-        if res[0] == "noparent":
-            raise NotFound("message", res[1], f"cannot attach to it in session {session_id!r}")
+        if what == "version":
+            raise SchemaVersionError(names[0], text(res[1]), SCHEMA)
+        if what == "noparent":
+            raise NotFound("message", text(res[1]), f"cannot attach to it in session {session_id!r}")
         out = []
         triples = zip(res[0::3], res[1::3], res[2::3], strict=True)
         for (m, _, _), (what, value, seq) in zip(drafts, triples, strict=True):
-            if what == "new":
-                out.append(replace(m, parent_id=json.loads(value), seq=int(seq)))
+            if text(what) == "new":
+                out.append(replace(m, parent_id=text(value) or None, seq=int(seq)))
                 continue
-            stored = decode_message(names[1], m.id, session_id, value, int(seq))
+            stored = decode_message(names[1], m.id, session_id, value)
             if stored.role != m.role or (m.status == "complete" and stored.content != m.content):
                 raise Conflict(f"message id {m.id!r} already exists in session {session_id!r} with "
                                "different content; use a new id")
@@ -146,14 +147,11 @@ class MessagesMixin(SessionsMixin):
         with self._guard(session_id):
             pipe = self._r.pipeline(transaction=False)
             pipe.hget(msgs, check_id(message_id))
-            pipe.hget(key("tok", session_id), message_id)
             pipe.hget(key("live", session_id), message_id)
-            pipe.lpos(key("order", session_id), message_id)
-            raw, tok, live, seq = pipe.execute()
+            raw, live = pipe.execute()
         if raw is None:
             raise NotFound("message", message_id, f"it is not in session {session_id!r}")
-        tokens = None if tok is None else decode_tokens(key("tok", session_id), tok)
-        m = decode_message(msgs, message_id, session_id, raw, -1 if seq is None else int(seq), tokens)
+        m = decode_message(msgs, message_id, session_id, raw)
         return self._effective(m, None if live is None else text(live), time.time())
 
     def _effective(self, m: Message, live: str | None, now: float) -> Message:
@@ -163,38 +161,35 @@ class MessagesMixin(SessionsMixin):
 
     def load(self, session_id: str) -> Conversation:
         """The session and all its messages (every branch), in one consistent snapshot."""
-        names = {k: key(k, session_id) for k in ("meta", "msgs", "order", "live", "tok")}
+        names = {k: key(k, session_id) for k in ("meta", "msgs", "live")}
         with self._guard(session_id):
             pipe = self._r.pipeline(transaction=True)
             pipe.hgetall(names["meta"])
-            pipe.hgetall(names["msgs"])
-            pipe.lrange(names["order"], 0, -1)
+            pipe.hvals(names["msgs"])
             pipe.hgetall(names["live"])
-            pipe.hgetall(names["tok"])
-            meta, msgs, order, live, tok = pipe.execute()
+            meta, values, live = pipe.execute()
         if not meta:
             raise NotFound("session", session_id, "see `chatcore sessions list`")
         session = decode_session(names["meta"], meta)
-        msgs = {text(k): v for k, v in msgs.items()}
-        tokens = {text(k): decode_tokens(names["tok"], v) for k, v in tok.items()}
-        live = {text(k): text(v) for k, v in live.items()}
+        try:
+            messages = [decode_message(names["msgs"], None, session_id, raw) for raw in values]
+        except CorruptRecord:  # name the field: read it again, this time with field names
+            with self._guard(session_id):
+                pairs = self._r.hgetall(names["msgs"])
+            messages = [decode_message(names["msgs"], text(k), session_id, v) for k, v in pairs.items()]
+        messages.sort(key=_by_seq)
+        live_now = {text(k): text(v) for k, v in live.items()}
         now = time.time()
-        messages: list[Message] = []
-        for seq, raw_id in enumerate(order):
-            mid = text(raw_id)
-            raw = msgs.get(mid)
-            if raw is None:
-                raise CorruptRecord(names["order"], f"lists message {mid!r} that {names['msgs']} lacks")
-            m = decode_message(names["msgs"], mid, session_id, raw, seq, tokens.get(mid))
-            messages.append(self._effective(m, live.get(mid), now) if m.status == "streaming" else m)
-        if len(messages) != len(msgs):
-            stray = sorted(set(msgs) - {m.id for m in messages})[:3]
-            raise CorruptRecord(names["msgs"], f"holds messages missing from the order list: {stray}")
+        messages = [self._effective(m, live_now.get(m.id), now) if m.status == "streaming" else m
+                    for m in messages]
         conv = Conversation(session, tuple(messages))
+        by_id = conv.by_id
+        if len(by_id) != len(messages):
+            raise CorruptRecord(names["msgs"], "holds two records with the same message id")
         for m in messages:
-            if m.parent_id is not None and m.parent_id not in conv.by_id:
+            if m.parent_id is not None and m.parent_id not in by_id:
                 raise CorruptRecord(names["msgs"], f"message {m.id!r} has a missing parent {m.parent_id!r}")
-        if session.tip_id is not None and session.tip_id not in conv.by_id:
+        if session.tip_id is not None and session.tip_id not in by_id:
             raise CorruptRecord(names["meta"], f"tip {session.tip_id!r} is not a message of the session")
         return conv
 
@@ -232,7 +227,7 @@ class MessagesMixin(SessionsMixin):
     def delete_message(self, session_id: str, message_id: str) -> list[str]:
         """Delete a message and everything that follows it on every branch; returns the ids removed.
         If the tip was among them, the tip moves to the newest leaf left under the parent."""
-        names = {k: key(k, session_id) for k in ("meta", "msgs", "order", "live", "tok")}
+        names = {k: key(k, session_id) for k in ("meta", "msgs", "live")}
         check_id(message_id)
 
         def body(pipe: Any) -> list[str]:
@@ -240,37 +235,29 @@ class MessagesMixin(SessionsMixin):
             if not meta_raw:
                 raise NotFound("session", session_id)
             session = decode_session(names["meta"], meta_raw)
-            order = [text(i) for i in pipe.lrange(names["order"], 0, -1)]
-            raws = pipe.hmget(names["msgs"], order) if order else []
-            if message_id not in order:
+            pairs = pipe.hgetall(names["msgs"])
+            messages = sorted((decode_message(names["msgs"], text(k), session_id, v) for k, v in pairs.items()),
+                              key=_by_seq)
+            parents = {m.id: m.parent_id for m in messages}
+            if message_id not in parents:
                 raise NotFound("message", message_id, f"it is not in session {session_id!r}")
-            parents = {mid: decode_message(names["msgs"], mid, session_id, raw).parent_id
-                       for mid, raw in zip(order, raws, strict=True) if raw is not None}
-            children = tree.children_index((mid, parents.get(mid)) for mid in order)
+            children = tree.children_index((m.id, m.parent_id) for m in messages)
             doomed = tree.subtree(children, message_id)
             gone = set(doomed)
-            parent = parents.get(message_id)
+            parent = parents[message_id]
             children[parent] = [c for c in children.get(parent, []) if c != message_id]
             tip = session.tip_id
             if tip is None or tip in gone:
                 tip = tree.latest_leaf(children, parent)
-            pinned = [p for p in session.pinned if p not in gone]
             summary = session.summary
             if summary is not None and (summary.first_id in gone or summary.last_id in gone):
                 summary = None
-            left = [mid for mid in order if mid not in gone]
+            fields = encode_session(replace(session, tip_id=tip, message_count=len(parents) - len(gone),
+                                            pinned=tuple(p for p in session.pinned if p not in gone),
+                                            summary=summary))
             pipe.multi()
-            for name in ("msgs", "live", "tok"):
-                pipe.hdel(names[name], *doomed)
-            if len(doomed) <= 16:
-                for mid in doomed:
-                    pipe.lrem(names["order"], 1, mid)
-            else:
-                pipe.delete(names["order"])
-                for i in range(0, len(left), 1000):
-                    pipe.rpush(names["order"], *left[i:i + 1000])
-            fields = encode_session(replace(session, tip_id=tip, message_count=len(left),
-                                            pinned=tuple(pinned), summary=summary))
+            pipe.hdel(names["msgs"], *doomed)
+            pipe.hdel(names["live"], *doomed)
             pipe.hset(names["meta"], mapping={f: fields[f] for f in ("tip", "count", "pinned", "summary")})
             return doomed
         return self._transact(session_id, body)
@@ -279,19 +266,29 @@ class MessagesMixin(SessionsMixin):
 
     def set_token_counts(self, session_id: str, counts: Mapping[str, int]) -> int:
         """Record token counts (e.g. measured with the model's tokenizer). Unknown ids are ignored;
-        returns how many were set."""
-        args: list[Any] = []
+        returns how many were set. Only each record's header line is rewritten, and only if the
+        record did not change meanwhile (a streaming reply's checkpoint wins; retry it later)."""
         for mid, n in counts.items():
+            check_id(mid)
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 raise InvalidInput(f"token count for {mid!r} must be a non-negative int, got {n!r}")
-            args += [check_id(mid), str(n)]
+        ids = list(counts)
+        if not ids:
+            return 0
+        msgs = key("msgs", session_id)
+        with self._guard(session_id):
+            raws = self._r.hmget(msgs, ids)
+        args: list[Any] = []
+        for mid, raw in zip(ids, raws, strict=True):
+            if raw is not None:
+                m = decode_message(msgs, mid, session_id, raw)
+                old = raw.partition(b"\n" if isinstance(raw, bytes) else "\n")[0]
+                old = old.encode() if isinstance(old, str) else old
+                args += [mid, hashlib.sha1(old).hexdigest(), message_header(replace(m, tokens=counts[mid]))]
         if not args:
             return 0
         with self._guard(session_id):
-            return int(SET_TOKENS(self._r, [key("msgs", session_id), key("tok", session_id)], args))
+            return int(SET_HEADERS(self._r, [msgs], args))
 
 
-def as_new_messages(messages: Iterable[Message]) -> list[NewMessage]:
-    """Drafts that re-create `messages` exactly (ids, parents, statuses, times, tokens)."""
-    return [NewMessage(m.role, m.content, m.parent_id, m.id, m.status, m.tokens, m.extra, m.created_at)
-            for m in messages]
+_by_seq = attrgetter("seq")

@@ -88,11 +88,15 @@ class Conversation:
     def _children(self) -> dict[str | None, list[str]]:
         return tree.children_index((m.id, m.parent_id) for m in self.messages)
 
+    @cached_property
+    def _parents(self) -> dict[str, str | None]:
+        return {m.id: m.parent_id for m in self.messages}
+
     def thread(self, tip_id: str | None = None) -> list[Message]:
         """Messages from the root to `tip_id` (default: the session's current tip), in order."""
         tip = self.session.tip_id if tip_id is None else tip_id
-        parents = {m.id: m.parent_id for m in self.messages}
-        return [self.by_id[i] for i in tree.path_to(parents, tip)]
+        by_id = self.by_id
+        return [by_id[i] for i in tree.path_to(self._parents, tip)]
 
     def children(self, message_id: str | None) -> list[Message]:
         """Direct replies / continuations of `message_id` (None: the roots), oldest first."""

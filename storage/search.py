@@ -1,22 +1,21 @@
 """Title / tag / content search: a scan over sessions, most recently active first.
 
 Redis has no full-text index without modules, so this reads sessions in batches and stops once it
-has `limit` hits. A cheap test on the raw JSON (the query escaped the same way) skips messages that
-cannot match before anything is decoded.
+has `limit` hits. A record holds its text verbatim after the header line, so a cheap substring test
+on the raw record skips messages that cannot match before anything is decoded.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .codec import decode_message, decode_session, dumps, text
+from .codec import decode_message, text
 from .errors import CorruptRecord, InvalidInput, SchemaVersionError
 from .keys import key
 from .models import SearchHit, Session
-from .sessions import _valid
 
 if TYPE_CHECKING:
-    from .base import StoreBase
+    from .sessions import SessionsMixin
 
 
 def _snippet(content: str, at: int, width: int = 80) -> str:
@@ -25,46 +24,42 @@ def _snippet(content: str, at: int, width: int = 80) -> str:
     return ("…" if start > 0 else "") + piece + ("…" if start + width < len(content) else "")
 
 
-def search(store: StoreBase, query: str, *, limit: int = 20, content: bool = True,
+def search(store: SessionsMixin, query: str, *, limit: int = 20, content: bool = True,
            batch: int = 100) -> list[SearchHit]:
     """Sessions whose title or tags contain `query` (case-insensitive), or, with `content`, one of
     whose messages does; at most one hit per session, most recently active sessions first."""
     q = query.casefold().strip() if isinstance(query, str) else ""
     if not q:
         raise InvalidInput("search needs a non-empty query string")
-    needle = dumps(q)[1:-1]  # how the query looks inside a stored JSON record
     hits: list[SearchHit] = []
     offset = 0
     while len(hits) < limit:
         with store._guard():
             found = [text(i) for i in store._r.zrevrange(key("index"), offset, offset + batch - 1)]
-            if not found:
-                break
-            ids = [i for i in found if _valid(i)]
-            pipe = store._r.pipeline(transaction=False)
-            for sid in ids:
-                pipe.hgetall(key("meta", sid))
-                if content:
-                    pipe.hgetall(key("msgs", sid))
-            replies = pipe.execute(raise_on_error=False)
+        if not found:
+            break
         offset += len(found)
-        step = 2 if content else 1
-        for i, sid in enumerate(ids):
-            meta_raw = replies[i * step]
-            if not meta_raw or isinstance(meta_raw, Exception):
-                continue
-            try:
-                session = decode_session(key("meta", sid), meta_raw)
-            except (CorruptRecord, SchemaVersionError):
-                continue
+        sessions = [s for s in store._fetch_sessions(found) if isinstance(s, Session)]
+        found_hits, pending = [], []
+        for session in sessions:
             hit = _match_session(session, q)
-            if hit is None and content and isinstance(replies[i * step + 1], dict):
-                hit = _match_messages(session, replies[i * step + 1], q, needle)
             if hit is not None:
-                hits.append(hit)
-                if len(hits) >= limit:
-                    break
-    return hits
+                found_hits.append(hit)
+            elif content:
+                pending.append(session)
+        if pending:
+            with store._guard():
+                pipe = store._r.pipeline(transaction=False)
+                for session in pending:
+                    pipe.hgetall(key("msgs", session.id))
+                replies = pipe.execute(raise_on_error=False)
+            for session, msgs in zip(pending, replies, strict=True):
+                hit = _match_messages(session, msgs, q) if isinstance(msgs, dict) else None
+                if hit is not None:
+                    found_hits.append(hit)
+        rank = {s.id: i for i, s in enumerate(sessions)}  # most recently active first
+        hits += sorted(found_hits, key=lambda h: rank[h.session.id])
+    return hits[:limit]
 
 
 def _match_session(session: Session, q: str) -> SearchHit | None:
@@ -77,11 +72,11 @@ def _match_session(session: Session, q: str) -> SearchHit | None:
     return None
 
 
-def _match_messages(session: Session, msgs: dict, q: str, needle: str) -> SearchHit | None:
+def _match_messages(session: Session, msgs: dict, q: str) -> SearchHit | None:
     best = None
     for field, raw in msgs.items():
         raw_text = text(raw)
-        if needle not in raw_text.casefold():
+        if q not in raw_text.casefold():  # cheap test on the whole record before decoding it
             continue
         try:
             m = decode_message(key("msgs", session.id), text(field), session.id, raw_text)

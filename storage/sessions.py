@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
 from .base import StoreBase
-from .codec import SCHEMA, check_number, decode_session, dumps, encode_session, text
-from .errors import Conflict, CorruptRecord, InvalidInput, MessageTooLarge, NotFound, SchemaVersionError
+from .codec import (
+    SCHEMA,
+    check_number,
+    decode_session,
+    dumps,
+    encode_session,
+    parse_session_hash,
+    session_from_fields,
+    text,
+)
+from .errors import Conflict, CorruptRecord, InvalidInput, MessageTooLarge, NotFound, SchemaVersionError, StorageError
 from .keys import check_id, key, new_id, session_id_from_meta_key, session_keys, session_pattern
 from .models import Session, SessionPage, Summary
-from .scripts import CREATE
+from .scripts import CREATE, META
 
 
 class _Unset:
@@ -62,12 +72,12 @@ class SessionsMixin(StoreBase):
 
     def get_session(self, session_id: str) -> Session:
         """The session's record (settings, tip, counts), without messages."""
-        meta = key("meta", session_id)
-        with self._guard(session_id):
-            raw = self._r.hgetall(meta)
-        if not raw:
+        got = self._fetch_sessions([check_id(session_id, "session")])[0]
+        if got is None:
             raise NotFound("session", session_id, "see `chatcore sessions list`")
-        return decode_session(meta, raw)
+        if isinstance(got, StorageError):
+            raise got
+        return got
 
     def session_exists(self, session_id: str) -> bool:
         with self._guard(session_id):
@@ -160,31 +170,49 @@ class SessionsMixin(StoreBase):
             pipe.zrevrange(index, offset, offset + limit - 1)
             pipe.zcard(index)
             ids, total = pipe.execute()
-            ids = [text(i) for i in ids]
-            pipe = self._r.pipeline(transaction=False)
-            for sid in ids:
-                if _valid(sid):
-                    pipe.hgetall(key("meta", sid))
-            replies = iter(pipe.execute(raise_on_error=False) if ids else [])
-            raws = [next(replies) if _valid(sid) else None for sid in ids]
+        ids = [text(i) for i in ids]
         sessions: list[Session] = []
         errors: list[Exception] = []
-        for sid, raw in zip(ids, raws, strict=True):
-            if raw is None:
-                errors.append(CorruptRecord(index, f"member {sid!r} is not a valid session id"))
-                continue
-            meta = key("meta", sid)
-            if isinstance(raw, Exception):
-                msg = self._scrub(str(raw))
-                errors.append(CorruptRecord(meta, "is not a Redis hash (foreign data?)" if "WRONGTYPE" in msg
-                                            else f"is unreadable ({msg[:80]})"))
-            elif raw:  # an empty hash is a session deleted after we read the index: skip it
-                try:
-                    sessions.append(decode_session(meta, raw))
-                except (CorruptRecord, SchemaVersionError) as exc:
-                    errors.append(exc)
+        for got in self._fetch_sessions(ids):
+            if isinstance(got, Session):
+                sessions.append(got)
+            elif got is not None:
+                errors.append(got)
         end = offset + len(ids)
         return SessionPage(tuple(sessions), tuple(errors), total, offset, end if end < total else None)
+
+    def _fetch_sessions(self, ids: list[str]) -> list[Session | StorageError | None]:
+        """Read many session records in one round trip. Per id: the Session, the error that makes
+        it unreadable, or None if it no longer exists (deleted after the index was read)."""
+        valid = [sid for sid in ids if _valid(sid)]
+        with self._guard():
+            pipe = self._r.pipeline(transaction=False)
+            for sid in valid:
+                META.queue(pipe, [key("meta", sid)], [])
+            replies = dict(zip(valid, pipe.execute(raise_on_error=False) if valid else [], strict=True))
+        out: list[Session | StorageError | None] = []
+        for sid in ids:
+            if sid not in replies:
+                out.append(CorruptRecord(key("index"), f"member {sid!r} is not a valid session id"))
+                continue
+            raw, meta = replies[sid], key("meta", sid)
+            try:
+                if raw is None:
+                    out.append(None)
+                elif isinstance(raw, Exception):
+                    msg = self._scrub(str(raw))
+                    out.append(CorruptRecord(meta, "is not a Redis hash (foreign data?)" if "WRONGTYPE" in msg
+                                             else f"is unreadable ({msg[:80]})"))
+                else:
+                    try:
+                        fields = json.loads(raw)
+                    except ValueError:  # name the bad field
+                        with self._guard(sid):
+                            fields = parse_session_hash(meta, self._r.hgetall(meta))
+                    out.append(session_from_fields(meta, fields))
+            except (CorruptRecord, SchemaVersionError) as exc:
+                out.append(exc)
+        return out
 
     def match_session_ids(self, prefix: str, limit: int = 10) -> list[str]:
         """Session ids starting with `prefix` (for typing a short id), at most `limit` of them."""

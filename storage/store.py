@@ -64,22 +64,17 @@ class Store(MessagesMixin):
 
     def _import_as(self, conv: Conversation, sid: str) -> Session:
         session = replace(conv.session, id=sid, message_count=len(conv.messages))
-        messages = [replace(m, session_id=sid, status="incomplete" if m.status == "streaming" else m.status)
-                    for m in conv.messages]
-        names = {k: key(k, sid) for k in ("meta", "msgs", "order", "tok")}
+        messages = [replace(m, session_id=sid, seq=i, status="incomplete" if m.status == "streaming" else m.status)
+                    for i, m in enumerate(conv.messages)]
+        names = {k: key(k, sid) for k in ("meta", "msgs")}
 
         def body(pipe: Any) -> Session:
-            if pipe.exists(names["meta"], names["msgs"], names["order"]):
+            if pipe.exists(names["meta"], names["msgs"]):
                 raise Conflict(f"session {sid!r} already exists; import it under another id")
             pipe.multi()
-            pipe.hset(names["meta"], mapping=encode_session(session))
+            pipe.hset(names["meta"], mapping={**encode_session(session), "seq": str(len(messages))})
             for i in range(0, len(messages), 1000):
-                chunk = messages[i:i + 1000]
-                pipe.hset(names["msgs"], mapping={m.id: encode_message(m) for m in chunk})
-                pipe.rpush(names["order"], *[m.id for m in chunk])
-                tok = {m.id: str(m.tokens) for m in chunk if m.tokens is not None}
-                if tok:
-                    pipe.hset(names["tok"], mapping=tok)
+                pipe.hset(names["msgs"], mapping={m.id: encode_message(m) for m in messages[i:i + 1000]})
             return session
         out = self._transact(sid, body, attempts=3)
         with self._guard(sid):

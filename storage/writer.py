@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .base import live_value
-from .codec import decode_message, encode_message, text
+from .codec import decode_message, encode_message
 from .errors import InvalidInput, NotFound, StorageError, StoreUnavailable
 from .keys import key
 from .models import FINAL_STATUSES, Message
@@ -51,6 +51,7 @@ class ReplyWriter:
         self._pending = 0
         self._last_save = time.monotonic()
         self._started = False
+        self.seq = -1
         self.error: StoreUnavailable | None = None  # the last failure to save, None once saved again
         self.gone = False  # the reply (or its session) was deleted by someone else
         self.finished: Message | None = None
@@ -121,16 +122,17 @@ class ReplyWriter:
             return self.finished
         if status not in FINAL_STATUSES:
             raise InvalidInput(f"a reply finishes as one of {', '.join(FINAL_STATUSES)}, not {status!r}")
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
+            raise InvalidInput(f"tokens must be a non-negative int or None, got {tokens!r}")
         if not self._started:
             self._begin()  # safe to repeat: appends are idempotent by id
         if self.gone:
             raise NotFound("message", self.id, "the reply was deleted while it streamed")
         m = self._message(status, tokens)
-        names = [key(k, self.session_id) for k in ("meta", "msgs", "live", "tok")]
+        names = [key(k, self.session_id) for k in ("meta", "msgs", "live")]
         with self.store._guard(self.session_id):
             pipe = self.store._r.pipeline(transaction=False)
-            FINISH.queue(pipe, names, [self.id, encode_message(m), repr(m.updated_at),
-                                       "" if tokens is None else str(int(tokens))])
+            FINISH.queue(pipe, names, [self.id, encode_message(m), repr(m.updated_at)])
             pipe.zadd(key("index"), {self.session_id: m.updated_at}, xx=True, gt=True)
             res = pipe.execute()[0]
         if res[0] == 1:
@@ -139,7 +141,7 @@ class ReplyWriter:
             self.gone = True
             raise NotFound("message", self.id, "the reply was deleted while it streamed")
         # Finished before (our own earlier attempt whose answer was lost): report what is stored.
-        return self._done(decode_message(names[1], self.id, self.session_id, text(res[1])))
+        return self._done(decode_message(names[1], self.id, self.session_id, res[1]))
 
     def cancel(self) -> Message:
         return self.finish("cancelled")
@@ -167,12 +169,13 @@ class ReplyWriter:
 
     def _message(self, status: str, tokens: int | None = None) -> Message:
         return Message(self.id, self.session_id, self.role, self.text, self.parent_id, status,  # type: ignore[arg-type]
-                       self.created_at, time.time(), tokens, -1, self.extra)
+                       self.created_at, time.time(), tokens, self.seq, self.extra)
 
     def _begin(self) -> None:
         m = self.store.append_message(self.session_id, self.role, self.text, parent_id=self._parent_ref,
                                       message_id=self.id, status="streaming", extra=self.extra)
         self.parent_id = m.parent_id
+        self.seq = m.seq
         self._started = True
         if self.text:
             self.checkpoint()
@@ -185,6 +188,7 @@ class ReplyWriter:
         self._stop.set()
         self.finished = m
         self.parent_id = m.parent_id
+        self.seq = m.seq
         return m
 
 

@@ -26,7 +26,8 @@ def test_two_writers_one_session(store: Store, backend) -> None:
     expected = {f"{tag}-{kind}{i}" for tag in "AB" for kind in "ua" for i in range(TURNS)}
     assert len(ids) == len(set(ids)) == 4 * TURNS  # every message exactly once
     assert set(ids) == expected
-    assert backend.client.llen(key("order", s.id)) == 4 * TURNS
+    assert backend.client.hlen(key("msgs", s.id)) == 4 * TURNS
+    assert sorted(m.seq for m in conv.messages) == list(range(4 * TURNS))  # one sequence, no gaps
     assert conv.session.message_count == 4 * TURNS
 
     seqs = {tag: [m.seq for m in conv.messages if m.id.startswith(tag)] for tag in "AB"}

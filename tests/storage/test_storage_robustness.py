@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from redis.crc import key_slot
 
@@ -31,17 +29,28 @@ def two_sessions(store: Store) -> tuple[str, str]:
     return a.id, b.id
 
 
+def retype(r, k: str, mid: str, i: int, value: str) -> None:
+    head, _, body = r.hget(k, mid).partition("\n")
+    fields = head.split("\t")
+    fields[i] = value
+    r.hset(k, mid, "\t".join(fields) + "\n" + body)
+
+
 @pytest.mark.parametrize("kind, damage, detail", [
-    ("msgs", lambda r, k, mid: r.hset(k, mid, "{not json"), "is not JSON"),
-    ("msgs", lambda r, k, mid: r.hset(k, mid, "[1, 2]"), "not an object"),
-    ("msgs", lambda r, k, mid: r.hset(k, mid, json.dumps({"v": 1, "id": mid})), "lacks field"),
-    ("msgs", lambda r, k, mid: r.hset(k, mid, b"\xff\xfe"), "not JSON"),
+    ("msgs", lambda r, k, mid: r.hset(k, mid, "{not our format"), "is not a record we wrote"),
+    ("msgs", lambda r, k, mid: r.hset(k, mid, '{"role": "user", "content": "hi"}'), "is not a record we wrote"),
+    ("msgs", lambda r, k, mid: r.hset(k, mid, b"\xff\xfe\n"), "is not a record we wrote"),
+    ("msgs", lambda r, k, mid: retype(r, k, mid, 4, "robot"), "wrong value"),
+    ("msgs", lambda r, k, mid: retype(r, k, mid, 6, "yesterday"), "is not a record we wrote"),
+    ("msgs", lambda r, k, mid: retype(r, k, mid, 8, "-3"), "wrong value"),
+    ("msgs", lambda r, k, mid: retype(r, k, mid, 9, "[1]"), "wrong value"),
+    ("msgs", lambda r, k, mid: retype(r, k, mid, 0, "ghost-parent"), "missing parent 'ghost-parent'"),
     ("msgs", lambda r, k, mid: (r.delete(k), r.set(k, "foreign")), "is a Redis string, expected a hash"),
-    ("order", lambda r, k, mid: r.rpush(k, "ghost-id"), "lists message 'ghost-id'"),
     ("meta", lambda r, k, mid: r.hset(k, "sampling", "[oops"), "field 'sampling' is not JSON"),
     ("meta", lambda r, k, mid: r.hdel(k, "title"), "field 'title' is missing"),
     ("meta", lambda r, k, mid: r.hset(k, "count", '"many"'), "field 'count' has the wrong type"),
-    ("tok", lambda r, k, mid: r.hset(k, mid, "lots"), "not an integer"),
+    ("meta", lambda r, k, mid: r.hset(k, "tip", '"gone"'), "tip 'gone' is not a message"),
+    ("live", lambda r, k, mid: (r.delete(k), r.rpush(k, "x")), "is a Redis list, expected a hash"),
 ])
 def test_corrupt_record_names_the_key_and_spares_other_sessions(store: Store, backend, kind, damage,
                                                                  detail) -> None:
@@ -52,6 +61,8 @@ def test_corrupt_record_names_the_key_and_spares_other_sessions(store: Store, ba
         store.load(victim)
     assert info.value.key == key(kind, victim)
     assert detail in str(info.value) and key(kind, victim) in str(info.value)
+    if kind == "msgs" and "parent" not in detail and "Redis" not in detail:
+        assert repr(mid) in str(info.value)  # the message is named too
     assert "\n" not in str(info.value)
     assert [m.content for m in store.thread(bystander)] == ["hello", "hi"]  # others still load
     page = store.list_sessions()
@@ -65,7 +76,7 @@ def test_foreign_type_under_a_session_record(store: Store, backend) -> None:
     page = store.list_sessions()
     assert [s.id for s in page.sessions] == [bystander]
     assert len(page.errors) == 1 and key("meta", victim) in str(page.errors[0])
-    with pytest.raises(CorruptRecord, match="expected a hash") as info:
+    with pytest.raises(CorruptRecord, match="not a Redis hash") as info:
         store.get_session(victim)
     assert info.value.key == key("meta", victim)
     with pytest.raises(CorruptRecord):
@@ -86,8 +97,7 @@ def test_newer_schema_is_refused_clearly(store: Store, backend) -> None:
     assert [s.id for s in page.sessions] == [bystander] and isinstance(page.errors[0], SchemaVersionError)
 
     mid = store.thread(bystander)[1].id
-    rec = json.loads(backend.client.hget(key("msgs", bystander), mid))
-    backend.client.hset(key("msgs", bystander), mid, json.dumps({**rec, "v": 2}))
+    retype(backend.client, key("msgs", bystander), mid, 2, "2")
     with pytest.raises(SchemaVersionError, match=key("msgs", bystander)):
         store.load(bystander)
 
@@ -126,14 +136,13 @@ def test_message_limit_is_configurable(backend) -> None:
 def test_all_keys_come_from_key_and_share_a_slot(store: Store, backend) -> None:
     a, b = two_sessions(store)
     w = store.begin_reply(a)
-    store.set_token_counts(a, {w.id: 1})
     for sid in (a, b):
         names = session_keys(sid)
         assert names == [f"chatcore:{{{sid}}}:{kind}" for kind in SESSION_KINDS]
         assert len({key_slot(n.encode()) for n in names}) == 1  # one cluster slot per session
     allowed = {key(k, sid) for k in SESSION_KINDS for sid in (a, b)} | {key(k) for k in GLOBAL_KINDS}
     present = set(backend.client.scan_iter(match="*"))
-    assert present <= allowed and key("live", a) in present and key("tok", a) in present
+    assert present <= allowed and key("live", a) in present
     for bad in ("", "a b", "a{b}", "a:b", "*", "x" * 65, "-lead"):
         with pytest.raises(InvalidInput):
             key("meta", bad)
@@ -151,7 +160,7 @@ def test_delete_removes_every_key_of_the_session_and_nothing_else(store: Store, 
     backend.client.hset(f"chatcore:{{{a}x}}:meta", "v", "1")  # a look-alike id: not ours to delete
     before = set(backend.client.scan_iter(match="*"))
     own = {n for n in before if f"{{{a}}}" in n}
-    assert own == set(session_keys(a))  # all five kinds existed
+    assert own == set(session_keys(a))  # every kind existed
     assert store.delete_session(a) is True
     after = set(backend.client.scan_iter(match="*"))
     assert after == before - own
@@ -161,7 +170,7 @@ def test_delete_removes_every_key_of_the_session_and_nothing_else(store: Store, 
 
 def test_non_utf8_bytes_with_a_decoding_client(store: Store, backend) -> None:
     victim, bystander = two_sessions(store)
-    backend.client.hset(key("msgs", victim), "junk", b"\xff\xfe")
+    backend.client.hset(key("msgs", victim), "junk", b"\xff\xfe\n")
     decoding = Store(backend.client)  # a client made with decode_responses=True
     with pytest.raises(CorruptRecord, match="not UTF-8"):
         decoding.load(victim)
