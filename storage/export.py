@@ -42,7 +42,7 @@ def to_json(conv: Conversation) -> dict[str, Any]:
                     "pinned": list(s.pinned), "summary": summary, "tags": list(s.tags), "tip_id": s.tip_id},
         "messages": [{"role": m.role, "content": m.content, **m.extra, "id": m.id, "parent_id": m.parent_id,
                       "status": m.status, "created_at": m.created_at, "updated_at": m.updated_at,
-                      "tokens": m.tokens} for m in conv.messages],
+                      "tokens": m.tokens, "seq": m.seq} for m in conv.messages],
     }
 
 
@@ -144,12 +144,14 @@ def from_json(rec: dict[str, Any]) -> Conversation:
         extra = {k: v for k, v in m.items() if k not in RESERVED}
         if m["role"] not in ROLES or m.get("status", "complete") not in STATUSES:
             raise InvalidInput(f"message {m.get('id')!r} has role {m['role']!r} / status {m.get('status')!r}")
-        tokens = m.get("tokens")
+        tokens, seq = m.get("tokens"), m.get("seq", len(messages))
         if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int)):
             raise InvalidInput(f"message {m.get('id')!r} has a non-integer token count")
+        if isinstance(seq, bool) or not isinstance(seq, int):
+            raise InvalidInput(f"message {m.get('id')!r} has a non-integer seq")
         messages.append(Message(_s(m["id"]), _s(s["id"]), m["role"], _s(m["content"]), m.get("parent_id"),
                                 m.get("status", "complete"), float(m["created_at"]), float(m["updated_at"]),
-                                tokens, len(messages), extra))
+                                tokens, seq, extra))
     session = Session(
         id=_s(s["id"]), title=_s(s.get("title", "")), created_at=float(s["created_at"]),
         updated_at=float(s["updated_at"]), model=s.get("model"), system_prompt=s.get("system_prompt"),

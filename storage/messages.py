@@ -14,6 +14,7 @@ from .base import live_value, writer_alive
 from .codec import (
     RESERVED,
     SCHEMA,
+    check_number,
     decode_message,
     decode_session,
     dumps,
@@ -94,7 +95,7 @@ class MessagesMixin(SessionsMixin):
         else:
             mode, parent = "id", check_id(item.parent_id)
         mid = check_id(item.message_id) if item.message_id is not None else new_id()
-        created = now if item.created_at is None else float(item.created_at)
+        created = now if item.created_at is None else check_number(item.created_at, "created_at")
         msg = Message(mid, session_id, item.role, item.content, None, item.status, created, created,  # type: ignore[arg-type]
                       item.tokens, -1, extra)
         return msg, mode, parent
@@ -219,8 +220,8 @@ class MessagesMixin(SessionsMixin):
     def _tip_result(self, session_id: str, message_id: str, res: str) -> None:
         if res == "nosession":
             raise NotFound("session", session_id)
-        if res == "version":
-            raise SchemaVersionError(key("meta", session_id), "other", SCHEMA)
+        if res.startswith("version:"):
+            raise SchemaVersionError(key("meta", session_id), res.partition(":")[2], SCHEMA)
         if res == "nomessage":
             raise NotFound("message", message_id, f"it is not in session {session_id!r}")
 

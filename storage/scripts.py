@@ -128,7 +128,7 @@ return 1
 SET_TIP = Lua("""
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return 'nosession' end
-if v ~= ARGV[2] then return 'version' end
+if v ~= ARGV[2] then return 'version:' .. v end
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return 'nomessage' end
 redis.call('HSET', KEYS[1], 'tip', '"' .. ARGV[1] .. '"')
 return 'ok'

@@ -30,7 +30,10 @@ class _Unset:
         return "UNSET"
 
 
+#: `update_session(field=UNSET)` leaves a field as it is (None is a value: it clears it).
 UNSET: Any = _Unset()
+_MAX_TITLE = 1024
+_MAX_TAG = 64
 
 
 def _valid(session_id: str) -> bool:
@@ -39,8 +42,6 @@ def _valid(session_id: str) -> bool:
     except InvalidInput:
         return False
     return True
-_MAX_TITLE = 1024
-_MAX_TAG = 64
 
 
 class SessionsMixin(StoreBase):
@@ -52,10 +53,10 @@ class SessionsMixin(StoreBase):
         """Create an empty session. `session_id` defaults to a fresh time-sortable id."""
         now = time.time()
         session = Session(id=check_id(session_id, "session") if session_id is not None else new_id(),
-                          title=self._check_title(title), created_at=now, updated_at=now, model=model,
+                          title=self._check_title(title), created_at=now, updated_at=now,
+                          model=self._check_text_field(model, "model"),
                           system_prompt=self._check_prompt(system_prompt),
                           sampling=self._check_sampling(sampling), tags=self._check_tags(tags))
-        self._check_text_field(model, "model")
         self._write_new_session(session)
         return session
 

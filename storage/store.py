@@ -64,15 +64,16 @@ class Store(MessagesMixin):
 
     def _import_as(self, conv: Conversation, sid: str) -> Session:
         session = replace(conv.session, id=sid, message_count=len(conv.messages))
-        messages = [replace(m, session_id=sid, seq=i, status="incomplete" if m.status == "streaming" else m.status)
-                    for i, m in enumerate(conv.messages)]
+        messages = [replace(m, session_id=sid, status="incomplete" if m.status == "streaming" else m.status)
+                    for m in conv.messages]
         names = {k: key(k, sid) for k in ("meta", "msgs")}
 
         def body(pipe: Any) -> Session:
             if pipe.exists(names["meta"], names["msgs"]):
                 raise Conflict(f"session {sid!r} already exists; import it under another id")
             pipe.multi()
-            pipe.hset(names["meta"], mapping={**encode_session(session), "seq": str(len(messages))})
+            next_seq = messages[-1].seq + 1 if messages else 0
+            pipe.hset(names["meta"], mapping={**encode_session(session), "seq": str(next_seq)})
             for i in range(0, len(messages), 1000):
                 pipe.hset(names["msgs"], mapping={m.id: encode_message(m) for m in messages[i:i + 1000]})
             return session
@@ -87,10 +88,15 @@ def _validate(conv: Conversation, limit: int) -> None:
     s = conv.session
     check_id(s.id, "session")
     seen: set[str] = set()
+    last_seq = -1
     for m in conv.messages:
         check_id(m.id)
         if m.id in seen:
             raise InvalidInput(f"message id {m.id!r} appears twice")
+        if m.seq <= last_seq:
+            raise InvalidInput(f"message {m.id!r} is out of order (seq {m.seq} after {last_seq}); list "
+                               "messages in the order they were added")
+        last_seq = m.seq
         if m.parent_id is not None and m.parent_id not in seen:
             raise InvalidInput(f"message {m.id!r} comes before its parent {m.parent_id!r} (or the parent "
                                "is missing); list parents first")

@@ -18,6 +18,7 @@ def rich_session(store: Store) -> str:
                              sampling={"temperature": 0.7, "top_p": 0.9, "seed": 1, "stop": ["</s>"]},
                              tags=["demo", "ß"])
     u = store.append_message(s.id, "user", "Hello 👋 — what's 2+2?\n\"quoted\" \\ back\\slash")
+    store.delete_message(s.id, store.append_message(s.id, "assistant", "oops").id)  # a gap in seq
     a = store.append_message(s.id, "assistant", "", extra={"tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{\"a\":2,\"b\":2}"}}]})
     store.append_message(s.id, "tool", "4", extra={"tool_call_id": "call_1", "name": "add"})
@@ -28,7 +29,8 @@ def rich_session(store: Store) -> str:
     failed = store.begin_reply(s.id, parent_id=u.id)
     failed.write("half a")
     failed.fail()
-    store.edit_message(s.id, u.id, "Hello, what's 3+3?")
+    e = store.edit_message(s.id, u.id, "Hello, what's 3+3?")
+    store.append_message(s.id, "assistant", "6", parent_id=e.id)
     store.set_tip(s.id, w.id)
     store.pin(s.id, u.id)
     store.set_summary(s.id, "Greetings and arithmetic.", u.id, w.id, tokens=6)
@@ -48,8 +50,11 @@ def test_json_round_trip_is_exact(store: Store) -> None:
     imported = import_text(store, text)
     assert [s.id for s in imported] == [sid]
     after = store.load(sid)
+    assert 1 not in [m.seq for m in before.messages]  # the gap survives too
     assert after == before  # every field of the session and of every message, all branches
     assert to_json_text(after) == text
+    assert store.append_message(sid, "user", "next").seq == max(m.seq for m in before.messages) + 1
+    store.delete_message(sid, store.get_session(sid).tip_id)
 
     again = store.import_conversation(from_json(doc))  # the id is taken now: imported under a new one
     assert again.id != sid
