@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from typing import Any
@@ -172,19 +174,20 @@ class MessagesMixin(SessionsMixin):
         if not meta:
             raise NotFound("session", session_id, "see `chatcore sessions list`")
         session = decode_session(names["meta"], meta)
-        try:
-            messages = [decode_message(names["msgs"], None, session_id, raw) for raw in values]
-        except CorruptRecord:  # name the field: read it again, this time with field names
-            with self._guard(session_id):
-                pairs = self._r.hgetall(names["msgs"])
-            messages = [decode_message(names["msgs"], text(k), session_id, v) for k, v in pairs.items()]
-        messages.sort(key=_by_seq)
-        live_now = {text(k): text(v) for k, v in live.items()}
-        now = time.time()
-        messages = [self._effective(m, live_now.get(m.id), now) if m.status == "streaming" else m
-                    for m in messages]
-        conv = Conversation(session, tuple(messages))
-        by_id = conv.by_id
+        with _no_gc():
+            try:
+                messages = [decode_message(names["msgs"], None, session_id, raw) for raw in values]
+            except CorruptRecord:  # name the field: read it again, this time with field names
+                with self._guard(session_id):
+                    pairs = self._r.hgetall(names["msgs"])
+                messages = [decode_message(names["msgs"], text(k), session_id, v) for k, v in pairs.items()]
+            messages.sort(key=_by_seq)
+            if live or any(m.status == "streaming" for m in messages):
+                live_now, now = {text(k): text(v) for k, v in live.items()}, time.time()
+                messages = [self._effective(m, live_now.get(m.id), now) if m.status == "streaming" else m
+                            for m in messages]
+            conv = Conversation(session, tuple(messages))
+            by_id = conv.by_id
         if len(by_id) != len(messages):
             raise CorruptRecord(names["msgs"], "holds two records with the same message id")
         for m in messages:
@@ -293,3 +296,16 @@ class MessagesMixin(SessionsMixin):
 
 
 _by_seq = attrgetter("seq")
+
+
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """Pause the cyclic GC while building thousands of acyclic objects (it would rescan them all
+    several times for nothing); restored afterwards unless someone else had it off."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
