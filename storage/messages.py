@@ -18,6 +18,7 @@ from .codec import (
     SCHEMA,
     check_number,
     decode_message,
+    decode_messages,
     decode_session,
     dumps,
     encode_session,
@@ -176,7 +177,7 @@ class MessagesMixin(SessionsMixin):
         session = decode_session(names["meta"], meta)
         with _no_gc():
             try:
-                messages = [decode_message(names["msgs"], None, session_id, raw) for raw in values]
+                messages = decode_messages(names["msgs"], session_id, values)
             except CorruptRecord:  # name the field: read it again, this time with field names
                 with self._guard(session_id):
                     pairs = self._r.hgetall(names["msgs"])
