@@ -110,10 +110,11 @@ def _list(store: Store, args: Any, out: TextIO) -> int:
     if not page.sessions:
         print("no sessions" if page.total == 0 else "no sessions on this page", file=out)
         return 0
-    print(f"{'ID':<20}  {'UPDATED':<16}  {'MSGS':>5}  TITLE", file=out)
+    width = max(len(s.id) for s in page.sessions)
+    print(f"{'ID':<{width}}  {'UPDATED':<16}  {'MSGS':>5}  TITLE", file=out)
     for s in page.sessions:
         title = (s.title or "(untitled)").replace("\n", " ")
-        print(f"{s.id:<20}  {_when(s.updated_at):<16}  {s.message_count:>5}  {title[:60]}", file=out)
+        print(f"{s.id:<{width}}  {_when(s.updated_at):<16}  {s.message_count:>5}  {title[:60]}", file=out)
     if page.next_offset is not None:
         print(f"... {page.total} in all; next page: {PROG} list --offset {page.next_offset}", file=out)
     return 0

@@ -23,12 +23,13 @@ def stream(session_id: str, parent_id: str) -> None:
         time.sleep(0.002)
 
 
-def append(session_id: str, tag: str, count: str, start_at: str) -> None:
+def append(session_id: str, tag: str, count: str) -> None:
     """Append `count` turns (user + reply); replies alternate between streaming and plain appends,
-    and some appends are sent twice (a retry must not duplicate)."""
+    and some appends are sent twice (a retry must not duplicate). Starts when told "go"."""
     store = open_store()
-    while time.time() < float(start_at):
-        time.sleep(0.001)
+    store.ping()
+    print("ready", flush=True)
+    sys.stdin.readline()
     for i in range(int(count)):
         u = store.append_message(session_id, "user", f"{tag} asks {i}", message_id=f"{tag}-u{i}")
         if i % 5 == 0:

@@ -38,7 +38,8 @@ class Backend:
     def run(self, *args: str, **kw: object) -> subprocess.Popen:
         """Start `tests/storage/_procs.py ARGS` against this backend."""
         return subprocess.Popen([sys.executable, str(PROCS), *args], env=self.env, cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                **kw)
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from storage import Store, key
@@ -15,8 +13,12 @@ TURNS = 150  # per process: 300 messages each, 600 in all
 
 def test_two_writers_one_session(store: Store, backend) -> None:
     s = store.create_session("shared")
-    start = str(time.time() + 1.5)  # both start together, after their imports
-    procs = [backend.run("append", s.id, tag, str(TURNS), start) for tag in ("A", "B")]
+    procs = [backend.run("append", s.id, tag, str(TURNS)) for tag in ("A", "B")]
+    for p in procs:  # both connected...
+        assert p.stdout.readline().strip() == "ready", p.stderr.read()
+    for p in procs:  # ...then both start at once
+        p.stdin.write("go\n")
+        p.stdin.flush()
     for p in procs:
         out, err = p.communicate(timeout=90)
         assert p.returncode == 0 and out.strip() == "done", err
