@@ -202,6 +202,7 @@ def _linear(rec: dict[str, Any], turns: list[tuple[str, str, dict[str, Any]]]) -
     if not isinstance(title, str) or not title.strip():
         first = next((m.content for m in messages if m.role == "user" and m.content.strip()), "")
         title = first.strip().splitlines()[0][:60] if first.strip() else "Imported session"
+    title = title[:1024]
     sampling = {k: rec[k] for k in _SAMPLING_KEYS if k in rec}
     model = rec.get("model") if isinstance(rec.get("model"), str) else None
     session = Session(sid, title, now, now, model, system, sampling, (), None, (),

@@ -51,6 +51,8 @@ class ReplyWriter:
         self._pending = 0
         self._last_save = time.monotonic()
         self._started = False
+        self._failures = 0
+        self._retry_at = 0.0
         self.seq = -1
         self.error: StoreUnavailable | None = None  # the last failure to save, None once saved again
         self.gone = False  # the reply (or its session) was deleted by someone else
@@ -84,12 +86,18 @@ class ReplyWriter:
     def start(self) -> bool:
         """Store the (empty) reply as `streaming` now. Returns False if Redis is unreachable (the
         writer keeps going in memory and retries); raises NotFound for a missing session/parent."""
-        return self.checkpoint()
+        return self.checkpoint(force=True)
 
-    def checkpoint(self) -> bool:
-        """Save the text so far. Returns False if it could not be saved (see `error`, `gone`)."""
-        self._last_save = time.monotonic()
+    def checkpoint(self, *, force: bool = False) -> bool:
+        """Save the text so far. Returns False if it could not be saved (see `error`, `gone`).
+
+        While Redis is unreachable, attempts back off (1 s, 2 s, 4 s, ... up to 30 s) so that a
+        dead network never stalls generation at every checkpoint; `force` tries regardless."""
+        now = time.monotonic()
+        self._last_save = now
         self._pending = 0
+        if self.error is not None and not force and now < self._retry_at:
+            return False
         try:
             if not self._started:
                 self._begin()
@@ -102,8 +110,11 @@ class ReplyWriter:
             if self.error is None:
                 log.warning("reply %s not saved, kept in memory and retried: %s", self.id, exc)
             self.error = exc
+            self._failures += 1
+            self._retry_at = time.monotonic() + min(30.0, 2.0 ** (self._failures - 1))
             return False
         self.error = None
+        self._failures = 0
         return not self.gone
 
     def heartbeat(self) -> None:
@@ -178,7 +189,7 @@ class ReplyWriter:
         self.seq = m.seq
         self._started = True
         if self.text:
-            self.checkpoint()
+            self.checkpoint(force=True)
         interval = self.store.config.keepalive
         if interval is not None:
             threading.Thread(target=_keepalive, args=(weakref.ref(self), self._stop, interval),

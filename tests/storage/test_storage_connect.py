@@ -13,7 +13,7 @@ import pytest
 import redis
 from _storage_helpers import RedisServer, free_port
 
-from storage import InvalidInput, Outbox, StoreUnavailable, open_store, redact_url
+from storage import InvalidInput, Outbox, StoreConfig, StoreUnavailable, open_store, redact_url
 from storage.connect import data_dir, embedded_path, open_url
 
 pytestmark = pytest.mark.redis
@@ -156,3 +156,16 @@ def test_outbox_keeps_the_turn_while_redis_is_down(tmp_path: Path) -> None:
     assert len(store.load(s.id).messages) == 3  # replays did not duplicate anything
     store.close()
     server.stop()
+
+
+def test_writer_backs_off_while_redis_is_down() -> None:
+    store = open_store(f"redis://127.0.0.1:{free_port()}/0", check=False, config=StoreConfig(checkpoint_tokens=1))
+    w = store.begin_reply("some-session")  # never raises for a dead Redis
+    assert isinstance(w.error, StoreUnavailable)
+    t0 = time.monotonic()
+    for i in range(300):  # a checkpoint is due at every token, but attempts back off
+        assert w.write(f"{i} ") is True
+    assert time.monotonic() - t0 < 1.0
+    assert w.text == "".join(f"{i} " for i in range(300))  # nothing lost in memory
+    with pytest.raises(StoreUnavailable):
+        w.finish()
