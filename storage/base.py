@@ -100,6 +100,12 @@ class StoreBase:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.where})"
 
+    def __enter__(self) -> StoreBase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Release connections (and stop the embedded server if this was its last user)."""
         try:

@@ -112,8 +112,9 @@ def test_embedded_default_persists_and_survives_a_server_crash(tmp_path: Path,
     store.close()  # last user: the server saves and stops
     assert (tmp_path / "redis" / "sessions.rdb").exists() or (tmp_path / "redis" / "sessions.aof").exists()
 
-    store = open_store()  # a new server loads the data
-    assert [m.content for m in store.thread(s.id)] == ["remember me"]
+    with open_store() as store:  # a new server loads the data; closing stops it again
+        assert [m.content for m in store.thread(s.id)] == ["remember me"]
+    store = open_store()
     store.append_message(s.id, "assistant", "written just before the crash")
     os.kill(store._r.pid, signal.SIGKILL)  # the Redis server itself dies, no chance to save
     time.sleep(0.2)
