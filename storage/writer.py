@@ -32,8 +32,9 @@ class ReplyWriter:
         # normal exit -> complete; an exception -> incomplete; KeyboardInterrupt -> cancelled
 
     The text is checkpointed at least every `checkpoint_tokens` tokens or `checkpoint_interval`
-    seconds. While Redis is unreachable the text is kept in memory, `error` is set, and each
-    checkpoint retries; `finish()` raises StoreUnavailable and may simply be called again later.
+    seconds. While Redis is unreachable the text is kept in memory, `error` is set, and checkpoints
+    retry with back-off; `finish()` raises StoreUnavailable and may simply be called again later
+    (or handed to an `Outbox`).
     """
 
     def __init__(self, store: MessagesMixin, session_id: str, parent: Any, message_id: str, *,
