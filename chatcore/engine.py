@@ -28,6 +28,7 @@ class GenerationStats:
     ttft_s: float               # call start to the first sampled token
     decode_s: float
     finish_reason: str          # "stop" (EOS, stop token or stop string) or "length"
+    discarded_tokens: int = 0   # tokens the sink window shifted out of the cache during this call
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -92,15 +93,47 @@ class Engine:
         slot.commit(ids)
         return out
 
-    def prefill(self, ids: Sequence[int], slot: KVCache, *, all_logits: bool = False) -> torch.Tensor:
-        """Append ``ids`` to the slot in chunks; return logits of the last token (or of all tokens)."""
-        if slot.length + len(ids) > slot.capacity:
-            raise PromptTooLong(
-                f"the prompt needs {slot.length + len(ids)} tokens but the context window is {slot.capacity}; "
-                "shorten it or raise the window")
+    def prefill(self, ids: Sequence[int], slot: KVCache, *, all_logits: bool = False,
+                sink_tokens: int | None = None) -> torch.Tensor:
+        """Append ``ids`` to the slot in chunks; return logits of the last token (or of all tokens).
+
+        With ``sink_tokens``, a slot that fills up keeps its first ``sink_tokens`` tokens and drops the
+        oldest ones after them (StreamingLLM), so ``ids`` may be longer than the window.
+        """
         chunk = self.runtime.prefill_chunk
-        outs = [self._run(ids[i : i + chunk], slot, all_logits=all_logits) for i in range(0, len(ids), chunk)]
+        if sink_tokens is None:
+            if slot.length + len(ids) > slot.capacity:
+                raise PromptTooLong(
+                    f"the prompt needs {slot.length + len(ids)} tokens but the context window is "
+                    f"{slot.capacity}; shorten it or raise the window")
+        else:
+            chunk = min(chunk, self._shift_size(slot, sink_tokens))
+        outs = []
+        for i in range(0, len(ids), chunk):
+            piece = ids[i : i + chunk]
+            if sink_tokens is not None:
+                self.make_room(slot, len(piece), sink_tokens)
+            outs.append(self._run(piece, slot, all_logits=all_logits))
         return torch.cat(outs) if all_logits else outs[-1]
+
+    @staticmethod
+    def _shift_size(slot: KVCache, sink_tokens: int) -> int:
+        """Tokens one shift frees: half of what is not a sink (as llama.cpp's context shift)."""
+        if not 0 <= sink_tokens < slot.capacity - 1:
+            raise ValueError(f"sink_tokens must be in [0, {slot.capacity - 2}] for a window of {slot.capacity}")
+        return max(1, (slot.capacity - sink_tokens) // 2)
+
+    def make_room(self, slot: KVCache, need: int, sink_tokens: int) -> int:
+        """Shift the slot's oldest non-sink tokens out until ``need`` more fit; returns tokens dropped."""
+        overflow = slot.length + need - slot.capacity
+        if overflow <= 0:
+            return 0
+        drop = min(max(overflow, self._shift_size(slot, sink_tokens)), slot.length - sink_tokens)
+        if drop < overflow:
+            raise PromptTooLong(f"{need} new tokens do not fit a window of {slot.capacity} beside "
+                                f"{sink_tokens} sink tokens")
+        slot.drop(sink_tokens, sink_tokens + drop)
+        return drop
 
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         """Logits [len(ids), vocab] (float32, on the CPU) for scoring and checks; uses a scratch slot."""
@@ -109,23 +142,31 @@ class Engine:
 
     # -- generation --------------------------------------------------------------------------------
     def generate(self, ids: Sequence[int], params: SamplingParams | None = None, *,
-                 slot: KVCache | None = None) -> Iterator[TokenEvent]:
-        """Stream the continuation of ``ids``. With a ``slot``, its matching prefix is not recomputed."""
+                 slot: KVCache | None = None, sink_tokens: int | None = None) -> Iterator[TokenEvent]:
+        """Stream the continuation of ``ids``. With a ``slot``, its matching prefix is not recomputed.
+
+        ``sink_tokens``: instead of stopping when the window is full, keep the first ``sink_tokens``
+        tokens and shift the oldest others out (a sliding window with attention sinks), so prompt and
+        reply together may run past the window with flat memory and no re-prefill.
+        """
         params = params or SamplingParams()
         ids = self._check_ids(ids)
         slot = slot if slot is not None else self.new_slot()
-        if len(ids) > slot.capacity:
+        if sink_tokens is None and len(ids) > slot.capacity:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens but the context window is {slot.capacity}; "
                                 "shorten it or raise the window")
         t0 = time.perf_counter()
         keep = min(slot.common_prefix(ids), len(ids) - 1)   # at least one token must run to get logits
         slot.truncate(keep)
-        logits = self.prefill(ids[keep:], slot)[-1]
+        before = slot.length
+        logits = self.prefill(ids[keep:], slot, sink_tokens=sink_tokens)[-1]
+        discarded = before + len(ids) - keep - slot.length
         prefill_s = time.perf_counter() - t0
-        return self._decode(ids, logits, params, slot, t0, prefill_s, keep)
+        return self._decode(ids, logits, params, slot, t0, prefill_s, keep, sink_tokens, discarded)
 
     def _decode(self, ids: list[int], logits: torch.Tensor, params: SamplingParams, slot: KVCache,
-                t0: float, prefill_s: float, cached: int) -> Iterator[TokenEvent]:
+                t0: float, prefill_s: float, cached: int, sink_tokens: int | None,
+                discarded: int) -> Iterator[TokenEvent]:
         sampler = Sampler(params, self.config.vocab_size, self.runtime.device)
         sampler.start(ids)
         stops = StopStrings(params.stop)
@@ -144,8 +185,13 @@ class Engine:
             ended = token in end_ids
             text, stopped = stops.feed(detok.push(token)) if detok and not ended else ("", False)
             finish = "stop" if ended or stopped else None
-            if finish is None and (n >= params.max_new_tokens or slot.length >= slot.capacity):
+            if finish is None and n >= params.max_new_tokens:
                 finish = "length"
+            if finish is None and slot.length >= slot.capacity:
+                if sink_tokens is None:
+                    finish = "length"
+                else:
+                    discarded += self.make_room(slot, 1, sink_tokens)
             if finish is None:
                 yield TokenEvent(token, text, logprob)
                 logits = self._run([token], slot)[-1]
@@ -156,7 +202,7 @@ class Engine:
             stats = GenerationStats(
                 prompt_tokens=len(ids), cached_tokens=cached, prefill_tokens=len(ids) - cached,
                 generated_tokens=n - (1 if ended else 0), prefill_s=prefill_s, ttft_s=ttft,
-                decode_s=time.perf_counter() - t_first, finish_reason=finish)
+                decode_s=time.perf_counter() - t_first, finish_reason=finish, discarded_tokens=discarded)
             yield TokenEvent(token, text, logprob, finish, stats)
             return
 

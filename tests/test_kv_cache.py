@@ -85,3 +85,22 @@ def test_bad_spans_are_refused(engine: chatcore.Engine, bad: tuple[int, int]) ->
     with pytest.raises(ValueError):
         slot.drop(*bad)
     assert slot.length == 20
+
+
+def test_sink_window_streams_past_the_window_with_flat_memory(engine: chatcore.Engine) -> None:
+    slot = engine.new_slot(capacity=64)
+    prompt = ids(150, 9)                                   # longer than the window: streamed through
+    params = chatcore.SamplingParams(max_new_tokens=400, ignore_eos=True, temperature=0.9, seed=1)
+    sizes = set()
+    events = []
+    for ev in engine.generate(prompt, params, slot=slot, sink_tokens=4):
+        events.append(ev)
+        sizes.add(slot.allocated)
+        assert slot.length <= 64
+    stats = events[-1].stats
+    assert len(events) == 400 and stats.finish_reason == "length"
+    assert sizes == {64}                                   # memory never grew past the window
+    assert slot.tokens[:4] == prompt[:4]                   # the sinks stay
+    assert stats.prefill_tokens == 150 and stats.discarded_tokens == 150 + 399 - slot.length
+    with pytest.raises(ValueError, match="sink_tokens"):
+        engine.prefill(ids(10, 1), engine.new_slot(capacity=8), sink_tokens=7)
