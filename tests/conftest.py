@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_factory import make_llama_dir
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -16,22 +17,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def make_llama_dir(path: Path, *, seed: int = 0, **overrides: object) -> Path:
-    """Save a small random-weight ``LlamaForCausalLM`` (float32 safetensors) to ``path``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    settings: dict[str, object] = dict(
-        vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
-        initializer_range=0.08, tie_word_embeddings=False, bos_token_id=1, eos_token_id=None,
-        pad_token_id=None)
-    settings.update(overrides)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**settings)).eval()
-    model.save_pretrained(path, safe_serialization=True)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_llama_dir
+from model_factory import make_llama_dir
 
 import chatcore
 from chatcore import SamplingParams
