@@ -1,1 +1,30 @@
-"""context package."""
+"""The context manager and the session API: what the model sees each turn, explained.
+
+    from context import ChatSession
+    s = ChatSession.create(engine, store, system="You are terse.")
+    for ev in s.send("Hello"):
+        print(ev.text, end="")
+    print(ev.report)
+
+Budgeting, placement and pruning (`TokenBudget`, `ContextManager`, `TurnIndex`, `plan_kv`) work on
+plain lists of ints and plain objects; only the engine touches tensors.
+"""
+
+from .budget import TokenBudget
+from .errors import ContextError, ContextOverflow, MessageTooLong, SessionBusy
+from .layout import REGIONS, ContextConfig, Layout
+from .manager import ContextManager, Pending, SummaryState
+from .plan import KVPlan, Plan, plan_kv
+from .pruning import Turn, TurnIndex
+from .report import TurnReport
+from .session import ChatEvent, ChatMessage, ChatSession
+from .sinks import stream_with_sinks
+from .slots import SlotPool
+from .summarize import SummaryResult
+
+__all__ = [
+    "REGIONS", "ChatEvent", "ChatMessage", "ChatSession", "ContextConfig", "ContextError", "ContextManager",
+    "ContextOverflow", "KVPlan", "Layout", "MessageTooLong", "Pending", "Plan", "SessionBusy", "SlotPool",
+    "SummaryResult", "SummaryState", "TokenBudget", "Turn", "TurnIndex", "TurnReport", "plan_kv",
+    "stream_with_sinks",
+]

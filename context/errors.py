@@ -1,0 +1,21 @@
+"""Errors a user can act on: one line each, saying what is wrong and what to do."""
+
+from __future__ import annotations
+
+from chatcore.errors import ChatcoreError
+
+
+class ContextError(ChatcoreError):
+    """Base class of the context manager's user-facing errors."""
+
+
+class MessageTooLong(ContextError):
+    """One message does not fit the window even with every other turn pruned."""
+
+
+class ContextOverflow(ContextError):
+    """The parts that are never evicted (system prompt, pinned messages, summary) do not fit."""
+
+
+class SessionBusy(ContextError):
+    """A reply is still streaming in this session."""

@@ -1,0 +1,375 @@
+"""`ChatSession`: the library entry point. A session in storage, a context manager, a KV slot.
+
+    s = ChatSession.create(engine, store, system="You are terse.")
+    for ev in s.send("Hello", temperature=0.0):
+        print(ev.text, end="")
+    print(ev.report)
+
+The user's message is stored before generation starts; the reply is checkpointed while it streams
+(storage's ReplyWriter); cancelling keeps the partial text, marked cancelled. Edits and
+regenerations are branches, never overwrites.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .budget import TokenBudget
+from .errors import ContextError, SessionBusy
+from .layout import ContextConfig
+from .manager import ContextManager, Pending
+from .plan import KVPlan, Plan, plan_kv
+from .report import TurnReport
+from .slots import SlotPool
+from .summarize import SummaryResult, summarize
+
+_BUDGETS: weakref.WeakKeyDictionary[Any, TokenBudget] = weakref.WeakKeyDictionary()
+
+
+def _budget_for(tokenizer: Any) -> TokenBudget:
+    """One TokenBudget (segment cache, template probe) per tokenizer, shared by its sessions."""
+    try:
+        b = _BUDGETS.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        return TokenBudget(tokenizer)
+    if b is None:
+        b = _BUDGETS[tokenizer] = TokenBudget(tokenizer)
+    return b
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """A message of the current branch. `in_context`: the model saw it in the last planned turn
+    (False once its turn was pruned; it stays in storage and in the UI). `status`: complete,
+    streaming, incomplete or cancelled."""
+
+    id: str
+    role: str
+    content: str
+    status: str
+    in_context: bool
+    pinned: bool
+    parent_id: str | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class ChatEvent:
+    """A piece of the streaming reply. The last event of a reply has `finish_reason` ("stop",
+    "length" or "cancelled") and `report`; `summary` is set when this turn wrote a new summary."""
+
+    text: str
+    message_id: str
+    token_id: int | None = None
+    finish_reason: str | None = None
+    report: TurnReport | None = None
+    summary: SummaryResult | None = None
+
+
+def sampling_params(values: dict[str, Any]) -> Any:
+    """chatcore.SamplingParams from plain values; unknown names raise a one-line ValueError."""
+    from chatcore.sampling import SamplingParams
+
+    names = {f.name for f in dataclasses.fields(SamplingParams)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown sampling parameter {unknown[0]!r}; use one of {', '.join(sorted(names))}")
+    return SamplingParams(**values)
+
+
+class ChatSession:
+    def __init__(self, engine: Any, store: Any, record: Any, thread: list[Any], *,
+                 config: ContextConfig | None = None, pool: SlotPool | None = None) -> None:
+        self.engine = engine
+        self.store = store
+        self.config = config or ContextConfig()
+        self.id: str = record.id
+        self._record = record
+        self.manager = ContextManager(_budget_for(engine.require_tokenizer()), engine.window, self.config)
+        self.manager.set_system(record.system_prompt)
+        self.manager.pinned = tuple(record.pinned)
+        self.manager.reset(thread)
+        if record.summary is not None:
+            self.manager.set_summary(record.summary.text, last_id=record.summary.last_id)
+        self.pool = pool if pool is not None else SlotPool(engine.new_slot)
+        self.last_report: TurnReport | None = None
+        self._cancel = threading.Event()
+        self._busy = False
+        self._refresh()
+
+    # -- create / open ------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, engine: Any, store: Any, *, system: str | None = None, window: int | None = None,
+               title: str = "", config: ContextConfig | None = None, pool: SlotPool | None = None,
+               **sampling: Any) -> ChatSession:
+        """A new session in `store` (storage.open_store()). `window` caps the model's window;
+        `sampling` sets default SamplingParams fields (temperature=..., max_new_tokens=...)."""
+        config = config or ContextConfig()
+        if window is not None:
+            config = dataclasses.replace(config, window=window)
+        sampling_params(sampling)
+        record = store.create_session(title, model=getattr(engine, "source", None) or None, system_prompt=system,
+                                      sampling=sampling)
+        return cls(engine, store, record, [], config=config, pool=pool)
+
+    @classmethod
+    def open(cls, engine: Any, store: Any, session_id: str, *, window: int | None = None,
+             config: ContextConfig | None = None, pool: SlotPool | None = None) -> ChatSession:
+        """Resume a stored session: its current branch, pins, summary and parameters. The KV cache is
+        rebuilt on the next turn (or now, with `warm()`)."""
+        config = config or ContextConfig()
+        if window is not None:
+            config = dataclasses.replace(config, window=window)
+        conv = store.load(session_id)
+        return cls(engine, store, conv.session, conv.thread(), config=config, pool=pool)
+
+    @staticmethod
+    def list(store: Any, offset: int = 0, limit: int = 50) -> list[Any]:
+        """Stored sessions, most recently active first (storage.Session records)."""
+        return list(store.list_sessions(offset, limit).sessions)
+
+    # -- reading ------------------------------------------------------------------------------------
+    @property
+    def window(self) -> int:
+        return self.manager.window
+
+    @property
+    def system(self) -> str | None:
+        return self.manager.system
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self._record.sampling)
+
+    def messages(self) -> list[ChatMessage]:
+        """The current branch, root first."""
+        pinned = set(self.manager.pinned)
+        return [ChatMessage(m.id, m.role, m.content, m.status, ctx, m.id in pinned, m.parent_id, m.created_at)
+                for m, ctx in zip(self.manager.thread, self.manager.in_context(), strict=True)]
+
+    def plan(self, text: str | None = None) -> Plan:
+        """What the model would see if `text` were sent now (or for a reply to the last turn). No side
+        effects."""
+        return self.manager.plan([Pending("user", text)] if text is not None else [])
+
+    def export(self, fmt: str = "json") -> str:
+        """The whole session (every branch) as "json" (OpenAI-style messages) or "markdown"."""
+        from storage.export import to_json_text, to_markdown
+
+        conv = self.store.load(self.id)
+        if fmt == "json":
+            return to_json_text(conv)
+        if fmt == "markdown":
+            return to_markdown(conv)
+        raise ValueError(f"export format must be 'json' or 'markdown', got {fmt!r}")
+
+    # -- settings -----------------------------------------------------------------------------------
+    def set_params(self, **sampling: Any) -> None:
+        """Change default sampling parameters (merged into the stored ones); None removes one."""
+        merged = {**self._record.sampling, **sampling}
+        merged = {k: v for k, v in merged.items() if v is not None}
+        sampling_params(merged)
+        self._record = self.store.update_session(self.id, sampling=merged)
+
+    def set_system(self, text: str | None) -> None:
+        self._idle()
+        self._record = self.store.update_session(self.id, system_prompt=text or None)
+        self.manager.set_system(text)
+        self._refresh()
+
+    def pin(self, message_id: str) -> None:
+        """Keep `message_id` in context whatever is pruned (it moves to the pinned region when its turn goes)."""
+        self.manager.position(message_id)
+        self._record = self.store.pin(self.id, message_id)
+        self.manager.set_pinned(self._record.pinned)
+        self._refresh()
+
+    def unpin(self, message_id: str) -> None:
+        self._record = self.store.unpin(self.id, message_id)
+        self.manager.set_pinned(self._record.pinned)
+        self._refresh()
+
+    def cancel(self) -> None:
+        """Stop the streaming reply after the current token (safe from another thread)."""
+        self._cancel.set()
+
+    # -- turns --------------------------------------------------------------------------------------
+    def send(self, text: str, **sampling: Any) -> Iterator[ChatEvent]:
+        """Store `text` as the user's message now, and return the reply's event stream."""
+        self._idle()
+        params = self._params(sampling)
+        self.manager.plan([Pending("user", text)])  # refuse a message that cannot fit before storing it
+        parent = self.manager.thread[-1].id if self.manager.thread else None
+        msg = self.store.append_message(self.id, "user", text, parent_id=parent)
+        self.manager.append(msg)
+        return self._reply(params, lambda: self.store.begin_reply(self.id, parent_id=msg.id))
+
+    def regenerate(self, **sampling: Any) -> Iterator[ChatEvent]:
+        """A new reply to the last user message, as a sibling of the last reply (kept as a branch)."""
+        self._idle()
+        params = self._params(sampling)
+        thread = self.manager.thread
+        if not thread:
+            raise ContextError("there is nothing to regenerate; send a message first")
+        last = thread[-1]
+        if last.role == "assistant":
+            def begin() -> Any:
+                writer = self.store.regenerate(self.id, last.id)
+                self.manager.truncate(self.manager.position(last.id))
+                return writer
+            return self._reply(params, begin, drop_last=True)
+        return self._reply(params, lambda: self.store.begin_reply(self.id, parent_id=last.id))
+
+    def edit(self, message_id: str, text: str, **sampling: Any) -> Iterator[ChatEvent]:
+        """Store an edited copy of `message_id` as a new branch (the original stays). Editing a user
+        message returns the stream of a new reply to it; editing a reply returns an empty stream."""
+        self._idle()
+        params = self._params(sampling)
+        pos = self.manager.position(message_id)
+        new = self.store.edit_message(self.id, message_id, text)
+        self.manager.truncate(pos)
+        self.manager.append(new)
+        if new.role != "user":
+            self._refresh()
+            return iter(())
+        return self._reply(params, lambda: self.store.begin_reply(self.id, parent_id=new.id))
+
+    def warm(self) -> int:
+        """Prefill the KV slot with the current context now (after `open`); returns tokens computed."""
+        if not self.manager.thread:
+            return 0
+        plan = self.manager.plan()
+        ids = plan.ids[: len(plan.ids) - len(self.manager.budget.generation_prompt)]
+        slot = self.pool.get(self.id, self.window)
+        keep = min(slot.common_prefix(ids), len(ids))
+        slot.truncate(keep)
+        if keep < len(ids):
+            self.engine.prefill(ids[keep:], slot)
+        self.pool.trim(keep=self.id)
+        return len(ids) - keep
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _idle(self) -> None:
+        if self._busy:
+            raise SessionBusy("a reply is still streaming in this session; finish or cancel it first")
+
+    def _params(self, overrides: dict[str, Any]) -> Any:
+        return sampling_params({**self._record.sampling, **overrides})
+
+    def _refresh(self) -> None:
+        """Re-plan the current thread (no generation) so `messages()` shows what is in context."""
+        if self.manager.thread:
+            with contextlib.suppress(ContextError):
+                self.manager.commit(self.manager.plan())
+
+    def _summarize(self, plan: Plan) -> SummaryResult:
+        m = self.manager
+        done = m.summary.turns if m.summary is not None else 0
+        first, last = m.index.turns[done].start, m.index.turns[plan.cut - 1].end
+        result = summarize(self.engine, m.budget, self.config.summary_prompt,
+                           m.summary.text if m.summary is not None else None, m.thread[first:last], plan.cut,
+                           self.config.summary_max_tokens, m.window)
+        self._record = self.store.set_summary(self.id, result.text, m.thread[0].id, m.thread[last - 1].id,
+                                              tokens=result.generated_tokens)
+        m.set_summary(result.text, turns=plan.cut)
+        return result
+
+    def _reply(self, params: Any, begin: Callable[[], Any], drop_last: bool = False) -> Iterator[ChatEvent]:
+        self._idle()
+        self._busy = True
+        self._cancel.clear()
+        try:
+            yield from self._stream(params, begin)
+        finally:
+            self._busy = False
+
+    def _stream(self, params: Any, begin: Callable[[], Any]) -> Iterator[ChatEvent]:
+        writer = begin()
+        m = self.manager
+        summary = None
+        try:
+            plan = m.plan()
+            if self.config.summarize and plan.cut > (m.summary.turns if m.summary is not None else 0):
+                summary = self._summarize(plan)
+                plan = m.plan()
+        except BaseException:
+            writer.fail()
+            raise
+        prev = m.last
+        slot = self.pool.get(self.id, m.window)
+        bounds = [*prev.starts, len(prev.ids)] if prev is not None else []
+        kv = plan_kv(slot.tokens, plan.ids, self.config.kv_mode, bounds, self.config.shift_min_tokens)
+        kv.apply(slot)
+        m.commit(plan)
+        params = dataclasses.replace(params, max_new_tokens=max(1, min(params.max_new_tokens,
+                                                                        m.window - len(plan.ids))))
+        t0 = time.perf_counter()
+        t_first: float | None = None
+        n = 0
+        stats = None
+        finish: str | None = None
+        status = "complete"
+        gen = None
+        try:
+            gen = self.engine.generate(plan.ids, params, slot=slot)
+            for ev in gen:
+                if t_first is None:
+                    t_first = time.perf_counter()
+                if ev.finish_reason is not None:
+                    stats, finish = ev.stats, ev.finish_reason
+                    if ev.text:
+                        writer.write(ev.text, tokens=0)
+                    tail = ev.text
+                    break
+                n += 1
+                if not writer.write(ev.text):
+                    status, finish, tail = "incomplete", "cancelled", ""
+                    break
+                yield ChatEvent(ev.text, writer.id, ev.token_id)
+                if self._cancel.is_set():
+                    status, finish, tail = "cancelled", "cancelled", ""
+                    break
+            else:
+                tail = ""
+        except GeneratorExit:
+            self._finish(writer, "cancelled", n)
+            self.last_report = self._report(plan, kv, stats, t0, t_first, n)
+            raise
+        except BaseException:
+            self._finish(writer, "incomplete", n)
+            raise
+        finally:
+            if gen is not None:
+                gen.close()
+        self._finish(writer, status, stats.generated_tokens if stats is not None else n)
+        self.last_report = self._report(plan, kv, stats, t0, t_first, n)
+        self.pool.trim(keep=self.id)
+        yield ChatEvent(tail, writer.id, None, finish or "stop", self.last_report, summary)
+
+    def _finish(self, writer: Any, status: str, tokens: int) -> None:
+        if writer.gone:
+            return
+        msg = writer.finish(status, tokens=tokens)
+        self.manager.append(msg)
+
+    def _report(self, plan: Plan, kv: KVPlan, stats: Any, t0: float, t_first: float | None, n: int) -> TurnReport:
+        if stats is not None:
+            hit, prefill, ttft, tok_s = (stats.cached_tokens, stats.prefill_tokens, stats.ttft_s,
+                                         stats.decode_tokens_per_s)
+        else:
+            hit = min(kv.reused, len(plan.ids) - 1)
+            prefill = len(plan.ids) - hit
+            ttft = (t_first - t0) if t_first is not None else 0.0
+            span = time.perf_counter() - t_first if t_first is not None else 0.0
+            tok_s = (n - 1) / span if n > 1 and span > 0 else 0.0
+        return TurnReport(window=plan.window, tokens_used=plan.tokens, tokens_by_region=dict(plan.tokens_by_region),
+                          turns_kept=plan.turns_kept, turns_dropped=plan.turns_dropped,
+                          turns_summarized=min(plan.summary_turns, plan.turns_dropped), cache_hit_tokens=hit,
+                          prefill_tokens=prefill, ttft_s=ttft, decode_tok_s=tok_s)

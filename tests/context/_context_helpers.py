@@ -1,0 +1,77 @@
+"""Helpers for the context tests: a fake deterministic tokenizer, plain messages, a tiny chat model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+ROLE_IDS = {"system": 4, "user": 5, "assistant": 6, "tool": 7}
+
+
+class FakeTokenizer:
+    """One token per character (ids 10..209), a BOS, ChatML-like framing, and a default system
+    message when the first one is not a system message (as SmolLM2's template does)."""
+
+    vocab_size = 210
+    bos_token_id = 1
+    eos_token_ids = (3,)
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def encode(self, text: str, *, add_bos: bool = False, allow_special: bool = False) -> list[int]:
+        return ([1] if add_bos else []) + [10 + ord(c) % 200 for c in text]
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        return "".join(chr(i - 10 + 32) if i >= 10 else "" for i in ids)
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False,
+                            **extra: Any) -> list[int]:
+        self.calls += 1
+        ids = [1]
+        for i, m in enumerate(messages):
+            if i == 0 and m["role"] != "system":
+                ids += [2, ROLE_IDS["system"], *self.encode("default"), 3]
+            ids += [2, ROLE_IDS[m["role"]], *self.encode(m["content"]), 3]
+        if add_generation_prompt:
+            ids += [2, ROLE_IDS["assistant"]]
+        return ids
+
+
+@dataclass(frozen=True)
+class Msg:
+    id: str
+    role: str
+    content: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def conversation(turns: Sequence[tuple[str, str]], prefix: str = "m") -> list[Msg]:
+    out: list[Msg] = []
+    for i, (u, a) in enumerate(turns):
+        out.append(Msg(f"{prefix}{i}u", "user", u))
+        out.append(Msg(f"{prefix}{i}a", "assistant", a))
+    return out
+
+
+def make_chat_model_dir(path: Path, **overrides: object) -> Path:
+    """A tiny random Llama with a byte-level tokenizer (256 byte tokens + 3 specials) and ChatML."""
+    from model_factory import make_llama_dir
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    make_llama_dir(path, **overrides)
+    vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "bos_token": None, "chat_template": CHATML}), encoding="utf-8")
+    return path
