@@ -164,24 +164,28 @@ class ContextManager:
             raise ContextOverflow(
                 f"the system prompt, pinned messages and summary take {fixed_other} tokens but the prompt "
                 f"budget is {self.prompt_budget} (window {self.window}); unpin messages or shorten the system prompt")
-        new_tokens = [budget.count(m) for m in new_msgs]
-        truncated: list[str | None] = []
-        if fixed_other + sum(new_tokens) > self.prompt_budget:
-            new_msgs, new_tokens, truncated = self._oversize(new_msgs, new_ids, new_tokens, fixed_other)
-        fixed = fixed_other + sum(new_tokens)
+        base_msgs, base_tokens = new_msgs, [budget.count(m) for m in new_msgs]
         high = int(self.prompt_budget * cfg.high_watermark)
         low = int(self.prompt_budget * cfg.low_watermark)
         floor = summary.turns if summary else 0
-        cut = index.choose_cut(self.cut, end, fixed, high, low, floor)
-        while True:
-            plan = self._build(cut, end, sys_msg, sum_msg, summary, pinned_pos, new_msgs, new_ids, truncated)
-            if plan.tokens <= self.prompt_budget or cut >= end:
-                break
-            cut += 1  # the first message rendered differently than counted (a template's default system)
-        if plan.tokens > self.prompt_budget:
-            raise MessageTooLong(f"the prompt needs {plan.tokens} tokens but the budget is {self.prompt_budget}; "
-                                 "shorten the message")
-        return plan
+        slack = 0  # tokens the template adds around the first message beyond its counted segment
+        for _ in range(4):
+            new_msgs, new_tokens, truncated = base_msgs, base_tokens, []
+            if fixed_other + slack + sum(new_tokens) > self.prompt_budget:
+                new_msgs, new_tokens, truncated = self._oversize(base_msgs, new_ids, base_tokens,
+                                                                 fixed_other + slack)
+            fixed = fixed_other + sum(new_tokens)
+            cut = index.choose_cut(self.cut, end, fixed, high, low, floor)
+            while True:
+                plan = self._build(cut, end, sys_msg, sum_msg, summary, pinned_pos, new_msgs, new_ids, truncated)
+                if plan.tokens <= self.prompt_budget or cut >= end:
+                    break
+                cut += 1  # the first message rendered longer than counted (a template's default system)
+            if plan.tokens <= self.prompt_budget:
+                return plan
+            slack += plan.tokens - self.prompt_budget
+        raise MessageTooLong(f"the prompt needs {plan.tokens} tokens but the budget is {self.prompt_budget}; "
+                             "shorten the message")
 
     def _oversize(self, msgs: list[dict[str, Any]], ids: list[str | None], counts: list[int],
                   fixed_other: int) -> tuple[list[dict[str, Any]], list[int], list[str | None]]:

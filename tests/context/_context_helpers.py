@@ -25,7 +25,7 @@ class FakeTokenizer:
         self.calls = 0
 
     def encode(self, text: str, *, add_bos: bool = False, allow_special: bool = False) -> list[int]:
-        return ([1] if add_bos else []) + [10 + ord(c) % 200 for c in text]
+        return ([1] if add_bos else []) + [10 + (ord(c) - 32) % 200 for c in text]
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         return "".join(chr(i - 10 + 32) if i >= 10 else "" for i in ids)
