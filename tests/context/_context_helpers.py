@@ -59,13 +59,13 @@ def conversation(turns: Sequence[tuple[str, str]], prefix: str = "m") -> list[Ms
     return out
 
 
-def make_chat_model_dir(path: Path, **overrides: object) -> Path:
+def make_chat_model_dir(path: Path, _maker: Any = None, **overrides: object) -> Path:
     """A tiny random Llama with a byte-level tokenizer (256 byte tokens + 3 specials) and ChatML."""
     from model_factory import make_llama_dir
     from tokenizers import Tokenizer, decoders, models
     from tokenizers.pre_tokenizers import ByteLevel
 
-    make_llama_dir(path, **overrides)
+    (_maker or make_llama_dir)(path, **overrides)
     vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
