@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="stream the reply to one chat turn to stdout")
     _add_model_args(g)
-    g.add_argument("--prompt", "-p", required=True, help="the user's message")
+    g.add_argument("--prompt", "-p", required=True, help="the user's message ('-' reads it from stdin)")
     g.add_argument("--system", "-s", default=None, help="system prompt")
     g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     g.add_argument("--max-new-tokens", "-n", type=int, default=256)
@@ -64,13 +64,14 @@ def _generate(args: argparse.Namespace) -> int:
             min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop))
     except ValueError as exc:
         raise ChatcoreError(str(exc)) from None
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     engine = chatcore.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len)
     tok = engine.require_tokenizer()
     if args.raw:
-        ids = tok.encode(args.prompt, add_bos=True)
+        ids = tok.encode(prompt, add_bos=True)
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        messages.append({"role": "user", "content": args.prompt})
+        messages.append({"role": "user", "content": prompt})
         ids = tok.apply_chat_template(messages, add_generation_prompt=True)
     stats = None
     for ev in engine.generate(ids, params):

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "chatcore", *args], capture_output=True, text=True, timeout=300)
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "chatcore", *args], capture_output=True, text=True, timeout=300,
+                          input=stdin)
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess[str], *fragments: str) -> None:
@@ -26,8 +27,8 @@ def assert_one_line_error(done: subprocess.CompletedProcess[str], *fragments: st
 
 @pytest.mark.slow
 def test_generate_streams_a_real_answer(demo_gguf: Path) -> None:
-    done = run("generate", "--model", str(demo_gguf), "--prompt", "What is the capital of France?",
-               "--max-new-tokens", "30", "--stats")
+    done = run("generate", "--model", str(demo_gguf), "--prompt", "-", "--max-new-tokens", "30", "--stats",
+               stdin="What is the capital of France?")
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
     assert "tok/s" in done.stderr
