@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 
 from gguf import GGUFReader
 
+from chatcore.weights.gguf_reader import GGUFFile
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -44,19 +46,21 @@ SPIECE_UNDERLINE = "\u2581"
 # --- reading -----------------------------------------------------------------------------------------
 
 
-def metadata_from_reader(reader: GGUFReader) -> dict[str, Any]:
-    """Every key/value of an open GGUF file as plain Python values (str, int, float, bool, lists)."""
+def metadata_from_reader(reader: GGUFFile | GGUFReader) -> dict[str, Any]:
+    """Every key/value of an open GGUF file (:class:`GGUFFile` or ``gguf.GGUFReader``) as plain Python values
+    (str, int, float, bool, lists)."""
+    if isinstance(reader, GGUFFile):
+        return dict(reader.metadata)
     # ``GGUF.version`` / ``GGUF.tensor_count`` / ``GGUF.kv_count`` are the reader's header pseudo-fields.
     return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
 
 
-def read_gguf_metadata(path: str | os.PathLike[str] | GGUFReader) -> dict[str, Any]:
+def read_gguf_metadata(path: str | os.PathLike[str] | GGUFFile | GGUFReader) -> dict[str, Any]:
     """Every key/value of a GGUF file as plain Python values (str, int, float, bool, lists of those).
 
-    Opening the file with ``gguf.GGUFReader`` is the expensive part (it indexes every string of the
-    token and merge lists); pass an already open reader to avoid doing that twice.
+    A path is read with :class:`GGUFFile` (tens of milliseconds); an already open file or reader is reused.
     """
-    reader = path if isinstance(path, GGUFReader) else GGUFReader(os.fspath(path))
+    reader = path if isinstance(path, (GGUFFile, GGUFReader)) else GGUFFile(path)
     return metadata_from_reader(reader)
 
 
@@ -279,18 +283,16 @@ def _bpe_model(vocab: dict[str, int], merges: list[list[str]], *, unk_token: str
 def _parse_merges(merges: Sequence[str], vocab: Mapping[str, int]) -> list[list[str]]:
     """``"a b"`` strings as ``[a, b]`` pairs; split at the first space after the first character, as
     llama.cpp does. Merges that name tokens outside the vocabulary (which ``tokenizers`` refuses) are dropped."""
-    pairs = []
-    dropped = 0
-    for merge in merges:
-        cut = merge.find(" ", 1)
-        left, right = merge[:cut], merge[cut + 1:]
-        if cut < 0 or left not in vocab or right not in vocab or left + right not in vocab:
-            dropped += 1
-            continue
-        pairs.append([left, right])
-    if dropped:
-        logger.warning("dropped %d GGUF merges that do not join two tokens into a third", dropped)
-    return pairs
+    pairs = [merge.split(" ", 1) for merge in merges]  # comprehensions of C calls: ~2x faster than a loop
+    for i, pair in enumerate(pairs):
+        if not pair[0]:  # the merge starts with a space: split at the next one
+            merge = merges[i]
+            cut = merge.find(" ", 1)
+            pairs[i] = [merge[:cut], merge[cut + 1:]] if cut > 0 else [merge]
+    kept = [p for p in pairs if len(p) == 2 and p[0] in vocab and p[1] in vocab and p[0] + p[1] in vocab]
+    if len(kept) < len(pairs):
+        logger.warning("dropped %d GGUF merges that do not join two tokens into a third", len(pairs) - len(kept))
+    return kept
 
 
 # --- gpt2: byte-level BPE ----------------------------------------------------------------------------

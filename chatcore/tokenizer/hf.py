@@ -40,9 +40,12 @@ class HFTokenizer:
     def __init__(self, tok: HFTok, config: Mapping[str, Any] | None = None, *,
                  chat_template_source: str | None = None, extra_eos_ids: Sequence[int] = ()) -> None:
         config = dict(config or {})
-        self._tok = tok
-        self._plain = HFTok.from_str(tok.to_str())   # same tokenizer, special tokens treated as text
-        self._plain.encode_special_tokens = True
+        # One instance serves plain encoding (special-token strings stay text), decoding and saving: the
+        # flag only changes ``encode`` and is not serialized. The instance that matches special-token strings
+        # (``allow_special=True``, rare) is a copy made on first use; copying costs ~0.1 s per load otherwise.
+        self._tok = tok  # owned: its encode_special_tokens flag is set here
+        self._tok.encode_special_tokens = True
+        self._with_special: HFTok | None = None
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.special_tokens = {k: _token_str(config.get(k)) for k in _SPECIAL_KEYS}
         self.chat_template = chat_template_source or _pick_template(config.get("chat_template"))
@@ -87,13 +90,22 @@ class HFTokenizer:
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False),
                                                          encoding="utf-8")
 
+    def _special_matching(self) -> HFTok:
+        """The tokenizer with special-token strings in text matched as special tokens (built once; two
+        threads racing here both build an equal copy, which is harmless)."""
+        if self._with_special is None:
+            tok = HFTok.from_str(self._tok.to_str())  # encode_special_tokens is not serialized: False again
+            tok.encode_special_tokens = False
+            self._with_special = tok
+        return self._with_special
+
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
 
     # -- text <-> ids -------------------------------------------------------------------------------
     def encode(self, text: str, *, add_bos: bool = False, allow_special: bool = False) -> list[int]:
         """Token ids of ``text``. Special-token strings stay plain text unless ``allow_special``."""
-        ids = (self._tok if allow_special else self._plain).encode(text, add_special_tokens=False).ids
+        ids = (self._special_matching() if allow_special else self._tok).encode(text, add_special_tokens=False).ids
         if add_bos and self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]
         return ids

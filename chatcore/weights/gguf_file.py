@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from chatcore.errors import ModelFormatError
+from chatcore.weights.dequant import dequantize
+from chatcore.weights.gguf_reader import GGUFFile, GGUFTensorInfo
 
 _GLOBAL = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -42,19 +45,23 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def unpermute_qk(w: torch.Tensor, heads: int) -> torch.Tensor:
+Rows = TypeVar("Rows", torch.Tensor, np.ndarray)
+
+
+def unpermute_qk(w: Rows, heads: int) -> Rows:
     """Undo llama.cpp's q/k permutation (rows interleaved per head -> half-split per head)."""
     rows = w.shape[0]
-    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 class GGUFTensors:
-    """Tensors of an open ``gguf.GGUFReader``, under HF names; q/k un-permuted for the Llama family."""
+    """Tensors of an open GGUF file (:class:`GGUFFile`; a ``gguf.GGUFReader`` works too), under HF names;
+    q/k un-permuted for the Llama family."""
 
-    def __init__(self, reader, path: Path, num_heads: int, num_kv_heads: int) -> None:  # noqa: ANN001
+    def __init__(self, reader: GGUFFile, path: Path, num_heads: int, num_kv_heads: int) -> None:
         self.path = path
         self.heads = {"q_proj": num_heads, "k_proj": num_kv_heads}
-        self._tensors = {}
+        self._tensors: dict[str, GGUFTensorInfo] = {}
         for t in reader.tensors:
             name = hf_name(t.name)
             if name is not None:
@@ -65,19 +72,20 @@ class GGUFTensors:
         return set(self._tensors)
 
     def get(self, name: str) -> torch.Tensor:
-        from gguf.quants import dequantize
-
         t = self._tensors.get(name)
         if t is None:
             raise ModelFormatError(f"{self.path} lacks the tensor for {name!r}; the file is incomplete")
+        heads = self.heads.get(name.split(".")[-2])
+        data = t.data
+        if heads is not None and data.ndim >= 2:
+            # Rows are independent in every GGUF type, so the permutation moves the packed rows (a few
+            # bytes each) before dequantizing instead of the float rows after.
+            data = unpermute_qk(data, heads)
+            heads = None
         try:
-            data = dequantize(t.data, t.tensor_type)
+            w = dequantize(data, t.tensor_type)
         except (NotImplementedError, ValueError) as exc:
             raise ModelFormatError(
                 f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be read ({exc})") from None
-        shape = tuple(int(d) for d in reversed(t.shape))
-        w = torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a writable copy
-        proj = name.split(".")[-2]
-        if proj in self.heads:
-            w = unpermute_qk(w, self.heads[proj])
-        return w
+        w = w.reshape(tuple(int(d) for d in reversed(t.shape)))
+        return w if heads is None else unpermute_qk(w, heads)
