@@ -43,6 +43,14 @@ class FakeTokenizer:
         return ids
 
 
+def drain(events: Any) -> Any:
+    """Run a reply stream to its end; its last event (None if it had none)."""
+    from collections import deque
+
+    last = deque(events, maxlen=1)
+    return last[0] if last else None
+
+
 @dataclass(frozen=True)
 class Msg:
     id: str

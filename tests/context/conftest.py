@@ -14,6 +14,17 @@ from storage import Store
 from storage.connect import embedded_path, open_embedded
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """The tiny models here do tiny matmuls: one thread avoids oversubscribing a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_chat_model_dir(tmp_path_factory.mktemp("tiny-chat"))

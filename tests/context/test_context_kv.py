@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from _context_helpers import make_chat_model_dir
+from _context_helpers import drain, make_chat_model_dir
 
 import chatcore
 from chatcore.models import FAMILIES
@@ -87,18 +87,15 @@ def test_kv_exact_after_turns_prunings_and_edits(family_engine: Any, store: Any)
     reused = []
     for i in range(9):
         reused.append(_check_next_token_logits(engine, s, f"message number {i} " + "x" * (i * 7)))
-        for ev in s.send(f"message number {i} " + "x" * (i * 7)):
-            pass
+        ev = drain(s.send(f"message number {i} " + "x" * (i * 7)))
         if i == 3:
             s.pin(s.messages()[0].id)
     assert ev.report is not None and ev.report.turns_dropped > 0, "the test never pruned"
     assert max(reused) > 100  # the cache was really reused
     first_user = [m for m in s.messages() if m.role == "user"][-3]
-    for ev in s.edit(first_user.id, "an edited question"):
-        pass
+    ev = drain(s.edit(first_user.id, "an edited question"))
     _check_next_token_logits(engine, s, "after the edit")
-    for ev in s.regenerate():
-        pass
+    ev = drain(s.regenerate())
     _check_next_token_logits(engine, s, "after regenerating")
 
 
@@ -107,8 +104,7 @@ def test_shift_mode_drops_and_shifts_instead_of_reprefilling(chat_engine: Any, s
     s = ChatSession.create(chat_engine, store, system="Be short.", config=cfg, max_new_tokens=8)
     shifted = False
     for i in range(10):
-        for ev in s.send(f"turn {i} " + "y" * 40):
-            pass
+        ev = drain(s.send(f"turn {i} " + "y" * 40))
         r = ev.report
         if r.turns_dropped and r.prefill_tokens < r.tokens_by_region["new"] + 30 and r.cache_hit_tokens > 60:
             shifted = True

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any
 
 import pytest
+from _context_helpers import drain
 
 from context import ChatSession, ContextConfig, MessageTooLong, SessionBusy, SlotPool, TurnReport
 from storage import Store, StoreConfig
@@ -15,18 +16,13 @@ REPORT_FIELDS = ["window", "tokens_used", "tokens_by_region", "turns_kept", "tur
                  "cache_hit_tokens", "prefill_tokens", "ttft_s", "decode_tok_s"]
 
 
-def drain(events: Any) -> Any:
-    ev = None
-    for ev in events:
-        pass
-    return ev
-
-
 def test_send_stores_first_checkpoints_and_reports(chat_engine: Any, store: Store) -> None:
     small = Store(store._r, StoreConfig(checkpoint_tokens=4))
     s = ChatSession.create(chat_engine, small, system="You are terse.", max_new_tokens=24)
     seen_partial = False
-    for i, ev in enumerate(s.send("Hello")):
+    events = []
+    for i, event in enumerate(s.send("Hello")):
+        events.append(event)
         if i == 0:  # the user's message is stored before the first token, the reply is streaming
             thread = store.thread(s.id)
             assert [m.role for m in thread] == ["user", "assistant"] and thread[0].content == "Hello"
@@ -34,6 +30,7 @@ def test_send_stores_first_checkpoints_and_reports(chat_engine: Any, store: Stor
         if i == 12:
             seen_partial = len(store.thread(s.id)[1].content) > 0
     assert seen_partial, "the reply was not checkpointed while streaming"
+    ev = events[-1]
     assert ev.finish_reason == "length" and isinstance(ev.report, TurnReport)
     assert [f.name for f in dataclasses.fields(TurnReport)] == REPORT_FIELDS
     r = ev.report
@@ -150,8 +147,7 @@ def test_model_written_summary(chat_engine: Any, store: Store) -> None:
     s = ChatSession.create(chat_engine, store, config=cfg, max_new_tokens=8)
     summaries = []
     for i in range(8):
-        for ev in s.send(f"message {i} " + "z" * 30):
-            pass
+        ev = drain(s.send(f"message {i} " + "z" * 30))
         if ev.summary is not None:
             summaries.append(ev.summary)
     assert summaries and summaries[0].generated_tokens > 0 and summaries[0].prompt_tokens > 0
