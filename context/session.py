@@ -224,7 +224,7 @@ class ChatSession:
                 writer = self.store.regenerate(self.id, last.id)
                 self.manager.truncate(self.manager.position(last.id))
                 return writer
-            return self._reply(params, begin, drop_last=True)
+            return self._reply(params, begin)
         return self._reply(params, lambda: self.store.begin_reply(self.id, parent_id=last.id))
 
     def edit(self, message_id: str, text: str, **sampling: Any) -> Iterator[ChatEvent]:
@@ -281,7 +281,7 @@ class ChatSession:
         m.set_summary(result.text, turns=plan.cut)
         return result
 
-    def _reply(self, params: Any, begin: Callable[[], Any], drop_last: bool = False) -> Iterator[ChatEvent]:
+    def _reply(self, params: Any, begin: Callable[[], Any]) -> Iterator[ChatEvent]:
         self._idle()
         self._busy = True
         self._cancel.clear()
