@@ -50,16 +50,17 @@ def _torch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int
     if t == 1:
         # Decode: every key is visible, so each KV head's query group is a batch of rows over it
         # (no repeated K/V, no mask): several times faster than enable_gqa on the CPU.
-        out = F.scaled_dot_product_attention(q.view(hkv, hq // hkv, d), k, v)
+        out = F.scaled_dot_product_attention(q.view(1, hkv, hq // hkv, d), k[None], v[None])
         return out.reshape(1, hq, d)
     qh = q.transpose(0, 1)
-    gqa = hq != hkv
-    if q_offset == 0:
-        out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, enable_gqa=gqa)
-    else:
-        mask = _causal_mask(t, s, q_offset, q.device)
-        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, enable_gqa=gqa)
-    return out.transpose(0, 1)
+    if hq != hkv:
+        # Prefill: explicit K/V repeat keeps SDPA on its fused (flash) kernels; with enable_gqa the CPU
+        # build falls back to the unfused math path, twice as slow.
+        k, v = k.repeat_interleave(hq // hkv, dim=0), v.repeat_interleave(hq // hkv, dim=0)
+    # 4-D inputs: SDPA's fused CPU kernel takes only [batch, heads, tokens, dim].
+    mask = None if q_offset == 0 else _causal_mask(t, s, q_offset, q.device)
+    out = F.scaled_dot_product_attention(qh[None], k[None], v[None], attn_mask=mask, is_causal=mask is None)
+    return out[0].transpose(0, 1)
 
 
 def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int) -> torch.Tensor:
