@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from chatcore.config import ModelConfig
 from chatcore.kv_cache import KVCache
 from chatcore.layers.attention import attention
+from chatcore.layers.linear import for_linear
 from chatcore.layers.norm import rms_norm
 from chatcore.layers.rope import Rotary
 from chatcore.runtime import Runtime
@@ -27,14 +28,15 @@ class Block:
         a, m = f"{prefix}.self_attn", f"{prefix}.mlp"
         self.attn_norm = get(f"{prefix}.input_layernorm.weight")
         self.mlp_norm = get(f"{prefix}.post_attention_layernorm.weight")
-        self.wqkv = torch.cat([get(f"{a}.q_proj.weight"), get(f"{a}.k_proj.weight"), get(f"{a}.v_proj.weight")])
-        self.wo = get(f"{a}.o_proj.weight")
+        self.wqkv = for_linear(torch.cat([get(f"{a}.q_proj.weight"), get(f"{a}.k_proj.weight"),
+                                          get(f"{a}.v_proj.weight")]))
+        self.wo = for_linear(get(f"{a}.o_proj.weight"))
         self.bqkv = self.bo = None
         if cfg.attention_bias:
             self.bqkv = torch.cat([get(f"{a}.q_proj.bias"), get(f"{a}.k_proj.bias"), get(f"{a}.v_proj.bias")])
             self.bo = get(f"{a}.o_proj.bias")
-        self.w_gate_up = torch.cat([get(f"{m}.gate_proj.weight"), get(f"{m}.up_proj.weight")])
-        self.w_down = get(f"{m}.down_proj.weight")
+        self.w_gate_up = for_linear(torch.cat([get(f"{m}.gate_proj.weight"), get(f"{m}.up_proj.weight")]))
+        self.w_down = for_linear(get(f"{m}.down_proj.weight"))
         self.b_gate_up = self.b_down = None
         if cfg.mlp_bias:
             self.b_gate_up = torch.cat([get(f"{m}.gate_proj.bias"), get(f"{m}.up_proj.bias")])
@@ -49,7 +51,7 @@ class LlamaModel:
         self.embed = get("model.embed_tokens.weight")
         self.layers = [Block(get, f"model.layers.{i}", cfg) for i in range(cfg.num_layers)]
         self.norm = get("model.norm.weight")
-        self.lm_head = self.embed if cfg.tie_word_embeddings else get("lm_head.weight")
+        self.lm_head = for_linear(self.embed if cfg.tie_word_embeddings else get("lm_head.weight"))
         self.rotary = Rotary(cfg, runtime.max_seq_len, runtime.device)
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
