@@ -15,6 +15,8 @@ from chatcore.errors import ChatcoreError
 
 # Subcommands implemented by the other top-level packages: name -> (module, help).
 _EXTERNAL = {
+    "chat": ("tui.app", "the terminal chat UI"),
+    "replay": ("context.replay", "replay recorded multi-turn conversations as regression tests"),
     "sessions": ("storage.cli", "list, show, export, import and delete stored chat sessions"),
 }
 
