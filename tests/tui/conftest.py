@@ -1,0 +1,117 @@
+"""TUI fixtures: a tiny random-weight chat model with a real (byte-level) tokenizer, an embedded Redis
+flushed per test, and a factory for ChatApp wired to both (greedy decoding, no timings shown)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "context"))
+from _context_helpers import make_chat_model_dir  # noqa: E402
+
+from storage import Store  # noqa: E402
+from storage.connect import embedded_path, open_embedded  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads the user's keymap or writes a clipboard file outside tmp."""
+    monkeypatch.setenv("CHATCORE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CHATCORE_KEYMAP", raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tui_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_chat_model_dir(tmp_path_factory.mktemp("tui-chat"))
+
+
+@pytest.fixture(scope="session")
+def tui_engine(tui_model_dir: Path) -> Any:
+    import chatcore
+
+    return chatcore.load(tui_model_dir, device="cpu", dtype="float32", max_seq_len=512)
+
+
+@pytest.fixture(scope="session")
+def _embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    store = open_embedded(embedded_path(tmp_path_factory.mktemp("tui-redis")))
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def store(_embedded: Store) -> Iterator[Store]:
+    _embedded._r.flushdb()
+    yield _embedded
+    _embedded._r.flushdb()
+
+
+@pytest.fixture
+def make_app(tui_engine: Any, store: Store, tmp_path: Path) -> Callable[..., Any]:
+    from tui.app import ChatApp
+
+    def make(**kw: Any) -> ChatApp:
+        kw.setdefault("engine", tui_engine)
+        kw.setdefault("store", store)
+        kw.setdefault("timings", False)
+        kw.setdefault("sampling", {"temperature": 0.0, "max_new_tokens": 12})
+        kw.setdefault("export_dir", str(tmp_path))
+        return ChatApp(**kw)
+
+    return make
+
+
+def aio(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an async test with asyncio.run (no async plugin needed)."""
+    @functools.wraps(fn)
+    def run(*args: Any, **kw: Any) -> Any:
+        return asyncio.run(fn(*args, **kw))
+    return run
+
+
+async def wait_for(pilot: Any, cond: Callable[[], Any], timeout: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for the app; notices: {notices(pilot.app)}")
+        await pilot.pause(0.02)
+
+
+async def ready(pilot: Any) -> None:
+    """Model loaded, storage open, and the first session (if any) shown."""
+    app = pilot.app
+    await wait_for(pilot, lambda: app.load_state != "loading" and app.store is not None)
+    await wait_for(pilot, lambda: app.session_id is None or app.session is not None)
+    await pilot.pause()
+
+
+async def send(pilot: Any, text: str) -> None:
+    app = pilot.app
+    before = app.turns
+    app.prompt.value = text
+    app.prompt.focus()
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: app.turns > before)
+    await pilot.pause()
+
+
+def notices(app: Any) -> list[str]:
+    return [n.message for n in app._notifications]

@@ -1,0 +1,577 @@
+"""`chatcore chat`: the Textual app. It paints at once; storage opens and the model loads (torch
+imported) in a background thread worker, with progress shown; typing works meanwhile. Generation
+runs in a thread worker draining the session's event stream; widgets change only through
+`call_from_thread` and posted messages."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from textual.app import App, ComposeResult, SystemCommand
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Input, Label, ProgressBar
+
+from . import keymap
+from .messages import LoadFailed, ModelProgress, ModelReady, StoreReady
+from .screens import ConfirmScreen, HelpScreen, ParamsScreen, TextEditScreen
+from .styles import CSS
+from .widgets.chat_view import ChatView, code_blocks
+from .widgets.meter import ContextMeter
+from .widgets.session_list import SessionList
+from .workers import (
+    MeterInfo,
+    Row,
+    Stopwatch,
+    describe,
+    export_to,
+    list_sessions,
+    load_engine,
+    meter_info,
+    open_store,
+    session_rows,
+    stored_rows,
+)
+
+
+class ChatApp(App[None]):
+    CSS = CSS
+    TITLE = "chatcore"
+    BINDINGS = keymap.bindings()
+
+    def __init__(self, model: str = "demo", *, redis_url: str | None = None, session_id: str | None = None,
+                 engine: Any = None, store: Any = None, keys: dict[str, str] | None = None, timings: bool = True,
+                 sampling: dict[str, Any] | None = None, export_dir: str | None = None,
+                 max_seq_len: int | None = None, window: int | None = None) -> None:
+        super().__init__()
+        self.model_path, self.redis_url, self.max_seq_len, self.window = model, redis_url, max_seq_len, window
+        self.session_id = session_id
+        self.engine: Any = None
+        self._given_engine, self.store, self._own_store = engine, store, store is None
+        self.keys = dict(keys or {})
+        self.timings = timings
+        self.sampling = dict(sampling or {})
+        self.export_dir = export_dir or os.getcwd()
+        self.session: Any = None
+        self.sessions: dict[str, Any] = {}
+        self.pool: Any = None
+        self.pending: list[str] = []
+        self.busy = False
+        self.load_state = "loading"  # loading | ready | failed
+        self.load_seconds: float | None = None
+        self.turns = 0  # turns finished or refused (tests wait on it)
+        self.clipboard_file = keymap.config_dir() / "clipboard.txt"
+
+    # -- layout -------------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Header(show_clock=False)
+        with Horizontal(id="main"):
+            yield SessionList(id="sidebar")
+            with Vertical(id="chat"):
+                yield ChatView(id="view")
+                with Horizontal(id="status"):
+                    yield Label("loading model…", id="load-label")
+                    yield ProgressBar(id="load-bar", show_eta=False)
+                yield ContextMeter(timings=self.timings, id="meter")
+                yield Input(placeholder="Message (Enter to send · F1 help · ctrl+p commands)", id="prompt")
+        yield Footer()
+
+    @property
+    def view(self) -> ChatView:
+        return self.query_one(ChatView)
+
+    @property
+    def prompt(self) -> Input:
+        return self.query_one("#prompt", Input)
+
+    def on_mount(self) -> None:
+        if self.keys:
+            self.set_keymap(keymap.textual_keymap(self.keys))
+        self.prompt.focus()
+        self.call_after_refresh(self.run_worker, self._boot, thread=True, group="boot", exit_on_error=False)
+
+    # -- background -----------------------------------------------------------------------------------
+    def _boot(self) -> None:
+        """Thread: open storage, then import chatcore (torch) and load the model."""
+        if self.store is None:
+            try:
+                self.post_message(StoreReady(open_store(self.redis_url)))
+            except Exception as exc:  # noqa: BLE001 - shown as a notice; the app keeps running
+                self.post_message(LoadFailed("storage", exc))
+        else:
+            self.post_message(StoreReady(self.store))
+        sw = Stopwatch()
+        try:
+            engine = self._given_engine
+            if engine is None:
+                engine = load_engine(self.model_path, lambda d, t: self.post_message(ModelProgress(d, t, "loading")),
+                                     self.max_seq_len)
+            from context import SlotPool
+
+            self.pool = SlotPool(engine.new_slot)
+        except BaseException as exc:  # noqa: BLE001
+            self.post_message(LoadFailed("model", exc))
+            return
+        self.post_message(ModelReady(engine, sw()))
+
+    def bg(self, fn: Callable[[], Any], then: Callable[[Any], Any] | None = None,
+           on_error: Callable[[BaseException], Any] | None = None) -> None:
+        """Run `fn` in a thread worker; hand its result to `then` (or its error to `on_error`) on the UI."""
+        def run() -> None:
+            try:
+                result = fn()
+            except Exception as exc:  # noqa: BLE001
+                self.call_from_thread(on_error or self.show_error, exc)
+                return
+            if then is not None:
+                self.call_from_thread(then, result)
+        self.run_worker(run, thread=True, group="bg", exit_on_error=False)
+
+    def show_error(self, exc: BaseException, title: str = "Error") -> None:
+        self.notify(describe(exc), title=title, severity="error", timeout=10)
+
+    # -- loading ------------------------------------------------------------------------------------
+    def on_store_ready(self, msg: StoreReady) -> None:
+        self.store = msg.store
+        self.refresh_sessions(open_first=True)
+
+    def on_model_progress(self, msg: ModelProgress) -> None:
+        self.query_one("#load-bar", ProgressBar).update(total=msg.total, progress=msg.done)
+
+    async def on_model_ready(self, msg: ModelReady) -> None:
+        self.engine, self.load_seconds, self.load_state = msg.engine, msg.seconds, "ready"
+        name = Path(str(getattr(msg.engine, "source", "") or self.model_path)).name
+        self.sub_title = name
+        self.query_one("#status").add_class("-done")
+        if self.session_id is not None and self.store is not None:
+            self.open_session(self.session_id)
+        elif self.pending:
+            self._flush_pending()
+
+    def on_load_failed(self, msg: LoadFailed) -> None:
+        if msg.what == "model":
+            self.load_state = "failed"
+            self.query_one("#load-label", Label).update(f"model failed to load: {describe(msg.error)}")
+            self.query_one("#load-bar").display = False
+            self.show_error(msg.error, "Model failed to load")
+            if self.pending:
+                self._restore("\n".join(self.pending))
+                self.pending.clear()
+        else:
+            self.show_error(msg.error, "Storage unavailable")
+
+    def _flush_pending(self) -> None:
+        if self.pending and not self.busy:
+            text = "\n\n".join(self.pending)
+            self.pending.clear()
+            self.start_turn("send", text)
+
+    # -- sessions -----------------------------------------------------------------------------------
+    def refresh_sessions(self, open_first: bool = False) -> None:
+        store = self.store
+
+        async def got(records: list[Any]) -> None:
+            await self.query_one(SessionList).set_records(records, self.session_id)
+            if not open_first:
+                return
+            if self.session_id is None and records:
+                self.session_id = records[0].id
+            if self.session_id is not None:
+                self.open_session(self.session_id)
+
+        def fetch() -> list[Any]:
+            if open_first and self.session_id is not None:
+                matches = store.match_session_ids(self.session_id)
+                if len(matches) == 1:
+                    self.session_id = matches[0]
+                elif not store.session_exists(self.session_id):
+                    from storage import NotFound
+
+                    missing, self.session_id = self.session_id, None
+                    raise NotFound(f"no session {missing!r}; starting a new one")
+            return list_sessions(store)
+
+        def failed(exc: BaseException) -> None:
+            self.show_error(exc)
+            if open_first:
+                self.refresh_sessions(open_first=True)
+
+        self.bg(fetch, got, failed)
+
+    def open_session(self, session_id: str) -> None:
+        """Show a session: from storage at once; as a live ChatSession when the model is ready."""
+        if self.store is None:
+            return
+        self.session_id = session_id
+        self.query_one(SessionList).current = session_id
+        store, engine = self.store, self.engine
+
+        def load() -> tuple[Any, list[Row], MeterInfo]:
+            if engine is None:
+                record, rows = stored_rows(store, session_id)
+                return None, rows, MeterInfo()
+            from context import ChatSession
+
+            s = self.sessions.get(session_id)
+            if s is None:
+                s = self.sessions[session_id] = ChatSession.open(engine, store, session_id, window=self.window,
+                                                                 pool=self.pool)
+            return s, session_rows(s), meter_info(s)
+
+        async def show(result: tuple[Any, list[Row], MeterInfo]) -> None:
+            session, rows, info = result
+            if self.session_id != session_id:
+                return
+            if session is None and self.session is not None and self.session.id == session_id:
+                return  # the live session was shown first
+            self.session = session
+            self.view.clear_selection()
+            await self.view.show(rows)
+            self.query_one(ContextMeter).set_info(info)
+            if session is not None:
+                self._flush_pending()
+
+        self.bg(load, show)
+
+    def _new_session_sync(self, title: str = "", system: str | None = None) -> Any:
+        from context import ChatSession
+
+        s = ChatSession.create(self.engine, self.store, title=title, system=system, window=self.window,
+                               pool=self.pool, **self.sampling)
+        self.sessions[s.id] = s
+        return s
+
+    def _adopt(self, session: Any) -> None:
+        self.session, self.session_id = session, session.id
+        self.query_one(SessionList).current = session.id
+
+    async def on_session_list_chosen(self, msg: SessionList.Chosen) -> None:
+        if msg.session_id == self.session_id and self.session is not None:
+            self.prompt.focus()
+            return
+        if self.busy:
+            self.notify("A reply is still streaming; press Esc to cancel it first.", severity="warning")
+            return
+        self.open_session(msg.session_id)
+        self.prompt.focus()
+
+    # -- turns --------------------------------------------------------------------------------------
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id != "prompt":
+            return
+        text = event.value.strip()
+        if not text:
+            return
+        if self.busy:
+            self.notify("A reply is still streaming; press Esc to cancel it.", severity="warning")
+            return
+        if self.store is None:
+            self.notify("Storage is not available, so the message cannot be saved; it stays in the input.",
+                        severity="error")
+            return
+        if self.load_state == "failed":
+            self.notify("The model failed to load; restart with --model PATH. Your text stays in the input.",
+                        severity="error")
+            return
+        event.input.value = ""
+        if self.engine is None or (self.session is None and self.session_id is not None):
+            self.pending.append(text)
+            self.notify("The model is still loading; your message will be sent when it is ready.")
+            return
+        self.start_turn("send", text)
+
+    def _restore(self, text: str) -> None:
+        current = self.prompt.value
+        self.prompt.value = text if not current else f"{text} {current}"
+
+    def start_turn(self, op: str, text: str | None = None, message_id: str | None = None) -> None:
+        if self.busy:
+            self.notify("A reply is still streaming; press Esc to cancel it.", severity="warning")
+            if op == "send" and text:
+                self._restore(text)
+            return
+        self.busy = True
+        self.run_worker(partial(self._turn, op, text, message_id), thread=True, group="turn", exit_on_error=False)
+
+    def _turn(self, op: str, text: str | None, message_id: str | None) -> None:
+        """Thread: store the message, then drain the reply stream into the view."""
+        session = self.session
+        try:
+            if session is None:
+                session = self._new_session_sync(title=(text or "")[:48])
+                self.call_from_thread(self._adopt, session)
+            if op == "send":
+                gen = session.send(text)
+            elif op == "edit":
+                gen = session.edit(message_id, text)
+            else:
+                gen = session.regenerate()
+            rows = session_rows(session)
+            if op == "regenerate" and rows and rows[-1].role == "assistant":
+                rows = rows[:-1]
+        except Exception as exc:  # noqa: BLE001
+            self.call_from_thread(self._turn_failed, op, text, exc)
+            return
+        self.call_from_thread(self._turn_started, rows)
+        last = None
+        try:
+            for ev in gen:
+                if ev.text:
+                    self.call_from_thread(self.view.write_reply, ev.message_id, ev.text)
+                last = ev
+        except Exception as exc:  # noqa: BLE001
+            self.call_from_thread(self.show_error, exc, "Generation failed")
+        rows = session_rows(session)
+        info = meter_info(session, last.report if last is not None else None)
+        self.call_from_thread(self._turn_done, session.id, rows, info, last.finish_reason if last else None)
+
+    def _turn_failed(self, op: str, text: str | None, exc: BaseException) -> None:
+        self.busy = False
+        self.turns += 1
+        if op == "send" and text:
+            self._restore(text)
+        self.show_error(exc, "Message not sent" if op == "send" else "Failed")
+
+    async def _turn_started(self, rows: list[Row]) -> None:
+        await self.view.show(rows)
+        await self.view.start_reply()
+
+    async def _turn_done(self, session_id: str, rows: list[Row], info: MeterInfo, finish: str | None) -> None:
+        self.busy = False
+        self.turns += 1
+        if session_id == self.session_id:
+            await self.view.show(rows)
+            self.query_one(ContextMeter).set_info(info)
+        if finish == "cancelled":
+            self.notify("Reply cancelled; the partial text is kept.")
+        self.refresh_sessions()
+        self._flush_pending()
+
+    # -- actions ------------------------------------------------------------------------------------
+    def _live(self) -> bool:
+        if self.engine is None:
+            self.notify("The model is still loading." if self.load_state == "loading" else
+                        "The model failed to load.", severity="warning")
+            return False
+        if self.busy:
+            self.notify("A reply is still streaming; press Esc to cancel it.", severity="warning")
+            return False
+        if self.session is None:
+            self.notify("No session yet: send a message first.", severity="warning")
+            return False
+        return True
+
+    def action_cancel(self) -> None:
+        if self.busy and self.session is not None:
+            self.session.cancel()
+        elif self.view.selected is not None:
+            self.view.clear_selection()
+
+    def action_select(self, step: int) -> None:
+        self.view.select(step)
+
+    def action_new_session(self) -> None:
+        if self.busy:
+            self.notify("A reply is still streaming; press Esc to cancel it.", severity="warning")
+            return
+        self.session = self.session_id = None
+        self.query_one(SessionList).current = None
+        self.run_worker(self.view.show([]))
+        self.query_one(ContextMeter).set_info(MeterInfo(window=self.engine.window if self.engine else 0))
+        self.prompt.focus()
+
+    def action_regenerate(self) -> None:
+        if self._live():
+            self.start_turn("regenerate")
+
+    def action_edit(self) -> None:
+        if not self._live():
+            return
+        row = self.view.target("user")
+        if row is None:
+            self.notify("There is no message of yours to edit.", severity="warning")
+            return
+
+        def done(text: str | None) -> None:
+            if text is not None and text.strip() and text != row.content:
+                self.start_turn("edit", text, row.id)
+
+        self.push_screen(TextEditScreen("Edit message (saved as a new branch)", row.content, "Save and regenerate"),
+                         done)
+
+    def _apply(self, fn: Callable[[Any], Any], done: str | None = None) -> None:
+        """Run a session change in the background, then re-show the thread and the meter."""
+        session = self.session
+
+        def work() -> tuple[list[Row], MeterInfo]:
+            fn(session)
+            return session_rows(session), meter_info(session)
+
+        async def show(result: tuple[list[Row], MeterInfo]) -> None:
+            await self.view.show(result[0])
+            self.query_one(ContextMeter).set_info(result[1])
+            if done:
+                self.notify(done)
+
+        self.bg(work, show)
+
+    def action_toggle_pin(self) -> None:
+        if not self._live():
+            return
+        row = self.view.target()
+        if row is None:
+            return
+        if row.pinned:
+            self._apply(lambda s: s.unpin(row.id), "Unpinned.")
+        else:
+            self._apply(lambda s: s.pin(row.id), "Pinned: it stays in context.")
+
+    def action_system_prompt(self) -> None:
+        if not self._live():
+            return
+
+        def done(text: str | None) -> None:
+            if text is not None:
+                self._apply(lambda s: s.set_system(text.strip() or None), "System prompt saved.")
+
+        self.push_screen(TextEditScreen("System prompt", self.session.system or ""), done)
+
+    def action_params(self) -> None:
+        if not self._live():
+            return
+
+        def done(values: dict[str, Any] | None) -> None:
+            if values is not None:
+                self._apply(lambda s: s.set_params(**values), "Parameters saved.")
+
+        self.push_screen(ParamsScreen(self.session.params), done)
+
+    def action_export(self, fmt: str) -> None:
+        if not self._live():
+            return
+        session, directory = self.session, self.export_dir
+        self.bg(lambda: export_to(session, fmt, directory), lambda path: self.notify(f"Exported to {path}"))
+
+    def copy_text(self, text: str, what: str) -> None:
+        """OSC 52 through Textual; also written to a file, since not every terminal honours OSC 52."""
+        self.copy_to_clipboard(text)
+        try:
+            self.clipboard_file.parent.mkdir(parents=True, exist_ok=True)
+            self.clipboard_file.write_text(text, encoding="utf-8")
+            where = f" (also in {self.clipboard_file})"
+        except OSError:
+            where = ""
+        self.notify(f"Copied {what}, {len(text)} characters{where}.")
+
+    def action_copy_message(self) -> None:
+        row = self.view.target()
+        text = row.content if row is not None else self.view.streaming_text
+        if not text:
+            self.notify("Nothing to copy.", severity="warning")
+            return
+        self.copy_text(text, "the message")
+
+    def action_copy_code(self) -> None:
+        rows = [self.view.target()] if self.view.selected is not None else list(reversed(self.view.rows))
+        for row in rows:
+            blocks = code_blocks(row.content) if row is not None else []
+            if blocks:
+                self.copy_text(blocks[-1], "a code block")
+                return
+        self.notify("No code block to copy.", severity="warning")
+
+    def action_toggle_sessions(self) -> None:
+        self.query_one(SessionList).toggle_class("-hidden")
+
+    def action_filter_sessions(self) -> None:
+        self.query_one(SessionList).remove_class("-hidden")
+        self.query_one("#filter", Input).focus()
+
+    def action_rename_session(self) -> None:
+        if self.store is None or self.session_id is None:
+            self.notify("No session to rename.", severity="warning")
+            return
+        store, sid = self.store, self.session_id
+        title = next((r.title for r in self.query_one(SessionList).records if r.id == sid), "")
+
+        def done(text: str | None) -> None:
+            if text is not None and text.strip():
+                self.bg(lambda: store.update_session(sid, title=text.strip()), lambda _: self.refresh_sessions())
+
+        self.push_screen(TextEditScreen("Rename session", title), done)
+
+    def action_delete_session(self) -> None:
+        if self.store is None or self.session_id is None:
+            self.notify("No session to delete.", severity="warning")
+            return
+        if self.busy:
+            self.notify("A reply is still streaming; press Esc to cancel it.", severity="warning")
+            return
+        store, sid = self.store, self.session_id
+        title = next((r.title for r in self.query_one(SessionList).records if r.id == sid), "") or "(untitled)"
+
+        def deleted(_: Any) -> None:
+            self.sessions.pop(sid, None)
+            if self.pool is not None:
+                self.pool.discard(sid)
+            if self.session_id == sid:
+                self.action_new_session()
+            self.refresh_sessions()
+            self.notify(f"Deleted {title!r}.")
+
+        def done(yes: bool | None) -> None:
+            if yes:
+                self.bg(lambda: store.delete_session(sid), deleted)
+
+        self.push_screen(ConfirmScreen(f"Delete session {title!r} and all its messages?"), done)
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(keymap.effective_keys(self.keys)))
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        keys = keymap.effective_keys(self.keys)
+        for a in keymap.ACTIONS:
+            yield SystemCommand(a.description, f"key: {keys[a.id]}", partial(self.run_action, a.action))
+
+    async def action_quit(self) -> None:
+        if self.busy and self.session is not None:
+            self.session.cancel()
+        self.exit()
+
+    def on_unmount(self) -> None:
+        if self._own_store and self.store is not None:
+            self.store.close()
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="chatcore chat", description="The terminal chat UI.")
+    ap.add_argument("--model", "-m", default="demo", help="model directory, .gguf file, or 'demo' (default)")
+    ap.add_argument("--redis-url", default=None, help="Redis URL (default: $REDIS_URL, else the embedded Redis)")
+    ap.add_argument("--session", default=None, help="open this session (an id or a unique prefix)")
+    ap.add_argument("--max-seq-len", type=int, default=None, help="context window to use (default: the model's)")
+    ap.add_argument("--keymap", type=Path, default=None, help="key bindings file (default: keymap.toml in the "
+                                                                "config directory)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        keys = keymap.load_keymap(args.keymap)
+    except (OSError, ValueError) as exc:
+        print(f"chatcore: error: {exc}", file=sys.stderr)
+        return 2
+    ChatApp(args.model, redis_url=args.redis_url, session_id=args.session, keys=keys,
+            max_seq_len=args.max_seq_len).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
