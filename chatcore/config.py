@@ -15,13 +15,20 @@ from chatcore.errors import ModelFormatError, UnsupportedArchitecture
 
 # Hugging Face `architectures` / `model_type` names -> our family name.
 _HF_FAMILIES = {
-    "LlamaForCausalLM": "llama",
-    "llama": "llama",
+    "LlamaForCausalLM": "llama", "llama": "llama",
+    "MistralForCausalLM": "mistral", "mistral": "mistral",
+    "Qwen2ForCausalLM": "qwen2", "qwen2": "qwen2",
+    "Qwen3ForCausalLM": "qwen3", "qwen3": "qwen3",
+    "BloomForCausalLM": "bloom", "bloom": "bloom",
+    "MptForCausalLM": "mpt", "mpt": "mpt",
 }
-# GGUF `general.architecture` -> our family name.
+# GGUF `general.architecture` -> our family name (llama.cpp writes Mistral 7B as "llama").
 _GGUF_FAMILIES = {"llama": "llama"}
 
-SUPPORTED = "Llama family (Llama 2, Llama 3/3.1/3.2, SmolLM/SmolLM2)"
+SUPPORTED = ("Llama (Llama 2, Llama 3/3.1/3.2, SmolLM/SmolLM2), Mistral, Qwen2, Qwen3 (RoPE); "
+             "BLOOM, MPT (ALiBi)")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+_ACTIVATIONS = {"rope": ("silu", "swish"), "alibi": ("gelu", "bloom_gelu")}
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,14 @@ class ModelConfig:
     hidden_act: str = "silu"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    qkv_bias: bool = False            # biases on q/k/v only (Qwen2); attention_bias puts them on q/k/v/o
+    qk_norm: bool = False             # RMSNorm of each q and k head before RoPE (Qwen3)
+    layer_windows: tuple[int, ...] = ()  # sliding window per layer, 0 = full attention; () = all full
+    position: str = "rope"            # "rope" or "alibi" (BLOOM, MPT); rms_norm_eps is then LayerNorm's eps
+    alibi_bias_max: float = 8.0       # MPT's slope rule
+    softmax_scale: float | None = None  # None: 1/sqrt(head_dim)
+    clip_qkv: float | None = None     # MPT: clamp the fused qkv projection
+    residual_post_norm: bool = False  # BLOOM's apply_residual_connection_post_layernorm
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -66,16 +81,40 @@ class ModelConfig:
             raise ModelFormatError(
                 f"model config: num_attention_heads ({self.num_heads}) is not a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})")
-        if self.head_dim % 2:
+        if self.position not in _ACTIVATIONS:
+            raise ModelFormatError(f"model config: position encoding {self.position!r} is not rope or alibi")
+        if self.position == "rope" and self.head_dim % 2:
             raise ModelFormatError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
-        if self.hidden_act not in ("silu", "swish"):
-            raise ModelFormatError(f"model config: activation {self.hidden_act!r} is not supported (silu only)")
+        if self.hidden_act not in _ACTIVATIONS[self.position]:
+            raise ModelFormatError(f"model config: activation {self.hidden_act!r} is not supported for "
+                                   f"{self.family} (supported: {', '.join(_ACTIVATIONS[self.position])})")
+        if self.position == "rope" and self.rope_scaling.kind not in ROPE_TYPES:
+            raise ModelFormatError(f"RoPE scaling type {self.rope_scaling.kind!r} is not supported "
+                                   f"(supported: {', '.join(ROPE_TYPES)})")
+        if self.layer_windows and (len(self.layer_windows) != self.num_layers or min(self.layer_windows) < 0):
+            raise ModelFormatError(f"model config: {len(self.layer_windows)} per-layer windows for "
+                                   f"{self.num_layers} layers")
+
+    def window(self, layer: int) -> int | None:
+        """The sliding-window size of ``layer`` (None: full causal attention)."""
+        w = self.layer_windows[layer] if self.layer_windows else 0
+        return w or None
+
+    @property
+    def max_window(self) -> int:
+        """The longest context this model may serve: its positions, or factor x that for dynamic NTK RoPE,
+        whose table is then computed (and frozen) for the serving window."""
+        if self.position == "rope" and self.rope_scaling.kind == "dynamic":
+            return int(self.max_position_embeddings * max(self.rope_scaling.factor, 1.0))
+        return self.max_position_embeddings
 
     @classmethod
     def from_hf(cls, raw: Mapping[str, Any]) -> ModelConfig:
         """Parse a transformers ``config.json`` dict (``rope_scaling`` or nested ``rope_parameters``)."""
         family = _hf_family(raw)
         try:
+            if family in ("bloom", "mpt"):
+                return cls(**_alibi_fields(family, raw))
             hidden = int(raw["hidden_size"])
             heads = int(raw["num_attention_heads"])
             rope_theta, scaling = _hf_rope(raw)
@@ -99,6 +138,9 @@ class ModelConfig:
                 hidden_act=str(raw.get("hidden_act", "silu")),
                 bos_token_id=raw.get("bos_token_id"),
                 eos_token_ids=_as_ids(eos),
+                qkv_bias=family == "qwen2",
+                qk_norm=family == "qwen3",
+                layer_windows=_hf_windows(family, raw),
             )
         except KeyError as exc:
             raise ModelFormatError(f"config.json lacks the field {exc.args[0]!r}; is it a causal LM config?") from None
@@ -197,14 +239,76 @@ def _hf_family(raw: Mapping[str, Any]) -> str:
 
 
 def _hf_rope(raw: Mapping[str, Any]) -> tuple[float, RopeScaling]:
-    """Read RoPE settings from either ``rope_theta`` + ``rope_scaling`` or the nested ``rope_parameters``."""
+    """Read RoPE settings from either ``rope_theta`` + ``rope_scaling`` or the nested ``rope_parameters``.
+
+    As transformers does: llama3 / yarn / longrope take ``original_max_position_embeddings`` from the top
+    level of the config when it is there (Phi-3), else from the scaling dict, else ``max_position_embeddings``;
+    yarn / longrope without a ``factor`` use max_position_embeddings / original_max_position_embeddings.
+    """
     params = raw.get("rope_parameters")
     scaling = dict(params) if isinstance(params, Mapping) else dict(raw.get("rope_scaling") or {})
     theta = float(scaling.pop("rope_theta", raw.get("rope_theta", 10000.0)))
     kind = str(scaling.pop("rope_type", scaling.pop("type", "default")))
-    factor = float(scaling.pop("factor", 1.0) or 1.0)
-    rest = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in scaling.items()))
+    factor = scaling.pop("factor", None)
+    if kind in ("llama3", "yarn", "longrope"):
+        max_pos = int(raw.get("max_position_embeddings", 2048))
+        original = raw.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+        scaling["original_max_position_embeddings"] = int(original or max_pos)
+        if factor is None and kind in ("yarn", "longrope"):
+            factor = max_pos / scaling["original_max_position_embeddings"]
+    factor = float(factor or 1.0)
+    rest = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in scaling.items() if v is not None))
     return theta, RopeScaling(kind, factor, rest)
+
+
+def _hf_windows(family: str, raw: Mapping[str, Any]) -> tuple[int, ...]:
+    """Per-layer sliding windows: every layer for Mistral; for Qwen2/3 ``layer_types`` (or, in older configs,
+    ``use_sliding_window`` from layer ``max_window_layers`` on), as their transformers configs decide."""
+    layers = int(raw["num_hidden_layers"])
+    window = raw.get("sliding_window")
+    if family == "mistral":
+        return (int(window),) * layers if window else ()
+    if family not in ("qwen2", "qwen3") or not window or not raw.get("use_sliding_window", False):
+        return ()
+    types = raw.get("layer_types")
+    if not types:
+        start = int(raw.get("max_window_layers", layers))
+        types = ["sliding_attention" if i >= start else "full_attention" for i in range(layers)]
+    out = tuple(int(window) if t == "sliding_attention" else 0 for t in types)
+    return out if any(out) else ()
+
+
+def _alibi_fields(family: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """BLOOM and MPT configs (their own field names) as ModelConfig fields."""
+    eos = _as_ids(raw.get("eos_token_id"))
+    if family == "bloom":
+        hidden = int(raw.get("hidden_size") or raw["n_embed"])
+        heads = int(raw.get("n_head") or raw["num_attention_heads"])
+        return dict(family=family, vocab_size=int(raw["vocab_size"]), hidden_size=hidden,
+                    intermediate_size=4 * hidden, num_layers=int(raw.get("n_layer") or raw["num_hidden_layers"]),
+                    num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
+                    max_position_embeddings=int(raw.get("seq_length") or 2048),  # ALiBi has no table; BLOOM's length
+                    rms_norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)), position="alibi",
+                    hidden_act="bloom_gelu", tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+                    residual_post_norm=bool(raw.get("apply_residual_connection_post_layernorm", False)),
+                    bos_token_id=raw.get("bos_token_id"), eos_token_ids=eos)
+    attn = dict(raw.get("attn_config") or {})
+    if not attn.get("alibi", True):
+        raise UnsupportedArchitecture("MPT without ALiBi (learned positions) is not supported; supported: " + SUPPORTED)
+    multi_query = attn.get("attn_type", "multihead_attention") != "multihead_attention"
+    if attn.get("qk_ln") or attn.get("prefix_lm") or multi_query:
+        raise UnsupportedArchitecture("MPT with qk_ln, prefix_lm or multi-query attention is not supported "
+                                      "(transformers' MptForCausalLM does not run them either)")
+    hidden, heads = int(raw["d_model"]), int(raw["n_heads"])
+    return dict(family=family, vocab_size=int(raw["vocab_size"]), hidden_size=hidden,
+                intermediate_size=4 * hidden, num_layers=int(raw["n_layers"]), num_heads=heads,
+                num_kv_heads=heads, head_dim=hidden // heads, max_position_embeddings=int(raw.get("max_seq_len", 2048)),
+                rms_norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)), position="alibi", hidden_act="gelu",
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+                alibi_bias_max=float(attn.get("alibi_bias_max", 8)),
+                softmax_scale=None if attn.get("softmax_scale") is None else float(attn["softmax_scale"]),
+                clip_qkv=None if attn.get("clip_qkv") is None else float(attn["clip_qkv"]),
+                bos_token_id=raw.get("bos_token_id"), eos_token_ids=eos)
 
 
 def _as_ids(value: Any) -> tuple[int, ...]:

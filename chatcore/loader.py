@@ -143,7 +143,8 @@ def _load(path: str | Path | None, device: str | torch.device | None, dtype: str
         raise ModelFormatError(f"{p} lacks the tensor {missing[0]!r}{more}; the checkpoint is incomplete")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    window = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    # dynamic NTK RoPE may serve past max_position_embeddings (its table is frozen for this window)
+    window = min(max_seq_len or cfg.max_position_embeddings, cfg.max_window)
     runtime = Runtime(device=dev, dtype=dt, max_seq_len=window, prefill_chunk=prefill_chunk,
                       attention_backend=pick_backend(attention, dev, dt))
     report = progress or _bar(len(names), p.name)

@@ -1,23 +1,53 @@
-"""Small random-weight checkpoints built with transformers, for tests (import: ``from model_factory import ...``)."""
+"""Small random-weight checkpoints built with transformers, for tests (import: ``from model_factory import ...``).
+
+``make_<family>_dir(path, *, seed=0, **overrides)`` for every family in ``chatcore.models.FAMILIES``; the
+overrides are the transformers config class's own arguments.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+
+_SMALL: dict[str, object] = dict(
+    vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
+    initializer_range=0.08, tie_word_embeddings=False, bos_token_id=1, eos_token_id=None,
+    pad_token_id=None)
+
+
+def _save(config_cls: Any, model_cls: Any, path: Path, seed: int, settings: dict[str, object]) -> Path:
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**settings)).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return path
 
 
 def make_llama_dir(path: Path, *, seed: int = 0, **overrides: object) -> Path:
     """Save a small random-weight ``LlamaForCausalLM`` (float32 safetensors) to ``path``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    settings: dict[str, object] = dict(
-        vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
-        initializer_range=0.08, tie_word_embeddings=False, bos_token_id=1, eos_token_id=None,
-        pad_token_id=None)
-    settings.update(overrides)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**settings)).eval()
-    model.save_pretrained(path, safe_serialization=True)
-    return path
+    return _save(LlamaConfig, LlamaForCausalLM, path, seed, {**_SMALL, **overrides})
+
+
+def make_mistral_dir(path: Path, *, seed: int = 0, **overrides: object) -> Path:
+    """A small ``MistralForCausalLM`` with a 48-token sliding window (prompts in tests run past it)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return _save(MistralConfig, MistralForCausalLM, path, seed, {**_SMALL, "sliding_window": 48, **overrides})
+
+
+def make_qwen2_dir(path: Path, *, seed: int = 0, **overrides: object) -> Path:
+    """A small ``Qwen2ForCausalLM`` (q/k/v biases; no sliding window unless asked)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return _save(Qwen2Config, Qwen2ForCausalLM, path, seed, {**_SMALL, **overrides})
+
+
+def make_qwen3_dir(path: Path, *, seed: int = 0, **overrides: object) -> Path:
+    """A small ``Qwen3ForCausalLM`` (q/k norms, explicit head_dim 24 != hidden / heads)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return _save(Qwen3Config, Qwen3ForCausalLM, path, seed, {**_SMALL, "head_dim": 24, **overrides})

@@ -1,7 +1,10 @@
-"""Model families by name; each family is one small file."""
+"""Model families by name; each family is one small file (RoPE families share the Llama block)."""
 
 from __future__ import annotations
 
 from chatcore.models.llama import LlamaModel
+from chatcore.models.mistral import MistralModel
+from chatcore.models.qwen2 import Qwen2Model
+from chatcore.models.qwen3 import Qwen3Model
 
-FAMILIES = {"llama": LlamaModel}
+FAMILIES = {"llama": LlamaModel, "mistral": MistralModel, "qwen2": Qwen2Model, "qwen3": Qwen3Model}

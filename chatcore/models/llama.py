@@ -1,4 +1,7 @@
-"""The Llama family: Llama 2, Llama 3/3.1/3.2, SmolLM. Pre-norm decoder, RoPE, GQA, SwiGLU MLP.
+"""The Llama family, and the Llama-style decoder the RoPE families share: pre-norm blocks, RoPE, GQA,
+SwiGLU MLP, RMSNorm. Options switched on by the config (so Mistral, Qwen2 and Qwen3 are this block):
+biases on q/k/v/o (``attention_bias``) or on q/k/v only (``qkv_bias``, Qwen2), RMSNorm of each q and k
+head before RoPE (``qk_norm``, Qwen3), per-layer sliding windows (``layer_windows``, Mistral / Qwen).
 
 Weights arrive under their Hugging Face names; q/k/v and gate/up are fused at load for fewer kernels.
 """
@@ -22,9 +25,10 @@ GetTensor = Callable[[str], torch.Tensor]
 
 
 class Block:
-    __slots__ = ("attn_norm", "wqkv", "bqkv", "wo", "bo", "mlp_norm", "w_gate_up", "b_gate_up", "w_down", "b_down")
+    __slots__ = ("attn_norm", "wqkv", "bqkv", "wo", "bo", "q_norm", "k_norm", "window", "mlp_norm", "w_gate_up",
+                 "b_gate_up", "w_down", "b_down")
 
-    def __init__(self, get: GetTensor, prefix: str, cfg: ModelConfig) -> None:
+    def __init__(self, get: GetTensor, prefix: str, cfg: ModelConfig, layer: int) -> None:
         a, m = f"{prefix}.self_attn", f"{prefix}.mlp"
         self.attn_norm = get(f"{prefix}.input_layernorm.weight")
         self.mlp_norm = get(f"{prefix}.post_attention_layernorm.weight")
@@ -32,9 +36,14 @@ class Block:
                                           get(f"{a}.v_proj.weight")]))
         self.wo = for_linear(get(f"{a}.o_proj.weight"))
         self.bqkv = self.bo = None
-        if cfg.attention_bias:
+        if cfg.attention_bias or cfg.qkv_bias:
             self.bqkv = torch.cat([get(f"{a}.q_proj.bias"), get(f"{a}.k_proj.bias"), get(f"{a}.v_proj.bias")])
+        if cfg.attention_bias:
             self.bo = get(f"{a}.o_proj.bias")
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = get(f"{a}.q_norm.weight"), get(f"{a}.k_norm.weight")
+        self.window = cfg.window(layer)
         self.w_gate_up = for_linear(torch.cat([get(f"{m}.gate_proj.weight"), get(f"{m}.up_proj.weight")]))
         self.w_down = for_linear(get(f"{m}.down_proj.weight"))
         self.b_gate_up = self.b_down = None
@@ -44,12 +53,12 @@ class Block:
 
 
 class LlamaModel:
-    """A loaded Llama-family model; :meth:`forward` runs T new tokens of one sequence through a cache slot."""
+    """A loaded Llama-style model; :meth:`forward` runs T new tokens of one sequence through a cache slot."""
 
     def __init__(self, cfg: ModelConfig, runtime: Runtime, get: GetTensor, backend: str) -> None:
         self.cfg, self.runtime, self.backend = cfg, runtime, backend
         self.embed = get("model.embed_tokens.weight")
-        self.layers = [Block(get, f"model.layers.{i}", cfg) for i in range(cfg.num_layers)]
+        self.layers = [Block(get, f"model.layers.{i}", cfg, i) for i in range(cfg.num_layers)]
         self.norm = get("model.norm.weight")
         self.lm_head = for_linear(self.embed if cfg.tie_word_embeddings else get("lm_head.weight"))
         self.rotary = Rotary(cfg, runtime.max_seq_len, runtime.device)
@@ -67,8 +76,10 @@ class LlamaModel:
             names += [f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"]
             for proj in ("q", "k", "v", "o"):
                 names.append(f"{p}.self_attn.{proj}_proj.weight")
-                if cfg.attention_bias:
+                if cfg.attention_bias or (cfg.qkv_bias and proj != "o"):
                     names.append(f"{p}.self_attn.{proj}_proj.bias")
+            if cfg.qk_norm:
+                names += [f"{p}.self_attn.q_norm.weight", f"{p}.self_attn.k_norm.weight"]
             for proj in ("gate", "up", "down"):
                 names.append(f"{p}.mlp.{proj}_proj.weight")
                 if cfg.mlp_bias:
@@ -93,10 +104,12 @@ class LlamaModel:
             h = rms_norm(x, layer.attn_norm, c.rms_norm_eps)
             qkv = F.linear(h, layer.wqkv, layer.bqkv)
             q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-            q = Rotary.apply(q.view(t, c.num_heads, c.head_dim), cos, sin)
-            k = Rotary.apply(k.view(t, c.num_kv_heads, c.head_dim), cos, sin)
+            q, k = q.view(t, c.num_heads, c.head_dim), k.view(t, c.num_kv_heads, c.head_dim)
+            if layer.q_norm is not None:
+                q, k = rms_norm(q, layer.q_norm, c.rms_norm_eps), rms_norm(k, layer.k_norm, c.rms_norm_eps)
+            q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
             keys, values = cache.write(i, start, k, v.view(t, c.num_kv_heads, c.head_dim))
-            o = attention(q, keys, values, q_offset=start, backend=self.backend)
+            o = attention(q, keys, values, q_offset=start, backend=self.backend, window=layer.window)
             x = x + F.linear(o.reshape(t, self.q_size), layer.wo, layer.bo)
             h = rms_norm(x, layer.mlp_norm, c.rms_norm_eps)
             gate, up = F.linear(h, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)

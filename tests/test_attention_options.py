@@ -1,0 +1,74 @@
+"""Sliding window and ALiBi through the one attention entry point: every backend, against a naive loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from chatcore.layers.alibi import bloom_slopes
+from chatcore.layers.attention import attention
+
+torch.set_num_threads(1)
+
+
+def naive(q, k, v, q_offset, window, slopes):  # noqa: ANN001, ANN201
+    """One query at a time, one key at a time: the definition the backends must meet."""
+    t, hq, d = q.shape
+    hkv = k.shape[0]
+    out = torch.empty(t, hq, d, dtype=torch.float64)
+    for i in range(t):
+        pos = q_offset + i
+        lo = 0 if window is None else max(0, pos - window + 1)
+        for h in range(hq):
+            kh, vh = k[h // (hq // hkv), lo : pos + 1].double(), v[h // (hq // hkv), lo : pos + 1].double()
+            scores = kh @ q[i, h].double() / math.sqrt(d)
+            if slopes is not None:
+                scores = scores + slopes[h].double() * (torch.arange(lo, pos + 1) - pos)
+            out[i, h] = scores.softmax(-1) @ vh
+    return out
+
+
+CASES = [  # (T, cached before, Hq, Hkv, D, window, alibi)
+    (1, 40, 4, 2, 16, 8, False), (1, 5, 4, 2, 16, 8, False), (23, 0, 4, 2, 16, 8, False),
+    (9, 30, 6, 3, 32, 16, False), (12, 3, 4, 4, 16, 64, False), (17, 0, 6, 6, 16, None, True),
+    (1, 33, 6, 6, 16, None, True), (10, 20, 5, 5, 32, None, True), (9, 30, 4, 4, 16, 7, True),
+]
+
+
+@pytest.mark.parametrize("backend", ["math", "torch"])
+@pytest.mark.parametrize("case", CASES)
+def test_window_and_alibi_match_the_definition(backend: str, case: tuple) -> None:
+    t, before, hq, hkv, d, window, use_alibi = case
+    g = torch.Generator().manual_seed(t * 100 + before)
+    q = torch.randn(t, hq, d, generator=g)
+    k = torch.randn(hkv, before + t, d, generator=g)
+    v = torch.randn(hkv, before + t, d, generator=g)
+    slopes = bloom_slopes(hq) if use_alibi else None
+    out = attention(q, k, v, q_offset=before, backend=backend, window=window, alibi=slopes)
+    assert out.shape == (t, hq, d)
+    assert (out.double() - naive(q, k, v, before, window, slopes)).abs().max().item() < 1e-5
+
+
+def test_bad_window_is_refused() -> None:
+    q, k = torch.zeros(1, 2, 8), torch.zeros(2, 4, 8)
+    with pytest.raises(ValueError, match="window"):
+        attention(q, k, k, q_offset=3, backend="math", window=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "flash"])
+@pytest.mark.parametrize("case", CASES)
+def test_gpu_window_and_alibi(backend: str, case: tuple) -> None:
+    if backend == "flash":
+        pytest.importorskip("flash_attn")
+    t, before, hq, hkv, d, window, use_alibi = case
+    g = torch.Generator(device="cuda").manual_seed(t)
+    q = torch.randn(t, hq, d, generator=g, device="cuda").bfloat16()
+    k = torch.randn(hkv, before + t, d, generator=g, device="cuda").bfloat16()
+    v = torch.randn(hkv, before + t, d, generator=g, device="cuda").bfloat16()
+    slopes = bloom_slopes(hq).cuda() if use_alibi else None
+    ref = attention(q.double(), k.double(), v.double(), q_offset=before, backend="math", window=window, alibi=slopes)
+    out = attention(q, k, v, q_offset=before, backend=backend, window=window, alibi=slopes).double()
+    assert torch.linalg.norm(out - ref) / torch.linalg.norm(ref) < 1e-2

@@ -1,0 +1,79 @@
+"""Every model family against its transformers implementation: float32 logits within 1e-4 and 32 greedy
+tokens identical to ``generate`` (one-shot, chunked, reused slot). Random weights, tiny shapes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import model_factory
+import pytest
+import torch
+from family_check import check_greedy, check_logits, prompt, reference
+
+import chatcore
+from chatcore.config import ModelConfig
+from chatcore.errors import UnsupportedArchitecture
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+VARIANTS = {  # name: (family, transformers config overrides)
+    "mistral-window48": ("mistral", {}),
+    "mistral-window16-mha": ("mistral", {"sliding_window": 16, "num_key_value_heads": 4, "head_dim": 32}),
+    "qwen2": ("qwen2", {}),
+    "qwen2-tied-windows": ("qwen2", {"tie_word_embeddings": True, "use_sliding_window": True, "sliding_window": 24,
+                                     "max_window_layers": 1}),
+    "qwen3": ("qwen3", {}),
+    "qwen3-bias-windows": ("qwen3", {"attention_bias": True, "use_sliding_window": True, "sliding_window": 20,
+                                     "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def saved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    family, overrides = VARIANTS[request.param]
+    maker = getattr(model_factory, f"make_{family}_dir")
+    path = maker(tmp_path_factory.mktemp(request.param), seed=3, **overrides)
+    return family, path, reference(path)
+
+
+def test_logits_match_transformers(saved) -> None:  # noqa: ANN001
+    family, path, ref = saved
+    engine = chatcore.load(path, device="cpu", dtype="float32")
+    assert engine.config.family == family
+    check_logits(engine, ref, prompt(200, seed=1))
+
+
+def test_greedy_matches_generate(saved) -> None:  # noqa: ANN001
+    _, path, ref = saved
+    check_greedy(path, ref, first=70)  # 70 + 32 tokens: past every window above
+
+
+def test_config_reads_each_family(saved) -> None:  # noqa: ANN001
+    family, path, _ = saved
+    cfg = ModelConfig.from_hf_file(path / "config.json")
+    if family == "mistral":
+        assert cfg.layer_windows and len(set(cfg.layer_windows)) == 1
+    assert cfg.qkv_bias == (family == "qwen2")
+    assert cfg.qk_norm == (family == "qwen3")
+
+
+def test_qwen_windows_follow_layer_types() -> None:
+    base = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": 4, "num_attention_heads": 2, "sliding_window": 16}
+    assert ModelConfig.from_hf(base).layer_windows == ()                      # use_sliding_window off
+    on = {**base, "use_sliding_window": True, "max_window_layers": 2}
+    assert ModelConfig.from_hf(on).layer_windows == (0, 0, 16, 16)
+    typed = {**on, "layer_types": ["sliding_attention", "full_attention"] * 2}
+    assert ModelConfig.from_hf(typed).layer_windows == (16, 0, 16, 0)
+
+
+def test_unsupported_architecture_names_what_is_supported() -> None:
+    with pytest.raises(UnsupportedArchitecture, match="supported: Llama .*Mistral, Qwen2, Qwen3"):
+        ModelConfig.from_hf({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"})
