@@ -1,6 +1,6 @@
 """Compare a replay report with a golden one: a readable per-turn diff (timing fields excluded).
 
-Records are matched by (conversation, turn); error records by (conversation or line). For each turn
+Records are matched by (conversation, step); error records by (conversation or line). For each turn
 that differs, every differing field is listed (`plan.kept: [1, 2, 3] -> [2, 3]`), and replies are
 shown in full, golden first. Scores (`score.nll`, `score.top1`) are compared within SCORE_TOLERANCE,
 everything else exactly.
@@ -24,16 +24,16 @@ def _key(rec: dict[str, Any]) -> Key:
     name = rec.get("conversation") or f"line{rec.get('line')}"
     if rec.get("type") == "error":
         return (name, "error")
-    return (name, rec.get("turn"))
+    return (name, rec.get("step"))
 
 
-def _label(key: Key) -> str:
+def _label(key: Key, rec: dict[str, Any]) -> str:
     name, what = key
     if name == "header":
         return "settings"
     if what == "error":
-        return f"conversation {name}: error"
-    return f"conversation {name} turn {what}"
+        return f"conversation {name} (line {rec.get('line')}): error"
+    return f"conversation {name} turn {rec.get('turn')} (step {what})"
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -91,15 +91,15 @@ def compare(now: Sequence[dict[str, Any]], golden: Sequence[dict[str, Any]]) -> 
     for key in [*g, *(k for k in n if k not in g)]:
         if key not in n:
             missing += 1
-            out.append(f"{_label(key)}: in the golden file, not in this replay")
+            out.append(f"{_label(key, g[key])}: in the golden file, not in this replay")
         elif key not in g:
             new += 1
-            out.append(f"{_label(key)}: new in this replay (not in the golden file)")
+            out.append(f"{_label(key, n[key])}: new in this replay (not in the golden file)")
         else:
             lines = diff_record(g[key], n[key])
             if lines:
                 changed += 1
-                out += [f"{_label(key)}:", *lines]
+                out += [f"{_label(key, n[key])}:", *lines]
     if out:
         parts = [f"{changed} record(s) differ" if changed else "", f"{missing} missing" if missing else "",
                  f"{new} new" if new else ""]

@@ -4,7 +4,7 @@ and an optional plot.
 Record types, one JSON object per line, keys in a fixed order:
 - `{"type": "replay", ...}`: the header (format, schema, model file name, mode, window, policy, seed,
   max_new_tokens, temperature).
-- `{"type": "turn", "conversation", "line", "turn", "mode", "user", "plan": {...}, "prompt_sha256",
+- `{"type": "turn", "conversation", "line", "step", "turn", "mode", "user", "plan": {...}, "prompt_sha256",
   "cache_hit_tokens", "prefill_tokens", "reply", "reply_tokens", "finish_reason", "score", "summary",
   "timing": {"ttft_s", "decode_tok_s", "wall_s"}}`.
 - `{"type": "error", "conversation", "line", "error"}`: a malformed input line, or a conversation that
@@ -43,8 +43,8 @@ def header(model: str, mode: str, window: int | None, policy: dict[str, Any], se
 
 def turn_record(t: TurnResult) -> dict[str, Any]:
     return {
-        "type": "turn", "conversation": t.conversation, "line": t.line, "turn": t.turn, "mode": t.mode,
-        "user": preview(t.user),
+        "type": "turn", "conversation": t.conversation, "line": t.line, "step": t.step, "turn": t.turn,
+        "mode": t.mode, "user": preview(t.user),
         "plan": {"window": t.window, "budget": t.budget, "tokens": t.tokens, "regions": dict(t.regions),
                  "kept": list(t.kept), "pinned": list(t.pinned), "summarized": list(t.summarized),
                  "dropped": list(t.dropped), "pruned_now": t.pruned_now, "truncated": t.truncated},

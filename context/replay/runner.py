@@ -7,7 +7,8 @@ context manager plans the prompt; then, by mode:
   — not the recorded one — goes into the history the next turns see;
 - forced: the recorded reply is kept, so the context manager sees exactly the same history every run,
   and the model only scores it (mean negative log-likelihood per token, and how many of its tokens
-  are the model's own greedy choice);
+  are the model's own greedy choice); a final user message with no recorded reply is answered by the
+  model (so a test can ask a question after a fixed history);
 - plan: forced, with no model run at all (only the tokenizer): plans and prompt hashes.
 
 No storage: a ContextManager over plain messages and one KV slot per conversation, reused across turns
@@ -44,6 +45,7 @@ def prompt_hash(ids: Sequence[int]) -> str:
 class TurnResult:
     """One replayed turn: what the model saw (the plan), what it said or how it scored, what it cost.
 
+    `step` numbers the replayed replies of a conversation from 1 (a turn with a tool call has several);
     `turn` is the 1-based number of the user turn being answered; `kept`, `pinned`, `summarized` and
     `dropped` are numbers of earlier turns (a turn is a user message with what follows it). `pinned`:
     dropped turns whose pinned messages stay in the pinned region. `regions`: prompt tokens per region.
@@ -52,6 +54,7 @@ class TurnResult:
 
     conversation: str
     line: int
+    step: int
     turn: int
     mode: str
     user: str
@@ -179,13 +182,13 @@ class Replayer:
                     m.append(msg)
                     continue
                 recorded = self.options.mode != "generate" or "tool_calls" in msg.extra
-                result, text = self._turn(conv, m, slot, msg if recorded else None)
+                result, text = self._turn(conv, m, slot, msg if recorded else None, len(turns) + 1)
                 turns.append(result)
                 if on_turn is not None:
                     on_turn(result)
                 m.append(msg if recorded else dataclasses.replace(msg, content=text))
             if msgs and msgs[-1].role != "assistant":
-                result, _ = self._turn(conv, m, slot, None)
+                result, _ = self._turn(conv, m, slot, None, len(turns) + 1)
                 turns.append(result)
                 if on_turn is not None:
                     on_turn(result)
@@ -198,8 +201,8 @@ class Replayer:
         return [self.replay(c, on_turn) for c in convs]
 
     # -- one turn -------------------------------------------------------------------------------------
-    def _turn(self, conv: Conversation, m: ContextManager, slot: Any,
-              recorded: ReplayMessage | None) -> tuple[TurnResult, str]:
+    def _turn(self, conv: Conversation, m: ContextManager, slot: Any, recorded: ReplayMessage | None,
+              step: int) -> tuple[TurnResult, str]:
         opts, cfg = self.options, self.options.config
         t0 = time.perf_counter()
         plan = m.plan()
@@ -215,22 +218,22 @@ class Replayer:
         hit = min(kv.reused, len(plan.ids) - 1)
         fields: dict[str, Any] = {}
         text = ""
-        if recorded is None and opts.mode == "generate":
+        if recorded is None and self._runs_model:  # generate mode, or a final user message in forced mode
             mode = "generate"
             fields, text = self._generate(plan, slot, m.window, len(m.index))
         elif recorded is not None and self._runs_model:
             mode = "forced"  # in generate mode too: a recorded tool call is kept as recorded
             fields = self._score(plan, slot, recorded)
         else:
-            mode = opts.mode  # no model run: a final user message in forced mode, or plan mode
+            mode = opts.mode  # plan mode: no model run
             if isinstance(slot, TokenSlot):  # what a model's slot would hold after this turn
                 slot.tokens = list(plan.ids) + (self._reply_ids(recorded) if recorded is not None else [])
         fields.setdefault("cache_hit_tokens", hit)
         fields.setdefault("prefill_tokens", len(plan.ids) - fields["cache_hit_tokens"])
-        return self._result(conv, m, plan, mode, summary_text, time.perf_counter() - t0, fields), text
+        return self._result(conv, m, plan, mode, summary_text, time.perf_counter() - t0, fields, step), text
 
     def _result(self, conv: Conversation, m: ContextManager, plan: Plan, mode: str, summary: str | None,
-                wall: float, fields: dict[str, Any]) -> TurnResult:
+                wall: float, fields: dict[str, Any], step: int) -> TurnResult:
         end, cut = plan.history_turns, plan.cut
         first_new = next((mid for mid, start in zip(plan.message_ids, plan.starts, strict=True)
                           if mid is not None and plan.regions["new"][0] <= start < plan.regions["new"][1]), None)
@@ -242,7 +245,7 @@ class Replayer:
                                                                                      strict=True)
                          if mid is not None and p0 <= start < p1})
         return TurnResult(
-            conversation=conv.id, line=conv.line, turn=turn, mode=mode, user=user, window=plan.window,
+            conversation=conv.id, line=conv.line, step=step, turn=turn, mode=mode, user=user, window=plan.window,
             budget=plan.budget, tokens=plan.tokens, regions=dict(plan.tokens_by_region),
             kept=tuple(range(cut + 1, end + 1)), pinned=tuple(pinned),
             summarized=tuple(range(1, min(plan.summary_turns, cut) + 1)), dropped=tuple(range(1, cut + 1)),
