@@ -2,7 +2,8 @@
 
 Remap with ``$CHATCORE_KEYMAP`` ("regenerate=ctrl+r,edit=f5") or a file ``keymap.toml`` in
 ``$CHATCORE_HOME`` (else ``~/.config/chatcore``) holding lines ``regenerate = "ctrl+r"``. Several keys
-for one action are comma-separated ("ctrl+r,f5"). Ids are the names in ACTIONS.
+for one action are comma-separated ("ctrl+r,f5"). Ids are the names in ACTIONS. Defaults avoid the
+keys the message input uses itself (ctrl+a/e/k/u/w/x/c/v/d).
 """
 
 from __future__ import annotations
@@ -31,16 +32,16 @@ ACTIONS: tuple[Action, ...] = (
     Action("cancel", "escape", "cancel", "Cancel reply"),
     Action("new", "ctrl+n", "new_session", "New session"),
     Action("regenerate", "ctrl+r", "regenerate", "Regenerate"),
-    Action("edit", "ctrl+e", "edit", "Edit message"),
+    Action("edit", "f4", "edit", "Edit message"),
     Action("pin", "ctrl+t", "toggle_pin", "Pin / unpin"),
     Action("copy", "ctrl+y", "copy_message", "Copy message"),
-    Action("copy_code", "ctrl+k", "copy_code", "Copy code block", show=False),
+    Action("copy_code", "f6", "copy_code", "Copy code block", show=False),
     Action("select_prev", "alt+up", "select(-1)", "Select previous message", show=False),
     Action("select_next", "alt+down", "select(1)", "Select next message", show=False),
     Action("system", "ctrl+o", "system_prompt", "System prompt", show=False),
     Action("params", "ctrl+g", "params", "Parameters", show=False),
-    Action("export_json", "ctrl+x", "export('json')", "Export JSON", show=False),
-    Action("export_md", "ctrl+w", "export('markdown')", "Export Markdown", show=False),
+    Action("export_json", "f10", "export('json')", "Export JSON", show=False),
+    Action("export_md", "shift+f10", "export('markdown')", "Export Markdown", show=False),
     Action("sessions", "ctrl+b", "toggle_sessions", "Sessions", show=False),
     Action("filter", "ctrl+f", "filter_sessions", "Filter sessions", show=False),
     Action("rename", "f2", "rename_session", "Rename session", show=False),

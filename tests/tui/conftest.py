@@ -91,7 +91,9 @@ async def wait_for(pilot: Any, cond: Callable[[], Any], timeout: float = 15.0) -
     end = loop.time() + timeout
     while not cond():
         if loop.time() > end:
-            raise AssertionError(f"timed out waiting for the app; notices: {notices(pilot.app)}")
+            app = pilot.app
+            raise AssertionError(f"timed out waiting for the app; notices: {notices(app)}; turns {app.turns} "
+                                 f"busy {app.busy} rows {[(r.role, r.status, len(r.content)) for r in app.view.rows]}")
         await pilot.pause(0.02)
 
 
@@ -115,3 +117,24 @@ async def send(pilot: Any, text: str) -> None:
 
 def notices(app: Any) -> list[str]:
     return [n.message for n in app._notifications]
+
+
+class SlowEngine:
+    """The engine, with a pause per token (so a test can act mid-stream)."""
+
+    def __init__(self, engine: Any, delay: float = 0.02) -> None:
+        self._engine, self._delay = engine, delay
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def generate(self, *args: Any, **kw: Any) -> Iterator[Any]:
+        import time
+
+        gen = self._engine.generate(*args, **kw)
+        try:
+            for ev in gen:
+                time.sleep(self._delay)
+                yield ev
+        finally:
+            gen.close()
