@@ -1,0 +1,42 @@
+"""Replay fixtures: the replay plugin's fixtures, bound to the demo model of tests/conftest.py.
+
+A project outside this repository enables the plugin in its top-level conftest.py with
+`pytest_plugins = ["context.replay.pytest_plugin"]`; pytest allows that only at the top level, so this
+folder imports the fixtures instead (same effect here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from context.replay.pytest_plugin import replay  # noqa: F401  (the fixture)
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "replay"
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """A shared 2-core machine: one thread, and the same thread count for every report."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def replay_engine(demo_engine: Any) -> Any:
+    return demo_engine
+
+
+@pytest.fixture(scope="session")
+def replay_tokenizer(demo_gguf: Path) -> tuple[Any, int]:
+    from chatcore.loader import open_checkpoint
+
+    cfg, _, tok = open_checkpoint(demo_gguf)
+    return tok, cfg.max_position_embeddings
