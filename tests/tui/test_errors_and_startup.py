@@ -1,0 +1,109 @@
+"""Errors as notices (the app keeps running, nothing typed is lost); fast first paint; no torch on import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from conftest import aio, notices, ready, send, wait_for
+
+from tui import keymap
+
+
+@aio
+async def test_bad_model_path_is_a_notice_and_keeps_typed_text(store: Any, tmp_path: Path) -> None:
+    from tui.app import ChatApp
+
+    app = ChatApp(str(tmp_path / "no-such-model"), store=store, timings=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.load_state == "failed")
+        assert any("no-such-model" in n for n in notices(app))
+        app.prompt.value = "my precious text"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.prompt.value == "my precious text"
+        assert app.is_running
+
+
+@aio
+async def test_dead_redis_is_a_notice_and_keeps_typed_text(tui_engine: Any) -> None:
+    from tui.app import ChatApp
+
+    app = ChatApp(engine=tui_engine, redis_url="redis://127.0.0.1:1", timings=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.load_state == "ready" and notices(app), timeout=30)
+        assert any("127.0.0.1:1" in n for n in notices(app)), notices(app)
+        app.prompt.value = "keep me"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.prompt.value == "keep me" and app.is_running
+
+
+@aio
+async def test_prompt_too_large_is_refused_and_restored(make_app: Any, store: Any) -> None:
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        big = "word " * 400  # > the 512-token window
+        await send(pilot, big)
+        assert app.prompt.value == big.strip()
+        assert app.view.rows == [] and any("window" in n or "fit" in n for n in notices(app)), notices(app)
+        await send(pilot, "small")  # the app still works
+        assert [r.role for r in app.view.rows] == ["user", "assistant"]
+
+
+@aio
+async def test_first_paint_fast_and_typing_while_the_model_loads(store: Any, tui_model_dir: Path) -> None:
+    from tui.app import ChatApp
+
+    app = ChatApp(str(tui_model_dir), store=store, timings=False, sampling={"temperature": 0.0, "max_new_tokens": 8})
+    t0 = time.perf_counter()
+    async with app.run_test(size=(100, 30)) as pilot:
+        painted = time.perf_counter() - t0
+        assert painted < 1.0, f"first paint took {painted:.2f}s"
+        assert app.load_state == "loading"
+        app.prompt.value = "typed while loading"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.turns == 1, timeout=60)
+        assert [r.content for r in app.view.rows][0] == "typed while loading"
+        assert not app.query_one("#status").display or app.query_one("#status").has_class("-done")
+
+
+def test_import_tui_app_does_not_import_torch_or_redis() -> None:
+    code = "import sys, tui.app; bad = [m for m in ('torch', 'redis') if m in sys.modules]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[2])
+    assert out.stdout.strip() == "[]"
+
+
+def test_keymap_parsing_and_sources(tmp_path: Path) -> None:
+    assert keymap.parse_pairs("regenerate=f5,f9, edit=ctrl+l") == {"regenerate": "f5,f9", "edit": "ctrl+l"}
+    (tmp_path / "keymap.toml").write_text('# mine\npin = "ctrl+p"\nhelp = "f12"\n')
+    env = {"CHATCORE_HOME": str(tmp_path), "CHATCORE_KEYMAP": "help=f11"}
+    assert keymap.load_keymap(env=env) == {"pin": "ctrl+p", "help": "f11"}
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown key binding 'nope'"):
+        keymap.parse_pairs("nope=f1")
+
+
+@aio
+async def test_remapped_key_help_and_palette(make_app: Any) -> None:
+    from tui.screens import HelpScreen
+
+    app = make_app(keys={"help": "f12", "regenerate": "f5"})
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        await pilot.press("f12")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
+        assert "`f5` | Regenerate" in app.screen.query_one("Markdown")._markdown
+        await pilot.press("escape")
+        await pilot.pause()
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+        assert {a.description for a in keymap.ACTIONS} <= titles
+        await send(pilot, "hi")
+        await pilot.press("f5")
+        await wait_for(pilot, lambda: app.turns == 2)
