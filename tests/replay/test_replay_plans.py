@@ -1,0 +1,185 @@
+"""Replay plans with the demo model's tokenizer only (mode "plan", no weights): hand-checked pruning,
+the CLI on malformed input, the committed plan golden file, and the plugin as users enable it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import DATA
+
+from context import TokenBudget
+from context.replay import main, replay
+from context.replay.report import read_report, records, write_report
+
+SYSTEM = "Count with me."
+
+
+def counting(n: int, pin_first: bool = False) -> dict[str, Any]:
+    msgs: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM}]
+    for k in range(1, n + 1):
+        msgs.append({"role": "user", "content": f"Count: what number comes after {k}?"})
+        if pin_first and k == 1:
+            msgs[-1]["pinned"] = True
+        msgs.append({"role": "assistant", "content": f"{k + 1}."})
+    return {"id": "count", "messages": msgs}
+
+
+def test_template_counts_behind_the_hand_checked_plans(replay_tokenizer: tuple[Any, int]) -> None:
+    """The premises of the hand computation below: the system prompt renders in 9 tokens, each user
+    message in 14, each reply in 8 (a turn: 22), the generation prompt in 4."""
+    b = TokenBudget(replay_tokenizer[0])
+    assert b.additive and len(b.generation_prompt) == 4
+    assert len(b.first({"role": "system", "content": SYSTEM})) == 9
+    for k in range(1, 9):
+        assert b.count({"role": "user", "content": f"Count: what number comes after {k}?"}) == 14
+        assert b.count({"role": "assistant", "content": f"{k + 1}."}) == 8
+
+
+# Window 128, reserve 32: budget 96, high watermark int(0.9 * 96) = 86, low int(0.6 * 96) = 57.
+# Fixed part: system 9 + new user message 14 + generation prompt 4 = 27; each kept turn adds 22.
+# Keep the cut while 27 + 22 * kept <= 86 (kept <= 2); past it, prune to 27 + 22 * kept <= 57 (kept = 1).
+EXPECTED = [  # (turn, kept, dropped, prompt tokens)
+    (1, [], [], 27),
+    (2, [1], [], 49),
+    (3, [1, 2], [], 71),
+    (4, [3], [1, 2], 49),        # 27 + 66 = 93 > 86: prune down to one turn
+    (5, [3, 4], [1, 2], 71),     # hysteresis: the cut stays
+    (6, [5], [1, 2, 3, 4], 49),
+    (7, [5, 6], [1, 2, 3, 4], 71),
+    (8, [7], [1, 2, 3, 4, 5, 6], 49),
+]
+# The same with turn 1's user message pinned: fixed 27 + 14 pinned = 41; turn 1 then frees only its
+# reply (8). Turn 4: 41 + 8 + 22 + 22 = 93 > 86 -> prune until 41 + rest <= 57: no whole turn fits (22 > 16),
+# so all history goes and the pinned message stays in the pinned region.
+EXPECTED_PINNED = [  # (turn, kept, dropped, pinned, prompt tokens)
+    (1, [], [], [], 27),
+    (2, [1], [], [], 49),
+    (3, [1, 2], [], [], 71),
+    (4, [], [1, 2, 3], [1], 41),
+    (5, [4], [1, 2, 3], [1], 63),
+    (6, [4, 5], [1, 2, 3], [1], 85),
+    (7, [], [1, 2, 3, 4, 5, 6], [1], 41),
+    (8, [7], [1, 2, 3, 4, 5, 6], [1], 63),
+]
+
+
+def _plan(replay_tokenizer: tuple[Any, int], rec: dict[str, Any]) -> Any:
+    tok, window = replay_tokenizer
+    return replay(rec, tokenizer=tok, engine_window=window, mode="plan", window=128, policy={"reserve": 32})
+
+
+def test_forced_plans_match_hand_checked_expectation(replay_tokenizer: tuple[Any, int]) -> None:
+    run = _plan(replay_tokenizer, counting(8))
+    got = [(t.turn, list(t.kept), list(t.dropped), t.tokens) for t in run.turns]
+    assert got == EXPECTED
+    assert all(t.budget == 96 and t.window == 128 and not t.pinned for t in run.turns)
+    assert [t.pruned_now for t in run.turns] == [0, 0, 0, 2, 0, 2, 0, 2]
+    # The slot holds the last prompt and its reply (the previous prompt minus the generation prompt,
+    # plus the 8-token reply), all reused while nothing is pruned. After a prune the shared prefix is
+    # the system prompt (9) and the start of the next user message up to its number (10 tokens).
+    assert [t.cache_hit_tokens for t in run.turns] == [0, 31, 53, 19, 53, 19, 53, 19]
+
+
+def test_forced_plans_with_a_pinned_message(replay_tokenizer: tuple[Any, int]) -> None:
+    run = _plan(replay_tokenizer, counting(8, pin_first=True))
+    got = [(t.turn, list(t.kept), list(t.dropped), list(t.pinned), t.tokens) for t in run.turns]
+    assert got == EXPECTED_PINNED
+    t4 = run.turns[3]
+    assert t4.regions == {"system": 9, "pinned": 14, "summary": 0, "history": 0, "new": 18}
+    assert t4.in_context(1) and not t4.in_context(2)
+    assert [m["content"] for m in t4.prompt_messages] == [
+        SYSTEM, "Count: what number comes after 1?", "Count: what number comes after 4?"]
+
+
+def test_plan_reports_are_byte_identical(replay_tokenizer: tuple[Any, int], tmp_path: Path) -> None:
+    tok, window = replay_tokenizer
+    for name in ("a", "b"):
+        run = replay(DATA / "conversations.jsonl", tokenizer=tok, engine_window=window, mode="plan", window=256,
+                     max_new_tokens=16, policy={"kv": "shift"})
+        write_report(tmp_path / f"{name}.jsonl", run.records, timing=False)
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+
+
+def test_plan_golden(replay: Any) -> None:
+    """The committed plan golden file (what the context manager shows the model each turn, at window 256)."""
+    run = replay(DATA / "conversations.jsonl", mode="plan", window=256, max_new_tokens=16,
+                 golden=DATA / "golden_plans.jsonl")
+    assert sum(len(t.dropped) > 0 for t in run.turns) >= 20  # pruning happened
+    assert {t.mode for t in run.turns} == {"plan"}
+
+
+def test_cli_malformed_lines_reported_others_replayed(demo_gguf: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    lines = (DATA / "conversations.jsonl").read_text(encoding="utf-8").splitlines()[:3]
+    src = tmp_path / "mixed.jsonl"
+    src.write_text("\n".join([lines[0], '{"messages": [{"role": "user", "content": "x"}', lines[1],
+                              '{"conversations": [{"from": "wizard", "value": "hi"}]}', lines[2]]) + "\n")
+    out = tmp_path / "report.jsonl"
+    rc = main([str(src), "--model", str(demo_gguf), "--plan-only", "--window", "256", "-n", "16",
+               "--report", str(out), "-q"])
+    cap = capsys.readouterr()
+    assert rc == 1
+    assert f"chatcore replay: error: {src}:2: not valid JSON" in cap.err
+    assert f"chatcore replay: error: {src}:4: turn 1 comes 'from' 'wizard'" in cap.err
+    recs = read_report(out)
+    assert [r["type"] for r in recs[:1]] == ["replay"]
+    assert [(r["line"], r["type"]) for r in recs[1:] if r["type"] == "error"] == [(2, "error"), (4, "error")]
+    assert sorted({r["conversation"] for r in recs if r["type"] == "turn"}) == ["capitals", "greeting",
+                                                                                 "sharegpt-math"]
+    assert "2 failed" in cap.out and "greeting" in cap.out
+
+
+def test_cli_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(tmp_path / "none.jsonl"), "--plan-only"]) == 2
+    assert "none.jsonl: no such file" in capsys.readouterr().err
+    assert main([str(DATA / "conversations.jsonl"), "--policy", "colour=red"]) == 2
+    assert "unknown policy key 'colour'" in capsys.readouterr().err
+    assert main([str(DATA / "conversations.jsonl"), "--golden", str(tmp_path / "g.jsonl")]) == 2
+    assert "create it with --update-golden" in capsys.readouterr().err
+
+
+def test_cli_golden_update_then_mismatch(demo_gguf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "c.jsonl"
+    src.write_text(json.dumps(counting(8)) + "\n")
+    golden = tmp_path / "g.jsonl"
+    args = [str(src), "--model", str(demo_gguf), "--plan-only", "--window", "128", "-n", "32", "-q",
+            "--golden", str(golden)]
+    assert main([*args, "--update-golden"]) == 0
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args[:5], "160", *args[6:]]) == 1  # a wider window keeps more turns
+    out = capsys.readouterr().out
+    assert "  window: 128 -> 160" in out
+    assert "conversation count turn 4 (step 4):" in out and "plan.kept: [3] -> [1, 2, 3]" in out
+    assert "golden mismatch:" in out
+
+
+def test_records_in_file_order() -> None:
+    from context.replay.formats import InputError
+    from context.replay.runner import ConversationResult
+
+    recs = records({"type": "replay"}, [ConversationResult("a", 1, ()), ConversationResult("c", 3, (), "boom")],
+                   [InputError("f", 2, "bad")])
+    assert [(r["type"], r.get("line")) for r in recs] == [("replay", None), ("error", 2), ("error", 3)]
+
+
+def test_plugin_as_users_enable_it(demo_gguf: Path, tmp_path: Path) -> None:
+    """`pytest_plugins = ["context.replay.pytest_plugin"]` in a project's conftest, and a test in a few lines."""
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["context.replay.pytest_plugin"]\n')
+    (tmp_path / "test_user.py").write_text(
+        "def test_fact_kept(replay):\n"
+        f"    run = replay({str(DATA / 'conversations.jsonl')!r}, only=['long-pinned-fact'], mode='plan',"
+        " window=256)\n"
+        "    last = run.conversation().turn(-1)\n"
+        "    assert last.dropped and last.in_context(1)\n")
+    env = {**os.environ, "CHATCORE_REPLAY_MODEL": str(demo_gguf)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 passed" in proc.stdout
