@@ -51,3 +51,22 @@ def make_qwen3_dir(path: Path, *, seed: int = 0, **overrides: object) -> Path:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     return _save(Qwen3Config, Qwen3ForCausalLM, path, seed, {**_SMALL, "head_dim": 24, **overrides})
+
+
+def make_bloom_dir(path: Path, *, seed: int = 0, **overrides: object) -> Path:
+    """A small ``BloomForCausalLM`` (ALiBi, 6 heads: not a power of two, tied head)."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    settings: dict[str, object] = dict(vocab_size=320, hidden_size=48, n_layer=3, n_head=6, layer_norm_epsilon=1e-5,
+                                       initializer_range=0.08, bos_token_id=1, eos_token_id=None, pad_token_id=None)
+    return _save(BloomConfig, BloomForCausalLM, path, seed, {**settings, **overrides})
+
+
+def make_mpt_dir(path: Path, *, seed: int = 0, **overrides: object) -> Path:
+    """A small ``MptForCausalLM`` (ALiBi with MPT's slopes, 6 heads, tied head)."""
+    from transformers import MptConfig, MptForCausalLM
+
+    settings: dict[str, object] = dict(vocab_size=320, d_model=48, n_layers=3, n_heads=6, max_seq_len=512,
+                                       layer_norm_epsilon=1e-5, initializer_range=0.08, bos_token_id=1,
+                                       eos_token_id=None, pad_token_id=None)
+    return _save(MptConfig, MptForCausalLM, path, seed, {**settings, **overrides})

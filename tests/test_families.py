@@ -32,6 +32,13 @@ VARIANTS = {  # name: (family, transformers config overrides)
     "qwen3": ("qwen3", {}),
     "qwen3-bias-windows": ("qwen3", {"attention_bias": True, "use_sliding_window": True, "sliding_window": 20,
                                      "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
+    "bloom-4heads": ("bloom", {"n_head": 4, "hidden_size": 64}),
+    "bloom-6heads": ("bloom", {}),
+    "bloom-residual-post-norm": ("bloom", {"apply_residual_connection_post_layernorm": True,
+                                           "tie_word_embeddings": False}),
+    "mpt-6heads": ("mpt", {}),
+    "mpt-4heads-clip-scale": ("mpt", {"n_heads": 4, "d_model": 64, "tie_word_embeddings": False,
+                                      "attn_config": {"clip_qkv": 0.3, "softmax_scale": 0.2}}),
 }
 
 

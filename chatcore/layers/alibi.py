@@ -4,7 +4,7 @@ Each query at position i adds ``slope[h] * (j - i)`` to its score for key j (0 f
 the further back). The reference implementations add ``slope * j`` (BLOOM) or ``slope * (j - S + 1)``
 (MPT) instead: those differ from ours by a constant per query row, which softmax ignores.
 
-Two rules for head counts that are not powers of two:
+Head counts that are not powers of two, two formulations (equal at MPT's default bias max of 8):
 - BLOOM (the ALiBi paper's): the slopes of the nearest lower power of two, then every other slope of
   the next power of two;
 - MPT: the slopes of the next power of two (with ``alibi_bias_max``), odd entries first, then even ones,

@@ -1,0 +1,85 @@
+"""MPT: ALiBi (MPT's slope rule, ``alibi_bias_max``), bias-free LayerNorms and linears, a fused Wqkv
+(q | k | v) optionally clamped (``clip_qkv``), an optional ``softmax_scale``, an exact-GELU MLP of
+4 x hidden, tied output head (as transformers' ``MptForCausalLM`` runs it). One difference: we honour
+``attn_config.alibi_bias_max`` as MosaicML's own code does; transformers always uses 8 (every released
+MPT checkpoint has 8, so they agree on real models).
+
+The KV cache holds keys as computed (no rotation), so dropping a span only moves them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from chatcore.config import ModelConfig
+from chatcore.kv_cache import KVCache
+from chatcore.layers.alibi import mpt_slopes
+from chatcore.layers.attention import attention
+from chatcore.layers.linear import for_linear
+from chatcore.layers.norm import layer_norm
+from chatcore.models.llama import GetTensor
+from chatcore.runtime import Runtime
+
+
+class Block:
+    __slots__ = ("norm_1", "wqkv", "wo", "norm_2", "w_up", "w_down")
+
+    def __init__(self, get: GetTensor, p: str) -> None:
+        self.norm_1, self.norm_2 = get(f"{p}.norm_1.weight"), get(f"{p}.norm_2.weight")
+        self.wqkv, self.wo = for_linear(get(f"{p}.attn.Wqkv.weight")), for_linear(get(f"{p}.attn.out_proj.weight"))
+        self.w_up = for_linear(get(f"{p}.ffn.up_proj.weight"))
+        self.w_down = for_linear(get(f"{p}.ffn.down_proj.weight"))
+
+
+class MptModel:
+    """A loaded MPT model; :meth:`forward` runs T new tokens of one sequence through a cache slot."""
+
+    def __init__(self, cfg: ModelConfig, runtime: Runtime, get: GetTensor, backend: str) -> None:
+        self.cfg, self.runtime, self.backend = cfg, runtime, backend
+        self.embed = get("transformer.wte.weight")
+        self.layers = [Block(get, f"transformer.blocks.{i}") for i in range(cfg.num_layers)]
+        self.norm_f = get("transformer.norm_f.weight")
+        self.lm_head = for_linear(self.embed if cfg.tie_word_embeddings else get("lm_head.weight"))
+        self.slopes = mpt_slopes(cfg.num_heads, cfg.alibi_bias_max).to(runtime.device)
+        # the attention entry point scales scores by 1/sqrt(head_dim); a different softmax_scale goes into q
+        self.q_scale = None if cfg.softmax_scale is None else cfg.softmax_scale * math.sqrt(cfg.head_dim)
+        self.rotary = None
+
+    @staticmethod
+    def tensor_names(cfg: ModelConfig) -> list[str]:
+        names = ["transformer.wte.weight", "transformer.norm_f.weight"]
+        if not cfg.tie_word_embeddings:
+            names.append("lm_head.weight")
+        for i in range(cfg.num_layers):
+            names += [f"transformer.blocks.{i}.{m}.weight" for m in
+                      ("norm_1", "attn.Wqkv", "attn.out_proj", "norm_2", "ffn.up_proj", "ffn.down_proj")]
+        return names
+
+    def new_cache(self, capacity: int) -> KVCache:
+        c = self.cfg
+        return KVCache(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                       capacity=capacity, dtype=self.runtime.dtype, device=self.runtime.device, rotary=None)
+
+    def forward(self, ids: torch.Tensor, cache: KVCache, *, all_logits: bool = False) -> torch.Tensor:
+        c, eps = self.cfg, self.cfg.rms_norm_eps
+        t, start = ids.shape[0], cache.length
+        cache.reserve(t)
+        x = F.embedding(ids, self.embed)
+        for i, layer in enumerate(self.layers):
+            qkv = F.linear(layer_norm(x, layer.norm_1, None, eps), layer.wqkv)
+            if c.clip_qkv is not None:
+                qkv = qkv.clamp(min=-c.clip_qkv, max=c.clip_qkv)
+            q, k, v = qkv.view(t, 3, c.num_heads, c.head_dim).unbind(1)
+            if self.q_scale is not None:
+                q = q * self.q_scale
+            keys, values = cache.write(i, start, k, v)
+            o = attention(q, keys, values, q_offset=start, backend=self.backend, alibi=self.slopes)
+            x = x + F.linear(o.reshape(t, c.hidden_size), layer.wo)
+            h = layer_norm(x, layer.norm_2, None, eps)
+            x = x + F.linear(F.gelu(F.linear(h, layer.w_up)), layer.w_down)
+        if not all_logits:
+            x = x[-1:]
+        return F.linear(layer_norm(x, self.norm_f, None, eps), self.lm_head)
