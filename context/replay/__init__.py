@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--plot", metavar="OUT.png", help="plot prompt tokens and time to first token per turn")
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
     ap.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: by device)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (reports are reproducible for one thread count; default: torch's)")
     ap.add_argument("--quiet", "-q", action="store_true", help="no per-turn progress on stderr")
     return ap
 
@@ -74,8 +76,12 @@ def _load(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         if tok is None:
             raise ChatcoreError(f"{args.model} has no tokenizer; replay needs one")
         return {"tokenizer": tok, "engine_window": cfg.max_position_embeddings, "model": resolve(args.model)}
+    import torch
+
     import chatcore
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     engine = chatcore.load(args.model, device=args.device, dtype=args.dtype)
     engine.require_tokenizer()
     return {"engine": engine}
