@@ -64,6 +64,7 @@ class ChatApp(App[None]):
         self.pending: list[str] = []
         self.busy = False
         self.load_state = "loading"  # loading | ready | failed
+        self.store_state = "opening" if store is None else "ready"  # opening | ready | failed
         self.load_seconds: float | None = None
         self.turns = 0  # turns finished or refused (tests wait on it)
         self.clipboard_file = keymap.config_dir() / "clipboard.txt"
@@ -138,7 +139,7 @@ class ChatApp(App[None]):
 
     # -- loading ------------------------------------------------------------------------------------
     def on_store_ready(self, msg: StoreReady) -> None:
-        self.store = msg.store
+        self.store, self.store_state = msg.store, "ready"
         self.refresh_sessions(open_first=True)
 
     def on_model_progress(self, msg: ModelProgress) -> None:
@@ -164,10 +165,14 @@ class ChatApp(App[None]):
                 self._restore("\n".join(self.pending))
                 self.pending.clear()
         else:
+            self.store_state = "failed"
             self.show_error(msg.error, "Storage unavailable")
+            if self.pending:
+                self._restore("\n".join(self.pending))
+                self.pending.clear()
 
     def _flush_pending(self) -> None:
-        if self.pending and not self.busy:
+        if self.pending and not self.busy and self.engine is not None and self.store is not None:
             text = "\n\n".join(self.pending)
             self.pending.clear()
             self.start_turn("send", text)
@@ -184,6 +189,8 @@ class ChatApp(App[None]):
                 self.session_id = records[0].id
             if self.session_id is not None:
                 self.open_session(self.session_id)
+            else:
+                self._flush_pending()
 
         def fetch() -> list[Any]:
             if open_first and self.session_id is not None:
@@ -271,7 +278,7 @@ class ChatApp(App[None]):
         if self.busy:
             self.notify("A reply is still streaming; press Esc to cancel it.", severity="warning")
             return
-        if self.store is None:
+        if self.store_state == "failed":
             self.notify("Storage is not available, so the message cannot be saved; it stays in the input.",
                         severity="error")
             return
@@ -280,9 +287,9 @@ class ChatApp(App[None]):
                         severity="error")
             return
         event.input.value = ""
-        if self.engine is None or (self.session is None and self.session_id is not None):
+        if self.engine is None or self.store is None or (self.session is None and self.session_id is not None):
             self.pending.append(text)
-            self.notify("The model is still loading; your message will be sent when it is ready.")
+            self.notify("Still starting; your message will be sent when the model is ready.")
             return
         self.start_turn("send", text)
 

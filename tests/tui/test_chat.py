@@ -25,7 +25,8 @@ async def test_send_streams_reply(make_app: Any, store: Any) -> None:
 
 @aio
 async def test_cancel_keeps_partial_text(make_app: Any, store: Any, tui_engine: Any) -> None:
-    app = make_app(engine=SlowEngine(tui_engine), sampling={"temperature": 0.0, "max_new_tokens": 400, "ignore_eos": True})
+    sampling = {"temperature": 0.0, "max_new_tokens": 400, "ignore_eos": True}
+    app = make_app(engine=SlowEngine(tui_engine), sampling=sampling)
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot)
         app.prompt.value = "Tell me a long story"

@@ -1,0 +1,63 @@
+"""End to end in a real terminal: tmux runs `python -m chatcore chat`, a message is typed, the reply
+read from the pane; quit; start again and the session is still there."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")]
+
+
+def _tmux(*args: str) -> str:
+    return subprocess.run(["tmux", *args], capture_output=True, text=True, check=False).stdout
+
+
+def _wait(cond: Callable[[], bool], what: str, pane: Callable[[], str], timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}; pane:\n{pane()}")
+
+
+def test_chat_in_tmux(tui_model_dir: Path, tmp_path: Path) -> None:
+    name = f"chatcore-e2e-{os.getpid()}"
+    env = {**os.environ, "CHATCORE_HOME": str(tmp_path / "home"), "TERM": "xterm-256color"}
+    env.pop("REDIS_URL", None)
+    cmd = f"{sys.executable} -m chatcore chat --model {tui_model_dir}"
+
+    def pane() -> str:
+        return _tmux("capture-pane", "-p", "-t", name)
+
+    def alive() -> bool:
+        return subprocess.run(["tmux", "has-session", "-t", name], capture_output=True).returncode == 0
+
+    def start() -> None:
+        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "120", "-y", "35", cmd], env=env,
+                       check=True, cwd=Path(__file__).parents[2])
+
+    try:
+        start()
+        _wait(lambda: "Message (Enter to send" in pane(), "first paint", pane)
+        _tmux("send-keys", "-t", name, "-l", "Hello from tmux")
+        _tmux("send-keys", "-t", name, "Enter")
+        _wait(lambda: "assistant" in pane() and "out of context" in pane(), "the reply", pane)
+        assert "Hello from tmux" in pane()
+        _tmux("send-keys", "-t", name, "C-q")
+        _wait(lambda: not alive(), "a clean exit", pane, timeout=30)
+        start()
+        _wait(lambda: pane().count("Hello from tmux") >= 2 and "assistant" in pane(), "the stored session", pane)
+        _tmux("send-keys", "-t", name, "C-q")
+        _wait(lambda: not alive(), "a clean exit", pane, timeout=30)
+    finally:
+        if alive():
+            _tmux("kill-session", "-t", name)
