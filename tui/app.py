@@ -428,6 +428,31 @@ class ChatApp(App[None]):
 
         self.bg(work, show)
 
+    def action_branch(self, step: int) -> None:
+        """Show another branch (an edit or regeneration sibling) of the selected / last message."""
+        if not self._live():
+            return
+        row = self.view.target()
+        if row is None:
+            return
+        store, sid = self.store, self.session.id
+
+        def switch() -> str:
+            sibs = [m.id for m in store.load(sid).siblings(row.id)]
+            if len(sibs) < 2:
+                raise LookupError("this message has no other branch (edit or regenerate to make one)")
+            store.switch_branch(sid, sibs[(sibs.index(row.id) + step) % len(sibs)])
+            self.sessions.pop(sid, None)  # reopened on the new branch (its KV slot is reused)
+            return f"Branch {(sibs.index(row.id) + step) % len(sibs) + 1} of {len(sibs)}."
+
+        def done(text: str) -> None:
+            self.session = None
+            self.view.clear_selection()
+            self.open_session(sid)
+            self.notify(text)
+
+        self.bg(switch, done)
+
     def action_toggle_pin(self) -> None:
         if not self._live():
             return

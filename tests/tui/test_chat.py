@@ -66,6 +66,12 @@ async def test_edit_and_regenerate_make_branches(make_app: Any, store: Any) -> N
         assert new_reply.role == "assistant" and new_reply.id != old_reply and len(app.view.rows) == 2
         conv = store.load(app.session_id)
         assert {m.id for m in conv.siblings(new_reply.id)} == {old_reply, new_reply.id}
+        # earlier branches stay reachable: back to the first reply, then to the unedited question
+        await pilot.press("alt+left")
+        await wait_for(pilot, lambda: app.session is not None and app.view.rows and app.view.rows[-1].id == old_reply)
+        await pilot.press("alt+up", "alt+up", "alt+left")
+        await wait_for(pilot, lambda: app.session is not None and app.view.rows[0].content == "first question")
+        assert store.thread(app.session_id)[0].content == "first question"
 
 
 @aio
