@@ -88,3 +88,12 @@ def test_cli_end_to_end(demo_gguf: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "conversation" in cap.out and "total (2)" in cap.out
     assert "greeting turn 1:" in cap.err  # progress
+
+
+def test_summarize_policy(demo_engine: Any) -> None:
+    run = replay(counting(5), demo_engine, mode="forced", window=128, max_new_tokens=32,
+                 policy={"reserve": 32, "summarize": "on", "summary_max_tokens": 8})
+    t4 = run.turns[3]
+    assert t4.summary and t4.summarized == (1, 2) and t4.regions["summary"] > 0
+    t5 = run.turns[4]  # the summary now takes room too: the cut moves on and the summary is extended
+    assert t5.summarized[:2] == (1, 2) and t5.summarized == t5.dropped and t5.regions["summary"] > 0
