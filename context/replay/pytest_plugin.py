@@ -83,7 +83,10 @@ def replay(request: pytest.FixtureRequest) -> Callable[..., ReplayRun]:
             tok, window = request.getfixturevalue("replay_tokenizer")
             options.setdefault("tokenizer", tok)
             options.setdefault("engine_window", window)
-            options.setdefault("model", _model(request.config))
+            if "model" not in options:
+                from chatcore.loader import resolve
+
+                options["model"] = resolve(_model(request.config))  # the header names the model file
         else:
             options.setdefault("engine", request.getfixturevalue("replay_engine"))
         result = _replay(source, **options)
