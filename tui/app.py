@@ -112,7 +112,8 @@ class ChatApp(App[None]):
             engine = self._given_engine
             if engine is None:
                 engine = load_engine(self.model_path, lambda d, t: self.post_message(ModelProgress(d, t, "loading")),
-                                     self.max_seq_len)
+                                     self.max_seq_len,
+                                     status=lambda text: self.call_from_thread(self.notify, text, timeout=8))
             from context import SlotPool
 
             self.pool = SlotPool(engine.new_slot)

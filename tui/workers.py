@@ -39,10 +39,11 @@ def open_store(url: str | None) -> Any:
     return storage.open_store(url)
 
 
-def load_engine(model: str, progress: Callable[[int, int], None], max_seq_len: int | None = None) -> Any:
+def load_engine(model: str, progress: Callable[[int, int], None], max_seq_len: int | None = None,
+                status: Callable[[str], None] | None = None) -> Any:
     import chatcore
 
-    return chatcore.load(model or "demo", progress=progress, max_seq_len=max_seq_len)
+    return chatcore.load(model or "demo", progress=progress, max_seq_len=max_seq_len, status=status)
 
 
 def list_sessions(store: Any, limit: int = 500) -> list[Any]:
