@@ -15,8 +15,6 @@ import pytest
 
 from context.replay.pytest_plugin import replay  # noqa: F401  (the fixture)
 
-DATA = Path(__file__).resolve().parent.parent / "data" / "replay"
-
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread() -> Iterator[None]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DATA
+from _replay_data import DATA
 from test_replay_plans import EXPECTED, counting
 
 from context.replay import main, replay

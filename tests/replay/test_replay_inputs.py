@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import DATA
+from _replay_data import DATA
 
 from context.replay.formats import load_file, parse_lines
 from context.replay.golden import compare

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DATA
+from _replay_data import DATA
 
 from context import TokenBudget
 from context.replay import main, replay
