@@ -105,23 +105,26 @@ def plan_kv(slot_tokens: Sequence[int], ids: Sequence[int], mode: str = "exact",
     """How to reuse a slot holding `slot_tokens` for a prompt `ids`.
 
     exact: keep the common prefix, prefill the rest (what a fresh prefill would compute, bit for bit).
-    shift: also look, at the slot's message `boundaries`, for a run of tokens that reappears right
-    after the common prefix (the turns after a pruned span); drop the span before it so it moves back
-    (RoPE keys re-rotated by the slot), when that saves at least `min_shift` tokens. Approximate.
+    shift: also look for a later message of the slot (at its `boundaries`) whose tokens reappear in
+    `ids` from the last boundary at or before the common prefix's end (the turns after a pruned span);
+    drop the span between so they move back (RoPE keys re-rotated by the slot), when that reuses at
+    least `min_shift` more tokens than exact mode. Approximate. The search starts at a boundary because a
+    common prefix usually runs into the next message's header (e.g. ChatML's "<|im_start|>user\n"),
+    which the first kept message and the first pruned one share.
     """
     slot_tokens = list(slot_tokens)
     ids = list(ids)
     keep = common_prefix(slot_tokens, ids)
-    best: tuple[int, int] | None = None
+    best: tuple[int, int, int] | None = None   # (start, end of the dropped span, tokens reused after it)
     if mode == "shift" and keep < len(ids):
-        head = ids[keep: keep + min_shift]
+        start = max((b for b in boundaries if b <= keep), default=keep)
         for b in sorted(set(boundaries)):
-            if b <= keep or b + len(head) > len(slot_tokens) or slot_tokens[b: b + len(head)] != head:
+            if b <= start:
                 continue
-            run = common_prefix(slot_tokens[b:], ids[keep:])
-            if run >= min_shift and (best is None or run > best[1]):
-                best = (b, run)
+            run = common_prefix(slot_tokens[b:], ids[start:])
+            if start + run >= keep + min_shift and (best is None or run > best[2]):
+                best = (start, b, run)
     if best is None:
         return KVPlan("exact" if mode == "exact" else "shift", keep, None, keep, len(ids) - keep)
-    b, run = best
-    return KVPlan("shift", keep, (keep, b), keep + run, len(ids) - keep - run)
+    start, b, run = best
+    return KVPlan("shift", start, (start, b), start + run, len(ids) - start - run)

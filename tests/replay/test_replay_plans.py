@@ -185,20 +185,23 @@ def test_plugin_as_users_enable_it(demo_gguf: Path, tmp_path: Path) -> None:
     assert "1 passed" in proc.stdout
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "context.plan_kv (shift mode) looks for the shifted run only at message boundaries after the common "
-    "prefix; with ChatML the prefix always runs into the next message's '<|im_start|>user\\n' header, so no "
-    "boundary qualifies and shift never triggers. Fix in context/plan.py: search from the last boundary <= keep."))
 def test_shift_policy_reuses_the_kept_turns(replay_tokenizer: tuple[Any, int]) -> None:
-    """kv=shift: after a prune, the kept turns' cached tokens move back instead of being re-prefilled."""
+    """kv=shift: after a prune, the kept turns' cached tokens move back instead of being re-prefilled.
+
+    Turn 4 at window 128 prunes turns 1-2. Exact mode keeps the common prefix: the system prompt (9) and
+    the 10 header tokens turn 1 and turn 3 share ("user ... after"), 19 in all. Shift mode restarts at
+    the message boundary after the system prompt and moves turn 3 with its reply (22 tokens) back:
+    9 + 22 = 31 reused, 12 more than exact; it applies when that gain reaches shift_min_tokens.
+    """
     tok, window = replay_tokenizer
     exact = _plan(replay_tokenizer, counting(8))
-    shift = replay(counting(8), tokenizer=tok, engine_window=window, mode="plan", window=128,
-                   policy={"reserve": 32, "kv": "shift"})
-    assert [t.prompt_sha256 for t in shift.turns] == [t.prompt_sha256 for t in exact.turns]  # same prompts
-    assert exact.turns[4].cache_hit_tokens == 53 and exact.turns[3].cache_hit_tokens == 19
-    assert shift.turns[3].cache_hit_tokens == 9 + 22 + 14  # system + turn 3 (shifted back) + "user ... after "
-    assert all(s.cache_hit_tokens >= e.cache_hit_tokens for s, e in zip(shift.turns, exact.turns, strict=True))
+    assert exact.turns[3].cache_hit_tokens == 19 and exact.turns[4].cache_hit_tokens == 53
+    for min_tokens, expected in ((16, 19), (8, 31)):
+        shift = replay(counting(8), tokenizer=tok, engine_window=window, mode="plan", window=128,
+                       policy={"reserve": 32, "kv": "shift", "shift_min_tokens": min_tokens})
+        assert [t.prompt_sha256 for t in shift.turns] == [t.prompt_sha256 for t in exact.turns]  # same prompts
+        assert shift.turns[3].cache_hit_tokens == expected
+        assert all(s.cache_hit_tokens >= e.cache_hit_tokens for s, e in zip(shift.turns, exact.turns, strict=True))
 
 
 def test_summarize_needs_the_model(replay_tokenizer: tuple[Any, int]) -> None:
