@@ -85,8 +85,9 @@ def _torch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int
         mask = bias.masked_fill(~_causal_mask(t, s, q_offset, q.device, window), float("-inf")).to(q.dtype)
     elif q_offset != 0 or window is not None:
         mask = _causal_mask(t, s, q_offset, q.device, window)
-    out = F.scaled_dot_product_attention(qh[None], k[None], v[None], attn_mask=None if mask is None else mask[None],
-                                         is_causal=mask is None)
+    if mask is not None:
+        mask = mask.view(1, -1, t, s)   # 4-D too: a 3-D mask sends the CPU kernel down its slow path (3x)
+    out = F.scaled_dot_product_attention(qh[None], k[None], v[None], attn_mask=mask, is_causal=mask is None)
     return out[0].transpose(0, 1)
 
 
