@@ -102,8 +102,11 @@ def main() -> None:
     rows = []
     for n in (128, 2048):
         ids = prompt_ids(engine, n)
-        ours = bench_ours(engine, ids, args.new_tokens, args.repeats)
-        theirs = bench_hf(ref, ids, args.new_tokens, args.repeats)
+        # Interleaved, one repeat of each at a time, so drift in a shared machine's speed hits both alike.
+        runs = [(bench_ours(engine, ids, args.new_tokens, 1), bench_hf(ref, ids, args.new_tokens, 1))
+                for _ in range(args.repeats)]
+        ours = {k: statistics.median(r[0][k] for r in runs) for k in runs[0][0]}
+        theirs = {k: statistics.median(r[1][k] for r in runs) for k in runs[0][1]}
         limit = bandwidth / (weight_bytes + kv_bytes_per_token * n)  # tok/s if each step read its bytes once
         rows.append({
             "prompt_tokens": n, "chatcore": ours, "transformers": theirs,
