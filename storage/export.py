@@ -166,7 +166,8 @@ def _s(value: Any) -> str:
     return value
 
 
-def _content(value: Any, i: int) -> str:
+def content_text(value: Any, i: int) -> str:
+    """A message's content as text: a string, or OpenAI-style text parts joined (``i``: its index, for errors)."""
     if value is None:
         return ""
     if isinstance(value, str):
@@ -180,7 +181,8 @@ def _content(value: Any, i: int) -> str:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise InvalidInput(f"message {i + 1} has a {kind!r} content part; only text is supported")
         return "".join(parts)
-    raise InvalidInput(f"message {i + 1} content must be a string or a list of text parts")
+    raise InvalidInput(f"message {i + 1}: content must be a string or a list of text parts, "
+                       f"got {type(value).__name__}")
 
 
 def _linear(rec: dict[str, Any], turns: list[tuple[str, str, dict[str, Any]]]) -> Conversation:
@@ -217,7 +219,7 @@ def _from_sharegpt(rec: dict[str, Any]) -> Conversation:
         role = _SHAREGPT_ROLES.get(str(who).lower())
         if role is None:
             raise InvalidInput(f"turn {i + 1} comes 'from' {who!r}; expected human/gpt/system/tool")
-        turns.append((role, _content(t.get("value"), i), {}))
+        turns.append((role, content_text(t.get("value"), i), {}))
     return _linear(rec, turns)
 
 
@@ -228,7 +230,7 @@ def _from_openai(rec: dict[str, Any]) -> Conversation:
         if role is None:
             raise InvalidInput(f"message {i + 1} has role {m.get('role') if isinstance(m, dict) else m!r}")
         extra = {k: v for k, v in m.items() if k in ("name", "tool_calls", "tool_call_id", "function_call")}
-        turns.append((role, _content(m.get("content"), i), extra))
+        turns.append((role, content_text(m.get("content"), i), extra))
     return _linear(rec, turns)
 
 

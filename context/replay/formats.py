@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from storage.errors import InvalidInput
+from storage.export import content_text
+
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "model": "assistant", "bard": "assistant", "bing": "assistant",
                   "system": "system", "tool": "tool", "function": "tool", "observation": "tool",
@@ -70,21 +73,10 @@ class FormatError(ValueError):
 
 
 def _content(value: Any, i: int) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        parts = []
-        for part in value:
-            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-            else:
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise FormatError(f"message {i + 1} has a {kind!r} content part; only text is supported")
-        return "".join(parts)
-    raise FormatError(f"message {i + 1}: content must be a string or a list of text parts, "
-                      f"got {type(value).__name__}")
+    try:
+        return content_text(value, i)
+    except InvalidInput as exc:
+        raise FormatError(str(exc)) from None
 
 
 def _pinned(item: dict[str, Any], i: int) -> bool:
