@@ -1,5 +1,5 @@
-"""End to end in a real terminal: tmux runs `python -m chatcore chat`, a message is typed, the reply
-read from the pane; quit; start again and the session is still there."""
+"""End to end in a real terminal: tmux runs `python -m chatcore chat` with the demo model, a question is
+typed, the answer read from the pane; quit; start again and the session is still there."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")]
 
 
+QUESTION = "What is the capital of France?"
+
+
 def _tmux(*args: str) -> str:
     return subprocess.run(["tmux", *args], capture_output=True, text=True, check=False).stdout
 
@@ -29,11 +32,11 @@ def _wait(cond: Callable[[], bool], what: str, pane: Callable[[], str], timeout:
     raise AssertionError(f"timed out waiting for {what}; pane:\n{pane()}")
 
 
-def test_chat_in_tmux(tui_model_dir: Path, tmp_path: Path) -> None:
+def test_chat_in_tmux(demo_gguf: Path, tmp_path: Path) -> None:
     name = f"chatcore-e2e-{os.getpid()}"
     env = {**os.environ, "CHATCORE_HOME": str(tmp_path / "home"), "TERM": "xterm-256color"}
     env.pop("REDIS_URL", None)
-    cmd = f"{sys.executable} -m chatcore chat --model {tui_model_dir}"
+    cmd = f"{sys.executable} -m chatcore chat --model {demo_gguf}"
 
     def pane() -> str:
         return _tmux("capture-pane", "-p", "-t", name)
@@ -42,20 +45,20 @@ def test_chat_in_tmux(tui_model_dir: Path, tmp_path: Path) -> None:
         return subprocess.run(["tmux", "has-session", "-t", name], capture_output=True).returncode == 0
 
     def start() -> None:
-        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "120", "-y", "35", cmd], env=env,
+        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "160", "-y", "40", cmd], env=env,
                        check=True, cwd=Path(__file__).parents[2])
 
     try:
         start()
         _wait(lambda: "Message (Enter to send" in pane(), "first paint", pane)
-        _tmux("send-keys", "-t", name, "-l", "Hello from tmux")
+        _tmux("send-keys", "-t", name, "-l", QUESTION)
         _tmux("send-keys", "-t", name, "Enter")
-        _wait(lambda: "assistant" in pane() and "out of context" in pane(), "the reply", pane)
-        assert "Hello from tmux" in pane()
+        _wait(lambda: "Paris" in pane() and "ttft" in pane(), "the answer", pane, timeout=120)
+        assert QUESTION in pane()
         _tmux("send-keys", "-t", name, "C-q")
         _wait(lambda: not alive(), "a clean exit", pane, timeout=30)
         start()
-        _wait(lambda: pane().count("Hello from tmux") >= 2 and "assistant" in pane(), "the stored session", pane)
+        _wait(lambda: QUESTION in pane() and "Paris" in pane(), "the stored session", pane, timeout=120)
         _tmux("send-keys", "-t", name, "C-q")
         _wait(lambda: not alive(), "a clean exit", pane, timeout=30)
     finally:
