@@ -16,6 +16,7 @@ from chatcore.layers.alibi import bloom_slopes
 from chatcore.layers.attention import attention
 from chatcore.layers.linear import for_linear
 from chatcore.layers.norm import layer_norm
+from chatcore.models.base import CausalLM
 from chatcore.models.llama import GetTensor
 from chatcore.runtime import Runtime
 
@@ -44,7 +45,7 @@ class Block:
         self.w_down, self.b_down = for_linear(get(f"{p}.mlp.dense_4h_to_h.weight")), get(f"{p}.mlp.dense_4h_to_h.bias")
 
 
-class BloomModel:
+class BloomModel(CausalLM):
     """A loaded BLOOM model; :meth:`forward` runs T new tokens of one sequence through a cache slot."""
 
     def __init__(self, cfg: ModelConfig, runtime: Runtime, get: GetTensor, backend: str) -> None:
@@ -70,11 +71,6 @@ class BloomModel:
                         "post_attention_layernorm", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"):
                 names += [f"transformer.h.{i}.{mod}.weight", f"transformer.h.{i}.{mod}.bias"]
         return names
-
-    def new_cache(self, capacity: int) -> KVCache:
-        c = self.cfg
-        return KVCache(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                       capacity=capacity, dtype=self.runtime.dtype, device=self.runtime.device, rotary=None)
 
     def forward(self, ids: torch.Tensor, cache: KVCache, *, all_logits: bool = False) -> torch.Tensor:
         c, eps = self.cfg, self.cfg.rms_norm_eps

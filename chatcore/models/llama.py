@@ -19,6 +19,7 @@ from chatcore.layers.attention import attention
 from chatcore.layers.linear import for_linear
 from chatcore.layers.norm import rms_norm
 from chatcore.layers.rope import Rotary
+from chatcore.models.base import CausalLM
 from chatcore.runtime import Runtime
 
 GetTensor = Callable[[str], torch.Tensor]
@@ -52,7 +53,7 @@ class Block:
             self.b_down = get(f"{m}.down_proj.bias")
 
 
-class LlamaModel:
+class LlamaModel(CausalLM):
     """A loaded Llama-style model; :meth:`forward` runs T new tokens of one sequence through a cache slot."""
 
     def __init__(self, cfg: ModelConfig, runtime: Runtime, get: GetTensor, backend: str) -> None:
@@ -85,12 +86,6 @@ class LlamaModel:
                 if cfg.mlp_bias:
                     names.append(f"{p}.mlp.{proj}_proj.bias")
         return names
-
-    def new_cache(self, capacity: int) -> KVCache:
-        c = self.cfg
-        return KVCache(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                       capacity=capacity, dtype=self.runtime.dtype, device=self.runtime.device,
-                       rotary=self.rotary)
 
     def forward(self, ids: torch.Tensor, cache: KVCache, *, all_logits: bool = False) -> torch.Tensor:
         """Run ``ids`` [T] after the slot's current tokens; return logits [T, vocab] or [1, vocab] (last)."""

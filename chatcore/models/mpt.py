@@ -20,6 +20,7 @@ from chatcore.layers.alibi import mpt_slopes
 from chatcore.layers.attention import attention
 from chatcore.layers.linear import for_linear
 from chatcore.layers.norm import layer_norm
+from chatcore.models.base import CausalLM
 from chatcore.models.llama import GetTensor
 from chatcore.runtime import Runtime
 
@@ -34,7 +35,7 @@ class Block:
         self.w_down = for_linear(get(f"{p}.ffn.down_proj.weight"))
 
 
-class MptModel:
+class MptModel(CausalLM):
     """A loaded MPT model; :meth:`forward` runs T new tokens of one sequence through a cache slot."""
 
     def __init__(self, cfg: ModelConfig, runtime: Runtime, get: GetTensor, backend: str) -> None:
@@ -57,11 +58,6 @@ class MptModel:
             names += [f"transformer.blocks.{i}.{m}.weight" for m in
                       ("norm_1", "attn.Wqkv", "attn.out_proj", "norm_2", "ffn.up_proj", "ffn.down_proj")]
         return names
-
-    def new_cache(self, capacity: int) -> KVCache:
-        c = self.cfg
-        return KVCache(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                       capacity=capacity, dtype=self.runtime.dtype, device=self.runtime.device, rotary=None)
 
     def forward(self, ids: torch.Tensor, cache: KVCache, *, all_logits: bool = False) -> torch.Tensor:
         c, eps = self.cfg, self.cfg.rms_norm_eps
