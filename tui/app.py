@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,10 @@ class ChatApp(App[None]):
         self.store_state = "opening" if store is None else "ready"  # opening | ready | failed
         self.load_seconds: float | None = None
         self.turns = 0  # turns finished or refused (tests wait on it)
+        self.live_shown: str | None = None  # the session last shown live (KV-ready), meter included
+        # Set once the first session and the sidebar are on screen (or there is nothing to show): the model
+        # load waits for it (3 s at most), so torch's start-up does not compete with the first screen.
+        self.ui_settled = threading.Event()
         self.clipboard_file = keymap.config_dir() / "clipboard.txt"
 
     # -- layout -------------------------------------------------------------------------------------
@@ -105,8 +110,10 @@ class ChatApp(App[None]):
                 self.post_message(StoreReady(open_store(self.redis_url)))
             except Exception as exc:  # noqa: BLE001 - shown as a notice; the app keeps running
                 self.post_message(LoadFailed("storage", exc))
+                self.ui_settled.set()  # nothing to show: load the model now
         else:
             self.post_message(StoreReady(self.store))
+        self.ui_settled.wait(timeout=3.0)
         sw = Stopwatch()
         try:
             engine = self._given_engine
@@ -183,14 +190,20 @@ class ChatApp(App[None]):
         store = self.store
 
         async def got(records: list[Any]) -> None:
-            await self.query_one(SessionList).set_records(records, self.session_id)
+            async def sidebar() -> None:
+                await self.query_one(SessionList).set_records(records, self.session_id)
+                self.ui_settled.set()
+
             if not open_first:
+                await sidebar()
                 return
             if self.session_id is None and records:
                 self.session_id = records[0].id
             if self.session_id is not None:
-                self.open_session(self.session_id)
+                # The session's messages first; the sidebar mounts once they are on screen.
+                self.open_session(self.session_id, after=sidebar)
             else:
+                await sidebar()
                 self._flush_pending()
 
         def fetch() -> list[Any]:
@@ -212,8 +225,10 @@ class ChatApp(App[None]):
 
         self.bg(fetch, got, failed)
 
-    def open_session(self, session_id: str) -> None:
-        """Show a session: from storage at once; as a live ChatSession when the model is ready."""
+    def open_session(self, session_id: str, after: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Show a session: from storage at once; as a live ChatSession when the model is ready.
+
+        ``after`` runs once the session is on screen (or could not be shown)."""
         if self.store is None:
             return
         self.session_id = session_id
@@ -233,6 +248,13 @@ class ChatApp(App[None]):
             return s, session_rows(s), meter_info(s)
 
         async def show(result: tuple[Any, list[Row], MeterInfo]) -> None:
+            try:
+                await _show(result)
+            finally:
+                if after is not None:
+                    await after()
+
+        async def _show(result: tuple[Any, list[Row], MeterInfo]) -> None:
             session, rows, info = result
             if self.session_id != session_id:
                 return
@@ -243,9 +265,15 @@ class ChatApp(App[None]):
             await self.view.show(rows)
             self.query_one(ContextMeter).set_info(info)
             if session is not None:
+                self.live_shown = session_id
                 self._flush_pending()
 
-        self.bg(load, show)
+        def failed(exc: BaseException) -> None:
+            self.show_error(exc)
+            if after is not None:
+                self.call_later(after)
+
+        self.bg(load, show, failed)
 
     def _new_session_sync(self, title: str = "", system: str | None = None) -> Any:
         from context import ChatSession

@@ -101,7 +101,8 @@ async def ready(pilot: Any) -> None:
     """Model loaded, storage open, and the first session (if any) shown."""
     app = pilot.app
     await wait_for(pilot, lambda: app.load_state != "loading" and app.store is not None)
-    await wait_for(pilot, lambda: app.session_id is None or app.session is not None)
+    await wait_for(pilot, lambda: app.session_id is None or app.live_shown == app.session_id)
+    await wait_for(pilot, lambda: app.query_one("#sidebar").loaded)
     await pilot.pause()
 
 

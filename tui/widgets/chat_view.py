@@ -12,7 +12,7 @@ from textual.widgets._markdown import MarkdownStream
 
 from ..workers import Row
 
-SHOWN = 40  # messages mounted at once; older ones stay in storage (a label says how many)
+SHOWN = 24  # messages mounted at once; older ones stay in storage (a label says how many)
 _CODE = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 
 

@@ -9,6 +9,8 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import Input, Label, ListItem, ListView
 
+SHOWN = 100  # rows mounted at once (mounting is the slow part); the filter looks through every loaded session
+
 
 class SessionItem(ListItem):
     def __init__(self, record: Any) -> None:
@@ -26,6 +28,7 @@ class SessionList(Vertical):
         super().__init__(**kw)  # type: ignore[arg-type]
         self.records: list[Any] = []
         self.current: str | None = None
+        self.loaded = False  # set once the first list of sessions is on screen
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="filter sessions", id="filter")
@@ -40,11 +43,12 @@ class SessionList(Vertical):
         if current is not None:
             self.current = current
         await self.refresh_items()
+        self.loaded = True
 
     async def refresh_items(self) -> None:
         lv = self.query_one(ListView)
         text = self.filter_text
-        shown = [r for r in self.records if not text or text in (r.title or "").lower()]
+        shown = [r for r in self.records if not text or text in (r.title or "").lower()][:SHOWN]
         await lv.clear()
         await lv.extend([SessionItem(r) for r in shown])
         for i, r in enumerate(shown):
