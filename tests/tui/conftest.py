@@ -14,19 +14,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "context"))
 from _context_helpers import make_chat_model_dir  # noqa: E402
+from _shared_fixtures import _embedded, _one_torch_thread, store  # noqa: E402, F401  (fixtures)
 
 from storage import Store  # noqa: E402
-from storage.connect import embedded_path, open_embedded  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
@@ -49,22 +39,8 @@ def tui_engine(tui_model_dir: Path) -> Any:
     return chatcore.load(tui_model_dir, device="cpu", dtype="float32", max_seq_len=512)
 
 
-@pytest.fixture(scope="session")
-def _embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
-    store = open_embedded(embedded_path(tmp_path_factory.mktemp("tui-redis")))
-    yield store
-    store.close()
-
-
 @pytest.fixture
-def store(_embedded: Store) -> Iterator[Store]:
-    _embedded._r.flushdb()
-    yield _embedded
-    _embedded._r.flushdb()
-
-
-@pytest.fixture
-def make_app(tui_engine: Any, store: Store, tmp_path: Path) -> Callable[..., Any]:
+def make_app(tui_engine: Any, store: Store, tmp_path: Path) -> Callable[..., Any]:  # noqa: F811 (the fixture)
     from tui.app import ChatApp
 
     def make(**kw: Any) -> ChatApp:
