@@ -6,35 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from family_check import GREEDY, hf_greedy, our_greedy, prompt, reference
 from model_factory import make_llama_dir
 
 import chatcore
-from chatcore import SamplingParams
-
-GREEDY = SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True)
-
-
-def reference(path: Path):  # noqa: ANN201
-    from transformers import LlamaForCausalLM
-
-    return LlamaForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
-
-
-def hf_greedy(model, ids: list[int], n: int = 32) -> list[int]:  # noqa: ANN001
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             pad_token_id=0)
-    return out[0, len(ids):].tolist()
-
-
-def our_greedy(engine: chatcore.Engine, ids: list[int], slot=None) -> list[int]:  # noqa: ANN001
-    return [ev.token_id for ev in engine.generate(ids, GREEDY, slot=slot)]
-
-
-def prompt(n: int, seed: int, vocab: int = 320) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(2, vocab, (n,), generator=g).tolist()
-
 
 VARIANTS = {
     "plain": {},
