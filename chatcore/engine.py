@@ -18,6 +18,27 @@ from chatcore.stopping import StopStrings
 from chatcore.tokenizer import Tokenizer
 
 
+class _TokenFetch:
+    """Reads a sampled token (and logprob) from the device without waiting for work queued after it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.host = torch.empty(2, dtype=torch.float64, pin_memory=True)
+        self.event = torch.cuda.Event()
+        self.with_logprob = False
+        self.device = device
+
+    def start(self, token: torch.Tensor, logprob: torch.Tensor | None) -> None:
+        pair = torch.stack([token.to(torch.float64), (logprob if logprob is not None else token).to(torch.float64)])
+        self.host.copy_(pair, non_blocking=True)
+        self.event.record()
+        self.with_logprob = logprob is not None
+
+    def result(self) -> tuple[int, float | None]:
+        self.event.synchronize()
+        token, logprob = self.host.tolist()
+        return int(token), (logprob if self.with_logprob else None)
+
+
 @dataclass(frozen=True)
 class GenerationStats:
     prompt_tokens: int
@@ -67,14 +88,19 @@ class Engine:
         if tokenizer is not None:
             eos.update(tokenizer.eos_token_ids)
         self.eos_token_ids = frozenset(eos)
+        self._graph_pool = None
 
     @property
     def window(self) -> int:
         return self.runtime.max_seq_len
 
     def new_slot(self, capacity: int | None = None) -> KVCache:
-        """A KV cache slot to keep between calls (its tokens are reused as a prefix)."""
-        return self.model.new_cache(min(capacity or self.window, self.window))
+        """A KV cache slot to keep between calls (its tokens are reused as a prefix).
+
+        With CUDA graphs the slot is allocated whole up front (a captured graph needs buffers that never move).
+        """
+        return self.model.new_cache(min(capacity or self.window, self.window),
+                                    preallocate=self.runtime.uses_cuda_graphs)
 
     # -- forward passes -----------------------------------------------------------------------------
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
@@ -92,6 +118,28 @@ class Engine:
         out = self.model.forward(x, slot, all_logits=all_logits)
         slot.commit(ids)
         return out
+
+    def _graph(self, slot: KVCache):  # noqa: ANN202
+        """The slot's captured decode step (captured on first use), or None where graphs do not apply."""
+        if not (self.runtime.uses_cuda_graphs and slot.allocated == slot.capacity):
+            return None
+        if slot.decode_graph is None:
+            from chatcore.cuda_graph import DecodeGraph
+
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            slot.decode_graph = DecodeGraph(self.model, slot, self._graph_pool)
+        return slot.decode_graph
+
+    @torch.inference_mode()
+    def _step(self, token: int, slot: KVCache) -> torch.Tensor:
+        """One decode step: the slot's CUDA graph when it has one, else an eager forward pass."""
+        graph = self._graph(slot)
+        if graph is None:
+            return self._run([token], slot)[-1]
+        logits = graph.step(token)
+        slot.commit([token])
+        return logits[-1]
 
     def prefill(self, ids: Sequence[int], slot: KVCache, *, all_logits: bool = False,
                 sink_tokens: int | None = None) -> torch.Tensor:
@@ -175,26 +223,46 @@ class Engine:
         n = 0
         ttft = 0.0
         t_first = t0
+        graph = self._graph(slot) if slot.length < slot.capacity else None
+        fetch = _TokenFetch(self.runtime.device) if graph is not None else None
         while True:
-            token, logprob = sampler.sample(logits)
+            room = slot.length < slot.capacity or sink_tokens is not None
+            ahead = False
+            if fetch is not None:
+                # GPU: queue the next step on the sampled token before the host has read it, so the host's
+                # work per token (reading it, detokenizing, stop strings, the caller) overlaps the GPU's
+                token_t, logprob_t = sampler.pick(logits)
+                fetch.start(token_t, logprob_t)
+                ahead = n + 1 < params.max_new_tokens and room
+                if ahead:
+                    if slot.length >= slot.capacity:
+                        discarded += self.make_room(slot, 1, sink_tokens)
+                    next_logits = graph.launch(token_t)[-1]
+                token, logprob = fetch.result()
+            else:
+                token, logprob = sampler.sample(logits)
             n += 1
             if n == 1:
                 t_first = time.perf_counter()
                 ttft = t_first - t0
             sampler.accept(token)
             ended = token in end_ids
+            more = not ended and n < params.max_new_tokens and room
+            if ahead:
+                if more:
+                    slot.commit([token])   # the queued step ran on this token: its keys/values are in the slot
+                # else the queued step is dropped: it wrote only the row past the slot's last token
+            elif more:
+                if slot.length >= slot.capacity:
+                    discarded += self.make_room(slot, 1, sink_tokens)
+                next_logits = self._step(token, slot)
             text, stopped = stops.feed(detok.push(token)) if detok and not ended else ("", False)
             finish = "stop" if ended or stopped else None
-            if finish is None and n >= params.max_new_tokens:
+            if finish is None and not more:
                 finish = "length"
-            if finish is None and slot.length >= slot.capacity:
-                if sink_tokens is None:
-                    finish = "length"
-                else:
-                    discarded += self.make_room(slot, 1, sink_tokens)
             if finish is None:
                 yield TokenEvent(token, text, logprob)
-                logits = self._run([token], slot)[-1]
+                logits = next_logits
                 continue
             if not stopped and detok is not None:
                 tail, stopped = stops.feed(detok.flush())

@@ -3,7 +3,8 @@
 Keys are stored already rotated (RoPE applied), so attention kernels read them as they are. The layout
 is head-major, [layers, kv_heads, positions, head_dim], so each head's keys are contiguous (what
 PyTorch's attention reads fastest; flash-attn takes the transposed view). Storage grows on demand up
-to ``capacity`` tokens. A slot knows its tokens, so the next request prefills only
+to ``capacity`` tokens, or is allocated whole at once (``preallocate``: buffers that never move, which a
+captured CUDA graph needs). A slot knows its tokens, so the next request prefills only
 what differs (:meth:`common_prefix`).
 """
 
@@ -21,14 +22,18 @@ _GROW = 256  # allocation granularity in tokens
 
 class KVCache:
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device, rotary: Rotary | None) -> None:
+                 dtype: torch.dtype, device: torch.device, rotary: Rotary | None, preallocate: bool = False) -> None:
         self.capacity = capacity
         self.rotary = rotary
         self._shape = (num_layers, num_kv_heads, 0, head_dim)
         self._dtype, self._device = dtype, device
-        self.k = torch.empty(self._shape, dtype=dtype, device=device)
-        self.v = torch.empty(self._shape, dtype=dtype, device=device)
+        # preallocated: zeros, since a masked read of a static buffer must never meet NaN garbage (0 * NaN)
+        make = torch.zeros if preallocate else torch.empty
+        size = capacity if preallocate else 0
+        self.k = make((num_layers, num_kv_heads, size, head_dim), dtype=dtype, device=device)
+        self.v = make((num_layers, num_kv_heads, size, head_dim), dtype=dtype, device=device)
         self.tokens: list[int] = []
+        self.decode_graph: object | None = None   # the engine's captured decode step for this slot, if any
 
     @property
     def length(self) -> int:

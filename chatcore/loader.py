@@ -119,24 +119,27 @@ def _gc_paused() -> Iterator[None]:
 
 
 def load(path: str | Path | None = "demo", device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, *, max_seq_len: int | None = None, prefill_chunk: int = 512,
-         attention: str = "auto", progress: Progress | None = None,
-         status: Callable[[str], None] | None = None) -> Engine:
+         dtype: str | torch.dtype | None = None, *, max_seq_len: int | None = None,
+         prefill_chunk: int | None = None, attention: str = "auto", cuda_graphs: bool = True,
+         progress: Progress | None = None, status: Callable[[str], None] | None = None) -> Engine:
     """Load a model for generation.
 
     ``path``: a Hugging Face directory, a ``.gguf`` file, or ``"demo"`` / None for SmolLM2-135M-Instruct.
     ``device`` / ``dtype``: None picks CUDA + bfloat16 when available, else CPU + float32.
     ``max_seq_len``: the context window to serve (default: the model's own).
+    ``prefill_chunk``: prompt tokens per forward pass (default 512 on the CPU, 2048 on a GPU).
+    ``attention``: auto, flash, triton, torch or math; ``cuda_graphs``: capture each slot's decode step.
     ``progress(done, total)``: called as tensors load; ``status(message)``: notices such as the demo
     model's first download (both default to stderr).
     """
     with _gc_paused():
         return _load(path, device, dtype, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
-                     attention=attention, progress=progress, status=status)
+                     attention=attention, cuda_graphs=cuda_graphs, progress=progress, status=status)
 
 
 def _load(path: str | Path | None, device: str | torch.device | None, dtype: str | torch.dtype | None, *,
-          max_seq_len: int | None, prefill_chunk: int, attention: str, progress: Progress | None,
+          max_seq_len: int | None, prefill_chunk: int | None, attention: str, cuda_graphs: bool,
+          progress: Progress | None,
           status: Callable[[str], None] | None) -> Engine:
     p = resolve(path, status)
     cfg, source, tokenizer = open_checkpoint(p)
@@ -150,8 +153,9 @@ def _load(path: str | Path | None, device: str | torch.device | None, dtype: str
     dt = pick_dtype(dtype, dev)
     # dynamic NTK RoPE may serve past max_position_embeddings (its table is frozen for this window)
     window = min(max_seq_len or cfg.max_position_embeddings, cfg.max_window)
-    runtime = Runtime(device=dev, dtype=dt, max_seq_len=window, prefill_chunk=prefill_chunk,
-                      attention_backend=pick_backend(attention, dev, dt))
+    runtime = Runtime(device=dev, dtype=dt, max_seq_len=window,
+                      prefill_chunk=prefill_chunk or (2048 if dev.type == "cuda" else 512),
+                      attention_backend=pick_backend(attention, dev, dt), cuda_graphs=cuda_graphs)
     report = progress or _bar(len(names), p.name)
     done = 0
 

@@ -14,6 +14,11 @@ class Runtime:
     max_seq_len: int            # tokens a cache slot may hold (the context window in use)
     prefill_chunk: int = 512    # prompt tokens per forward pass; bounds activation memory
     attention_backend: str = "auto"
+    cuda_graphs: bool = True    # on CUDA: each slot's decode step is captured once and replayed per token
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self.cuda_graphs and self.device.type == "cuda"
 
     def __post_init__(self) -> None:
         if self.max_seq_len <= 0:

@@ -174,6 +174,14 @@ class Sampler:
         before penalties, temperature and filtering, at the chosen token -- what vLLM reports by
         default. Exactly one device->host transfer happens (token id and logprob together).
         """
+        token, logprob = self.pick(logits)
+        if logprob is None:
+            return int(token.item()), None
+        token_f, logprob_f = torch.stack([token.to(torch.float32), logprob]).tolist()
+        return int(token_f), logprob_f
+
+    def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`sample` without the transfer: the token id (int64, 0-d) and logprob stay on the device."""
         raw = self._upcast(logits)
         scores = self._scores(raw)
         if self.params.greedy:
@@ -184,10 +192,8 @@ class Sampler:
             race = torch.empty_like(scores).exponential_(generator=self._generator)
             token = (scores - race.clamp_min_(torch.finfo(torch.float32).tiny).log_()).argmax()
         if not self.params.logprobs:
-            return int(token.item()), None
-        logprob = raw.gather(0, token.unsqueeze(0))[0] - torch.logsumexp(raw, dim=-1)  # raw[token] syncs
-        token_f, logprob_f = torch.stack([token.to(torch.float32), logprob]).tolist()
-        return int(token_f), logprob_f
+            return token, None
+        return token, raw.gather(0, token.unsqueeze(0))[0] - torch.logsumexp(raw, dim=-1)
 
     # -- shared processing -------------------------------------------------------------------
 

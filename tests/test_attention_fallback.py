@@ -33,16 +33,18 @@ def test_torch_matches_math(case: tuple[int, int, int, int, int]) -> None:
 
 def test_auto_backend_on_cpu_is_torch() -> None:
     assert pick_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'flash' needs a CUDA device"):
+            pick_backend("flash", torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="unknown attention backend"):
         pick_backend("nope", torch.device("cpu"), torch.float32)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["torch", "flash"])
+@pytest.mark.parametrize("backend", ["torch", "flash", "triton"])
 @pytest.mark.parametrize("case", CASES)
 def test_gpu_backends_match_reference(backend: str, case: tuple[int, int, int, int, int]) -> None:
-    if backend == "flash":
-        pytest.importorskip("flash_attn")
+    pytest.importorskip({"torch": "torch", "flash": "flash_attn", "triton": "triton"}[backend])
     t, before, hq, hkv, d = case
     q, k, v = qkv(t, before + t, hq, hkv, d, torch.bfloat16, "cuda", seed=sum(case))
     ref = attention(q.double(), k.double(), v.double(), q_offset=before, backend="math")

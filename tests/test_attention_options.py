@@ -37,9 +37,11 @@ CASES = [  # (T, cached before, Hq, Hkv, D, window, alibi)
 ]
 
 
-@pytest.mark.parametrize("backend", ["math", "torch"])
+@pytest.mark.parametrize("backend", ["math", "torch", "triton"])
 @pytest.mark.parametrize("case", CASES)
 def test_window_and_alibi_match_the_definition(backend: str, case: tuple) -> None:
+    if backend == "triton":
+        pytest.importorskip("triton")
     t, before, hq, hkv, d, window, use_alibi = case
     g = torch.Generator().manual_seed(t * 100 + before)
     q = torch.randn(t, hq, d, generator=g)
@@ -58,11 +60,10 @@ def test_bad_window_is_refused() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["torch", "flash"])
+@pytest.mark.parametrize("backend", ["torch", "flash", "triton"])
 @pytest.mark.parametrize("case", CASES)
 def test_gpu_window_and_alibi(backend: str, case: tuple) -> None:
-    if backend == "flash":
-        pytest.importorskip("flash_attn")
+    pytest.importorskip({"torch": "torch", "flash": "flash_attn", "triton": "triton"}[backend])
     t, before, hq, hkv, d, window, use_alibi = case
     g = torch.Generator(device="cuda").manual_seed(t)
     q = torch.randn(t, hq, d, generator=g, device="cuda").bfloat16()
@@ -72,3 +73,16 @@ def test_gpu_window_and_alibi(backend: str, case: tuple) -> None:
     ref = attention(q.double(), k.double(), v.double(), q_offset=before, backend="math", window=window, alibi=slopes)
     out = attention(q, k, v, q_offset=before, backend=backend, window=window, alibi=slopes).double()
     assert torch.linalg.norm(out - ref) / torch.linalg.norm(ref) < 1e-2
+
+
+def test_long_alibi_chunks_are_split_to_bound_the_bias_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import chatcore.layers.attention as attn
+
+    monkeypatch.setattr(attn, "_MASK_BYTES", 4096)   # forces several levels of query splits
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(37, 4, 16, generator=g)
+    k, v = torch.randn(4, 60, 16, generator=g), torch.randn(4, 60, 16, generator=g)
+    slopes = bloom_slopes(4)
+    for window in (None, 9):
+        out = attention(q, k, v, q_offset=23, backend="torch", window=window, alibi=slopes)
+        assert (out.double() - naive(q, k, v, 23, window, slopes)).abs().max().item() < 1e-5

@@ -13,26 +13,46 @@ Options, honoured by every backend:
 
 Backends:
 - ``flash``: flash-attn's kernels (GPU, fp16/bf16), used automatically when the package imports;
+- ``triton``: the project's own split-K decode kernels (:mod:`chatcore.layers.triton_decode`) for one new
+  token, PyTorch's SDPA (flash kernel, bottom-right causal) for prompt chunks; for GPUs without flash-attn;
 - ``torch``: PyTorch's scaled_dot_product_attention (any device);
 - ``math``: plain float32 softmax attention, the reference the others are tested against.
 
 Keys that no query can see (older than every query's window) are cut off before any backend runs, so a
 decode step with a window reads only ``window`` keys.
+
+**Decode on a static cache** (what a CUDA graph captures): ``q_offset`` is then a device int32 tensor [1]
+holding the new token's position, ``q`` is [1, Hq, D], ``k``/``v`` are the whole cache buffers
+[Hkv, capacity, D], and ``new_kv`` the new token's key and value [1, Hkv, D]. The entry point rotates q and
+the new key at that position (``rotary``: full cos/sin tables [positions, D/2]), writes the key and value
+into the cache there, and attends over keys 0..position: flash-attn in one kernel
+(``flash_attn_with_kvcache`` with in-kernel rotary, ``cache_seqlens``), triton in three, torch and math
+with plain tensor ops. Nothing reads the position on the host, so the step can be replayed at any length.
+``sinks`` (this mode, triton / torch / math): with a window, the first ``sinks`` keys stay visible too.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("flash", "torch", "math")
+BACKENDS = ("flash", "triton", "torch", "math")
+_MASK_BYTES = 256 * 2**20   # largest ALiBi bias one SDPA call materialises
 
 
 def flash_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
+
+
+def triton_available(device: torch.device) -> bool:
+    """Triton kernels run on CUDA devices, and on the CPU under Triton's interpreter (TRITON_INTERPRET=1)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def pick_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -40,25 +60,34 @@ def pick_backend(requested: str, device: torch.device, dtype: torch.dtype) -> st
     if requested == "auto":
         if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_available():
             return "flash"
+        if device.type == "cuda" and triton_available(device):
+            return "triton"
         return "torch"
     if requested not in BACKENDS:
         raise ValueError(f"unknown attention backend {requested!r}; choose from auto, {', '.join(BACKENDS)}")
     if requested == "flash" and not (device.type == "cuda" and flash_available()):
         raise ValueError("attention backend 'flash' needs a CUDA device and the flash-attn package")
+    if requested == "triton" and not triton_available(device):
+        raise ValueError("attention backend 'triton' needs a CUDA device and the triton package "
+                         "(or TRITON_INTERPRET=1 on the CPU)")
     return requested
 
 
-def _causal_mask(t: int, s: int, q_offset: int, device: torch.device, window: int | None = None) -> torch.Tensor:
+Offset = int | torch.Tensor   # a position known on the host, or held on the device (int32 [1])
+
+
+def _causal_mask(t: int, s: int, q_offset: Offset, device: torch.device, window: int | None = None,
+                 sinks: int = 0) -> torch.Tensor:
     """[T, S] bool: True where query i may see key j."""
     rows = torch.arange(t, device=device)[:, None] + q_offset
     cols = torch.arange(s, device=device)[None, :]
     visible = cols <= rows
     if window is not None:
-        visible &= cols > rows - window
+        visible &= (cols > rows - window) | (cols < sinks)
     return visible
 
 
-def _alibi_bias(slopes: torch.Tensor, t: int, s: int, q_offset: int, device: torch.device) -> torch.Tensor:
+def _alibi_bias(slopes: torch.Tensor, t: int, s: int, q_offset: Offset, device: torch.device) -> torch.Tensor:
     """[H, T, S] float32: slope * (j - i) for query i (at q_offset + i) and key j."""
     rel = torch.arange(s, device=device)[None, :] - (torch.arange(t, device=device)[:, None] + q_offset)
     return slopes.to(device=device, dtype=torch.float32)[:, None, None] * rel.to(torch.float32)
@@ -74,11 +103,29 @@ def _torch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int
         out = F.scaled_dot_product_attention(q.view(1, hkv, hq // hkv, d), k[None], v[None])
         return out.reshape(1, hq, d)
     qh = q.transpose(0, 1)
+    if q.is_cuda and alibi is None and window is None:
+        # GPU prompt chunk: the flash SDPA kernel with native GQA, causal aligned bottom-right over the cache
+        # (no mask tensor, no repeated K/V, memory bounded by the chunk)
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(t, s) if q_offset else None
+        try:
+            out = F.scaled_dot_product_attention(qh[None], k[None], v[None], attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=hq != hkv)
+            return out[0].transpose(0, 1)
+        except RuntimeError:   # no fused kernel takes this shape on this GPU: the general path below
+            pass
     if hq != hkv:
         # Prefill: explicit K/V repeat keeps SDPA on its fused (flash) kernels; with enable_gqa the CPU
         # build falls back to the unfused math path, twice as slow.
         k, v = k.repeat_interleave(hq // hkv, dim=0), v.repeat_interleave(hq // hkv, dim=0)
     # 4-D inputs: SDPA's fused CPU kernel takes only [batch, heads, tokens, dim].
+    if alibi is not None and t > 1 and hq * t * s * 4 > _MASK_BYTES:
+        # an ALiBi bias is a [H, T, S] tensor: split the queries so that it stays small (memory bounded)
+        half = t // 2
+        return torch.cat([_torch_sdpa(q[:half], k[:, : q_offset + half], v[:, : q_offset + half], q_offset, window,
+                                      alibi),
+                          _torch_sdpa(q[half:], k, v, q_offset + half, window, alibi)])
     mask: torch.Tensor | None = None
     if alibi is not None:
         bias = _alibi_bias(alibi, t, s, q_offset, q.device)
@@ -117,18 +164,94 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, win
                            alibi_slopes=None if alibi is None else alibi.to(device=q.device, dtype=torch.float32))[0]
 
 
-_IMPLS = {"flash": _flash, "torch": _torch_sdpa, "math": _math}
+def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, window: int | None,
+            alibi: torch.Tensor | None) -> torch.Tensor:
+    if q.shape[0] > 1:
+        return _torch_sdpa(q, k, v, q_offset, window, alibi)
+    from chatcore.layers.triton_decode import decode_attention
+
+    pos = torch.full((1,), q_offset, dtype=torch.int32, device=q.device)
+    slopes = None if alibi is None else alibi.to(device=q.device, dtype=torch.float32)
+    return decode_attention(q[0], k, v, pos, window=window, alibi=slopes)[None]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_offset: int, backend: str,
-              window: int | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
+_IMPLS = {"flash": _flash, "triton": _triton, "torch": _torch_sdpa, "math": _math}
+
+
+def _device_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, backend: str,
+                   window: int | None, alibi: torch.Tensor | None, sinks: int,
+                   new_kv: tuple[torch.Tensor, torch.Tensor],
+                   rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """The static-cache decode mode of :func:`attention` (see the module docstring)."""
+    k_new, v_new = new_kv
+    slopes = None if alibi is None else alibi.to(device=q.device, dtype=torch.float32)
+    if backend == "flash":
+        from flash_attn import flash_attn_with_kvcache
+
+        if sinks:
+            raise ValueError("flash-attn has no attention sinks; use the triton or torch backend")
+        cos, sin = rotary if rotary is not None else (None, None)
+        return flash_attn_with_kvcache(
+            q[None], k_cache.transpose(0, 1)[None], v_cache.transpose(0, 1)[None], k=k_new[None], v=v_new[None],
+            rotary_cos=cos, rotary_sin=sin, cache_seqlens=pos, causal=True, rotary_interleaved=False,
+            window_size=(-1, -1) if window is None else (window - 1, 0), alibi_slopes=slopes)[0]
+    if backend == "triton":
+        from chatcore.layers.triton_decode import decode_attention, rope_append
+
+        q1 = q[0]
+        cos, sin = rotary if rotary is not None else (None, None)
+        rope_append(q1, k_new[0], v_new[0], k_cache, v_cache, pos, cos, sin)
+        return decode_attention(q1, k_cache, v_cache, pos, window=window, sinks=sinks, alibi=slopes)[None]
+    if rotary is not None:
+        cos, sin = (x.index_select(0, pos)[:, None, :].to(q.dtype) for x in rotary)
+        q, k_new = _rotate(q, cos, sin), _rotate(k_new, cos, sin)
+    index = pos.long()
+    k_cache.index_copy_(1, index, k_new.transpose(0, 1))
+    v_cache.index_copy_(1, index, v_new.transpose(0, 1))
+    d = q.shape[-1]
+    mask = _causal_mask(1, k_cache.shape[1], pos, q.device, window, sinks)[None]
+    if backend == "math":
+        hq, hkv = q.shape[1], k_cache.shape[0]
+        kf = k_cache.float().repeat_interleave(hq // hkv, dim=0)
+        scores = torch.einsum("thd,hsd->hts", q.float(), kf) / math.sqrt(d)
+        if slopes is not None:
+            scores = scores + _alibi_bias(slopes, 1, k_cache.shape[1], pos, q.device)
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        out = torch.einsum("hts,hsd->thd", probs, v_cache.float().repeat_interleave(hq // hkv, dim=0))
+        return out.to(q.dtype)
+    bias = mask if slopes is None else _alibi_bias(slopes, 1, k_cache.shape[1], pos, q.device).masked_fill(
+        ~mask, float("-inf")).to(q.dtype)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_cache[None], v_cache[None],
+                                         attn_mask=bias.view(1, -1, 1, k_cache.shape[1]),
+                                         enable_gqa=q.shape[1] != k_cache.shape[0])
+    return out[0].transpose(0, 1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_offset: Offset, backend: str,
+              window: int | None = None, alibi: torch.Tensor | None = None, sinks: int = 0,
+              new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+              rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal attention of the T newest queries over the cached keys; returns [T, Hq, D].
 
     ``window``: sliding-window size (None: full attention); ``alibi``: ALiBi slopes [Hq] (None: no bias).
+    With a device tensor ``q_offset``: the static-cache decode mode (module docstring), which takes
+    ``new_kv``, ``rotary`` and ``sinks``.
     """
+    if window is not None and window <= 0:
+        raise ValueError(f"attention window must be positive, got {window}")
+    if isinstance(q_offset, torch.Tensor):
+        if new_kv is None or q.shape[0] != 1:
+            raise ValueError("decode on a static cache takes one query and the new key/value (new_kv)")
+        return _device_decode(q, k, v, q_offset, backend, window, alibi, sinks, new_kv, rotary)
+    if sinks or new_kv is not None or rotary is not None:
+        raise ValueError("sinks, new_kv and rotary belong to decode on a static cache (a device q_offset)")
     if window is not None:
-        if window <= 0:
-            raise ValueError(f"attention window must be positive, got {window}")
         cut = q_offset + 1 - window  # keys before this are outside every query's window
         if cut > 0:
             k, v, q_offset = k[:, cut:], v[:, cut:], q_offset - cut

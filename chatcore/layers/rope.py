@@ -138,6 +138,13 @@ class Rotary:
         self.cos = freqs.cos() * self.attention_scaling
         self.sin = freqs.sin() * self.attention_scaling
         self.max_positions = max_positions
+        self._full: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def full_tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole cos/sin tables [positions, head_dim/2] in ``dtype`` (made once per dtype)."""
+        if dtype not in self._full:
+            self._full[dtype] = (self.cos.to(dtype).contiguous(), self.sin.to(dtype).contiguous())
+        return self._full[dtype]
 
     def tables(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin rows for positions ``start .. start+length-1``, shaped to broadcast over heads."""

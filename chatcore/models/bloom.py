@@ -11,14 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from chatcore.config import ModelConfig
-from chatcore.kv_cache import KVCache
 from chatcore.layers.alibi import bloom_slopes
-from chatcore.layers.attention import attention
 from chatcore.layers.linear import for_linear
 from chatcore.layers.norm import layer_norm
 from chatcore.models.base import CausalLM
 from chatcore.models.llama import GetTensor
 from chatcore.runtime import Runtime
+from chatcore.step import Step
 
 
 def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +45,7 @@ class Block:
 
 
 class BloomModel(CausalLM):
-    """A loaded BLOOM model; :meth:`forward` runs T new tokens of one sequence through a cache slot."""
+    """A loaded BLOOM model; :meth:`run` takes T new tokens of one sequence through a cache step."""
 
     def __init__(self, cfg: ModelConfig, runtime: Runtime, get: GetTensor, backend: str) -> None:
         self.cfg, self.runtime, self.backend = cfg, runtime, backend
@@ -72,17 +71,15 @@ class BloomModel(CausalLM):
                 names += [f"transformer.h.{i}.{mod}.weight", f"transformer.h.{i}.{mod}.bias"]
         return names
 
-    def forward(self, ids: torch.Tensor, cache: KVCache, *, all_logits: bool = False) -> torch.Tensor:
+    def run(self, ids: torch.Tensor, step: Step, *, all_logits: bool = False) -> torch.Tensor:
         c, eps = self.cfg, self.cfg.rms_norm_eps
-        t, start = ids.shape[0], cache.length
-        cache.reserve(t)
+        t = ids.shape[0]
         x = layer_norm(F.embedding(ids, self.embed), self.embed_ln_w, self.embed_ln_b, eps)
         for i, layer in enumerate(self.layers):
             h = layer_norm(x, layer.ln1_w, layer.ln1_b, eps)
             residual = h if c.residual_post_norm else x
             q, k, v = F.linear(h, layer.wqkv, layer.bqkv).view(t, 3, c.num_heads, c.head_dim).unbind(1)
-            keys, values = cache.write(i, start, k, v)
-            o = attention(q, keys, values, q_offset=start, backend=self.backend, alibi=self.slopes)
+            o = step.attend(i, q, k, v, rotary=None, alibi=self.slopes)
             x = F.linear(o.reshape(t, c.hidden_size), layer.wo, layer.bo) + residual
             h = layer_norm(x, layer.ln2_w, layer.ln2_b, eps)
             residual = h if c.residual_post_norm else x

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from chatcore.config import ModelConfig
-from chatcore.kv_cache import KVCache
-from chatcore.layers.attention import attention
+from chatcore.layers.activation import silu_mul
 from chatcore.layers.linear import for_linear
-from chatcore.layers.norm import rms_norm
+from chatcore.layers.norm import add_rms_norm, rms_norm
 from chatcore.layers.rope import Rotary
 from chatcore.models.base import CausalLM
 from chatcore.runtime import Runtime
+from chatcore.step import Step
 
 GetTensor = Callable[[str], torch.Tensor]
 
@@ -54,7 +54,7 @@ class Block:
 
 
 class LlamaModel(CausalLM):
-    """A loaded Llama-style model; :meth:`forward` runs T new tokens of one sequence through a cache slot."""
+    """A loaded Llama-style model; :meth:`run` takes T new tokens of one sequence through a cache step."""
 
     def __init__(self, cfg: ModelConfig, runtime: Runtime, get: GetTensor, backend: str) -> None:
         self.cfg, self.runtime, self.backend = cfg, runtime, backend
@@ -87,28 +87,21 @@ class LlamaModel(CausalLM):
                     names.append(f"{p}.mlp.{proj}_proj.bias")
         return names
 
-    def forward(self, ids: torch.Tensor, cache: KVCache, *, all_logits: bool = False) -> torch.Tensor:
-        """Run ``ids`` [T] after the slot's current tokens; return logits [T, vocab] or [1, vocab] (last)."""
-        c = self.cfg
+    def run(self, ids: torch.Tensor, step: Step, *, all_logits: bool = False) -> torch.Tensor:
+        c, eps = self.cfg, self.cfg.rms_norm_eps
         t = ids.shape[0]
-        start = cache.length
-        cache.reserve(t)
-        cos, sin = self.rotary.tables(start, t, self.runtime.dtype)
         x = F.embedding(ids, self.embed)
+        h = rms_norm(x, self.layers[0].attn_norm, eps)
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.attn_norm, c.rms_norm_eps)
             qkv = F.linear(h, layer.wqkv, layer.bqkv)
             q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
             q, k = q.view(t, c.num_heads, c.head_dim), k.view(t, c.num_kv_heads, c.head_dim)
             if layer.q_norm is not None:
-                q, k = rms_norm(q, layer.q_norm, c.rms_norm_eps), rms_norm(k, layer.k_norm, c.rms_norm_eps)
-            q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
-            keys, values = cache.write(i, start, k, v.view(t, c.num_kv_heads, c.head_dim))
-            o = attention(q, keys, values, q_offset=start, backend=self.backend, window=layer.window)
-            x = x + F.linear(o.reshape(t, self.q_size), layer.wo, layer.bo)
-            h = rms_norm(x, layer.mlp_norm, c.rms_norm_eps)
-            gate, up = F.linear(h, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.w_down, layer.b_down)
-        if not all_logits:
-            x = x[-1:]
-        return F.linear(rms_norm(x, self.norm, c.rms_norm_eps), self.lm_head)
+                q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
+            o = step.attend(i, q, k, v.view(t, c.num_kv_heads, c.head_dim), rotary=self.rotary, window=layer.window)
+            # each residual add is fused with the norm after it (one kernel on a GPU)
+            x, h = add_rms_norm(x, F.linear(o.reshape(t, self.q_size), layer.wo, layer.bo), layer.mlp_norm, eps)
+            mlp = F.linear(silu_mul(F.linear(h, layer.w_gate_up, layer.b_gate_up)), layer.w_down, layer.b_down)
+            after = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
+            x, h = add_rms_norm(x, mlp, after, eps)
+        return F.linear(h if all_logits else h[-1:], self.lm_head)

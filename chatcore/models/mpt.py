@@ -15,14 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from chatcore.config import ModelConfig
-from chatcore.kv_cache import KVCache
 from chatcore.layers.alibi import mpt_slopes
-from chatcore.layers.attention import attention
 from chatcore.layers.linear import for_linear
 from chatcore.layers.norm import layer_norm
 from chatcore.models.base import CausalLM
 from chatcore.models.llama import GetTensor
 from chatcore.runtime import Runtime
+from chatcore.step import Step
 
 
 class Block:
@@ -36,7 +35,7 @@ class Block:
 
 
 class MptModel(CausalLM):
-    """A loaded MPT model; :meth:`forward` runs T new tokens of one sequence through a cache slot."""
+    """A loaded MPT model; :meth:`run` takes T new tokens of one sequence through a cache step."""
 
     def __init__(self, cfg: ModelConfig, runtime: Runtime, get: GetTensor, backend: str) -> None:
         self.cfg, self.runtime, self.backend = cfg, runtime, backend
@@ -59,10 +58,9 @@ class MptModel(CausalLM):
                       ("norm_1", "attn.Wqkv", "attn.out_proj", "norm_2", "ffn.up_proj", "ffn.down_proj")]
         return names
 
-    def forward(self, ids: torch.Tensor, cache: KVCache, *, all_logits: bool = False) -> torch.Tensor:
+    def run(self, ids: torch.Tensor, step: Step, *, all_logits: bool = False) -> torch.Tensor:
         c, eps = self.cfg, self.cfg.rms_norm_eps
-        t, start = ids.shape[0], cache.length
-        cache.reserve(t)
+        t = ids.shape[0]
         x = F.embedding(ids, self.embed)
         for i, layer in enumerate(self.layers):
             qkv = F.linear(layer_norm(x, layer.norm_1, None, eps), layer.wqkv)
@@ -71,8 +69,7 @@ class MptModel(CausalLM):
             q, k, v = qkv.view(t, 3, c.num_heads, c.head_dim).unbind(1)
             if self.q_scale is not None:
                 q = q * self.q_scale
-            keys, values = cache.write(i, start, k, v)
-            o = attention(q, keys, values, q_offset=start, backend=self.backend, alibi=self.slopes)
+            o = step.attend(i, q, k, v, rotary=None, alibi=self.slopes)
             x = x + F.linear(o.reshape(t, c.hidden_size), layer.wo)
             h = layer_norm(x, layer.norm_2, None, eps)
             x = x + F.linear(F.gelu(F.linear(h, layer.w_up)), layer.w_down)

@@ -1,0 +1,82 @@
+"""Where a GPU decode step's time goes (diagnostics for bench/gpu.py; run on the GPU machine).
+
+Usage: python bench/gpu_profile.py [--model llama-3.2-1b] [--ctx 4096]
+
+Prints, per attention backend: the captured graph's replay time per step (device events), the same step
+run eagerly, a full ``generate`` per-token time, the top kernels of one eager step (torch.profiler), and
+the bandwidth cuBLAS reaches on each weight shape of the model as a 1-row product.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu import build_engine, build_hf, rand_ids, roofline_bytes  # noqa: E402
+
+import chatcore  # noqa: E402
+from chatcore.cuda_graph import DecodeGraph  # noqa: E402
+
+
+def event_time(fn, reps: int = 50) -> float:  # noqa: ANN001
+    fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-3.2-1b")
+    ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--backends", nargs="+", default=["flash", "triton"])
+    args = ap.parse_args()
+    hf = build_hf(args.model)
+    w, kv = roofline_bytes(hf, args.ctx)
+    print(f"{args.model}: weights {w / 1e9:.2f} GB, KV at {args.ctx}: {kv / 1e9:.3f} GB")
+    x = torch.randn(1, hf.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    for name, p in hf.named_parameters():
+        if (p.dim() == 2 and ".0." in name) or name == "lm_head.weight":
+            xi = torch.randn(1, p.shape[1], device="cuda", dtype=torch.bfloat16)
+            t = event_time(lambda p=p, xi=xi: torch.nn.functional.linear(xi, p))
+            print(f"  gemv {name:<45} {tuple(p.shape)}: {t * 1e6:7.1f} us, {p.numel() * 2 / t / 1e9:6.0f} GB/s")
+    del x
+    for backend in args.backends:
+        engine = build_engine(hf, backend, args.ctx + 512)
+        slot = engine.new_slot()
+        engine.prefill(rand_ids(args.ctx, 1, hf.config.vocab_size), slot)
+        graph = DecodeGraph(engine.model, slot)
+        replay = event_time(graph.graph.replay, 100)
+        token = torch.zeros(1, dtype=torch.long, device="cuda")
+        pos = torch.full((1,), slot.length, dtype=torch.int32, device="cuda")
+        with torch.inference_mode():
+            eager = event_time(lambda e=engine, t=token, p=pos, s=slot: e.model.decode(t, p, s), 20)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    engine.model.decode(token, pos, slot)
+                torch.cuda.synchronize()
+        slot.reset()
+        params = chatcore.SamplingParams(temperature=0.0, max_new_tokens=128, ignore_eos=True)
+        ids = rand_ids(args.ctx, 2, hf.config.vocab_size)
+        list(engine.generate(ids, params, slot=slot))
+        slot.reset()
+        st = list(engine.generate(ids, params, slot=slot))[-1].stats
+        print(f"== {backend}: graph replay {replay * 1e3:.3f} ms/step ({(w + kv) / replay / 1e9:.0f} GB/s), "
+              f"eager step {eager * 1e3:.3f} ms, generate {1e3 / st.decode_tokens_per_s:.3f} ms/token")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+        del engine, slot, graph
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The device-position decode step (what a CUDA graph captures) computes what the eager step computes.
+
+For every family and every backend that runs here, a prompt is prefilled into two slots; one decodes
+with ``model.forward`` (positions on the host), the other with ``model.decode`` (position in a device
+tensor, static cache). Logits must agree to float32 rounding and greedy tokens exactly, through a
+sliding window, ALiBi, and a context shift (sink tokens kept, the oldest others dropped).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import model_factory
+import pytest
+import torch
+
+import chatcore
+
+FAMILIES = {  # family -> (factory, overrides)
+    "llama": (model_factory.make_llama_dir, {"rope_scaling": {"rope_type": "yarn", "factor": 2.0,
+                                                              "original_max_position_embeddings": 256}}),
+    "mistral": (model_factory.make_mistral_dir, {"sliding_window": 24}),
+    "qwen3": (model_factory.make_qwen3_dir, {}),
+    "bloom": (model_factory.make_bloom_dir, {}),
+    "mpt": (model_factory.make_mpt_dir, {}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    make, overrides = FAMILIES[request.param]
+    return make(tmp_path_factory.mktemp(request.param), **overrides)
+
+
+@pytest.mark.parametrize("backend", ["torch", "math", "triton"])
+def test_device_step_matches_eager_step(family_dir: Path, backend: str) -> None:
+    if backend == "triton":
+        pytest.importorskip("triton")
+    engine = chatcore.load(family_dir, device="cpu", dtype="float32", attention=backend, max_seq_len=96,
+                           prefill_chunk=16, progress=lambda *_: None)
+    model = engine.model
+    prompt = torch.randint(2, 300, (50,), generator=torch.Generator().manual_seed(5)).tolist()
+    eager, static = model.new_cache(96), model.new_cache(96, preallocate=True)
+    le, ls = engine.prefill(prompt, eager)[-1], engine.prefill(prompt, static)[-1]
+    pos = torch.zeros(1, dtype=torch.int32)
+    token_in = torch.zeros(1, dtype=torch.long)
+    tokens_e, tokens_s = [], []
+    steps = 8 if backend == "triton" else 40     # Triton's CPU interpreter is slow; the GPU run does more
+    for step in range(steps):
+        if step == steps - 4:   # context shift on both slots: keep 4 sink tokens, drop the 30 after them
+            eager.drop(4, 34)
+            static.drop(4, 34)
+        te, ts = int(le.argmax()), int(ls.argmax())
+        tokens_e.append(te)
+        tokens_s.append(ts)
+        with torch.inference_mode():
+            le = model.forward(torch.tensor([te]), eager)[-1]
+            eager.commit([te])
+            token_in.fill_(ts)
+            pos.fill_(static.length)
+            ls = model.decode(token_in, pos, static)[-1]
+            static.commit([ts])
+        assert (le - ls).abs().max().item() < 1e-4, f"step {step}"
+    assert tokens_e == tokens_s
+    assert torch.equal(eager.k[:, :, : eager.length], static.k[:, :, : static.length]) or \
+        (eager.k[:, :, : eager.length] - static.k[:, :, : static.length]).abs().max().item() < 1e-5
+
+
+def test_device_step_needs_a_preallocated_cache(tiny_llama_dir: Path) -> None:
+    engine = chatcore.load(tiny_llama_dir, device="cpu", dtype="float32", progress=lambda *_: None)
+    with pytest.raises(ValueError, match="full capacity"):
+        engine.model.decode(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.int32),
+                            engine.model.new_cache(64))

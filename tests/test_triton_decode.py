@@ -1,0 +1,152 @@
+"""The Triton decode kernels and the static-cache decode mode of the attention entry point.
+
+On machines without a GPU these run under Triton's CPU interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), so CI checks the kernels' arithmetic; the GPU machine runs the compiled kernels
+(tests/test_gpu_decode.py). References: the plain-math backend, in float64 where it matters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from chatcore.layers.attention import attention
+from chatcore.layers.rope import Rotary
+
+pytest.importorskip("triton")
+triton_decode = pytest.importorskip("chatcore.layers.triton_decode")
+
+
+def reference(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: int, window: int | None, sinks: int,
+              slopes: torch.Tensor | None) -> torch.Tensor:
+    """float64 attention of q [Hq, D] at ``pos`` over cache rows 0..pos, written out from the definitions."""
+    hq, d = q.shape
+    rep = hq // kc.shape[0]
+    k = kc[:, : pos + 1].double().repeat_interleave(rep, 0)
+    v = vc[:, : pos + 1].double().repeat_interleave(rep, 0)
+    scores = torch.einsum("hd,hsd->hs", q.double(), k) / math.sqrt(d)
+    j = torch.arange(pos + 1)
+    if slopes is not None:
+        scores = scores + slopes.double()[:, None] * (j - pos)[None, :]
+    if window is not None:
+        scores = scores.masked_fill(~((j > pos - window) | (j < sinks))[None, :], float("-inf"))
+    return torch.einsum("hs,hsd->hd", scores.softmax(-1), v)
+
+
+CASES = [  # (query heads, kv heads, head dim, capacity, position, window, sinks, alibi)
+    (8, 2, 64, 300, 130, None, 0, False),
+    (6, 6, 32, 200, 0, None, 0, False),       # the very first token
+    (6, 6, 32, 200, 57, None, 0, True),       # ALiBi, BLOOM-style (one KV head per query head)
+    (8, 2, 64, 300, 250, 40, 0, False),       # sliding window
+    (4, 1, 128, 512, 400, 64, 4, False),      # window + attention sinks, MQA
+    (6, 3, 80, 200, 199, None, 0, False),     # head dim not a power of two, full cache
+    (16, 2, 64, 1100, 1033, None, 0, True),   # many splits, GQA group of 8, ALiBi
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_split_k_decode_matches_reference(case: tuple) -> None:
+    hq, hkv, d, cap, pos, window, sinks, alibi = case
+    g = torch.Generator().manual_seed(hash(case) % 2**31)
+    q = torch.randn(hq, d, generator=g)
+    kc, vc = torch.randn(hkv, cap, d, generator=g), torch.randn(hkv, cap, d, generator=g)
+    slopes = torch.rand(hq, generator=g) if alibi else None
+    out = triton_decode.decode_attention(q, kc, vc, torch.tensor([pos], dtype=torch.int32), window=window,
+                                         sinks=sinks, alibi=slopes)
+    ref = reference(q, kc, vc, pos, window, sinks, slopes)
+    assert out.shape == (hq, d) and out.dtype == q.dtype
+    assert (out.double() - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("splits", [1, 3, 16])
+def test_any_split_count_gives_the_same_answer(splits: int) -> None:
+    g = torch.Generator().manual_seed(splits)
+    q = torch.randn(4, 32, generator=g)
+    kc, vc = torch.randn(2, 700, 32, generator=g), torch.randn(2, 700, 32, generator=g)
+    out = triton_decode.decode_attention(q, kc, vc, torch.tensor([650], dtype=torch.int32), splits=splits)
+    assert (out.double() - reference(q, kc, vc, 650, None, 0, None)).abs().max().item() < 1e-5
+
+
+def test_reads_a_view_of_a_larger_cache_and_ignores_rows_past_the_position() -> None:
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(4, 64, generator=g)
+    store = torch.randn(2, 2, 512, 64, generator=g)     # [layers, heads, allocated, D]: layer 1's view
+    kc, vc = store[1], torch.randn(2, 512, 64, generator=g)
+    kc[:, 100:] = float("nan")                          # poison: nothing past position 99 may be read
+    vc[:, 100:] = float("nan")
+    out = triton_decode.decode_attention(q, kc, vc, torch.tensor([99], dtype=torch.int32))
+    assert torch.isfinite(out).all()
+    assert (out.double() - reference(q, kc, vc, 99, None, 0, None)).abs().max().item() < 1e-5
+
+
+def test_rope_append_rotates_and_writes_at_the_device_position() -> None:
+    g = torch.Generator().manual_seed(4)
+    hq, hkv, d, cap, pos = 6, 2, 48, 40, 17      # half = 24: not a power of two
+    cos, sin = torch.randn(cap, d // 2, generator=g), torch.randn(cap, d // 2, generator=g)
+    q, k, v = torch.randn(hq, d, generator=g), torch.randn(hkv, d, generator=g), torch.randn(hkv, d, generator=g)
+    kc, vc = torch.zeros(hkv, cap, d), torch.zeros(hkv, cap, d)
+    q0 = q.clone()
+    triton_decode.rope_append(q, k, v, kc, vc, torch.tensor([pos], dtype=torch.int32), cos, sin)
+    c, s = cos[pos][None, None], sin[pos][None, None]
+    assert torch.allclose(q, Rotary.apply(q0[None], c, s)[0], atol=1e-6)
+    assert torch.allclose(kc[:, pos], Rotary.apply(k[None], c, s)[0], atol=1e-6)
+    assert torch.equal(vc[:, pos], v)
+    others = torch.ones(cap, dtype=torch.bool)
+    others[pos] = False
+    assert not kc[:, others].any() and not vc[:, others].any()   # nothing else written
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "math"])
+@pytest.mark.parametrize("variant", ["rope", "alibi", "window", "sinks"])
+def test_static_cache_decode_mode_matches_eager_attention(backend: str, variant: str) -> None:
+    """attention() with a device position == rotate, write, then attention() with a host position."""
+    g = torch.Generator().manual_seed(len(backend) * 7 + len(variant))
+    hq, hkv, d, cap, pos = 8, 2, 32, 96, 70
+    window = 24 if variant in ("window", "sinks") else None
+    sinks = 4 if variant == "sinks" else 0
+    slopes = torch.rand(hq, generator=g) if variant == "alibi" else None
+    tables = (torch.randn(cap, d // 2, generator=g), torch.randn(cap, d // 2, generator=g)) \
+        if variant == "rope" else None
+    q = torch.randn(1, hq, d, generator=g)
+    k, v = torch.randn(1, hkv, d, generator=g), torch.randn(1, hkv, d, generator=g)
+    kc, vc = torch.randn(hkv, cap, d, generator=g), torch.randn(hkv, cap, d, generator=g)
+    ekc, evc = kc.clone(), vc.clone()
+    out = attention(q.clone(), kc, vc, q_offset=torch.tensor([pos], dtype=torch.int32), backend=backend,
+                    window=window, alibi=slopes, sinks=sinks, new_kv=(k.clone(), v.clone()), rotary=tables)
+    qe, ke = q, k
+    if tables is not None:
+        c, s = tables[0][pos][None, None], tables[1][pos][None, None]
+        qe, ke = Rotary.apply(q, c, s), Rotary.apply(k, c, s)
+    ekc[:, pos], evc[:, pos] = ke[0], v[0]
+    assert torch.allclose(kc, ekc, atol=1e-6) and torch.equal(vc, evc)
+    if sinks:
+        ref = reference(qe[0], ekc, evc, pos, window, sinks, None)[None]
+    else:
+        ref = attention(qe, ekc[:, : pos + 1], evc[:, : pos + 1], q_offset=pos, backend="math", window=window,
+                        alibi=slopes)
+    assert (out.double() - ref.double()).abs().max().item() < 1e-5
+
+
+def test_static_cache_mode_rejects_misuse() -> None:
+    q, kc = torch.randn(2, 4, 16), torch.randn(4, 8, 16)
+    with pytest.raises(ValueError, match="one query"):
+        attention(q, kc, kc, q_offset=torch.tensor([3], dtype=torch.int32), backend="math")
+    with pytest.raises(ValueError, match="static cache"):
+        attention(q, kc, kc, q_offset=3, backend="math", sinks=2)
+
+
+@pytest.mark.parametrize("n", [48, 64, 2048, 3000])
+def test_fused_add_rms_norm_and_silu_mul_match_pytorch(n: int) -> None:
+    from chatcore.layers.triton_fused import add_rms_norm, silu_mul
+
+    g = torch.Generator().manual_seed(n)
+    x, d, w = torch.randn(3, n, generator=g), torch.randn(3, n, generator=g), torch.randn(n, generator=g)
+    total, normed = add_rms_norm(x, d, w, 1e-5)
+    assert torch.allclose(total, x + d, atol=1e-6)
+    assert torch.allclose(normed, torch.nn.functional.rms_norm(x + d, (n,), w, 1e-5), atol=1e-5)
+    gu = torch.randn(3, 2 * n, generator=g)
+    out = silu_mul(gu)
+    assert out.shape == (3, n)
+    assert torch.allclose(out, torch.nn.functional.silu(gu[:, :n]) * gu[:, n:], atol=1e-5)
