@@ -124,11 +124,9 @@ class Engine:
         if not (self.runtime.uses_cuda_graphs and slot.allocated == slot.capacity):
             return None
         if slot.decode_graph is None:
-            from chatcore.cuda_graph import DecodeGraph
-
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
-            slot.decode_graph = DecodeGraph(self.model, slot, self._graph_pool)
+            slot.decode_graph = self.model.capture_decode(slot, self._graph_pool)
         return slot.decode_graph
 
     @torch.inference_mode()
@@ -273,6 +271,19 @@ class Engine:
                 decode_s=time.perf_counter() - t_first, finish_reason=finish, discarded_tokens=discarded)
             yield TokenEvent(token, text, logprob, finish, stats)
             return
+
+    def close(self) -> None:
+        """Release what the model holds besides memory: a tensor-parallel engine's worker processes and
+        process group. Nothing for a single-process model; the engine is unusable after it with tensor parallel."""
+        close = getattr(self.model, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:

@@ -25,3 +25,11 @@ class PromptTooLong(ChatcoreError):
 
 class TokenizerMissing(ChatcoreError):
     """Text was given to a model loaded without a tokenizer."""
+
+
+class TensorParallelError(ChatcoreError):
+    """A tensor-parallel setting that cannot work: a size that does not divide the model, too few GPUs."""
+
+
+class RankFailed(ChatcoreError):
+    """A tensor-parallel rank stopped or stopped answering; the engine is closed (load the model again)."""

@@ -118,10 +118,30 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def check_tensors(p: Path, cfg: ModelConfig, source: TensorSource) -> list[str]:
+    """The tensor names the model's family reads; raise :class:`ModelFormatError` if any is missing."""
+    names = FAMILIES[cfg.family].tensor_names(cfg)
+    missing = [n for n in names if n not in source.names()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelFormatError(f"{p} lacks the tensor {missing[0]!r}{more}; the checkpoint is incomplete")
+    return names
+
+
+def make_runtime(cfg: ModelConfig, dev: torch.device, dt: torch.dtype, *, max_seq_len: int | None,
+                 prefill_chunk: int | None, attention: str, cuda_graphs: bool) -> Runtime:
+    # dynamic NTK RoPE may serve past max_position_embeddings (its table is frozen for this window)
+    window = min(max_seq_len or cfg.max_position_embeddings, cfg.max_window)
+    return Runtime(device=dev, dtype=dt, max_seq_len=window,
+                   prefill_chunk=prefill_chunk or (2048 if dev.type == "cuda" else 512),
+                   attention_backend=pick_backend(attention, dev, dt), cuda_graphs=cuda_graphs)
+
+
 def load(path: str | Path | None = "demo", device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, *, max_seq_len: int | None = None,
          prefill_chunk: int | None = None, attention: str = "auto", cuda_graphs: bool = True,
-         progress: Progress | None = None, status: Callable[[str], None] | None = None) -> Engine:
+         progress: Progress | None = None, status: Callable[[str], None] | None = None,
+         tensor_parallel: int = 1) -> Engine:
     """Load a model for generation.
 
     ``path``: a Hugging Face directory, a ``.gguf`` file, or ``"demo"`` / None for SmolLM2-135M-Instruct.
@@ -131,7 +151,14 @@ def load(path: str | Path | None = "demo", device: str | torch.device | None = N
     ``attention``: auto, flash, triton, torch or math; ``cuda_graphs``: capture each slot's decode step.
     ``progress(done, total)``: called as tensors load; ``status(message)``: notices such as the demo
     model's first download (both default to stderr).
+    ``tensor_parallel``: split the model over this many ranks (processes; on CUDA one GPU each, cuda:0..N-1
+    from the device's index), each loading only its shard; see :mod:`chatcore.parallel`.
     """
+    if tensor_parallel != 1:
+        from chatcore.parallel.launch import load_parallel
+
+        return load_parallel(resolve(path, status), tensor_parallel, device, dtype, max_seq_len=max_seq_len,
+                             prefill_chunk=prefill_chunk, attention=attention, cuda_graphs=cuda_graphs)
     with _gc_paused():
         return _load(path, device, dtype, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
                      attention=attention, cuda_graphs=cuda_graphs, progress=progress, status=status)
@@ -144,18 +171,11 @@ def _load(path: str | Path | None, device: str | torch.device | None, dtype: str
     p = resolve(path, status)
     cfg, source, tokenizer = open_checkpoint(p)
     family = FAMILIES[cfg.family]
-    names = family.tensor_names(cfg)
-    missing = [n for n in names if n not in source.names()]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ModelFormatError(f"{p} lacks the tensor {missing[0]!r}{more}; the checkpoint is incomplete")
+    names = check_tensors(p, cfg, source)
     dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
-    # dynamic NTK RoPE may serve past max_position_embeddings (its table is frozen for this window)
-    window = min(max_seq_len or cfg.max_position_embeddings, cfg.max_window)
-    runtime = Runtime(device=dev, dtype=dt, max_seq_len=window,
-                      prefill_chunk=prefill_chunk or (2048 if dev.type == "cuda" else 512),
-                      attention_backend=pick_backend(attention, dev, dt), cuda_graphs=cuda_graphs)
+    runtime = make_runtime(cfg, dev, pick_dtype(dtype, dev), max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
+                           attention=attention, cuda_graphs=cuda_graphs)
+    dt = runtime.dtype
     report = progress or _bar(len(names), p.name)
     done = 0
 

@@ -90,7 +90,7 @@ class LlamaModel(CausalLM):
     def run(self, ids: torch.Tensor, step: Step, *, all_logits: bool = False) -> torch.Tensor:
         c, eps = self.cfg, self.cfg.rms_norm_eps
         t = ids.shape[0]
-        x = F.embedding(ids, self.embed)
+        x = self.embed_ids(ids, self.embed)
         h = rms_norm(x, self.layers[0].attn_norm, eps)
         for i, layer in enumerate(self.layers):
             qkv = F.linear(h, layer.wqkv, layer.bqkv)
@@ -100,8 +100,10 @@ class LlamaModel(CausalLM):
                 q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
             o = step.attend(i, q, k, v.view(t, c.num_kv_heads, c.head_dim), rotary=self.rotary, window=layer.window)
             # each residual add is fused with the norm after it (one kernel on a GPU)
-            x, h = add_rms_norm(x, F.linear(o.reshape(t, self.q_size), layer.wo, layer.bo), layer.mlp_norm, eps)
-            mlp = F.linear(silu_mul(F.linear(h, layer.w_gate_up, layer.b_gate_up)), layer.w_down, layer.b_down)
+            attn = self.reduce(F.linear(o.reshape(t, self.q_size), layer.wo, layer.bo))
+            x, h = add_rms_norm(x, attn, layer.mlp_norm, eps)
+            up = silu_mul(F.linear(h, layer.w_gate_up, layer.b_gate_up))
+            mlp = self.reduce(F.linear(up, layer.w_down, layer.b_down))
             after = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
             x, h = add_rms_norm(x, mlp, after, eps)
-        return F.linear(h if all_logits else h[-1:], self.lm_head)
+        return self.head(h if all_logits else h[-1:], self.lm_head)

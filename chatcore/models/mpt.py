@@ -61,7 +61,7 @@ class MptModel(CausalLM):
     def run(self, ids: torch.Tensor, step: Step, *, all_logits: bool = False) -> torch.Tensor:
         c, eps = self.cfg, self.cfg.rms_norm_eps
         t = ids.shape[0]
-        x = F.embedding(ids, self.embed)
+        x = self.embed_ids(ids, self.embed)
         for i, layer in enumerate(self.layers):
             qkv = F.linear(layer_norm(x, layer.norm_1, None, eps), layer.wqkv)
             if c.clip_qkv is not None:
@@ -70,9 +70,9 @@ class MptModel(CausalLM):
             if self.q_scale is not None:
                 q = q * self.q_scale
             o = step.attend(i, q, k, v, rotary=None, alibi=self.slopes)
-            x = x + F.linear(o.reshape(t, c.hidden_size), layer.wo)
+            x = x + self.reduce(F.linear(o.reshape(t, -1), layer.wo))
             h = layer_norm(x, layer.norm_2, None, eps)
-            x = x + F.linear(F.gelu(F.linear(h, layer.w_up)), layer.w_down)
+            x = x + self.reduce(F.linear(F.gelu(F.linear(h, layer.w_up)), layer.w_down))
         if not all_logits:
             x = x[-1:]
-        return F.linear(layer_norm(x, self.norm_f, None, eps), self.lm_head)
+        return self.head(layer_norm(x, self.norm_f, None, eps), self.lm_head)

@@ -60,3 +60,13 @@ class SafetensorsDir:
             return self._handle(file).get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise ModelFormatError(f"{file}: tensor {name!r} cannot be read ({exc}); re-download it") from None
+
+    def get_part(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        """``get(name)[index]``, reading only those bytes (a tensor-parallel rank reads its shard this way)."""
+        file = self._where.get(name)
+        if file is None:
+            raise ModelFormatError(f"{self.directory} lacks the tensor {name!r}; the checkpoint is incomplete")
+        try:
+            return self._handle(file).get_slice(name)[index]
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise ModelFormatError(f"{file}: tensor {name!r} cannot be read ({exc}); re-download it") from None

@@ -1,0 +1,85 @@
+"""The collectives a shard runs inside its forward pass, over torch.distributed's default process group
+(gloo on the CPU, NCCL on CUDA; one group per process, so one tensor-parallel engine per process at a time).
+
+Per layer: one all-reduce after the attention output projection and one after the MLP down projection; per
+forward pass: one all-reduce for the vocab-parallel embedding and one all-gather of the vocab-parallel
+logits. Everything here is a plain tensor op, so a CUDA graph captures it with the rest of the step.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from chatcore.parallel.shard import Layout
+from chatcore.parallel.spec import LaunchSpec
+
+# torch 2.13 renamed all_gather_into_tensor (the older name still works there, with a warning)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class Collectives:
+    """What a shard's forward pass calls (:class:`chatcore.models.base.CausalLM` ``tp``)."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.world = layout.world
+        self.lo = layout.vocab[0]
+        self.rows = layout.vocab_rows
+        self.vocab = layout.cfg.vocab_size
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x)
+        return x
+
+    def embed(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel lookup: this rank's rows (zeros for ids it does not hold), summed over ranks."""
+        local = ids - self.lo
+        outside = (local < 0) | (local >= self.rows)
+        x = F.embedding(local.masked_fill(outside, 0), weight)
+        return self.all_reduce(x.masked_fill_(outside.unsqueeze(-1), 0))
+
+    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """This rank's logits [T, rows] -> every rank's, [T, vocab] (the padding rows cut off)."""
+        t = logits.shape[0]
+        out = logits.new_empty((self.world * t, self.rows))
+        _all_gather(out, logits.contiguous())
+        return out.view(self.world, t, self.rows).transpose(0, 1).reshape(t, self.world * self.rows)[:, : self.vocab]
+
+
+class BroadcastDecode:
+    """The decode step every rank captures in its CUDA graph: rank 0's sampled token, still on its device,
+    broadcast to the others, then the shard's own step. (Rank 0 never reads the token before the step.)"""
+
+    def __init__(self, model) -> None:  # noqa: ANN001 - a CausalLM shard
+        self.model = model
+
+    def decode(self, token: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:  # noqa: ANN001
+        dist.broadcast(token, src=0)
+        return self.model.decode(token, pos, cache)
+
+
+def master_store(world: int, timeout_s: float) -> dist.TCPStore:
+    """Rank 0's rendezvous store on a free local port (``.port``)."""
+    return dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def join(spec: LaunchSpec, rank: int, store: dist.Store | None = None) -> None:
+    """Join the process group of ``spec`` as ``rank`` (blocks until every rank has joined)."""
+    timeout = datetime.timedelta(seconds=spec.timeout_s)
+    if store is None:
+        store = dist.TCPStore("127.0.0.1", spec.store_port, spec.world, is_master=False, timeout=timeout)
+    extra = {}
+    if spec.device_type == "cuda":
+        dev = spec.rank_device(rank)
+        torch.cuda.set_device(dev)
+        extra["device_id"] = dev
+    dist.init_process_group(spec.backend, store=store, rank=rank, world_size=spec.world, timeout=timeout, **extra)
+
+
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

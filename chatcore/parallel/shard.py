@@ -1,0 +1,233 @@
+"""Which part of each weight a rank holds, and loading one rank's shard.
+
+Megatron-style splits over N ranks, rank r:
+- attention: column-parallel q / k / v (the rank's own query heads, and the KV heads those heads read),
+  row-parallel output projection (the same heads' input columns);
+- MLP: column-parallel gate / up (``intermediate / N`` columns each), row-parallel down;
+- embedding and output head: vocab-parallel (``ceil(vocab / N)`` rows each, the last rank's padded with
+  zero rows);
+- norms: replicated; the biases of row-parallel projections are kept by rank 0 alone (zeros elsewhere),
+  so the all-reduce adds them once.
+
+KV heads: with ``kv_heads >= N`` each rank holds ``kv_heads / N`` of them; with fewer, each holds the one
+its query heads share (replicated on ``N / kv_heads`` ranks), so ``N`` must divide ``kv_heads`` or be a
+multiple of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from chatcore.config import ModelConfig
+from chatcore.errors import TensorParallelError
+from chatcore.models.base import CausalLM
+from chatcore.parallel.spec import LaunchSpec
+from chatcore.runtime import Runtime, pick_dtype
+from chatcore.weights import TensorSource
+
+Opened = tuple[ModelConfig, TensorSource]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Rank ``rank`` of ``world``: the ranges of heads, KV heads, MLP columns and vocab rows it holds."""
+
+    cfg: ModelConfig      # the whole model's config
+    world: int
+    rank: int
+
+    def __post_init__(self) -> None:
+        check_divides(self.cfg, self.world)
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank {self.rank} is outside a world of {self.world}")
+
+    @property
+    def heads(self) -> tuple[int, int]:
+        n = self.cfg.num_heads // self.world
+        return self.rank * n, (self.rank + 1) * n
+
+    @property
+    def kv_heads(self) -> tuple[int, int]:
+        c = self.cfg
+        n = max(1, c.num_kv_heads // self.world)
+        first = self.heads[0] // (c.num_heads // c.num_kv_heads)   # the KV head of the rank's first query head
+        return first, first + n
+
+    @property
+    def columns(self) -> tuple[int, int]:
+        n = self.cfg.intermediate_size // self.world
+        return self.rank * n, (self.rank + 1) * n
+
+    @property
+    def vocab_rows(self) -> int:
+        """Rows of the embedding / head each rank holds (the vocab padded to a multiple of ``world``)."""
+        return -(-self.cfg.vocab_size // self.world)
+
+    @property
+    def vocab(self) -> tuple[int, int]:
+        lo = self.rank * self.vocab_rows
+        return lo, min(lo + self.vocab_rows, self.cfg.vocab_size)
+
+    def local_config(self) -> ModelConfig:
+        """The config of this rank's shard: its own head counts, MLP width and vocab rows."""
+        h, kv, cols = self.heads, self.kv_heads, self.columns
+        return dataclasses.replace(self.cfg, num_heads=h[1] - h[0], num_kv_heads=kv[1] - kv[0],
+                                   intermediate_size=cols[1] - cols[0], vocab_size=self.vocab_rows)
+
+
+def valid_sizes(cfg: ModelConfig) -> list[int]:
+    """The tensor-parallel sizes this model can be split into."""
+    return [n for n in range(1, cfg.num_heads + 1) if not _mismatch(cfg, n)]
+
+
+def _mismatch(cfg: ModelConfig, n: int) -> str | None:
+    if cfg.num_heads % n:
+        return f"the model's {cfg.num_heads} attention heads"
+    if cfg.num_kv_heads % n and n % cfg.num_kv_heads:
+        return f"the model's {cfg.num_kv_heads} key/value heads (nor is it a multiple of them)"
+    if cfg.intermediate_size % n:
+        return f"the model's MLP width of {cfg.intermediate_size}"
+    return None
+
+
+def check_divides(cfg: ModelConfig, n: int) -> None:
+    if n < 1:
+        raise TensorParallelError(f"tensor_parallel must be at least 1, got {n}")
+    what = _mismatch(cfg, n)
+    if what is not None:
+        sizes = ", ".join(str(s) for s in valid_sizes(cfg))
+        raise TensorParallelError(f"tensor_parallel={n} does not divide {what}; use one of {sizes}")
+
+
+# -- which part of a tensor a rank reads, by the name's ending -------------------------------------------------
+# kinds: vocab (rows), q (rows of the rank's heads), kv (rows of its KV heads), head3 (BLOOM's per-head fused
+# qkv rows), qkv (MPT's fused q|k|v: three row ranges), out (input columns of the rank's heads), up (rows of its
+# MLP columns), down (its MLP columns as input columns), once (rank 0 only; zeros elsewhere)
+_RULES: dict[str, tuple[tuple[str, str], ...]] = {
+    "llama": (("embed_tokens.weight", "vocab"), ("lm_head.weight", "vocab"), ("q_proj.weight", "q"),
+              ("q_proj.bias", "q"), ("k_proj.weight", "kv"), ("k_proj.bias", "kv"), ("v_proj.weight", "kv"),
+              ("v_proj.bias", "kv"), ("o_proj.weight", "out"), ("o_proj.bias", "once"), ("gate_proj.weight", "up"),
+              ("gate_proj.bias", "up"), ("up_proj.weight", "up"), ("up_proj.bias", "up"),
+              ("down_proj.weight", "down"), ("down_proj.bias", "once")),
+    "bloom": (("word_embeddings.weight", "vocab"), ("lm_head.weight", "vocab"),
+              ("query_key_value.weight", "head3"), ("query_key_value.bias", "head3"),
+              ("self_attention.dense.weight", "out"), ("self_attention.dense.bias", "once"),
+              ("dense_h_to_4h.weight", "up"), ("dense_h_to_4h.bias", "up"), ("dense_4h_to_h.weight", "down"),
+              ("dense_4h_to_h.bias", "once")),
+    "mpt": (("wte.weight", "vocab"), ("lm_head.weight", "vocab"), ("attn.Wqkv.weight", "qkv"),
+            ("attn.out_proj.weight", "out"), ("ffn.up_proj.weight", "up"), ("ffn.down_proj.weight", "down")),
+}
+_RULES.update(mistral=_RULES["llama"], qwen2=_RULES["llama"], qwen3=_RULES["llama"])
+
+
+def split_kind(family: str, name: str) -> str | None:
+    """How ``name`` is split (see ``_RULES``); None: replicated."""
+    for suffix, kind in _RULES[family]:
+        if name.endswith(suffix):
+            return kind
+    return None
+
+
+Read = Callable[[str, tuple[slice, ...]], torch.Tensor]
+
+
+def reader(source: TensorSource) -> Read:
+    """Read part of a tensor: only those bytes where the source can (safetensors), else whole then cut (GGUF)."""
+    part = getattr(source, "get_part", None)
+    if part is not None:
+        return part
+    return lambda name, index: source.get(name)[index].clone()
+
+
+def shard_tensor(layout: Layout, family: str, name: str, read: Read) -> torch.Tensor | None:
+    """This rank's part of ``name`` (None: read it whole, it is replicated)."""
+    kind = split_kind(family, name)
+    c, all_ = layout.cfg, slice(None)
+    d = c.head_dim
+    h0, h1 = layout.heads
+    if kind is None:
+        return None
+    if kind == "vocab":
+        lo, hi = layout.vocab
+        rows = read(name, (slice(lo, hi),))
+        if hi - lo < layout.vocab_rows:
+            pad = rows.new_zeros((layout.vocab_rows - (hi - lo), *rows.shape[1:]))
+            rows = torch.cat([rows, pad])
+        return rows
+    if kind == "q":
+        return read(name, (slice(h0 * d, h1 * d),))
+    if kind == "kv":
+        g0, g1 = layout.kv_heads
+        return read(name, (slice(g0 * d, g1 * d),))
+    if kind == "head3":
+        return read(name, (slice(h0 * 3 * d, h1 * 3 * d),))
+    if kind == "qkv":
+        width = c.num_heads * d
+        return torch.cat([read(name, (slice(i * width + h0 * d, i * width + h1 * d),)) for i in range(3)])
+    if kind == "out":
+        return read(name, (all_, slice(h0 * d, h1 * d)))
+    i0, i1 = layout.columns
+    if kind == "up":
+        return read(name, (slice(i0, i1),))
+    if kind == "down":
+        return read(name, (all_, slice(i0, i1)))
+    if kind == "once":
+        whole = read(name, (all_,))
+        return whole if layout.rank == 0 else torch.zeros_like(whole)
+    raise AssertionError(f"unknown split {kind!r}")
+
+
+def alibi_slopes(cfg: ModelConfig, layout: Layout) -> torch.Tensor:
+    """The ALiBi slopes of this rank's heads (slopes depend on the whole model's head count)."""
+    from chatcore.layers.alibi import bloom_slopes, mpt_slopes
+
+    full = bloom_slopes(cfg.num_heads) if cfg.family == "bloom" else mpt_slopes(cfg.num_heads, cfg.alibi_bias_max)
+    h0, h1 = layout.heads
+    return full[h0:h1].clone()
+
+
+def load_shard(spec: LaunchSpec, rank: int, opened: Opened | None = None) -> tuple[CausalLM, ModelConfig, Runtime]:
+    """Build rank ``rank``'s shard of the model ``spec`` names: only its part of each weight is read.
+
+    ``opened``: the checkpoint already opened by the caller (rank 0 opens it once to check it before it starts
+    the other ranks). The shard's ``tp`` (its collectives) is set when there is more than one rank.
+    """
+    from chatcore.loader import check_tensors, make_runtime, open_checkpoint
+    from chatcore.models import FAMILIES
+    from chatcore.parallel.comm import Collectives
+
+    path = Path(spec.path)
+    if opened is None:
+        opened = open_random(path, spec.random_seed) if spec.random_seed is not None else open_checkpoint(path)[:2]
+        if spec.random_seed is None:
+            check_tensors(path, *opened)
+    cfg, source = opened
+    layout = Layout(cfg, spec.world, rank)
+    dev = spec.rank_device(rank)
+    runtime = make_runtime(cfg, dev, pick_dtype(spec.dtype, dev), max_seq_len=spec.max_seq_len,
+                           prefill_chunk=spec.prefill_chunk, attention=spec.attention, cuda_graphs=spec.cuda_graphs)
+    read = reader(source)
+
+    def get(name: str) -> torch.Tensor:
+        part = shard_tensor(layout, cfg.family, name, read)
+        return (source.get(name) if part is None else part).to(device=dev, dtype=runtime.dtype)
+
+    model = FAMILIES[cfg.family](layout.local_config(), runtime, get, runtime.attention_backend)
+    if cfg.position == "alibi":
+        model.slopes = alibi_slopes(cfg, layout).to(dev)
+    if spec.world > 1:
+        model.tp = Collectives(layout)
+    return model, cfg, runtime
+
+
+def open_random(path: Path, seed: int) -> Opened:
+    """A config.json alone, with random weights made on demand (benchmarks of shapes nobody has on disk)."""
+    from chatcore.parallel.random_weights import RandomWeights
+
+    cfg = ModelConfig.from_hf_file(path / "config.json")
+    return cfg, RandomWeights(cfg, seed)
