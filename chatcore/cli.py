@@ -10,8 +10,13 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from chatcore.errors import ChatcoreError
+
+if TYPE_CHECKING:
+    from chatcore.engine import Engine
+    from chatcore.sampling import SamplingParams
 
 # Subcommands implemented by the other top-level packages: name -> (module, help).
 _EXTERNAL = {
@@ -47,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--stats", action="store_true", help="print token counts and speed to stderr at the end")
+    g.add_argument("--tensor-parallel", "--tp", type=int, default=1, metavar="N",
+                   help="split the model over N ranks (processes; on CUDA N GPUs from --device's index)")
 
     c = sub.add_parser("convert", help="write a GGUF model out as a Hugging Face safetensors directory")
     c.add_argument("model", help="a .gguf file, or 'demo'")
@@ -67,7 +74,13 @@ def _generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ChatcoreError(str(exc)) from None
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    engine = chatcore.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len)
+    engine = chatcore.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                           tensor_parallel=args.tensor_parallel)
+    with engine:
+        return _stream(engine, args, prompt, params)
+
+
+def _stream(engine: Engine, args: argparse.Namespace, prompt: str, params: SamplingParams) -> int:
     tok = engine.require_tokenizer()
     if args.raw:
         ids = tok.encode(prompt, add_bos=True)

@@ -61,17 +61,18 @@ class BroadcastDecode:
         return self.model.decode(token, pos, cache)
 
 
-def master_store(world: int, timeout_s: float) -> dist.TCPStore:
+def master_store(spec: LaunchSpec) -> dist.TCPStore:
     """Rank 0's rendezvous store on a free local port (``.port``)."""
-    return dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
-                         timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.TCPStore("127.0.0.1", 0, spec.world, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=spec.start_timeout_s))
 
 
 def join(spec: LaunchSpec, rank: int, store: dist.Store | None = None) -> None:
     """Join the process group of ``spec`` as ``rank`` (blocks until every rank has joined)."""
     timeout = datetime.timedelta(seconds=spec.timeout_s)
     if store is None:
-        store = dist.TCPStore("127.0.0.1", spec.store_port, spec.world, is_master=False, timeout=timeout)
+        store = dist.TCPStore("127.0.0.1", spec.store_port, spec.world, is_master=False,
+                              timeout=datetime.timedelta(seconds=spec.start_timeout_s))
     extra = {}
     if spec.device_type == "cuda":
         dev = spec.rank_device(rank)

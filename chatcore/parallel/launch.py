@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import gc
 import os
 import subprocess
@@ -168,7 +169,7 @@ def load_parallel(path: Path, n: int, device: str | torch.device | None, dtype: 
 
     ``random_seed``: ``path`` is a directory holding only config.json and every rank makes random weights
     of its shard's shapes (benchmarks). ``timeout_s``: how long a collective or a start-up step may wait
-    for another rank (default ``CHATCORE_TP_TIMEOUT``, else 120 s).
+    for another rank (default ``CHATCORE_TP_TIMEOUT``, else 120 s; starting the ranks may take at least 120 s).
     """
     from chatcore.parallel.model import ParallelModel
 
@@ -202,14 +203,14 @@ def load_parallel(path: Path, n: int, device: str | torch.device | None, dtype: 
     if dist.is_initialized():
         raise TensorParallelError("this process already has a torch.distributed process group (another "
                                   "tensor-parallel engine, or the caller's own); close that engine first")
-    store = master_store(n, timeout)
-    spec = LaunchSpec(**{**spec.__dict__, "store_port": store.port})
+    store = master_store(spec)
+    spec = dataclasses.replace(spec, store_port=store.port)
     workers = Workers(spec)
     try:
-        workers.wait("hello", timeout)
+        workers.wait("hello", spec.start_timeout_s)
         join(spec, 0, store)
         local, cfg, runtime = load_shard(spec, 0, (cfg, source))
-        workers.wait("ready", timeout)
+        workers.wait("ready", spec.start_timeout_s)
     except BaseException as exc:
         why = None if isinstance(exc, RankFailed) else workers.diagnose(grace=1.0)
         workers.kill()

@@ -90,7 +90,7 @@ class ParallelModel:
                 self._fail(exc)
 
     def _fail(self, exc: BaseException) -> None:
-        why = self.workers.diagnose(grace=2.0 if isinstance(exc, (RuntimeError, OSError)) else 0.0)
+        why = self.workers.diagnose(grace=1.0 if isinstance(exc, (RuntimeError, OSError)) else 0.0)
         if why is None and isinstance(exc, (RuntimeError, OSError)):
             why = (f"a collective failed or waited past its timeout ({str(exc).splitlines()[0][:300]}); "
                    "another rank is stuck or gone")

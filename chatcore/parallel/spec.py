@@ -39,6 +39,11 @@ class LaunchSpec:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
 
     @property
+    def start_timeout_s(self) -> float:
+        """How long starting the ranks may take (their imports and loads): never less than the default."""
+        return max(self.timeout_s, DEFAULT_TIMEOUT_S)
+
+    @property
     def backend(self) -> str:
         return "nccl" if self.device_type == "cuda" else "gloo"
 

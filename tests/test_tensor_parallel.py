@@ -1,0 +1,163 @@
+"""Tensor parallel on the CPU (gloo): TP=2 and TP=4 against the same model in one process (TP=1).
+
+A Llama model with GQA (4 query heads, 2 KV heads: TP=4 replicates KV heads) and a BLOOM model (ALiBi,
+12 heads: not a power of two, so each rank's slopes are an uneven slice), both with a vocabulary of 321 (not
+a multiple of 2 or 4: the last rank's rows are padded). One scenario per engine: logits of a 40-token
+prompt in chunks of 16, greedy tokens in a slot, a second turn reusing the slot, a span dropped from the
+slot's middle (context shift) and a turn after it, and a 48-token slot shifted by attention sinks while it
+generates. Errors: sizes that do not split the model, missing GPUs, a rank killed, a rank stuck.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from model_factory import make_bloom_dir, make_llama_dir
+
+import chatcore
+from chatcore import SamplingParams
+from chatcore.cli import main as cli_main
+from chatcore.config import ModelConfig
+from chatcore.errors import RankFailed, TensorParallelError
+from chatcore.parallel.shard import Layout, check_divides, valid_sizes
+
+VOCAB = 321
+GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+LOAD = dict(device="cpu", dtype="float32", prefill_chunk=16)
+
+
+def ids(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, VOCAB, (n,), generator=g).tolist()
+
+
+def tokens(events: list) -> list[int]:  # noqa: ANN001
+    return [ev.token_id for ev in events]
+
+
+def scenario(engine: chatcore.Engine) -> dict[str, object]:
+    prompt = ids(40, seed=1)
+    out: dict[str, object] = {"logits": engine.logits(prompt)}
+    slot = engine.new_slot()
+    out["first"] = tokens(list(engine.generate(prompt, GREEDY, slot=slot)))
+    events = list(engine.generate(prompt + out["first"] + ids(8, seed=2), GREEDY, slot=slot))
+    out["second"], out["second_cached"] = tokens(events), events[-1].stats.cached_tokens
+    slot.drop(4, 20)   # the context manager's "shift" mode: a span out of the middle, the rest moved back
+    events = list(engine.generate(list(slot.tokens) + ids(6, seed=3), GREEDY, slot=slot))
+    out["after_drop"], out["after_drop_cached"] = tokens(events), events[-1].stats.cached_tokens
+    small = engine.new_slot(48)
+    events = list(engine.generate(prompt, dataclasses.replace(GREEDY, max_new_tokens=16), slot=small, sink_tokens=4))
+    out["sinks"], out["discarded"] = tokens(events), events[-1].stats.discarded_tokens
+    out["sink_logits"] = engine.prefill(ids(3, seed=4), small, all_logits=True).float()
+    return out
+
+
+def assert_same(ours: dict[str, object], ref: dict[str, object]) -> None:
+    for key, want in ref.items():
+        got = ours[key]
+        if isinstance(want, torch.Tensor):
+            diff = (got - want).abs().max().item()
+            assert diff <= 1e-4, f"{key}: max |logit difference| {diff:.3g} > 1e-4"
+        else:
+            assert got == want, f"{key}: {got} != {want}"
+    assert ref["second_cached"] == 40 + 8 - 1 and ref["after_drop_cached"] > 0 and ref["discarded"] > 0
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict[str, object]]]:
+    root = tmp_path_factory.mktemp("tp")
+    dirs = {"llama": make_llama_dir(root / "llama", vocab_size=VOCAB),
+            "bloom": make_bloom_dir(root / "bloom", vocab_size=VOCAB, hidden_size=48, n_head=12)}
+    return {name: (path, scenario(chatcore.load(path, **LOAD))) for name, path in dirs.items()}
+
+
+@pytest.mark.parametrize(("family", "n"), [("llama", 2), ("llama", 4), ("bloom", 2), ("bloom", 4)])
+def test_matches_one_process(models: dict, family: str, n: int) -> None:
+    path, ref = models[family]
+    with chatcore.load(path, tensor_parallel=n, **LOAD) as engine:
+        assert len(engine.model.workers.procs) == n - 1
+        assert_same(scenario(engine), ref)
+
+
+def test_rank_killed_closes_the_engine(models: dict) -> None:
+    path, ref = models["llama"]
+    engine = chatcore.load(path, tensor_parallel=2, **LOAD)
+    slot = engine.new_slot()
+    assert tokens(list(engine.generate(ids(40, seed=1), GREEDY, slot=slot))) == ref["first"]
+    worker = engine.model.workers.procs[0]
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    t0 = time.monotonic()
+    with pytest.raises(RankFailed, match=r"rank 1 exited \(killed by signal 9\)"):
+        list(engine.generate(ids(12, seed=5), GREEDY, slot=slot))
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(RankFailed, match="engine is closed"):
+        engine.logits([3, 4, 5])
+    engine.close()
+
+
+def test_rank_stuck_times_out(models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHATCORE_TP_TIMEOUT", "3")
+    path, _ = models["llama"]
+    engine = chatcore.load(path, tensor_parallel=2, **LOAD)
+    worker = engine.model.workers.procs[0]
+    os.kill(worker.pid, signal.SIGSTOP)   # alive but not answering: rank 0's collective must time out
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RankFailed, match="waited past its timeout"):
+            engine.logits(ids(8, seed=6))
+        assert time.monotonic() - t0 < 20
+        assert worker.poll() is not None, "the stuck rank was not stopped"
+    finally:
+        if worker.poll() is None:
+            os.kill(worker.pid, signal.SIGKILL)
+        engine.close()
+
+
+# -- sizes that cannot split the model: refused before any process starts --------------------------------------
+def test_sizes_that_do_not_divide_are_refused(models: dict) -> None:
+    path, _ = models["llama"]
+    with pytest.raises(TensorParallelError, match="does not divide the model's 4 attention heads; use one of 1, 2, 4"):
+        chatcore.load(path, tensor_parallel=3, **LOAD)
+    with pytest.raises(TensorParallelError, match="at least 1"):
+        chatcore.load(path, tensor_parallel=0, **LOAD)
+    cfg = ModelConfig(family="llama", vocab_size=100, hidden_size=96, intermediate_size=256, num_layers=1,
+                      num_heads=12, num_kv_heads=4, head_dim=8, max_position_embeddings=64)
+    with pytest.raises(TensorParallelError, match="4 key/value heads"):
+        check_divides(cfg, 3)   # 12 heads split in 3, but 4 KV heads cannot be
+    with pytest.raises(TensorParallelError, match="MLP width of 256"):
+        check_divides(dataclasses.replace(cfg, num_kv_heads=6), 3)
+    assert valid_sizes(cfg) == [1, 2, 4]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has the GPUs")
+def test_fewer_gpus_than_ranks(models: dict) -> None:
+    path, _ = models["llama"]
+    with pytest.raises(TensorParallelError, match=r"needs 2 GPUs \(cuda:0..cuda:1\) but \d+ are visible"):
+        chatcore.load(path, tensor_parallel=2, device="cuda")
+
+
+def test_cli_reports_a_bad_size_in_one_line(models: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    path, _ = models["llama"]
+    assert cli_main(["generate", "--model", str(path), "--prompt", "hi", "--tensor-parallel", "3"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("chatcore: error: tensor_parallel=3 does not divide") and "\n" not in err
+
+
+def test_layout_replicates_kv_heads() -> None:
+    """Llama-3.1-70B's 64 query / 8 KV heads at TP=16: each KV head serves two ranks, each rank its own."""
+    cfg = ModelConfig(family="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=1,
+                      num_heads=64, num_kv_heads=8, head_dim=128, max_position_embeddings=64)
+    layouts = [Layout(cfg, 16, r) for r in range(16)]
+    assert [lay.kv_heads for lay in layouts] == [(r // 2, r // 2 + 1) for r in range(16)]
+    assert [lay.heads for lay in layouts][:2] == [(0, 4), (4, 8)]
+    assert Layout(cfg, 4, 3).kv_heads == (6, 8) and Layout(cfg, 4, 3).columns == (21504, 28672)
+    local = Layout(cfg, 16, 15).local_config()
+    assert (local.num_heads, local.num_kv_heads, local.vocab_size) == (4, 1, 8016)
+    assert Layout(cfg, 16, 15).vocab == (120240, 128256)
