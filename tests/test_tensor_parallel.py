@@ -2,7 +2,8 @@
 
 A Llama model with GQA (4 query heads, 2 KV heads: TP=4 replicates KV heads) and a BLOOM model (ALiBi,
 12 heads: not a power of two, so each rank's slopes are an uneven slice), both with a vocabulary of 321 (not
-a multiple of 2 or 4: the last rank's rows are padded). One scenario per engine: logits of a 40-token
+a multiple of 2 or 4: the last rank's rows are padded); BLOOM's biases are random, so a row-parallel bias must
+be added exactly once. One scenario per engine: logits of a 40-token
 prompt in chunks of 16, greedy tokens in a slot, a second turn reusing the slot, a span dropped from the
 slot's middle (context shift) and a turn after it, and a 48-token slot shifted by attention sinks while it
 generates. Errors: sizes that do not split the model, missing GPUs, a rank killed, a rank stuck.
@@ -69,11 +70,25 @@ def assert_same(ours: dict[str, object], ref: dict[str, object]) -> None:
     assert ref["second_cached"] == 40 + 8 - 1 and ref["after_drop_cached"] > 0 and ref["discarded"] > 0
 
 
+def randomize_biases(path: Path) -> Path:
+    """transformers initialises biases to zero; random ones make a bias added on every rank (not once) show."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    g = torch.Generator().manual_seed(9)
+    for name, t in tensors.items():
+        if name.endswith(".bias"):
+            tensors[name] = torch.randn(t.shape, generator=g) * 0.1
+    save_file(tensors, file, metadata={"format": "pt"})
+    return path
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict[str, object]]]:
     root = tmp_path_factory.mktemp("tp")
     dirs = {"llama": make_llama_dir(root / "llama", vocab_size=VOCAB),
-            "bloom": make_bloom_dir(root / "bloom", vocab_size=VOCAB, hidden_size=48, n_head=12)}
+            "bloom": randomize_biases(make_bloom_dir(root / "bloom", vocab_size=VOCAB, hidden_size=48, n_head=12))}
     return {name: (path, scenario(chatcore.load(path, **LOAD))) for name, path in dirs.items()}
 
 
