@@ -176,3 +176,21 @@ def test_layout_replicates_kv_heads() -> None:
     local = Layout(cfg, 16, 15).local_config()
     assert (local.num_heads, local.num_kv_heads, local.vocab_size) == (4, 1, 8016)
     assert Layout(cfg, 16, 15).vocab == (120240, 128256)
+
+
+@pytest.mark.slow
+def test_bench_runs_its_cpu_path(tmp_path: Path) -> None:
+    """bench/tp.py is for multi-GPU machines; its CPU path (gloo, tiny shape) runs the same code here."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, str(root / "bench" / "tp.py"), "--device", "cpu", "--tiny", "--tp", "1", "2",
+                    "--new", "6", "--out", str(tmp_path)], check=True, env=env, capture_output=True, timeout=120)
+    runs = json.loads((tmp_path / "tp.json").read_text())["runs"]
+    assert [r["tp"] for r in runs] == [1, 2]
+    assert all(r["decode_tok_s"] > 0 and r["roofline_fraction"] > 0 for r in runs)
+    assert runs[1]["all_reduce_us"] > 0 and runs[1]["step_bytes_per_gpu"] < runs[0]["step_bytes_per_gpu"]
+    assert (tmp_path / "tp.png").stat().st_size > 0

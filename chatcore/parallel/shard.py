@@ -202,15 +202,17 @@ def load_shard(spec: LaunchSpec, rank: int, opened: Opened | None = None) -> tup
     from chatcore.parallel.comm import Collectives
 
     path = Path(spec.path)
-    if opened is None:
-        opened = open_random(path, spec.random_seed) if spec.random_seed is not None else open_checkpoint(path)[:2]
-        if spec.random_seed is None:
-            check_tensors(path, *opened)
+    dev = spec.rank_device(rank)
+    dtype = pick_dtype(spec.dtype, dev)
+    if spec.random_seed is not None:
+        opened = open_random(path, spec.random_seed, dev, dtype)
+    elif opened is None:
+        opened = open_checkpoint(path)[:2]
+        check_tensors(path, *opened)
     cfg, source = opened
     layout = Layout(cfg, spec.world, rank)
-    dev = spec.rank_device(rank)
-    runtime = make_runtime(cfg, dev, pick_dtype(spec.dtype, dev), max_seq_len=spec.max_seq_len,
-                           prefill_chunk=spec.prefill_chunk, attention=spec.attention, cuda_graphs=spec.cuda_graphs)
+    runtime = make_runtime(cfg, dev, dtype, max_seq_len=spec.max_seq_len, prefill_chunk=spec.prefill_chunk,
+                           attention=spec.attention, cuda_graphs=spec.cuda_graphs)
     read = reader(source)
 
     def get(name: str) -> torch.Tensor:
@@ -225,9 +227,10 @@ def load_shard(spec: LaunchSpec, rank: int, opened: Opened | None = None) -> tup
     return model, cfg, runtime
 
 
-def open_random(path: Path, seed: int) -> Opened:
+def open_random(path: Path, seed: int, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> Opened:
     """A config.json alone, with random weights made on demand (benchmarks of shapes nobody has on disk)."""
     from chatcore.parallel.random_weights import RandomWeights
 
     cfg = ModelConfig.from_hf_file(path / "config.json")
-    return cfg, RandomWeights(cfg, seed)
+    return cfg, RandomWeights(cfg, seed, device, dtype)
