@@ -90,10 +90,11 @@ def step_bytes(cfg: ModelConfig, n: int, context: int, elem: int) -> int:
 
 
 def run_one(cfg_dir: Path, cfg: ModelConfig, n: int, contexts: list[int], new: int, device: str,
-            dtype: str, bandwidth: float) -> list[dict[str, Any]]:
+            dtype: str, bandwidth: float, graphs: bool) -> list[dict[str, Any]]:
     window = max(contexts) + new + 16
     t0 = time.perf_counter()
-    engine = load_parallel(cfg_dir, n, device, dtype, max_seq_len=window, random_seed=0, prefill_chunk=2048)
+    engine = load_parallel(cfg_dir, n, device, dtype, max_seq_len=window, random_seed=0, prefill_chunk=2048,
+                           cuda_graphs=graphs)
     load_s = time.perf_counter() - t0
     out = []
     try:
@@ -155,6 +156,7 @@ def main() -> None:
     ap.add_argument("--contexts", nargs="+", type=int, default=None, help="default 512 8192 (tiny: 32)")
     ap.add_argument("--new", type=int, default=None, help="decode tokens measured (default 128; tiny: 16)")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--no-graphs", action="store_true", help="eager decode (if NCCL collectives fail to capture)")
     args = ap.parse_args()
     name = "tiny" if args.tiny else args.model
     dev = torch.device(args.device)
@@ -171,6 +173,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     results: dict[str, Any] = {"model": name, "device": device_name, "gpus": torch.cuda.device_count(),
                                "dtype": dtype, "torch": torch.__version__, "new_tokens": new,
+                               "cuda_graphs": dev.type == "cuda" and not args.no_graphs,
                                "copy_bandwidth_gb_s": None, "runs": []}
     bandwidth = copy_bandwidth(dev)
     results["copy_bandwidth_gb_s"] = bandwidth / 1e9
@@ -178,7 +181,8 @@ def main() -> None:
         cfg_dir = write_config(name, Path(tmp))
         cfg = ModelConfig.from_hf_file(cfg_dir / "config.json")
         for n in sizes:
-            results["runs"] += run_one(cfg_dir, cfg, n, contexts, new, args.device, dtype, bandwidth)
+            results["runs"] += run_one(cfg_dir, cfg, n, contexts, new, args.device, dtype, bandwidth,
+                                       not args.no_graphs)
             (args.out / "tp.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     plot(results, args.out / "tp.png")
     print(f"wrote {args.out / 'tp.json'} and {args.out / 'tp.png'}")

@@ -8,7 +8,9 @@ logits. Everything here is a plain tensor op, so a CUDA graph captures it with t
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import os
 
 import torch
 import torch.distributed as dist
@@ -78,9 +80,21 @@ def join(spec: LaunchSpec, rank: int, store: dist.Store | None = None) -> None:
         dev = spec.rank_device(rank)
         torch.cuda.set_device(dev)
         extra["device_id"] = dev
+        if rank == 0:
+            # rank 0 is the caller's process: on a collective past its timeout, NCCL's watchdog must abort the
+            # communicator (so the stream stops waiting and the next step raises), not tear the process down
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     dist.init_process_group(spec.backend, store=store, rank=rank, world_size=spec.world, timeout=timeout, **extra)
 
 
-def leave() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def leave(abort: bool = False) -> None:
+    """Leave the process group. ``abort`` (a peer is gone): NCCL communicators are aborted, which also ends
+    collectives still waiting on the GPU for that peer; a clean destroy would wait on them."""
+    if not dist.is_initialized():
+        return
+    if abort and dist.get_backend() == "nccl":
+        with contextlib.suppress(RuntimeError, ValueError):
+            dist.distributed_c10d._abort_process_group()
+        if not dist.is_initialized():
+            return
+    dist.destroy_process_group()

@@ -214,7 +214,7 @@ def load_parallel(path: Path, n: int, device: str | torch.device | None, dtype: 
     except BaseException as exc:
         why = None if isinstance(exc, RankFailed) else workers.diagnose(grace=1.0)
         workers.kill()
-        leave()
+        leave(abort=True)
         if why:
             raise RankFailed(f"tensor-parallel start failed: {why}") from exc
         raise

@@ -96,7 +96,8 @@ class ParallelModel:
                    "another rank is stuck or gone")
         self._closed = f"tensor-parallel {why or 'step interrupted'}: the engine is closed, load the model again"
         self.workers.kill()   # they are out of step with rank 0: no goodbye
-        self._finalizer()
+        self._finalizer.detach()
+        _shut_down(self.workers, abort=True)
         if why is None:
             raise exc   # not the ranks' doing (an interrupt, a bug): the caller sees it as it is
         raise RankFailed(self._closed) from exc
@@ -152,8 +153,8 @@ class ParallelModel:
             return (time.perf_counter() - t0) / iters
 
 
-def _shut_down(workers: Workers) -> None:
+def _shut_down(workers: Workers, abort: bool = False) -> None:
     workers.close()
     # a group whose peers are gone may refuse a clean teardown; the process keeps nothing of it
     with contextlib.suppress(RuntimeError):
-        leave()
+        leave(abort)
