@@ -45,13 +45,21 @@ def main() -> None:
     hf = build_hf(args.model)
     w, kv = roofline_bytes(hf, args.ctx)
     print(f"{args.model}: weights {w / 1e9:.2f} GB, KV at {args.ctx}: {kv / 1e9:.3f} GB")
-    x = torch.randn(1, hf.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    from chatcore.layers.linear import _GEMV_CHOICE, _triton_gemv_wins
+    from chatcore.layers.triton_gemv import gemv
+
     for name, p in hf.named_parameters():
         if (p.dim() == 2 and ".0." in name) or name == "lm_head.weight":
             xi = torch.randn(1, p.shape[1], device="cuda", dtype=torch.bfloat16)
-            t = event_time(lambda p=p, xi=xi: torch.nn.functional.linear(xi, p))
-            print(f"  gemv {name:<45} {tuple(p.shape)}: {t * 1e6:7.1f} us, {p.numel() * 2 / t / 1e9:6.0f} GB/s")
-    del x
+
+            def reps(fn, xi=xi, p=p) -> float:  # noqa: ANN001
+                return event_time(lambda: [fn(xi, p) for _ in range(20)], 5) / 20
+
+            tc, tt = reps(torch.nn.functional.linear), reps(gemv)
+            gb = p.numel() * 2 / 1e9
+            print(f"  {name:<42} {tuple(p.shape)}: cuBLAS {tc * 1e6:6.1f} us {gb / tc:5.0f} GB/s | "
+                  f"triton {tt * 1e6:6.1f} us {gb / tt:5.0f} GB/s | picks triton: {_triton_gemv_wins(xi, p, None)}")
+    _GEMV_CHOICE.clear()
     for backend in args.backends:
         engine = build_engine(hf, backend, args.ctx + 512)
         slot = engine.new_slot()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from chatcore.config import ModelConfig
 from chatcore.layers.activation import silu_mul
-from chatcore.layers.linear import for_linear
+from chatcore.layers.linear import for_linear, linear
 from chatcore.layers.norm import add_rms_norm, rms_norm
 from chatcore.layers.rope import Rotary
 from chatcore.models.base import CausalLM
@@ -93,15 +93,15 @@ class LlamaModel(CausalLM):
         x = F.embedding(ids, self.embed)
         h = rms_norm(x, self.layers[0].attn_norm, eps)
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(h, layer.wqkv, layer.bqkv)
+            qkv = linear(h, layer.wqkv, layer.bqkv)
             q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
             q, k = q.view(t, c.num_heads, c.head_dim), k.view(t, c.num_kv_heads, c.head_dim)
             if layer.q_norm is not None:
                 q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
             o = step.attend(i, q, k, v.view(t, c.num_kv_heads, c.head_dim), rotary=self.rotary, window=layer.window)
             # each residual add is fused with the norm after it (one kernel on a GPU)
-            x, h = add_rms_norm(x, F.linear(o.reshape(t, self.q_size), layer.wo, layer.bo), layer.mlp_norm, eps)
-            mlp = F.linear(silu_mul(F.linear(h, layer.w_gate_up, layer.b_gate_up)), layer.w_down, layer.b_down)
+            x, h = add_rms_norm(x, linear(o.reshape(t, self.q_size), layer.wo, layer.bo), layer.mlp_norm, eps)
+            mlp = linear(silu_mul(linear(h, layer.w_gate_up, layer.b_gate_up)), layer.w_down, layer.b_down)
             after = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
             x, h = add_rms_norm(x, mlp, after, eps)
-        return F.linear(h if all_logits else h[-1:], self.lm_head)
+        return linear(h if all_logits else h[-1:], self.lm_head)
