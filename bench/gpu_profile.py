@@ -45,7 +45,7 @@ def main() -> None:
     hf = build_hf(args.model)
     w, kv = roofline_bytes(hf, args.ctx)
     print(f"{args.model}: weights {w / 1e9:.2f} GB, KV at {args.ctx}: {kv / 1e9:.3f} GB")
-    from chatcore.layers.linear import _GEMV_CHOICE, _triton_gemv_wins
+    from chatcore.layers.linear import _GEMV_CHOICE, _triton_gemv_wins, gpu_time
     from chatcore.layers.triton_gemv import gemv
 
     for name, p in hf.named_parameters():
@@ -53,7 +53,7 @@ def main() -> None:
             xi = torch.randn(1, p.shape[1], device="cuda", dtype=torch.bfloat16)
 
             def reps(fn, xi=xi, p=p) -> float:  # noqa: ANN001
-                return event_time(lambda: [fn(xi, p) for _ in range(20)], 5) / 20
+                return gpu_time(lambda: fn(xi, p))
 
             tc, tt = reps(torch.nn.functional.linear), reps(gemv)
             gb = p.numel() * 2 / 1e9

@@ -46,17 +46,27 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
 def _triton_gemv_wins(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
     from chatcore.layers.triton_gemv import gemv
 
-    def best(fn) -> float:  # noqa: ANN001 - 20 back-to-back calls between events, best of 3
-        fn()
-        times = []
-        for _ in range(3):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(20):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return min(times)
+    return gpu_time(lambda: gemv(x, w, b)) < 0.95 * gpu_time(lambda: F.linear(x, w, b))
 
-    return best(lambda: gemv(x, w, b)) < 0.95 * best(lambda: F.linear(x, w, b))
+
+def gpu_time(fn, reps: int = 20) -> float:  # noqa: ANN001
+    """Device seconds per call of ``fn``: ``reps`` calls captured in a CUDA graph, so launch costs (which a
+    captured decode step does not pay) stay out; best of 3 replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    times = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / reps)
+    return min(times)
