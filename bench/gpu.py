@@ -186,7 +186,9 @@ def theirs(hf: torch.nn.Module, contexts: list[int], vocab: int, static: bool, w
             tn = min(hf_generate(hf, ids, NEW_TOKENS + 1, **kw) for _ in range(2))
         except Exception as exc:  # noqa: BLE001 - record why a peer configuration could not run
             out["decode"][str(ctx)] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-            print(f"    ctx {ctx:>6}: failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            print(f"    ctx {ctx:>6}: failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
             continue
         rate = NEW_TOKENS / (tn - t1)
         out["decode"][str(ctx)] = {"tokens_per_s": rate}
@@ -199,24 +201,33 @@ def theirs(hf: torch.nn.Module, contexts: list[int], vocab: int, static: bool, w
         gc.collect()
         torch.cuda.empty_cache()
     if warm and not static:
-        from transformers import DynamicCache
-
-        hist = torch.tensor([rand_ids(32768, 7, vocab)], device="cuda")
-        with torch.inference_mode():
-            cache = DynamicCache()
-            hf(hist, past_key_values=cache, logits_to_keep=1)
-            ttfts = []
-            for rep in range(4):
-                new = torch.tensor([rand_ids(WARM_NEW, 100 + rep, vocab)], device="cuda")
-                t0 = sync_time()
-                logits = hf(new, past_key_values=cache, logits_to_keep=1).logits
-                int(logits[0, -1].argmax())
-                ttfts.append(sync_time() - t0)
-                cache.crop(32768)
-        out["warm_turn_ttft_s"] = {"median": statistics.median(ttfts[1:]), "runs": ttfts}
-        print(f"    warm turn (+{WARM_NEW} on 32k): {statistics.median(ttfts[1:]) * 1e3:.1f} ms", flush=True)
-        del cache
+        try:
+            out["warm_turn_ttft_s"] = _their_warm_turn(hf, vocab)
+        except torch.OutOfMemoryError as exc:
+            out["warm_turn_ttft_s"] = {"error": f"OutOfMemoryError: {str(exc)[:200]}"}
+            print("    warm turn: out of memory", flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
     return out
+
+
+def _their_warm_turn(hf: torch.nn.Module, vocab: int) -> dict[str, Any]:
+    from transformers import DynamicCache
+
+    hist = torch.tensor([rand_ids(32768, 7, vocab)], device="cuda")
+    with torch.inference_mode():
+        cache = DynamicCache()
+        hf(hist, past_key_values=cache, logits_to_keep=1)
+        ttfts = []
+        for rep in range(4):
+            new = torch.tensor([rand_ids(WARM_NEW, 100 + rep, vocab)], device="cuda")
+            t0 = sync_time()
+            logits = hf(new, past_key_values=cache, logits_to_keep=1).logits
+            int(logits[0, -1].argmax())
+            ttfts.append(sync_time() - t0)
+            cache.crop(-WARM_NEW)
+    print(f"    warm turn (+{WARM_NEW} on 32k): {statistics.median(ttfts[1:]) * 1e3:.1f} ms", flush=True)
+    return {"median": statistics.median(ttfts[1:]), "runs": ttfts}
 
 
 def long_prompt(hf: torch.nn.Module, backend: str, n: int) -> dict[str, Any]:
@@ -274,7 +285,7 @@ def main() -> None:
     ap.add_argument("--contexts", nargs="+", type=int, default=[512, 4096, 8192, 32768])
     ap.add_argument("--compile-contexts", nargs="*", type=int, default=None,
                     help="contexts for transformers static cache + torch.compile (default: all)")
-    ap.add_argument("--backends", nargs="+", default=["flash", "triton"])
+    ap.add_argument("--backends", nargs="*", default=["flash", "triton"])
     ap.add_argument("--long", type=int, default=131072, help="prompt length of the chunked-prefill check (0: skip)")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--deadline", type=float, default=540.0, help="seconds; later peer runs are skipped")
@@ -313,7 +324,7 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
             save()
-        if mi == 0 and args.long:
+        if mi == 0 and args.long and args.backends:
             print("  chunked prefill, long prompt", flush=True)
             m["long_prompt"] = long_prompt(hf, args.backends[0], args.long)
             gc.collect()

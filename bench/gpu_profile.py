@@ -36,22 +36,59 @@ def event_time(fn, reps: int = 50) -> float:  # noqa: ANN001
     return statistics.median(times)
 
 
+def sweep_attention() -> None:
+    """Decode attention of an 8B-shaped layer (32 q / 8 kv heads, dim 128) over a 33k-slot cache."""
+    from chatcore.layers.linear import gpu_time
+    from chatcore.layers.triton_decode import decode_attention, num_splits
+
+    cap = 33280
+    q = torch.randn(32, 128, device="cuda", dtype=torch.bfloat16)
+    kc, vc = (torch.randn(8, cap, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for ctx in (4096, 32768):
+        pos = torch.tensor([ctx - 1], dtype=torch.int32, device="cuda")
+        kv = 2 * 8 * ctx * 128 * 2
+        base = num_splits(8, cap)
+        for splits in (base // 2, base, base * 2):
+            for block_n in (32, 64, 128):
+                for warps in (4, 8):
+                    for stages in (3, 4):
+                        try:
+                            t = gpu_time(lambda s=splits, b=block_n, w=warps, st=stages, p=pos: decode_attention(
+                                q, kc, vc, p, splits=s, block_n=b, num_warps=w, num_stages=st))
+                        except Exception as exc:  # noqa: BLE001 - a launch shape the chip cannot take
+                            print(f"  sweep ctx {ctx} splits {splits} block {block_n} warps {warps}: {exc!s:.60}")
+                            continue
+                        print(f"  sweep ctx {ctx:>5} splits {splits:>3} block {block_n:>3} warps {warps} "
+                              f"stages {stages}: {t * 1e6:6.1f} us {kv / t / 1e9:5.0f} GB/s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-3.2-1b")
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--backends", nargs="+", default=["flash", "triton"])
+    ap.add_argument("--sweep", action="store_true", help="time the Triton decode kernel's launch shapes")
     args = ap.parse_args()
     hf = build_hf(args.model)
     w, kv = roofline_bytes(hf, args.ctx)
     print(f"{args.model}: weights {w / 1e9:.2f} GB, KV at {args.ctx}: {kv / 1e9:.3f} GB")
-    x = torch.randn(1, hf.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    from chatcore.layers.linear import _GEMV_CHOICE, _triton_gemv_wins, gpu_time
+    from chatcore.layers.triton_gemv import gemv
+
     for name, p in hf.named_parameters():
         if (p.dim() == 2 and ".0." in name) or name == "lm_head.weight":
             xi = torch.randn(1, p.shape[1], device="cuda", dtype=torch.bfloat16)
-            t = event_time(lambda p=p, xi=xi: torch.nn.functional.linear(xi, p))
-            print(f"  gemv {name:<45} {tuple(p.shape)}: {t * 1e6:7.1f} us, {p.numel() * 2 / t / 1e9:6.0f} GB/s")
-    del x
+
+            def reps(fn, xi=xi, p=p) -> float:  # noqa: ANN001
+                return gpu_time(lambda: fn(xi, p))
+
+            tc, tt = reps(torch.nn.functional.linear), reps(gemv)
+            gb = p.numel() * 2 / 1e9
+            print(f"  {name:<42} {tuple(p.shape)}: cuBLAS {tc * 1e6:6.1f} us {gb / tc:5.0f} GB/s | "
+                  f"triton {tt * 1e6:6.1f} us {gb / tt:5.0f} GB/s | picks triton: {_triton_gemv_wins(xi, p, None)}")
+    _GEMV_CHOICE.clear()
+    if args.sweep:
+        sweep_attention()
     for backend in args.backends:
         engine = build_engine(hf, backend, args.ctx + 512)
         slot = engine.new_slot()

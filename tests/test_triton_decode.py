@@ -150,3 +150,17 @@ def test_fused_add_rms_norm_and_silu_mul_match_pytorch(n: int) -> None:
     out = silu_mul(gu)
     assert out.shape == (3, n)
     assert torch.allclose(out, torch.nn.functional.silu(gu[:, :n]) * gu[:, n:], atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (64, 512), (1000, 700)])
+def test_gemv_matches_a_float64_product(shape: tuple[int, int]) -> None:
+    from chatcore.layers.triton_gemv import gemv
+
+    n, k = shape
+    g = torch.Generator().manual_seed(n)
+    x, w, b = torch.randn(1, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    for bias in (None, b):
+        want = x.double() @ w.double().T + (0 if bias is None else bias.double())
+        assert (gemv(x, w, bias).double() - want).abs().max().item() < 1e-3
+    with pytest.raises(ValueError, match="row-major"):
+        gemv(x, w.T.contiguous().T)

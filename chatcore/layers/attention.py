@@ -190,6 +190,9 @@ def _device_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
         if sinks:
             raise ValueError("flash-attn has no attention sinks; use the triton or torch backend")
+        if rotary is not None and rotary[0].shape[1] % 8:   # flash-attn rotates only dims divisible by 16
+            cos, sin = (x.index_select(0, pos)[:, None, :].to(q.dtype) for x in rotary)
+            q, k_new, rotary = _rotate(q, cos, sin), _rotate(k_new, cos, sin), None
         cos, sin = rotary if rotary is not None else (None, None)
         return flash_attn_with_kvcache(
             q[None], k_cache.transpose(0, 1)[None], v_cache.transpose(0, 1)[None], k=k_new[None], v=v_new[None],

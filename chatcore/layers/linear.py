@@ -11,6 +11,11 @@ head, 13.0 -> 21.4 GB/s for 3072x576 - while a wide-input weight (576x1536) is f
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from chatcore.layers.norm import use_fused
+
+_GEMV_CHOICE: dict[tuple[int, int, torch.dtype, bool], bool] = {}   # shape -> the Triton kernel was faster
 
 
 def for_linear(w: torch.Tensor) -> torch.Tensor:
@@ -18,3 +23,50 @@ def for_linear(w: torch.Tensor) -> torch.Tensor:
     if w.device.type != "cpu" or w.dim() != 2 or w.shape[0] < w.shape[1]:
         return w
     return w.t().contiguous().t()
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, except that a one-token product on a GPU takes the Triton GEMV where, timed once per
+    weight shape (outside any CUDA graph capture), it beats cuBLAS."""
+    if x.dim() != 2 or x.shape[0] != 1 or not use_fused(x) or w.stride(1) != 1:
+        return F.linear(x, w, b)
+    key = (w.shape[0], w.shape[1], w.dtype, b is not None)
+    choice = _GEMV_CHOICE.get(key)
+    if choice is None:
+        if torch.cuda.is_current_stream_capturing():
+            return F.linear(x, w, b)
+        choice = _GEMV_CHOICE[key] = _triton_gemv_wins(x, w, b)
+    if choice:
+        from chatcore.layers.triton_gemv import gemv
+
+        return gemv(x, w, b)
+    return F.linear(x, w, b)
+
+
+def _triton_gemv_wins(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
+    from chatcore.layers.triton_gemv import gemv
+
+    return gpu_time(lambda: gemv(x, w, b)) < 0.95 * gpu_time(lambda: F.linear(x, w, b))
+
+
+def gpu_time(fn, reps: int = 20) -> float:  # noqa: ANN001
+    """Device seconds per call of ``fn``: ``reps`` calls captured in a CUDA graph, so launch costs (which a
+    captured decode step does not pay) stay out; best of 3 replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    times = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / reps)
+    return min(times)

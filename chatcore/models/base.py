@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from chatcore.config import ModelConfig
 from chatcore.kv_cache import KVCache
+from chatcore.layers.linear import linear
 from chatcore.layers.rope import Rotary
 from chatcore.runtime import Runtime
 from chatcore.step import DeviceStep, EagerStep, Step
@@ -48,7 +49,7 @@ class CausalLM:
 
     def head(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Logits [T, vocab]; a vocab-parallel shard computes its slice and gathers the others'."""
-        logits = F.linear(h, weight)
+        logits = linear(h, weight)
         return logits if self.tp is None else self.tp.gather_vocab(logits)
 
     def run(self, ids: torch.Tensor, step: Step, *, all_logits: bool = False) -> torch.Tensor:

@@ -8,11 +8,10 @@ The KV cache holds keys as computed (no rotation), so dropping a span only moves
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from chatcore.config import ModelConfig
 from chatcore.layers.alibi import bloom_slopes
-from chatcore.layers.linear import for_linear
+from chatcore.layers.linear import for_linear, linear
 from chatcore.layers.norm import layer_norm
 from chatcore.models.base import CausalLM
 from chatcore.models.llama import GetTensor
@@ -78,13 +77,13 @@ class BloomModel(CausalLM):
         for i, layer in enumerate(self.layers):
             h = layer_norm(x, layer.ln1_w, layer.ln1_b, eps)
             residual = h if c.residual_post_norm else x
-            q, k, v = F.linear(h, layer.wqkv, layer.bqkv).view(t, 3, c.num_heads, c.head_dim).unbind(1)
+            q, k, v = linear(h, layer.wqkv, layer.bqkv).view(t, 3, c.num_heads, c.head_dim).unbind(1)
             o = step.attend(i, q, k, v, rotary=None, alibi=self.slopes)
-            x = self.reduce(F.linear(o.reshape(t, -1), layer.wo, layer.bo)) + residual
+            x = self.reduce(linear(o.reshape(t, -1), layer.wo, layer.bo)) + residual
             h = layer_norm(x, layer.ln2_w, layer.ln2_b, eps)
             residual = h if c.residual_post_norm else x
-            up = bloom_gelu(F.linear(h, layer.w_up, layer.b_up))
-            x = self.reduce(F.linear(up, layer.w_down, layer.b_down)) + residual
+            up = bloom_gelu(linear(h, layer.w_up, layer.b_up))
+            x = self.reduce(linear(up, layer.w_down, layer.b_down)) + residual
         if not all_logits:
             x = x[-1:]
         return self.head(layer_norm(x, self.ln_f_w, self.ln_f_b, eps), self.lm_head)

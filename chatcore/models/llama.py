@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from chatcore.config import ModelConfig
 from chatcore.layers.activation import silu_mul
-from chatcore.layers.linear import for_linear
+from chatcore.layers.linear import for_linear, linear
 from chatcore.layers.norm import add_rms_norm, rms_norm
 from chatcore.layers.rope import Rotary
 from chatcore.models.base import CausalLM
@@ -93,17 +92,17 @@ class LlamaModel(CausalLM):
         x = self.embed_ids(ids, self.embed)
         h = rms_norm(x, self.layers[0].attn_norm, eps)
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(h, layer.wqkv, layer.bqkv)
+            qkv = linear(h, layer.wqkv, layer.bqkv)
             q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
             q, k = q.view(t, c.num_heads, c.head_dim), k.view(t, c.num_kv_heads, c.head_dim)
             if layer.q_norm is not None:
                 q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
             o = step.attend(i, q, k, v.view(t, c.num_kv_heads, c.head_dim), rotary=self.rotary, window=layer.window)
             # each residual add is fused with the norm after it (one kernel on a GPU)
-            attn = self.reduce(F.linear(o.reshape(t, self.q_size), layer.wo, layer.bo))
+            attn = self.reduce(linear(o.reshape(t, self.q_size), layer.wo, layer.bo))
             x, h = add_rms_norm(x, attn, layer.mlp_norm, eps)
-            up = silu_mul(F.linear(h, layer.w_gate_up, layer.b_gate_up))
-            mlp = self.reduce(F.linear(up, layer.w_down, layer.b_down))
+            up = silu_mul(linear(h, layer.w_gate_up, layer.b_gate_up))
+            mlp = self.reduce(linear(up, layer.w_down, layer.b_down))
             after = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
             x, h = add_rms_norm(x, mlp, after, eps)
         return self.head(h if all_logits else h[-1:], self.lm_head)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from chatcore.config import ModelConfig
 from chatcore.layers.alibi import mpt_slopes
-from chatcore.layers.linear import for_linear
+from chatcore.layers.linear import for_linear, linear
 from chatcore.layers.norm import layer_norm
 from chatcore.models.base import CausalLM
 from chatcore.models.llama import GetTensor
@@ -63,16 +63,16 @@ class MptModel(CausalLM):
         t = ids.shape[0]
         x = self.embed_ids(ids, self.embed)
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(layer_norm(x, layer.norm_1, None, eps), layer.wqkv)
+            qkv = linear(layer_norm(x, layer.norm_1, None, eps), layer.wqkv)
             if c.clip_qkv is not None:
                 qkv = qkv.clamp(min=-c.clip_qkv, max=c.clip_qkv)
             q, k, v = qkv.view(t, 3, c.num_heads, c.head_dim).unbind(1)
             if self.q_scale is not None:
                 q = q * self.q_scale
             o = step.attend(i, q, k, v, rotary=None, alibi=self.slopes)
-            x = x + self.reduce(F.linear(o.reshape(t, -1), layer.wo))
+            x = x + self.reduce(linear(o.reshape(t, -1), layer.wo))
             h = layer_norm(x, layer.norm_2, None, eps)
-            x = x + self.reduce(F.linear(F.gelu(F.linear(h, layer.w_up)), layer.w_down))
+            x = x + self.reduce(linear(F.gelu(linear(h, layer.w_up)), layer.w_down))
         if not all_logits:
             x = x[-1:]
         return self.head(layer_norm(x, self.norm_f, None, eps), self.lm_head)
