@@ -52,6 +52,7 @@ def scenario(engine: chatcore.Engine) -> dict[str, object]:
     slot.drop(4, 20)   # the context manager's "shift" mode: a span out of the middle, the rest moved back
     events = list(engine.generate(list(slot.tokens) + ids(6, seed=3), GREEDY, slot=slot))
     out["after_drop"], out["after_drop_cached"] = tokens(events), events[-1].stats.cached_tokens
+    out["drop_logits"] = engine.prefill(ids(3, seed=5), slot, all_logits=True).float()
     small = engine.new_slot(48)
     events = list(engine.generate(prompt, dataclasses.replace(GREEDY, max_new_tokens=16), slot=small, sink_tokens=4))
     out["sinks"], out["discarded"] = tokens(events), events[-1].stats.discarded_tokens

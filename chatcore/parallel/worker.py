@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import traceback
 from multiprocessing.connection import Connection
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     reply = Connection(int(argv[1]), readable=False)
     rank = -1
     try:
+        # rank 0 decides when this rank ends: a terminal's Ctrl-C reaches rank 0, which stops the workers itself
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         spec, rank = cmd.recv()
         if spec.device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world))
