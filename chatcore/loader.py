@@ -158,7 +158,8 @@ def load(path: str | Path | None = "demo", device: str | torch.device | None = N
         from chatcore.parallel.launch import load_parallel
 
         return load_parallel(resolve(path, status), tensor_parallel, device, dtype, max_seq_len=max_seq_len,
-                             prefill_chunk=prefill_chunk, attention=attention, cuda_graphs=cuda_graphs)
+                             prefill_chunk=prefill_chunk, attention=attention, cuda_graphs=cuda_graphs,
+                             progress=progress)
     with _gc_paused():
         return _load(path, device, dtype, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
                      attention=attention, cuda_graphs=cuda_graphs, progress=progress, status=status)

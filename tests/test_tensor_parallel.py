@@ -103,7 +103,9 @@ def test_matches_one_process(models: dict, family: str, n: int) -> None:
 
 def test_rank_killed_closes_the_engine(models: dict) -> None:
     path, ref = models["llama"]
-    engine = chatcore.load(path, tensor_parallel=2, **LOAD)
+    calls: list[tuple[int, int]] = []
+    engine = chatcore.load(path, tensor_parallel=2, progress=lambda done, total: calls.append((done, total)), **LOAD)
+    assert calls[-1] == (len(calls), len(calls)) == (3 + 9 * 3, 30)   # rank 0 reported each of its tensors
     slot = engine.new_slot()
     assert tokens(list(engine.generate(ids(40, seed=1), GREEDY, slot=slot))) == ref["first"]
     worker = engine.model.workers.procs[0]

@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
@@ -164,12 +165,14 @@ def _exit_text(code: int | None) -> str:
 
 def load_parallel(path: Path, n: int, device: str | torch.device | None, dtype: str | torch.dtype | None, *,
                   max_seq_len: int | None = None, prefill_chunk: int | None = None, attention: str = "auto",
-                  cuda_graphs: bool = True, random_seed: int | None = None, timeout_s: float | None = None) -> Engine:
+                  cuda_graphs: bool = True, random_seed: int | None = None, timeout_s: float | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> Engine:
     """:func:`chatcore.load` with ``tensor_parallel=n``: an :class:`Engine` on rank 0 driving n-1 worker ranks.
 
     ``random_seed``: ``path`` is a directory holding only config.json and every rank makes random weights
     of its shard's shapes (benchmarks). ``timeout_s``: how long a collective or a start-up step may wait
     for another rank (default ``CHATCORE_TP_TIMEOUT``, else 120 s; starting the ranks may take at least 120 s).
+    ``progress(done, total)``: called as rank 0 loads its shard's tensors (the others load theirs alongside).
     """
     from chatcore.parallel.model import ParallelModel
 
@@ -196,7 +199,7 @@ def load_parallel(path: Path, n: int, device: str | torch.device | None, dtype: 
                       prefill_chunk=prefill_chunk, attention=attention, cuda_graphs=cuda_graphs, store_port=0,
                       timeout_s=timeout, random_seed=random_seed)
     if n == 1:
-        local, cfg, runtime = load_shard(spec, 0, (cfg, source))
+        local, cfg, runtime = load_shard(spec, 0, (cfg, source), progress)
         return Engine(local, cfg, runtime, tokenizer, source=str(path))
     if dist.is_initialized():
         gc.collect()   # an engine nobody holds any more may still own the group until it is collected
@@ -209,7 +212,7 @@ def load_parallel(path: Path, n: int, device: str | torch.device | None, dtype: 
     try:
         workers.wait("hello", spec.start_timeout_s)
         join(spec, 0, store)
-        local, cfg, runtime = load_shard(spec, 0, (cfg, source))
+        local, cfg, runtime = load_shard(spec, 0, (cfg, source), progress)
         workers.wait("ready", spec.start_timeout_s)
     except BaseException as exc:
         why = None if isinstance(exc, RankFailed) else workers.diagnose(grace=1.0)

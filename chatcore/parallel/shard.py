@@ -191,11 +191,13 @@ def alibi_slopes(cfg: ModelConfig, layout: Layout) -> torch.Tensor:
     return full[h0:h1].clone()
 
 
-def load_shard(spec: LaunchSpec, rank: int, opened: Opened | None = None) -> tuple[CausalLM, ModelConfig, Runtime]:
+def load_shard(spec: LaunchSpec, rank: int, opened: Opened | None = None,
+               progress: Callable[[int, int], None] | None = None) -> tuple[CausalLM, ModelConfig, Runtime]:
     """Build rank ``rank``'s shard of the model ``spec`` names: only its part of each weight is read.
 
     ``opened``: the checkpoint already opened by the caller (rank 0 opens it once to check it before it starts
-    the other ranks). The shard's ``tp`` (its collectives) is set when there is more than one rank.
+    the other ranks). ``progress(done, total)``: called as tensors load. The shard's ``tp`` (its collectives)
+    is set when there is more than one rank.
     """
     from chatcore.loader import check_tensors, make_runtime, open_checkpoint
     from chatcore.models import FAMILIES
@@ -214,10 +216,16 @@ def load_shard(spec: LaunchSpec, rank: int, opened: Opened | None = None) -> tup
     runtime = make_runtime(cfg, dev, dtype, max_seq_len=spec.max_seq_len, prefill_chunk=spec.prefill_chunk,
                            attention=spec.attention, cuda_graphs=spec.cuda_graphs)
     read = reader(source)
+    total, done = len(FAMILIES[cfg.family].tensor_names(cfg)), 0
 
     def get(name: str) -> torch.Tensor:
+        nonlocal done
         part = shard_tensor(layout, cfg.family, name, read)
-        return (source.get(name) if part is None else part).to(device=dev, dtype=runtime.dtype)
+        t = (source.get(name) if part is None else part).to(device=dev, dtype=runtime.dtype)
+        done += 1
+        if progress is not None:
+            progress(done, total)
+        return t
 
     model = FAMILIES[cfg.family](layout.local_config(), runtime, get, runtime.attention_backend)
     if cfg.position == "alibi":
