@@ -313,7 +313,8 @@ def main() -> None:
         m = results["models"].setdefault(name, {})
         w_bytes, _ = roofline_bytes(hf, 0)
         m["weight_bytes"] = w_bytes
-        m["roofline_tokens_per_s"] = {str(c): bw / sum(roofline_bytes(hf, c)) for c in args.contexts}
+        roof = m.setdefault("roofline_tokens_per_s", {})
+        roof.update({str(c): bw / sum(roofline_bytes(hf, c)) for c in args.contexts})
         m["copy_bandwidth_gbs"] = bw / 1e9
         window = max(args.contexts) + WARM_NEW + 256
         for backend in args.backends:
