@@ -22,9 +22,6 @@ _HF_FAMILIES = {
     "BloomForCausalLM": "bloom", "bloom": "bloom",
     "MptForCausalLM": "mpt", "mpt": "mpt",
 }
-# GGUF `general.architecture` -> our family name (llama.cpp writes Mistral 7B as "llama").
-_GGUF_FAMILIES = {"llama": "llama"}
-
 SUPPORTED = ("Llama (Llama 2, Llama 3/3.1/3.2, SmolLM/SmolLM2), Mistral, Qwen2, Qwen3 (RoPE); "
              "BLOOM, MPT (ALiBi)")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
@@ -161,51 +158,36 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(cls, meta: Mapping[str, Any]) -> ModelConfig:
-        """Parse GGUF metadata (plain key/value dict)."""
-        arch = meta.get("general.architecture")
-        family = _GGUF_FAMILIES.get(str(arch))
-        if family is None:
-            raise UnsupportedArchitecture(
-                f"GGUF architecture {arch!r} is not supported; supported: {SUPPORTED}")
-        p = f"{arch}."
-        try:
-            hidden = int(meta[p + "embedding_length"])
-            heads = int(meta[p + "attention.head_count"])
-            vocab = meta.get(p + "vocab_size") or len(meta["tokenizer.ggml.tokens"])
-            factor = meta.get(p + "rope.scaling.factor")
-            kind = meta.get(p + "rope.scaling.type", "none")
-            scaling = RopeScaling()
-            if kind == "linear" and factor:
-                scaling = RopeScaling("linear", float(factor))
-            elif kind not in ("none", None) and factor:
-                raise ModelFormatError(f"GGUF RoPE scaling {kind!r} is not supported yet")
-            eos = meta.get("tokenizer.ggml.eos_token_id")
-            return cls(
-                family=family,
-                vocab_size=int(vocab),
-                hidden_size=hidden,
-                intermediate_size=int(meta[p + "feed_forward_length"]),
-                num_layers=int(meta[p + "block_count"]),
-                num_heads=heads,
-                num_kv_heads=int(meta.get(p + "attention.head_count_kv") or heads),
-                head_dim=int(meta.get(p + "rope.dimension_count") or hidden // heads),
-                max_position_embeddings=int(meta.get(p + "context_length", 2048)),
-                rms_norm_eps=float(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
-                rope_theta=float(meta.get(p + "rope.freq_base", 10000.0)),
-                rope_scaling=scaling,
-                tie_word_embeddings=False,  # decided by the loader from the tensors present
-                bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-                eos_token_ids=_as_ids(eos),
-            )
-        except KeyError as exc:
-            raise ModelFormatError(f"GGUF metadata lacks {exc.args[0]!r}; the file is incomplete") from None
+        """Parse GGUF metadata (plain key/value dict) of any supported ``general.architecture``."""
+        from chatcore.config_gguf import gguf_fields
+
+        fields = gguf_fields(meta, SUPPORTED)
+        kind, factor, params = fields.pop("rope_scaling", ("default", 1.0, ()))
+        return cls(**fields, rope_scaling=RopeScaling(kind, factor, params))
 
     def to_hf(self) -> dict[str, Any]:
         """A transformers-compatible ``config.json`` dict (used when converting GGUF to safetensors)."""
+        eos = list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0]
+        common = {"vocab_size": self.vocab_size, "tie_word_embeddings": self.tie_word_embeddings,
+                  "bos_token_id": self.bos_token_id, "eos_token_id": eos, "torch_dtype": "float32"}
+        if self.family == "bloom":
+            return {"architectures": ["BloomForCausalLM"], "model_type": "bloom", **common,
+                    "hidden_size": self.hidden_size, "n_layer": self.num_layers, "n_head": self.num_heads,
+                    "layer_norm_epsilon": self.rms_norm_eps, "seq_length": self.max_position_embeddings,
+                    "apply_residual_connection_post_layernorm": self.residual_post_norm}
+        if self.family == "mpt":
+            bias_max = self.alibi_bias_max
+            attn = {"alibi": True, "alibi_bias_max": int(bias_max) if bias_max.is_integer() else bias_max,
+                    "clip_qkv": self.clip_qkv, "softmax_scale": self.softmax_scale}
+            return {"architectures": ["MptForCausalLM"], "model_type": "mpt", **common, "d_model": self.hidden_size,
+                    "n_layers": self.num_layers, "n_heads": self.num_heads, "max_seq_len": self.max_position_embeddings,
+                    "expansion_ratio": self.intermediate_size // self.hidden_size, "no_bias": True,
+                    "layer_norm_epsilon": self.rms_norm_eps, "attn_config": attn}
+        arch = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[self.family]
         out: dict[str, Any] = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": self.vocab_size,
+            "architectures": [f"{arch}ForCausalLM"],
+            "model_type": self.family,
+            **common,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_layers,
@@ -215,17 +197,18 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "tie_word_embeddings": self.tie_word_embeddings,
             "attention_bias": self.attention_bias,
             "mlp_bias": self.mlp_bias,
             "hidden_act": self.hidden_act,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
-            "torch_dtype": "float32",
         }
         if self.rope_scaling.kind != "default":
             out["rope_scaling"] = {"rope_type": self.rope_scaling.kind, "factor": self.rope_scaling.factor,
                                    **dict(self.rope_scaling.params)}
+        if self.family == "mistral":
+            out["sliding_window"] = self.layer_windows[0] if self.layer_windows else None
+        elif self.layer_windows:  # Qwen2 / Qwen3: windows on the layers layer_types names
+            out.update(use_sliding_window=True, sliding_window=max(self.layer_windows),
+                       layer_types=["sliding_attention" if w else "full_attention" for w in self.layer_windows])
         return out
 
 

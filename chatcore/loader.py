@@ -80,15 +80,28 @@ def _open_gguf(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | None]:
     except (ValueError, OSError, IndexError, KeyError) as exc:
         raise ModelFormatError(f"{p} is not a readable GGUF file ({exc}); re-download it") from None
     cfg = ModelConfig.from_gguf(meta)
-    source = GGUFTensors(reader, p, cfg.num_heads, cfg.num_kv_heads)
+    source = GGUFTensors(reader, p, cfg.num_heads, cfg.num_kv_heads, arch=str(meta["general.architecture"]))
     if "rope_freqs.weight" in {t.name for t in reader.tensors}:
         raise ModelFormatError(f"{p} uses per-frequency RoPE factors (rope_freqs), not supported yet")
-    cfg = dataclasses.replace(cfg, tie_word_embeddings="lm_head.weight" not in source.names())
+    cfg = _settings_from_tensors(cfg, source.names())
     tok_cfg = tokenizer_config_from_gguf(meta)
     # ensure_ascii=False: byte-level vocabularies are mostly non-ASCII, and unescaped JSON parses faster
     tok_json = json.dumps(tokenizer_json_from_gguf(meta), ensure_ascii=False)
     tok = HFTokenizer(HFTok.from_str(tok_json), tok_cfg, extra_eos_ids=cfg.eos_token_ids)
     return cfg, source, tok
+
+
+def _settings_from_tensors(cfg: ModelConfig, names: set[str]) -> ModelConfig:
+    """What GGUF metadata does not say but its tensors do: a tied output head (no ``output.weight``), and for
+    the RoPE families biases on the attention (q/k/v only, or o too) and MLP projections."""
+    cfg = dataclasses.replace(cfg, tie_word_embeddings="lm_head.weight" not in names)
+    if cfg.position != "rope":
+        return cfg
+    block = "model.layers.0"
+    o_bias = f"{block}.self_attn.o_proj.bias" in names
+    return dataclasses.replace(cfg, attention_bias=o_bias,
+                               qkv_bias=not o_bias and f"{block}.self_attn.q_proj.bias" in names,
+                               mlp_bias=f"{block}.mlp.up_proj.bias" in names)
 
 
 def _bar(total: int, label: str) -> Progress:

@@ -1,0 +1,110 @@
+"""GGUF metadata -> :class:`chatcore.config.ModelConfig` fields, per ``general.architecture``, reading the keys
+llama.cpp's converter (``convert_hf_to_gguf.py``) writes for each family.
+
+What GGUF does not record is decided by the loader from the tensors present (tied output head, biases).
+Facts worth knowing:
+- Mistral 7B is written with architecture ``llama`` and no sliding window (llama.cpp runs it with full
+  attention); such a file loads as the Llama family, exactly as llama.cpp runs it.
+- BLOOM's ``apply_residual_connection_post_layernorm`` and MPT's ``softmax_scale`` are not recorded (every
+  released checkpoint has the defaults); MPT files with ``max_alibi_bias`` 0 (no ALiBi) are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from chatcore.errors import ModelFormatError, UnsupportedArchitecture
+
+# GGUF `general.architecture` -> our family name.
+GGUF_FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "bloom": "bloom", "mpt": "mpt"}
+# GGUF `rope.scaling.type` -> transformers' rope_type (llama.cpp writes Llama 3.1's scaling as a rope_freqs tensor).
+_ROPE_TYPES = {"none": "default", "linear": "linear", "yarn": "yarn"}
+
+
+def gguf_fields(meta: Mapping[str, Any], supported: str) -> dict[str, Any]:
+    """Keyword arguments for ``ModelConfig`` (the RoPE scaling as ``(kind, factor, params)``)."""
+    arch = str(meta.get("general.architecture"))
+    family = GGUF_FAMILIES.get(arch)
+    if family is None:
+        raise UnsupportedArchitecture(f"GGUF architecture {arch!r} is not supported; supported GGUF architectures: "
+                                      f"{', '.join(GGUF_FAMILIES)} ({supported})")
+    key = _Keys(meta, arch)
+    try:
+        hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
+        common: dict[str, Any] = dict(
+            family=family, vocab_size=int(key("vocab_size", None) or len(meta["tokenizer.ggml.tokens"])),
+            hidden_size=hidden, num_layers=int(key("block_count")), num_heads=heads,
+            max_position_embeddings=int(key("context_length", 2048)),
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=_ids(meta.get("tokenizer.ggml.eos_token_id")))
+        if family in ("bloom", "mpt"):
+            return {**common, **_alibi(family, key, hidden, heads)}
+        return {**common, **_rope(family, key, hidden, heads)}
+    except KeyError as exc:
+        raise ModelFormatError(f"GGUF metadata lacks {exc.args[0]!r}; the file is incomplete") from None
+    except (TypeError, ValueError) as exc:
+        raise ModelFormatError(f"GGUF metadata has a malformed value: {exc}") from None
+
+
+class _Keys:
+    """``key("block_count")`` reads ``<arch>.block_count``; a missing key raises KeyError unless a default is given."""
+
+    _MISSING = object()
+
+    def __init__(self, meta: Mapping[str, Any], arch: str) -> None:
+        self.meta, self.prefix = meta, f"{arch}."
+
+    def __call__(self, name: str, default: Any = _MISSING) -> Any:
+        value = self.meta.get(self.prefix + name)
+        if value is None:
+            if default is self._MISSING:
+                raise KeyError(self.prefix + name)
+            return default
+        return value
+
+
+def _rope(family: str, key: _Keys, hidden: int, heads: int) -> dict[str, Any]:
+    kind = str(key("rope.scaling.type", "none"))
+    factor = key("rope.scaling.factor", None)
+    if kind not in _ROPE_TYPES:
+        raise ModelFormatError(f"GGUF RoPE scaling {kind!r} is not supported (supported in GGUF: "
+                               f"{', '.join(_ROPE_TYPES)})")
+    rope_type = _ROPE_TYPES[kind] if factor and float(factor) != 1.0 else "default"
+    params: tuple[tuple[str, Any], ...] = ()
+    if rope_type == "yarn":
+        original = key("rope.scaling.original_context_length", None) or key("context_length", 2048)
+        params = (("original_max_position_embeddings", int(original)),)
+    # head_dim: Qwen3 (and any config with an explicit head_dim) writes key_length; Llama writes rope.dimension_count
+    head_dim = key("attention.key_length", None) or key("rope.dimension_count", None) or hidden // heads
+    return dict(intermediate_size=int(key("feed_forward_length")),
+                num_kv_heads=int(key("attention.head_count_kv", heads)), head_dim=int(head_dim),
+                rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+                rope_theta=float(key("rope.freq_base", 10000.0)),
+                rope_scaling=(rope_type, float(factor or 1.0) if rope_type != "default" else 1.0, params),
+                qkv_bias=family == "qwen2", qk_norm=family == "qwen3")
+
+
+def _alibi(family: str, key: _Keys, hidden: int, heads: int) -> dict[str, Any]:
+    kv_heads = int(key("attention.head_count_kv", heads))
+    if kv_heads != heads:
+        raise UnsupportedArchitecture(f"{family} GGUF with {kv_heads} KV heads for {heads} heads (multi-query "
+                                      "attention) is not supported")
+    out: dict[str, Any] = dict(intermediate_size=int(key("feed_forward_length", 4 * hidden)), num_kv_heads=heads,
+                               head_dim=hidden // heads, rms_norm_eps=float(key("attention.layer_norm_epsilon", 1e-5)),
+                               position="alibi", hidden_act="bloom_gelu" if family == "bloom" else "gelu")
+    if family == "mpt":
+        bias_max = float(key("attention.max_alibi_bias", 8.0))
+        if bias_max <= 0:
+            raise UnsupportedArchitecture("MPT GGUF without ALiBi (max_alibi_bias 0) is not supported")
+        clamp = key("attention.clamp_kqv", None)
+        out.update(alibi_bias_max=bias_max, clip_qkv=None if clamp is None else float(clamp))
+    return out
+
+
+def _ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    return (int(value),)
