@@ -19,6 +19,7 @@ from chatcore.errors import ModelFormatError, ModelNotFound
 from chatcore.layers.attention import pick_backend
 from chatcore.models import FAMILIES
 from chatcore.runtime import Runtime, pick_device, pick_dtype
+from chatcore.tokenizer import Tokenizer
 from chatcore.tokenizer.hf import HFTokenizer
 from chatcore.weights import TensorSource
 
@@ -40,7 +41,7 @@ def resolve(path: str | Path | None, status: Callable[[str], None] | None = None
     return p
 
 
-def open_checkpoint(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | None]:
+def open_checkpoint(p: Path) -> tuple[ModelConfig, TensorSource, Tokenizer | None]:
     """Config, tensor source and tokenizer of a model directory or GGUF file (no weights read yet)."""
     if p.is_dir():
         return _open_hf_dir(p)
@@ -49,7 +50,7 @@ def open_checkpoint(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | N
     raise ModelFormatError(f"{p} is neither a model directory nor a .gguf file")
 
 
-def _open_hf_dir(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | None]:
+def _open_hf_dir(p: Path) -> tuple[ModelConfig, TensorSource, Tokenizer | None]:
     from chatcore.weights.safetensors_dir import SafetensorsDir
 
     cfg = ModelConfig.from_hf_file(p / "config.json")
@@ -64,7 +65,12 @@ def _open_hf_dir(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | None
             pass  # generation_config is advisory; a broken one only loses extra EOS ids
     if extra_eos:
         cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + extra_eos)))
-    return cfg, SafetensorsDir(p), HFTokenizer.from_dir(p, extra_eos_ids=cfg.eos_token_ids)
+    tok: Tokenizer | None = HFTokenizer.from_dir(p, extra_eos_ids=cfg.eos_token_ids)
+    if tok is None:  # no tokenizer.json: a tiktoken rank file (*.tiktoken, or Llama 3's original tokenizer.model)
+        from chatcore.tokenizer.tiktoken_bpe import TiktokenTokenizer
+
+        tok = TiktokenTokenizer.from_dir(p, extra_eos_ids=cfg.eos_token_ids)
+    return cfg, SafetensorsDir(p), tok
 
 
 def _open_gguf(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | None]:
