@@ -5,6 +5,10 @@ What GGUF does not record is decided by the loader from the tensors present (tie
 Facts worth knowing:
 - Mistral 7B is written with architecture ``llama`` and no sliding window (llama.cpp runs it with full
   attention); such a file loads as the Llama family, exactly as llama.cpp runs it.
+- Gemma 3: llama.cpp fixes what its converter does not write: every 6th layer is a full-attention layer (unless
+  ``attention.sliding_window_pattern`` says otherwise), the sliding layers' RoPE base is 10,000 (unless
+  ``rope.freq_base_swa``), and scores are scaled by 1/sqrt(head_dim), or 1/sqrt(hidden / heads) for the
+  62-layer 27B model (its ``query_pre_attn_scalar``).
 - BLOOM's ``apply_residual_connection_post_layernorm`` and MPT's ``softmax_scale`` are not recorded (every
   released checkpoint has the defaults); MPT files with ``max_alibi_bias`` 0 (no ALiBi) are refused.
 """
@@ -17,7 +21,8 @@ from typing import Any
 from chatcore.errors import ModelFormatError, UnsupportedArchitecture
 
 # GGUF `general.architecture` -> our family name.
-GGUF_FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "bloom": "bloom", "mpt": "mpt"}
+GGUF_FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3", "bloom": "bloom",
+                 "mpt": "mpt"}
 # GGUF `rope.scaling.type` -> transformers' rope_type (llama.cpp writes Llama 3.1's scaling as a rope_freqs tensor).
 _ROPE_TYPES = {"none": "default", "linear": "linear", "yarn": "yarn"}
 
@@ -77,12 +82,33 @@ def _rope(family: str, key: _Keys, hidden: int, heads: int) -> dict[str, Any]:
         params = (("original_max_position_embeddings", int(original)),)
     # head_dim: Qwen3 (and any config with an explicit head_dim) writes key_length; Llama writes rope.dimension_count
     head_dim = key("attention.key_length", None) or key("rope.dimension_count", None) or hidden // heads
-    return dict(intermediate_size=int(key("feed_forward_length")),
-                num_kv_heads=int(key("attention.head_count_kv", heads)), head_dim=int(head_dim),
-                rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-                rope_theta=float(key("rope.freq_base", 10000.0)),
-                rope_scaling=(rope_type, float(factor or 1.0) if rope_type != "default" else 1.0, params),
-                qkv_bias=family == "qwen2", qk_norm=family == "qwen3")
+    out = dict(intermediate_size=int(key("feed_forward_length")),
+               num_kv_heads=int(key("attention.head_count_kv", heads)), head_dim=int(head_dim),
+               rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+               rope_theta=float(key("rope.freq_base", 10000.0)),
+               rope_scaling=(rope_type, float(factor or 1.0) if rope_type != "default" else 1.0, params),
+               qkv_bias=family == "qwen2", qk_norm=family in ("qwen3", "gemma3"))
+    if family == "gemma3":
+        out.update(_gemma3(key, hidden, heads, int(head_dim)))
+    return out
+
+
+def _gemma3(key: _Keys, hidden: int, heads: int, head_dim: int) -> dict[str, Any]:
+    if key("attn_logit_softcapping", None) is not None:
+        raise UnsupportedArchitecture("Gemma GGUF with attention logit soft-capping is not supported")
+    layers = int(key("block_count"))
+    pattern = key("attention.sliding_window_pattern", 6)
+    if isinstance(pattern, list):   # one flag per layer: True = sliding
+        sliding = [bool(p) for p in pattern]
+    else:
+        sliding = [(i + 1) % int(pattern) != 0 for i in range(layers)]
+    window = int(key("attention.sliding_window", 0))
+    scalar = hidden / heads if layers == 62 else head_dim
+    cap = key("final_logit_softcapping", None)
+    return dict(hidden_act="gelu_pytorch_tanh", rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+                layer_windows=tuple(window if s else 0 for s in sliding) if window and any(sliding) else (),
+                rope_local_theta=float(key("rope.freq_base_swa", 10_000.0)), softmax_scale=float(scalar) ** -0.5,
+                final_logit_softcap=None if cap is None else float(cap))
 
 
 def _alibi(family: str, key: _Keys, hidden: int, heads: int) -> dict[str, Any]:

@@ -3,8 +3,8 @@ tests (import: ``from gguf_convert import write_gguf``).
 
 Restated from the converter, per family: the metadata keys it writes, tensor names from ``gguf``'s own
 ``TensorNameMap``, Llama's q/k row permutation, BLOOM's q | k | v regrouping of its fused projection and its
-duplicated output head. The tokenizer is a small GPT-2 byte-level vocabulary of the model's vocab size (so the
-file is complete); tests compare logits and token ids, not text.
+duplicated output head, Gemma's norm weights stored as 1 + w. The tokenizer is a small GPT-2 byte-level
+vocabulary of the model's vocab size (so the file is complete); tests compare logits and token ids, not text.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-        "Qwen3ForCausalLM": "qwen3", "BloomForCausalLM": "bloom", "MptForCausalLM": "mpt"}
+        "Qwen3ForCausalLM": "qwen3", "BloomForCausalLM": "bloom", "MptForCausalLM": "mpt",
+        "Gemma3ForCausalLM": "gemma3"}
 
 
 def _byte_alphabet() -> list[str]:
@@ -76,6 +77,25 @@ def _set_parameters(w: gguf.GGUFWriter, arch: str, hp: dict[str, Any]) -> None:
             w.add_clamp_kqv(attn["clip_qkv"])
         w.add_max_alibi_bias(attn.get("alibi_bias_max", 8) if attn.get("alibi", True) else 0.0)
         return
+    if arch == "gemma3":
+        full = (hp.get("rope_parameters") or {}).get("full_attention") or {}
+        w.add_context_length(hp["max_position_embeddings"])
+        w.add_embedding_length(hp["hidden_size"])
+        w.add_block_count(hp["num_hidden_layers"])
+        w.add_feed_forward_length(hp["intermediate_size"])
+        w.add_head_count(hp["num_attention_heads"])
+        w.add_layer_norm_rms_eps(hp.get("rms_norm_eps", 1e-6))
+        w.add_key_length(hp.get("head_dim", 256))
+        w.add_value_length(hp.get("head_dim", 256))
+        w.add_rope_freq_base(full.get("rope_theta", 1_000_000.0))
+        if hp.get("final_logit_softcapping"):
+            w.add_final_logit_softcapping(hp["final_logit_softcapping"])
+        w.add_sliding_window(hp["sliding_window"])
+        w.add_head_count_kv(hp.get("num_key_value_heads", 4))
+        if full.get("rope_type", "default") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(full["factor"])
+        return
     # the converter's generic text-model parameters (Llama, Qwen2, Qwen3)
     w.add_block_count(hp["num_hidden_layers"])
     w.add_context_length(hp["max_position_embeddings"])
@@ -113,6 +133,8 @@ def _tensors(arch: str, hp: dict[str, Any], tensors: dict[str, torch.Tensor]) ->
                 t = t.reshape(n_head, 3, n_embed // n_head, n_embed).transpose(0, 1).reshape(-1, n_embed)
             elif name.endswith("query_key_value.bias"):
                 t = t.reshape(n_head, 3, n_embed // n_head).transpose(0, 1).reshape(-1)
+        elif arch == "gemma3" and name.endswith("norm.weight"):
+            t = t + 1  # llama.cpp multiplies by the norm weight, Gemma by 1 + weight
         elif arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = hp["num_attention_heads"]
             kv = hp.get("num_key_value_heads") or heads

@@ -49,6 +49,9 @@ VARIANTS = {  # name: (family, transformers config overrides)
     "qwen2-tied-yarn": ("qwen2", {"tie_word_embeddings": True, **rope("yarn", factor=4.0,
                                                                        original_max_position_embeddings=128)}),
     "qwen3": ("qwen3", {}),
+    # llama.cpp's Gemma 3 assumptions: every 6th layer full, query_pre_attn_scalar = head_dim, local base 10,000
+    "gemma3-softcap": ("gemma3", {"num_hidden_layers": 6, "layer_types": None, "query_pre_attn_scalar": 24,
+                                  "final_logit_softcapping": 30.0}),
     "bloom-4heads": ("bloom", {"n_head": 4, "hidden_size": 64, "seq_length": 512}),
     "bloom-6heads-untied": ("bloom", {"seq_length": 512, "tie_word_embeddings": False}),
     "mpt-6heads": ("mpt", {}),
@@ -88,7 +91,7 @@ def test_gguf_config_equals_config_json(converted) -> None:  # noqa: ANN001
         theirs = dataclasses.replace(theirs, tie_word_embeddings=False)
     as_f32 = {k: float(np.float32(getattr(theirs, k))) for k in ("rms_norm_eps", "rope_theta", "clip_qkv")
               if getattr(theirs, k) is not None}  # GGUF stores these as float32
-    assert dataclasses.replace(ours, eos_token_ids=()) == dataclasses.replace(theirs, **as_f32)
+    assert dataclasses.replace(ours, eos_token_ids=()) == dataclasses.replace(theirs, eos_token_ids=(), **as_f32)
 
 
 def test_convert_gives_a_directory_transformers_loads(converted, tmp_path: Path) -> None:  # noqa: ANN001
@@ -168,7 +171,7 @@ def test_unknown_gguf_architecture_names_what_is_supported(tmp_path: Path) -> No
         chatcore.load(path, device="cpu")
     message = _one_line(info)
     assert "'falcon' is not supported" in message
-    assert "llama, qwen2, qwen3, bloom, mpt" in message
+    assert "llama, qwen2, qwen3, gemma3, bloom, mpt" in message
 
 
 def test_mpt_gguf_without_alibi_or_with_fewer_kv_heads_is_refused(tmp_path: Path) -> None:

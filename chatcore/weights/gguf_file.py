@@ -8,6 +8,8 @@ per ``general.architecture``:
 - ``bloom``: the fused ``attn_qkv`` holds all q rows, then k, then v; BLOOM's own layout interleaves them per
   head ([heads, 3, head_dim] rows), which :func:`qkv_to_per_head` restores.
 - ``mpt``: the fused ``attn_qkv`` is MPT's own q | k | v, unchanged.
+- ``gemma3``: RMSNorm weights are stored as 1 + w (llama.cpp multiplies by the weight; Gemma by 1 + w), so 1 is
+  taken off again.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class _Layout:
     top: dict[str, str]                           # GGUF stem -> HF stem, outside the blocks
     block: dict[str, str]                         # GGUF stem -> HF stem, inside a block
     reorder: dict[str, str] = field(default_factory=dict)  # GGUF stem -> "qk:q", "qk:k" or "qkv" (row reorders)
+    norms_plus_one: bool = False                  # every *norm weight stored as 1 + w (Gemma)
 
 
 _RMS_BLOCK = {
@@ -67,6 +70,9 @@ _LAYOUTS = {
     "llama": _Layout("model.layers", _RMS_TOP, _RMS_BLOCK, {"attn_q": "qk:q", "attn_k": "qk:k"}),
     "qwen2": _Layout("model.layers", _RMS_TOP, _RMS_BLOCK),
     "qwen3": _Layout("model.layers", _RMS_TOP, _RMS_BLOCK),
+    "gemma3": _Layout("model.layers", _RMS_TOP, {
+        **_RMS_BLOCK, "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm"}, norms_plus_one=True),
     "bloom": _Layout(
         "transformer.h",
         {"token_embd": "transformer.word_embeddings", "token_embd_norm": "transformer.word_embeddings_layernorm",
@@ -119,6 +125,7 @@ class GGUFTensors:
                                    f"{', '.join(_LAYOUTS)}")
         self.path = path
         layout = _LAYOUTS[arch]
+        self._norms_plus_one = layout.norms_plus_one
         self._tensors: dict[str, tuple[GGUFTensorInfo, Callable[[np.ndarray], np.ndarray] | None]] = {}
         unknown = []
         for t in reader.tensors:
@@ -150,4 +157,8 @@ class GGUFTensors:
             raise ModelFormatError(
                 f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be read ({exc})") from None
         w = w.reshape(tuple(int(d) for d in reversed(t.shape)))
-        return w if reorder is None else reorder(w)
+        if reorder is not None:
+            w = reorder(w)
+        if self._norms_plus_one and name.endswith("norm.weight"):
+            w = w - 1.0
+        return w
