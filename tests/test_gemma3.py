@@ -100,7 +100,8 @@ def test_cache_shift_rerotates_each_layer_with_its_own_base() -> None:
 @pytest.mark.slow
 def test_real_gemma3_270m_matches_transformers_gguf_loader() -> None:
     """The real Gemma 3 270M Q4_K_M GGUF: our load and transformers' own GGUF load of the same file give logits
-    within 5e-4 (past the 512-token window) and the same 16 greedy tokens; our GGUF tokenizer encodes as transformers' GGUF tokenizer."""
+    within 5e-4 (past the 512-token window) and the same 16 greedy tokens; our GGUF tokenizer encodes as
+    transformers' GGUF tokenizer."""
     from real_models import gemma3_270m
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

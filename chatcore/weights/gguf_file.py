@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from chatcore.weights.dequant import dequantize
 from chatcore.weights.gguf_reader import GGUFFile, GGUFTensorInfo
 
 Rows = TypeVar("Rows", torch.Tensor, np.ndarray)
+Reorder = Callable[[Any], Any]  # a row reorder: packed numpy rows before dequantizing, or float tensors after
 
 
 def unpermute_qk(w: Rows, heads: int) -> Rows:
@@ -105,7 +106,7 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     return None
 
 
-def _reorder(kind: str | None, num_heads: int, num_kv_heads: int) -> Callable[[np.ndarray], np.ndarray] | None:
+def _reorder(kind: str | None, num_heads: int, num_kv_heads: int) -> Reorder | None:
     if kind == "qk:q":
         return lambda w: unpermute_qk(w, num_heads)
     if kind == "qk:k":
@@ -126,7 +127,7 @@ class GGUFTensors:
         self.path = path
         layout = _LAYOUTS[arch]
         self._norms_plus_one = layout.norms_plus_one
-        self._tensors: dict[str, tuple[GGUFTensorInfo, Callable[[np.ndarray], np.ndarray] | None]] = {}
+        self._tensors: dict[str, tuple[GGUFTensorInfo, Reorder | None]] = {}
         unknown = []
         for t in reader.tensors:
             name = hf_name(t.name, arch)
