@@ -9,13 +9,17 @@ Facts worth knowing:
   ``attention.sliding_window_pattern`` says otherwise), the sliding layers' RoPE base is 10,000 (unless
   ``rope.freq_base_swa``), and scores are scaled by 1/sqrt(head_dim), or 1/sqrt(hidden / heads) for the
   62-layer 27B model (its ``query_pre_attn_scalar``).
+- Llama 3.1 / 3.2 carry their RoPE scaling as a ``rope_freqs`` tensor (a divisor per frequency) computed by
+  Llama 3's rule; :func:`llama3_scaling` recovers that rule's parameters (taking ``low_freq_factor`` = 1, as
+  every Llama 3 has) and checks that they give the file's divisors back.
 - BLOOM's ``apply_residual_connection_post_layernorm`` and MPT's ``softmax_scale`` are not recorded (every
   released checkpoint has the defaults); MPT files with ``max_alibi_bias`` 0 (no ALiBi) are refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from chatcore.errors import ModelFormatError, UnsupportedArchitecture
@@ -126,6 +130,55 @@ def _alibi(family: str, key: _Keys, hidden: int, heads: int) -> dict[str, Any]:
         clamp = key("attention.clamp_kqv", None)
         out.update(alibi_bias_max=bias_max, clip_qkv=None if clamp is None else float(clamp))
     return out
+
+
+def llama3_factors(base: float, head_dim: int, factor: float, low: float, high: float, old: float) -> list[float]:
+    """Llama 3's RoPE divisor per frequency (what llama.cpp's converter writes as ``rope_freqs``)."""
+    out = []
+    for i in range(head_dim // 2):
+        wavelen = 2 * math.pi * base ** (2 * i / head_dim)
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return out
+
+
+def llama3_scaling(divisors: Sequence[float], base: float, head_dim: int) -> tuple[float, tuple[tuple[str, Any], ...]]:
+    """(factor, params) of Llama 3's RoPE scaling that gives ``divisors`` (a GGUF ``rope_freqs`` tensor).
+
+    The divisors are 1 for short wavelengths, ``factor`` for long ones, and in between
+    1 / ((1 - s) / factor + s) with s linear in the frequency; fitting that line gives the thresholds.
+    """
+    bad = ModelFormatError("GGUF rope_freqs do not follow Llama 3's RoPE scaling rule; not supported")
+    if len(divisors) != head_dim // 2:
+        raise ModelFormatError(f"GGUF rope_freqs has {len(divisors)} values for head_dim {head_dim}")
+    factor = max(divisors)
+    if factor <= 1.0:
+        raise bad
+    points = []
+    for i, d in enumerate(divisors):
+        if 1.0 + 1e-5 < d < factor * (1 - 1e-5):
+            u = base ** (-2 * i / head_dim) / (2 * math.pi)       # 1 / wavelength
+            points.append((u, (1 / d - 1 / factor) / (1 - 1 / factor)))
+    if len(points) < 2:
+        raise bad
+    n = len(points)
+    mu, ms = sum(p[0] for p in points) / n, sum(p[1] for p in points) / n
+    slope = sum((u - mu) * (v - ms) for u, v in points) / sum((u - mu) ** 2 for u, _ in points)
+    intercept = ms - slope * mu                     # s = slope * u + intercept, slope = old / (high - low)
+    if slope <= 0 or intercept >= 0:
+        raise bad
+    old = round(-slope / intercept)                 # with low = 1: low = -intercept * old / slope
+    high = round(1 + old / slope, 4)
+    again = llama3_factors(base, head_dim, factor, 1.0, high, old)
+    if any(abs(a - b) > 1e-3 * b for a, b in zip(again, divisors, strict=True)):
+        raise bad
+    return float(factor), (("high_freq_factor", high), ("low_freq_factor", 1.0),
+                           ("original_max_position_embeddings", old))
 
 
 def _ids(value: Any) -> tuple[int, ...]:

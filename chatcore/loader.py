@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from chatcore.config import ModelConfig
+from chatcore.config import ModelConfig, RopeScaling
 from chatcore.engine import Engine
 from chatcore.errors import ModelFormatError, ModelNotFound
 from chatcore.layers.attention import pick_backend
@@ -76,7 +76,9 @@ def _open_hf_dir(p: Path) -> tuple[ModelConfig, TensorSource, Tokenizer | None]:
 def _open_gguf(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | None]:
     from tokenizers import Tokenizer as HFTok
 
+    from chatcore.config_gguf import llama3_scaling
     from chatcore.tokenizer.gguf_vocab import metadata_from_reader, tokenizer_config_from_gguf, tokenizer_json_from_gguf
+    from chatcore.weights.dequant import dequantize
     from chatcore.weights.gguf_file import GGUFTensors
     from chatcore.weights.gguf_reader import GGUFFile
 
@@ -87,8 +89,13 @@ def _open_gguf(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | None]:
         raise ModelFormatError(f"{p} is not a readable GGUF file ({exc}); re-download it") from None
     cfg = ModelConfig.from_gguf(meta)
     source = GGUFTensors(reader, p, cfg.num_heads, cfg.num_kv_heads, arch=str(meta["general.architecture"]))
-    if "rope_freqs.weight" in {t.name for t in reader.tensors}:
-        raise ModelFormatError(f"{p} uses per-frequency RoPE factors (rope_freqs), not supported yet")
+    freqs = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
+    if freqs:  # Llama 3.1 / 3.2: the RoPE scaling as one divisor per frequency
+        if cfg.rope_scaling.kind != "default":
+            raise ModelFormatError(f"{p} has both rope_freqs and {cfg.rope_scaling.kind} RoPE scaling; not supported")
+        divisors = dequantize(freqs[0].data, freqs[0].tensor_type).reshape(-1).tolist()
+        factor, params = llama3_scaling(divisors, cfg.rope_theta, cfg.head_dim)
+        cfg = dataclasses.replace(cfg, rope_scaling=RopeScaling("llama3", factor, params))
     cfg = _settings_from_tensors(cfg, source.names())
     tok_cfg = tokenizer_config_from_gguf(meta)
     # ensure_ascii=False: byte-level vocabularies are mostly non-ASCII, and unescaped JSON parses faster

@@ -3,13 +3,15 @@ tests (import: ``from gguf_convert import write_gguf``).
 
 Restated from the converter, per family: the metadata keys it writes, tensor names from ``gguf``'s own
 ``TensorNameMap``, Llama's q/k row permutation, BLOOM's q | k | v regrouping of its fused projection and its
-duplicated output head, Gemma's norm weights stored as 1 + w. The tokenizer is a small GPT-2 byte-level
-vocabulary of the model's vocab size (so the file is complete); tests compare logits and token ids, not text.
+duplicated output head, Gemma's norm weights stored as 1 + w, Llama 3's RoPE scaling as a ``rope_freqs``
+tensor. The tokenizer is a small GPT-2 byte-level vocabulary of the model's vocab size (so the file is
+complete); tests compare logits and token ids, not text.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +147,29 @@ def _tensors(arch: str, hp: dict[str, Any], tensors: dict[str, torch.Tensor]) ->
     return out
 
 
+def _llama3_rope_freqs(hp: dict[str, Any]) -> np.ndarray | None:
+    """The converter's ``rope_freqs`` for Llama 3 scaling: the divisor of each RoPE frequency."""
+    rope = hp.get("rope_parameters") or hp.get("rope_scaling") or {}
+    if rope.get("rope_type") != "llama3":
+        return None
+    base = rope.get("rope_theta", hp.get("rope_theta", 10000.0))
+    dim = hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"]
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope.get("original_max_position_embeddings", 8192)
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
 def write_gguf(hf_dir: Path, out: Path, *, qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
                chat_template: str | None = None) -> Path:
     """Convert ``hf_dir`` (config.json + model.safetensors) to the GGUF file ``out``. 2-D weights are stored as
@@ -167,6 +192,8 @@ def write_gguf(hf_dir: Path, out: Path, *, qtype: gguf.GGMLQuantizationType = gg
         w.add_bos_token_id(hp["bos_token_id"])
     if chat_template is not None:
         w.add_chat_template(chat_template)
+    if arch == "llama" and (rope_freqs := _llama3_rope_freqs(hp)) is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs)
     for name, t in _tensors(arch, hp, load_file(str(hf_dir / "model.safetensors"))):
         gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, f"no GGUF name for {name}"

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import chatcore
 from chatcore.config import ModelConfig
+from chatcore.config_gguf import llama3_factors, llama3_scaling
 from chatcore.convert import gguf_to_hf_dir
 from chatcore.errors import ModelFormatError, UnsupportedArchitecture
 from chatcore.loader import open_checkpoint
@@ -44,6 +45,9 @@ VARIANTS = {  # name: (family, transformers config overrides)
     "llama": ("llama", {}),
     "llama-mha-linear-tied": ("llama", {"num_key_value_heads": 4, "tie_word_embeddings": True,
                                         **rope("linear", factor=2.0)}),
+    # Llama 3.1-style scaling, stored as rope_freqs (2 of the 8 frequencies in the smooth band)
+    "llama-llama3-rope-freqs": ("llama", rope("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                              original_max_position_embeddings=64)),
     "mistral": ("mistral", {"sliding_window": None}),  # GGUF keeps no window (below)
     "qwen2": ("qwen2", {}),
     "qwen2-tied-yarn": ("qwen2", {"tie_word_embeddings": True, **rope("yarn", factor=4.0,
@@ -141,6 +145,23 @@ def test_quantized_bloom_qkv_regrouped_on_packed_rows(tmp_path: Path) -> None:
     # Q8_0 keeps it close to the checkpoint: the regrouping put the rows back where they came from
     exact = load_file(str(hf_dir / "model.safetensors"))["transformer.h.1.self_attention.query_key_value.weight"]
     assert (got - exact).abs().max().item() < 0.01
+
+
+@pytest.mark.parametrize(("factor", "high", "old"), [(8.0, 4.0, 8192), (32.0, 4.0, 8192), (8.0, 2.0, 4096)])
+def test_llama3_scaling_recovered_from_rope_freqs(factor: float, high: float, old: int) -> None:
+    """Llama 3.1 (factor 8) and 3.2 (factor 32) shapes, head_dim 128, base 500,000; the divisors as float32."""
+    divisors = np.array(llama3_factors(500_000.0, 128, factor, 1.0, high, old), dtype=np.float32).tolist()
+    assert llama3_scaling(divisors, 500_000.0, 128) == (factor, (("high_freq_factor", high), ("low_freq_factor", 1.0),
+                                                                 ("original_max_position_embeddings", old)))
+
+
+def test_rope_freqs_off_llama3s_rule_are_refused() -> None:
+    divisors = llama3_factors(500_000.0, 128, 8.0, 1.0, 4.0, 8192)
+    divisors[40] *= 1.5
+    with pytest.raises(ModelFormatError, match="do not follow Llama 3's RoPE scaling rule"):
+        llama3_scaling(divisors, 500_000.0, 128)
+    with pytest.raises(ModelFormatError, match="do not follow"):
+        llama3_scaling([1.0] * 64, 500_000.0, 128)
 
 
 def _write(path: Path, arch: str, values: dict[str, object]) -> Path:
