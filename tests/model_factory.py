@@ -84,5 +84,5 @@ def make_gemma3_dir(path: Path, *, seed: int = 0, **overrides: object) -> Path:
         layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
-        bos_token_id=2, eos_token_id=1, pad_token_id=0)
+        bos_token_id=2, eos_token_id=None, pad_token_id=0)  # no EOS: generate(min_new_tokens) would ban it
     return _save(Gemma3TextConfig, Gemma3ForCausalLM, path, seed, {**settings, **overrides})

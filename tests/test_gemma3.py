@@ -30,7 +30,7 @@ def _one_thread() -> Iterator[None]:
 VARIANTS = {  # name: transformers config overrides of model_factory.make_gemma3_dir
     "windows-linear-scalar20": {},
     "pattern6-softcap-untied-bias": {"num_hidden_layers": 6, "layer_types": None, "final_logit_softcapping": 5.0,
-                                     "tie_word_embeddings": False, "attention_bias": True, "sliding_window": 20},
+                                     "tie_word_embeddings": False, "attention_bias": True, "sliding_window": 16},
     "mqa-default-rope": {"num_key_value_heads": 1, "head_dim": 32, "query_pre_attn_scalar": 32,
                          "rope_parameters": None},
 }
