@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from pathlib import Path
@@ -73,6 +74,17 @@ class ChatApp(App[None]):
         # load waits for it (3 s at most), so torch's start-up does not compete with the first screen.
         self.ui_settled = threading.Event()
         self.clipboard_file = keymap.config_dir() / "clipboard.txt"
+        # Start-up timeline: seconds from this object's creation to each first event (bench/tui.py reads it).
+        self._t0 = time.perf_counter()
+        self.timeline: dict[str, float] = {}
+
+    def mark(self, event: str) -> None:
+        """Record the first time `event` happens (seconds since the app object was made)."""
+        self.timeline.setdefault(event, time.perf_counter() - self._t0)
+
+    def mark_painted(self, event: str) -> None:
+        """Mark `event` once the screen has been refreshed after what was just done."""
+        self.call_after_refresh(self.mark, event)
 
     # -- layout -------------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -100,6 +112,7 @@ class ChatApp(App[None]):
         if self.keys:
             self.set_keymap(keymap.textual_keymap(self.keys))
         self.prompt.focus()
+        self.mark_painted("first_paint")
         self.call_after_refresh(self.run_worker, self._boot, thread=True, group="boot", exit_on_error=False)
 
     # -- background -----------------------------------------------------------------------------------
@@ -114,6 +127,7 @@ class ChatApp(App[None]):
         else:
             self.post_message(StoreReady(self.store))
         self.ui_settled.wait(timeout=3.0)
+        self.mark("model_load_start")
         sw = Stopwatch()
         try:
             engine = self._given_engine
@@ -148,6 +162,7 @@ class ChatApp(App[None]):
     # -- loading ------------------------------------------------------------------------------------
     def on_store_ready(self, msg: StoreReady) -> None:
         self.store, self.store_state = msg.store, "ready"
+        self.mark("store_ready")
         self.refresh_sessions(open_first=True)
 
     def on_model_progress(self, msg: ModelProgress) -> None:
@@ -155,6 +170,7 @@ class ChatApp(App[None]):
 
     async def on_model_ready(self, msg: ModelReady) -> None:
         self.engine, self.load_seconds, self.load_state = msg.engine, msg.seconds, "ready"
+        self.mark("model_ready")
         name = Path(str(getattr(msg.engine, "source", "") or self.model_path)).name
         self.sub_title = name
         self.query_one("#status").add_class("-done")
@@ -192,6 +208,7 @@ class ChatApp(App[None]):
         async def got(records: list[Any]) -> None:
             async def sidebar() -> None:
                 await self.query_one(SessionList).set_records(records, self.session_id)
+                self.mark_painted("sidebar_shown")
                 self.ui_settled.set()
 
             if not open_first:
@@ -264,7 +281,9 @@ class ChatApp(App[None]):
             self.view.clear_selection()
             await self.view.show(rows)
             self.query_one(ContextMeter).set_info(info)
+            self.mark_painted("session_shown")
             if session is not None:
+                self.mark_painted("live_session_shown")
                 self.live_shown = session_id
                 self._flush_pending()
 
