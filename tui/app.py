@@ -10,7 +10,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,12 @@ from .screens import ConfirmScreen, HelpScreen, ParamsScreen, TextEditScreen
 from .styles import CSS
 from .widgets.chat_view import ChatView, code_blocks
 from .widgets.meter import ContextMeter
+from .widgets.session_list import PAGE as SESSIONS_PAGE
 from .widgets.session_list import SessionList
 from .workers import (
     MeterInfo,
     Row,
+    SessionsPage,
     Stopwatch,
     describe,
     export_to,
@@ -37,6 +39,7 @@ from .workers import (
     load_engine,
     meter_info,
     open_store,
+    search_sessions,
     session_rows,
     stored_rows,
 )
@@ -204,26 +207,26 @@ class ChatApp(App[None]):
     # -- sessions -----------------------------------------------------------------------------------
     def refresh_sessions(self, open_first: bool = False) -> None:
         store = self.store
+        sidebar = self.query_one(SessionList)
 
-        async def got(records: list[Any]) -> None:
-            async def sidebar() -> None:
-                await self.query_one(SessionList).set_records(records, self.session_id)
-                self.mark_painted("sidebar_shown")
-                self.ui_settled.set()
+        def fill(page: SessionsPage) -> None:
+            sidebar.set_records(page.records, self.session_id, has_more=page.next_offset is not None)
+            self.call_after_refresh(self._settled)
 
+        def got(page: SessionsPage) -> None:
             if not open_first:
-                await sidebar()
+                fill(page)
                 return
-            if self.session_id is None and records:
-                self.session_id = records[0].id
+            if self.session_id is None and page.records:
+                self.session_id = page.records[0].id
             if self.session_id is not None:
-                # The session's messages first; the sidebar mounts once they are on screen.
-                self.open_session(self.session_id, after=sidebar)
+                # The session's messages first; the sidebar fills once they are on screen.
+                self.open_session(self.session_id, after=lambda: fill(page))
             else:
-                await sidebar()
+                fill(page)
                 self._flush_pending()
 
-        def fetch() -> list[Any]:
+        def fetch() -> SessionsPage:
             if open_first and self.session_id is not None:
                 matches = store.match_session_ids(self.session_id)
                 if len(matches) == 1:
@@ -233,7 +236,7 @@ class ChatApp(App[None]):
 
                     missing, self.session_id = self.session_id, None
                     raise NotFound(f"no session {missing!r}; starting a new one")
-            return list_sessions(store)
+            return list_sessions(store, 0, SESSIONS_PAGE)
 
         def failed(exc: BaseException) -> None:
             self.show_error(exc)
@@ -242,10 +245,28 @@ class ChatApp(App[None]):
 
         self.bg(fetch, got, failed)
 
-    def open_session(self, session_id: str, after: Callable[[], Awaitable[None]] | None = None) -> None:
+    def _settled(self) -> None:
+        """The first screen (session and sidebar) is painted: the model load may start."""
+        self.mark("sidebar_shown")
+        self.ui_settled.set()
+
+    def on_session_list_more_wanted(self, msg: SessionList.MoreWanted) -> None:
+        store, sidebar = self.store, self.query_one(SessionList)
+        if store is None:
+            return
+        self.bg(lambda: list_sessions(store, msg.loaded, SESSIONS_PAGE),
+                lambda page: sidebar.set_records(page.records, has_more=page.next_offset is not None, append=True))
+
+    def on_session_list_search(self, msg: SessionList.Search) -> None:
+        store, sidebar = self.store, self.query_one(SessionList)
+        if store is None:
+            return
+        self.bg(lambda: search_sessions(store, msg.text, SESSIONS_PAGE), lambda hits: sidebar.show_hits(msg.text, hits))
+
+    def open_session(self, session_id: str, after: Callable[[], Any] | None = None) -> None:
         """Show a session: from storage at once; as a live ChatSession when the model is ready.
 
-        ``after`` runs once the session is on screen (or could not be shown)."""
+        ``after`` runs once the session is on screen, painted (or could not be shown)."""
         if self.store is None:
             return
         self.session_id = session_id
@@ -269,7 +290,7 @@ class ChatApp(App[None]):
                 await _show(result)
             finally:
                 if after is not None:
-                    await after()
+                    self.call_after_refresh(after)
 
         async def _show(result: tuple[Any, list[Row], MeterInfo]) -> None:
             session, rows, info = result
@@ -428,8 +449,8 @@ class ChatApp(App[None]):
         elif self.view.selected is not None:
             self.view.clear_selection()
 
-    def action_select(self, step: int) -> None:
-        self.view.select(step)
+    async def action_select(self, step: int) -> None:
+        await self.view.select(step)
 
     def action_new_session(self) -> None:
         if self.busy:

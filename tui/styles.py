@@ -4,10 +4,10 @@ CSS = """
 #main { height: 1fr; }
 #sidebar { width: 30; border-right: vkey $primary 30%; }
 #sidebar.-hidden { display: none; }
-#sessions { height: 1fr; }
+#sessions { height: 1fr; max-height: 100%; border: none; padding: 0; }
 #chat { width: 1fr; }
 #view { height: 1fr; padding: 0 1; }
-#earlier { color: $text-muted; text-style: italic; }
+#earlier { color: $text-muted; text-style: italic; margin: 0 0 1 0; }
 #status { height: 1; }
 #status.-done { display: none; }
 #load-label { width: auto; padding: 0 1; }
@@ -21,6 +21,7 @@ CSS = """
 .message.-pinned { border-left: thick $warning; }
 .message.-selected { background: $boost; }
 .message > .header { color: $text-muted; text-style: bold; }
+MessageView > .message--header { color: $text-muted; text-style: bold; }
 .message > .body { margin: 0; padding: 0; }
 .dialog { width: 60; height: auto; max-height: 90%; padding: 1 2; border: thick $primary; background: $surface; }
 .dialog.wide { width: 90%; }

@@ -46,8 +46,20 @@ def load_engine(model: str, progress: Callable[[int, int], None], max_seq_len: i
     return chatcore.load(model or "demo", progress=progress, max_seq_len=max_seq_len, status=status)
 
 
-def list_sessions(store: Any, limit: int = 500) -> list[Any]:
-    return list(store.list_sessions(0, limit).sessions)
+@dataclass(frozen=True)
+class SessionsPage:
+    records: list[Any]
+    next_offset: int | None  # None: no more sessions
+
+
+def list_sessions(store: Any, offset: int = 0, limit: int = 200) -> SessionsPage:
+    page = store.list_sessions(offset, limit)
+    return SessionsPage(list(page.sessions), page.next_offset)
+
+
+def search_sessions(store: Any, text: str, limit: int = 200) -> list[Any]:
+    """Sessions whose title, tags or message text contain `text` (storage's bounded scan), as SearchHits."""
+    return list(store.search(text, limit=limit))
 
 
 def stored_rows(store: Any, session_id: str) -> tuple[Any, list[Row]]:
