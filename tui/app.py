@@ -26,6 +26,7 @@ from .screens import ConfirmScreen, HelpScreen, ParamsScreen, TextEditScreen
 from .styles import CSS
 from .widgets.chat_view import ChatView, code_blocks
 from .widgets.meter import ContextMeter
+from .widgets.prompt import PromptInput
 from .widgets.session_list import PAGE as SESSIONS_PAGE
 from .widgets.session_list import SessionList
 from .workers import (
@@ -100,7 +101,7 @@ class ChatApp(App[None]):
                     yield Label("loading model…", id="load-label")
                     yield ProgressBar(id="load-bar", show_eta=False)
                 yield ContextMeter(timings=self.timings, id="meter")
-                yield Input(placeholder="Message (Enter to send · F1 help · ctrl+p commands)", id="prompt")
+                yield PromptInput("Message (Enter to send · ctrl+j new line · F1 help · ctrl+p commands)", id="prompt")
         yield Footer()
 
     @property
@@ -108,8 +109,8 @@ class ChatApp(App[None]):
         return self.query_one(ChatView)
 
     @property
-    def prompt(self) -> Input:
-        return self.query_one("#prompt", Input)
+    def prompt(self) -> PromptInput:
+        return self.query_one("#prompt", PromptInput)
 
     def on_mount(self) -> None:
         if self.keys:
@@ -338,9 +339,7 @@ class ChatApp(App[None]):
         self.prompt.focus()
 
     # -- turns --------------------------------------------------------------------------------------
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        if event.input.id != "prompt":
-            return
+    def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
         text = event.value.strip()
         if not text:
             return
@@ -355,7 +354,7 @@ class ChatApp(App[None]):
             self.notify("The model failed to load; restart with --model PATH. Your text stays in the input.",
                         severity="error")
             return
-        event.input.value = ""
+        event.prompt.value = ""
         if self.engine is None or self.store is None or (self.session is None and self.session_id is not None):
             self.pending.append(text)
             self.notify("Still starting; your message will be sent when the model is ready.")
@@ -364,7 +363,7 @@ class ChatApp(App[None]):
 
     def _restore(self, text: str) -> None:
         current = self.prompt.value
-        self.prompt.value = text if not current else f"{text} {current}"
+        self.prompt.value = text if not current.strip() else f"{text}\n{current}"
 
     def start_turn(self, op: str, text: str | None = None, message_id: str | None = None) -> None:
         if self.busy:

@@ -14,7 +14,7 @@ CSS = """
 #load-bar { width: 1fr; }
 #meter { height: 1; padding: 0 1; background: $boost; color: $text-muted; }
 #meter.-full { color: $warning; }
-#prompt { dock: bottom; }
+#prompt { dock: bottom; height: auto; max-height: 8; }
 .message { height: auto; margin: 0 0 1 0; padding: 0 1; border-left: thick $primary 40%; }
 .message.-user { border-left: thick $accent; }
 .message.-out { opacity: 55%; color: $text-muted; }
