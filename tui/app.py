@@ -43,6 +43,7 @@ from .workers import (
     search_sessions,
     session_rows,
     stored_rows,
+    throttled,
 )
 
 
@@ -136,8 +137,8 @@ class ChatApp(App[None]):
         try:
             engine = self._given_engine
             if engine is None:
-                engine = load_engine(self.model_path, lambda d, t: self.post_message(ModelProgress(d, t, "loading")),
-                                     self.max_seq_len,
+                progress = throttled(lambda d, t: self.post_message(ModelProgress(d, t, "loading")))
+                engine = load_engine(self.model_path, progress, self.max_seq_len,
                                      status=lambda text: self.call_from_thread(self.notify, text, timeout=8))
             from context import SlotPool
 
