@@ -19,6 +19,10 @@ async def test_send_streams_reply(make_app: Any, store: Any) -> None:
         stored = store.thread(app.session_id)
         assert [m.content for m in stored] == [r.content for r in rows]
         assert app.prompt.value == ""
+        from tui.widgets.chat_view import MessageView
+
+        boxes = app.view.boxes()  # the streamed reply was swapped for a finished-message widget
+        assert all(isinstance(b, MessageView) for b in boxes) and [b.row for b in boxes] == rows
         meter = str(app.query_one("#meter").render())
         assert "/512" in meter and "pinned 0" in meter
 

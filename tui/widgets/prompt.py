@@ -45,8 +45,8 @@ class PromptInput(TextArea, inherit_bindings=False):
         def control(self) -> PromptInput:
             return self.prompt
 
-    BINDINGS = [Binding("shift+enter,ctrl+j", "newline", "New line", show=False),
-                *_without(TextArea.BINDINGS, _APP_KEYS)]
+    BINDINGS = _without(TextArea.BINDINGS, _APP_KEYS)
+    NEWLINE_KEYS = ("shift+enter", "ctrl+j")
 
     def __init__(self, placeholder: str = "", *, id: str | None = None) -> None:  # noqa: A002 - Textual's name
         super().__init__(soft_wrap=True, tab_behavior="focus", highlight_cursor_line=False, placeholder=placeholder,
@@ -62,12 +62,15 @@ class PromptInput(TextArea, inherit_bindings=False):
         self.move_cursor(self.document.end)
 
     async def _on_key(self, event: events.Key) -> None:
+        # Handled here, as TextArea handles typed characters, not as a binding: bindings run once the key has
+        # bubbled up to the app, after keys typed just behind it (seen in tmux: "a ctrl+j b" gave "ab\n").
         if event.key == "enter":
             event.stop()
             event.prevent_default()
             self.post_message(self.Submitted(self, self.text))
-            return
-        await super()._on_key(event)
-
-    def action_newline(self) -> None:
-        self.insert("\n")
+        elif event.key in self.NEWLINE_KEYS:
+            event.stop()
+            event.prevent_default()
+            self.move_cursor(self.replace("\n", *self.selection, maintain_selection_offset=False).end_location)
+        else:
+            await super()._on_key(event)
