@@ -77,6 +77,10 @@ class SessionList(Vertical):
     def option_list(self) -> OptionList:
         return self.query_one("#sessions", OptionList)
 
+    def title_of(self, session_id: str | None) -> str:
+        found = [*self.records, *(h.session for h in (self.hits[1] if self.hits else []))]
+        return next((r.title for r in found if r.id == session_id), "")
+
     def shown_ids(self) -> list[str]:
         return [o.id for o in self.option_list.options if o.id and o.id != MORE]
 
@@ -88,6 +92,8 @@ class SessionList(Vertical):
             self.current = current
         self.refresh_items()
         self.loaded = True
+        if self.filter_text:  # the list changed under an active filter: search again
+            self.post_message(self.Search(self.filter_text))
 
     def show_hits(self, text: str, hits: Sequence[Any]) -> None:
         """Storage's answer for `text`; dropped if the filter has changed since."""
