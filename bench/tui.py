@@ -146,7 +146,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax.set_xlabel("seconds (log scale)")
     ax.set_title(f"chatcore chat start-up: {result['sessions']:,} sessions, "
                  f"{result['long_session_messages']:,}-message session ({result['repeat']} runs)", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
