@@ -4,7 +4,7 @@ CSS = """
 #main { height: 1fr; }
 #sidebar { width: 30; border-right: vkey $primary 30%; }
 #sidebar.-hidden { display: none; }
-#sessions { height: 1fr; max-height: 100%; border: none; padding: 0; }
+#sessions { height: 1fr; max-height: 100%; border: none; padding: 0; text-wrap: nowrap; text-overflow: ellipsis; }
 #chat { width: 1fr; }
 #view { height: 1fr; padding: 0 1; }
 #earlier { color: $text-muted; text-style: italic; margin: 0 0 1 0; }

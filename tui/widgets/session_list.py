@@ -109,7 +109,7 @@ class SessionList(Vertical):
             if self.has_more:
                 options.append(Option(Text("… more sessions", style="italic"), id=MORE))
         elif self.hits is not None and self.hits[0] == text:
-            options = [_option(h.session, h.snippet if h.message_id else None) for h in self.hits[1]]
+            options = [_option(h.session, _near(h.snippet, text) if h.message_id else None) for h in self.hits[1]]
         else:  # until storage answers: the loaded sessions whose title matches
             low = text.casefold()
             options = [_option(r) for r in self.records if low in (r.title or "").casefold()]
@@ -136,6 +136,12 @@ class SessionList(Vertical):
             self.post_message(self.MoreWanted(len(self.records)))
         elif event.option.id:
             self.post_message(self.Chosen(event.option.id))
+
+
+def _near(snippet: str, text: str, before: int = 8) -> str:
+    """The snippet from a few characters before the match, so a narrow sidebar still shows the match."""
+    at = snippet.casefold().find(text.casefold())
+    return "…" + snippet[at - before:].lstrip("…") if at > before + 1 else snippet
 
 
 def _option(record: Any, snippet: str | None = None) -> Option:
