@@ -7,8 +7,7 @@ One decode step of one sequence over a static, head-major KV cache ([Hkv, capaci
 2. ``_split_k``: split-K attention, grid (kv heads, splits): each program takes one KV head's whole query
    group (GQA rows share every key load) over one slice of the sequence, with an online softmax, ALiBi,
    a sliding window and attention sinks (the first ``sinks`` keys stay visible beside the window);
-3. the merge of the splits' partial results (log-sum-exp weights), done by the last split program of each
-   KV head to finish (a completion counter per head), so a step pays no third launch.
+3. ``_merge``: combines the splits' partial results (log-sum-exp weights), one program per query head.
 
 The sequence length is read from device memory, never from the host, and the grid depends only on the
 cache's capacity, so a decode step made of these launches can be captured in a CUDA graph and replayed at
@@ -82,9 +81,9 @@ def _attend_block(acc, m_i, l_i, q, kc_ptr, vc_ptr, kv_head, start, lo_visible, 
 
 
 @triton.jit
-def _split_k(q_ptr, kc_ptr, vc_ptr, pos_ptr, slopes_ptr, part_ptr, ml_ptr, count_ptr, out_ptr, scale, head_stride,
+def _split_k(q_ptr, kc_ptr, vc_ptr, pos_ptr, slopes_ptr, part_ptr, ml_ptr, scale, head_stride,
              HQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-             SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK: tl.constexpr, WINDOW: tl.constexpr,
+             SPLITS: tl.constexpr, BLOCK: tl.constexpr, WINDOW: tl.constexpr,
              SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, PREC: tl.constexpr, PIPELINE: tl.constexpr):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
@@ -132,30 +131,23 @@ def _split_k(q_ptr, kc_ptr, vc_ptr, pos_ptr, slopes_ptr, part_ptr, ml_ptr, count
     tl.store(out, acc, mask=row_ok[:, None] & (offs_d[None, :] < D))
     tl.store(ml_ptr + (rows * SPLITS + split) * 2, m_i, mask=row_ok)
     tl.store(ml_ptr + (rows * SPLITS + split) * 2 + 1, l_i, mask=row_ok)
-    # the last of this KV head's split programs to finish merges the group's partial results: no second
-    # launch (the counter's acquire-release add orders the other programs' stores before these loads)
-    done = tl.atomic_add(count_ptr + kv_head, 1, sem="acq_rel")
-    if done == SPLITS - 1:
-        offs_s = tl.arange(0, BLOCK_S)
-        both = row_ok[:, None] & (offs_s[None, :] < SPLITS)
-        ml_at = ml_ptr + (rows[:, None] * SPLITS + offs_s[None, :]) * 2
-        m_s = tl.load(ml_at, mask=both, other=float("-inf"), volatile=True)
-        l_s = tl.load(ml_at + 1, mask=both, other=0.0, volatile=True)
-        m_max = tl.max(m_s, 1)
-        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-        w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m_max[:, None]))
-        denom = tl.sum(l_s * w, 1)
-        total = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-        d_ok = row_ok[:, None] & (offs_d[None, :] < D)
-        for s in range(SPLITS):
-            w_s = tl.sum(tl.where(offs_s[None, :] == s, w, 0.0), 1)
-            p = tl.load(part_ptr + (rows[:, None] * SPLITS + s) * D + offs_d[None, :], mask=d_ok, other=0.0,
-                        volatile=True)
-            total += p * w_s[:, None]
-        denom = tl.where(row_ok, denom, 1.0)
-        tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], (total / denom[:, None]).to(out_ptr.dtype.element_ty),
-                 mask=d_ok)
-        tl.atomic_xchg(count_ptr + kv_head, 0)   # ready for the next call
+
+
+@triton.jit
+def _merge(part_ptr, ml_ptr, out_ptr, D: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
+           BLOCK_S: tl.constexpr):
+    head = tl.program_id(0)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < SPLITS
+    m = tl.load(ml_ptr + (head * SPLITS + offs_s) * 2, mask=s_ok, other=float("-inf"))
+    ll = tl.load(ml_ptr + (head * SPLITS + offs_s) * 2 + 1, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
+    part = tl.load(part_ptr + (head * SPLITS + offs_s)[:, None] * D + offs_d[None, :],
+                   mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    out = tl.sum(part * w[:, None], 0) / tl.sum(ll * w, 0)
+    tl.store(out_ptr + head * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
 
 
 def _pow2(n: int) -> int:
@@ -167,18 +159,6 @@ def _check(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
             raise ValueError(f"triton decode kernels need rows of contiguous elements, got strides {t.stride()}")
-
-
-_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _counters(device: torch.device, kv_heads: int) -> torch.Tensor:
-    """Per-KV-head completion counters, zero between calls (the merging program resets its own): allocated
-    once per device, outside any CUDA graph capture (the decode graph's warm-up makes them first)."""
-    key = (device, kv_heads)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(kv_heads, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
 
 
 def num_splits(num_kv_heads: int, capacity: int) -> int:
@@ -217,10 +197,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q)
     block_d = max(16, _pow2(d))   # tl.dot needs K >= 16
     _check(q, k_cache, v_cache)
-    _split_k[(hkv, splits)](q, k_cache, v_cache, pos, alibi if alibi is not None else q, part, ml,
-                            _counters(q.device, hkv), out, d**-0.5, k_cache.stride(0), HQ=hq, GROUP=group,
-                            BLOCK_G=max(16, _pow2(group)), D=d, BLOCK_D=block_d, SPLITS=splits,
-                            BLOCK_S=max(2, _pow2(splits)), BLOCK=block_n, WINDOW=window or 0, SINKS=sinks,
+    _split_k[(hkv, splits)](q, k_cache, v_cache, pos, alibi if alibi is not None else q, part, ml, d**-0.5,
+                            k_cache.stride(0), HQ=hq, GROUP=group, BLOCK_G=max(16, _pow2(group)), D=d, BLOCK_D=block_d,
+                            SPLITS=splits, BLOCK=block_n, WINDOW=window or 0, SINKS=sinks,
                             HAS_ALIBI=alibi is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32",
                             PIPELINE=not _INTERPRET, num_warps=num_warps, num_stages=num_stages)
+    _merge[(hq,)](part, ml, out, D=d, BLOCK_D=block_d, SPLITS=splits, BLOCK_S=max(2, _pow2(splits)))
     return out
