@@ -313,13 +313,19 @@ def main() -> None:
         m = results["models"].setdefault(name, {})
         w_bytes, _ = roofline_bytes(hf, 0)
         m["weight_bytes"] = w_bytes
-        m["roofline_tokens_per_s"] = {str(c): bw / sum(roofline_bytes(hf, c)) for c in args.contexts}
+        roof = m.setdefault("roofline_tokens_per_s", {})
+        roof.update({str(c): bw / sum(roofline_bytes(hf, c)) for c in args.contexts})
         m["copy_bandwidth_gbs"] = bw / 1e9
         window = max(args.contexts) + WARM_NEW + 256
         for backend in args.backends:
             print(f"  chatcore {backend}", flush=True)
             engine = build_engine(hf, backend, window)
-            m.setdefault("chatcore", {})[backend] = ours(engine, args.contexts, vocab, warm=32768 in args.contexts)
+            res = m.setdefault("chatcore", {}).setdefault(backend, {"decode": {}, "prefill": {}})
+            new = ours(engine, args.contexts, vocab, warm=32768 in args.contexts)
+            res["decode"].update(new["decode"])     # a run over some contexts keeps the others' results
+            res["prefill"].update(new["prefill"])
+            if "warm_turn_ttft_s" in new:
+                res["warm_turn_ttft_s"] = new["warm_turn_ttft_s"]
             del engine
             gc.collect()
             torch.cuda.empty_cache()

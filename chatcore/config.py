@@ -21,14 +21,13 @@ _HF_FAMILIES = {
     "Qwen3ForCausalLM": "qwen3", "qwen3": "qwen3",
     "BloomForCausalLM": "bloom", "bloom": "bloom",
     "MptForCausalLM": "mpt", "mpt": "mpt",
+    "Gemma3ForCausalLM": "gemma3", "gemma3_text": "gemma3",
 }
-# GGUF `general.architecture` -> our family name (llama.cpp writes Mistral 7B as "llama").
-_GGUF_FAMILIES = {"llama": "llama"}
-
-SUPPORTED = ("Llama (Llama 2, Llama 3/3.1/3.2, SmolLM/SmolLM2), Mistral, Qwen2, Qwen3 (RoPE); "
+SUPPORTED = ("Llama (Llama 2, Llama 3/3.1/3.2, SmolLM/SmolLM2), Mistral, Qwen2, Qwen3, Gemma 3 text (RoPE); "
              "BLOOM, MPT (ALiBi)")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 _ACTIVATIONS = {"rope": ("silu", "swish"), "alibi": ("gelu", "bloom_gelu")}
+_FAMILY_ACTIVATIONS = {"gemma3": ("gelu_pytorch_tanh",)}
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,8 @@ class ModelConfig:
     softmax_scale: float | None = None  # None: 1/sqrt(head_dim)
     clip_qkv: float | None = None     # MPT: clamp the fused qkv projection
     residual_post_norm: bool = False  # BLOOM's apply_residual_connection_post_layernorm
+    rope_local_theta: float | None = None  # RoPE base of the sliding-window layers (Gemma 3); None: rope_theta
+    final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap) (Gemma)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -85,9 +86,10 @@ class ModelConfig:
             raise ModelFormatError(f"model config: position encoding {self.position!r} is not rope or alibi")
         if self.position == "rope" and self.head_dim % 2:
             raise ModelFormatError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
-        if self.hidden_act not in _ACTIVATIONS[self.position]:
+        activations = _FAMILY_ACTIVATIONS.get(self.family, _ACTIVATIONS[self.position])
+        if self.hidden_act not in activations:
             raise ModelFormatError(f"model config: activation {self.hidden_act!r} is not supported for "
-                                   f"{self.family} (supported: {', '.join(_ACTIVATIONS[self.position])})")
+                                   f"{self.family} (supported: {', '.join(activations)})")
         if self.position == "rope" and self.rope_scaling.kind not in ROPE_TYPES:
             raise ModelFormatError(f"RoPE scaling type {self.rope_scaling.kind!r} is not supported "
                                    f"(supported: {', '.join(ROPE_TYPES)})")
@@ -115,6 +117,8 @@ class ModelConfig:
         try:
             if family in ("bloom", "mpt"):
                 return cls(**_alibi_fields(family, raw))
+            if family == "gemma3":
+                return cls(**_gemma3_fields(raw))
             hidden = int(raw["hidden_size"])
             heads = int(raw["num_attention_heads"])
             rope_theta, scaling = _hf_rope(raw)
@@ -161,51 +165,38 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(cls, meta: Mapping[str, Any]) -> ModelConfig:
-        """Parse GGUF metadata (plain key/value dict)."""
-        arch = meta.get("general.architecture")
-        family = _GGUF_FAMILIES.get(str(arch))
-        if family is None:
-            raise UnsupportedArchitecture(
-                f"GGUF architecture {arch!r} is not supported; supported: {SUPPORTED}")
-        p = f"{arch}."
-        try:
-            hidden = int(meta[p + "embedding_length"])
-            heads = int(meta[p + "attention.head_count"])
-            vocab = meta.get(p + "vocab_size") or len(meta["tokenizer.ggml.tokens"])
-            factor = meta.get(p + "rope.scaling.factor")
-            kind = meta.get(p + "rope.scaling.type", "none")
-            scaling = RopeScaling()
-            if kind == "linear" and factor:
-                scaling = RopeScaling("linear", float(factor))
-            elif kind not in ("none", None) and factor:
-                raise ModelFormatError(f"GGUF RoPE scaling {kind!r} is not supported yet")
-            eos = meta.get("tokenizer.ggml.eos_token_id")
-            return cls(
-                family=family,
-                vocab_size=int(vocab),
-                hidden_size=hidden,
-                intermediate_size=int(meta[p + "feed_forward_length"]),
-                num_layers=int(meta[p + "block_count"]),
-                num_heads=heads,
-                num_kv_heads=int(meta.get(p + "attention.head_count_kv") or heads),
-                head_dim=int(meta.get(p + "rope.dimension_count") or hidden // heads),
-                max_position_embeddings=int(meta.get(p + "context_length", 2048)),
-                rms_norm_eps=float(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
-                rope_theta=float(meta.get(p + "rope.freq_base", 10000.0)),
-                rope_scaling=scaling,
-                tie_word_embeddings=False,  # decided by the loader from the tensors present
-                bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-                eos_token_ids=_as_ids(eos),
-            )
-        except KeyError as exc:
-            raise ModelFormatError(f"GGUF metadata lacks {exc.args[0]!r}; the file is incomplete") from None
+        """Parse GGUF metadata (plain key/value dict) of any supported ``general.architecture``."""
+        from chatcore.config_gguf import gguf_fields
+
+        fields = gguf_fields(meta, SUPPORTED)
+        kind, factor, params = fields.pop("rope_scaling", ("default", 1.0, ()))
+        return cls(**fields, rope_scaling=RopeScaling(kind, factor, params))
 
     def to_hf(self) -> dict[str, Any]:
         """A transformers-compatible ``config.json`` dict (used when converting GGUF to safetensors)."""
+        eos = list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0]
+        common = {"vocab_size": self.vocab_size, "tie_word_embeddings": self.tie_word_embeddings,
+                  "bos_token_id": self.bos_token_id, "eos_token_id": eos, "torch_dtype": "float32"}
+        if self.family == "bloom":
+            return {"architectures": ["BloomForCausalLM"], "model_type": "bloom", **common,
+                    "hidden_size": self.hidden_size, "n_layer": self.num_layers, "n_head": self.num_heads,
+                    "layer_norm_epsilon": self.rms_norm_eps, "seq_length": self.max_position_embeddings,
+                    "apply_residual_connection_post_layernorm": self.residual_post_norm}
+        if self.family == "mpt":
+            bias_max = self.alibi_bias_max
+            attn = {"alibi": True, "alibi_bias_max": int(bias_max) if bias_max.is_integer() else bias_max,
+                    "clip_qkv": self.clip_qkv, "softmax_scale": self.softmax_scale}
+            return {"architectures": ["MptForCausalLM"], "model_type": "mpt", **common, "d_model": self.hidden_size,
+                    "n_layers": self.num_layers, "n_heads": self.num_heads, "max_seq_len": self.max_position_embeddings,
+                    "expansion_ratio": self.intermediate_size // self.hidden_size, "no_bias": True,
+                    "layer_norm_epsilon": self.rms_norm_eps, "attn_config": attn}
+        if self.family == "gemma3":
+            return self._gemma3_hf(common)
+        arch = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[self.family]
         out: dict[str, Any] = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": self.vocab_size,
+            "architectures": [f"{arch}ForCausalLM"],
+            "model_type": self.family,
+            **common,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_layers,
@@ -215,18 +206,38 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "tie_word_embeddings": self.tie_word_embeddings,
             "attention_bias": self.attention_bias,
             "mlp_bias": self.mlp_bias,
             "hidden_act": self.hidden_act,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
-            "torch_dtype": "float32",
         }
         if self.rope_scaling.kind != "default":
             out["rope_scaling"] = {"rope_type": self.rope_scaling.kind, "factor": self.rope_scaling.factor,
                                    **dict(self.rope_scaling.params)}
+        if self.family == "mistral":
+            out["sliding_window"] = self.layer_windows[0] if self.layer_windows else None
+        elif self.layer_windows:  # Qwen2 / Qwen3: windows on the layers layer_types names
+            out.update(use_sliding_window=True, sliding_window=max(self.layer_windows),
+                       layer_types=["sliding_attention" if w else "full_attention" for w in self.layer_windows])
         return out
+
+
+    def _gemma3_hf(self, common: dict[str, Any]) -> dict[str, Any]:
+        full: dict[str, Any] = {"rope_type": self.rope_scaling.kind, "rope_theta": self.rope_theta}
+        if self.rope_scaling.kind != "default":
+            full.update(factor=self.rope_scaling.factor, **dict(self.rope_scaling.params))
+        local = {"rope_type": "default", "rope_theta": self.rope_local_theta or self.rope_theta}
+        windows = self.layer_windows or (0,) * self.num_layers
+        return {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", **common,
+                "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+                "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+                "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim,
+                "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.rms_norm_eps,
+                "hidden_activation": self.hidden_act, "attention_bias": self.attention_bias,
+                "query_pre_attn_scalar": round((self.softmax_scale or self.head_dim**-0.5) ** -2),
+                "sliding_window": max(windows) or None,
+                "layer_types": ["sliding_attention" if w else "full_attention" for w in windows],
+                "rope_parameters": {"full_attention": full, "sliding_attention": local},
+                "final_logit_softcapping": self.final_logit_softcap}
 
 
 def _hf_family(raw: Mapping[str, Any]) -> str:
@@ -276,6 +287,46 @@ def _hf_windows(family: str, raw: Mapping[str, Any]) -> tuple[int, ...]:
         types = ["sliding_attention" if i >= start else "full_attention" for i in range(layers)]
     out = tuple(int(window) if t == "sliding_attention" else 0 for t in types)
     return out if any(out) else ()
+
+
+def _gemma3_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Gemma 3 (text) as ModelConfig fields: RoPE per layer type (``rope_parameters`` keyed by
+    ``full_attention`` / ``sliding_attention``, or the older ``rope_theta`` + ``rope_local_base_freq`` +
+    ``rope_scaling``), windows on the sliding layers (``layer_types``, else every layer but each
+    ``sliding_window_pattern``-th), ``query_pre_attn_scalar`` as the softmax scale."""
+    if raw.get("attn_logit_softcapping") is not None or raw.get("use_bidirectional_attention"):
+        raise UnsupportedArchitecture("Gemma 3 with attention logit soft-capping or bidirectional attention is not "
+                                      "supported; supported: " + SUPPORTED)
+    layers = int(raw["num_hidden_layers"])
+    params = raw.get("rope_parameters")
+    if isinstance(params, Mapping) and "full_attention" in params:
+        full, local = dict(params["full_attention"]), dict(params.get("sliding_attention") or {})
+    else:
+        full = {"rope_theta": raw.get("rope_theta", 1_000_000.0), **dict(raw.get("rope_scaling") or {})}
+        local = {"rope_theta": raw.get("rope_local_base_freq", 10_000.0)}
+    if str(local.get("rope_type", local.get("type", "default"))) != "default":
+        raise ModelFormatError("Gemma 3 with scaled RoPE on its sliding layers is not supported")
+    theta, scaling = _hf_rope({**raw, "rope_parameters": {"rope_theta": 1_000_000.0, **full}})
+    types = raw.get("layer_types") or ["full_attention" if (i + 1) % int(raw.get("sliding_window_pattern", 6)) == 0
+                                       else "sliding_attention" for i in range(layers)]
+    window = int(raw.get("sliding_window") or 0)
+    windows = tuple(window if t == "sliding_attention" else 0 for t in types)
+    heads = int(raw["num_attention_heads"])
+    cap = raw.get("final_logit_softcapping")
+    eos = raw.get("eos_token_id", 1)
+    return dict(family="gemma3", vocab_size=int(raw["vocab_size"]), hidden_size=int(raw["hidden_size"]),
+                intermediate_size=int(raw["intermediate_size"]), num_layers=layers, num_heads=heads,
+                num_kv_heads=int(raw.get("num_key_value_heads") or heads), head_dim=int(raw.get("head_dim") or 256),
+                max_position_embeddings=int(raw.get("max_position_embeddings", 131_072)),
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+                rope_local_theta=float(local.get("rope_theta", 10_000.0)),
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+                attention_bias=bool(raw.get("attention_bias", False)),
+                hidden_act=str(raw.get("hidden_activation") or "gelu_pytorch_tanh"), qk_norm=True,
+                softmax_scale=float(raw.get("query_pre_attn_scalar", 256)) ** -0.5,
+                layer_windows=windows if window and any(windows) else (),
+                final_logit_softcap=None if cap is None else float(cap),
+                bos_token_id=raw.get("bos_token_id", 2), eos_token_ids=_as_ids(eos))
 
 
 def _alibi_fields(family: str, raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from chatcore.errors import PromptTooLong
@@ -81,12 +82,11 @@ class KVCache:
     # -- the verb API -----------------------------------------------------------------------------
     def common_prefix(self, ids: Sequence[int]) -> int:
         """How many leading tokens of ``ids`` this slot already holds."""
-        n = 0
-        for a, b in zip(self.tokens, ids, strict=False):
-            if a != b:
-                break
-            n += 1
-        return n
+        n = min(len(self.tokens), len(ids))
+        if n == 0:
+            return 0
+        differ = np.flatnonzero(np.asarray(self.tokens[:n]) != np.asarray(ids[:n]))   # vectorised: long slots
+        return int(differ[0]) if differ.size else n
 
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` tokens."""

@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 
-from chatcore.config import ModelConfig
+from chatcore.config import ModelConfig, RopeScaling
 from chatcore.engine import Engine
 from chatcore.errors import ModelFormatError, ModelNotFound
 from chatcore.layers.attention import pick_backend
 from chatcore.models import FAMILIES
 from chatcore.runtime import Runtime, pick_device, pick_dtype
+from chatcore.tokenizer import Tokenizer
 from chatcore.tokenizer.hf import HFTokenizer
 from chatcore.weights import TensorSource
 
@@ -40,7 +41,7 @@ def resolve(path: str | Path | None, status: Callable[[str], None] | None = None
     return p
 
 
-def open_checkpoint(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | None]:
+def open_checkpoint(p: Path) -> tuple[ModelConfig, TensorSource, Tokenizer | None]:
     """Config, tensor source and tokenizer of a model directory or GGUF file (no weights read yet)."""
     if p.is_dir():
         return _open_hf_dir(p)
@@ -49,7 +50,7 @@ def open_checkpoint(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | N
     raise ModelFormatError(f"{p} is neither a model directory nor a .gguf file")
 
 
-def _open_hf_dir(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | None]:
+def _open_hf_dir(p: Path) -> tuple[ModelConfig, TensorSource, Tokenizer | None]:
     from chatcore.weights.safetensors_dir import SafetensorsDir
 
     cfg = ModelConfig.from_hf_file(p / "config.json")
@@ -64,13 +65,20 @@ def _open_hf_dir(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | None
             pass  # generation_config is advisory; a broken one only loses extra EOS ids
     if extra_eos:
         cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + extra_eos)))
-    return cfg, SafetensorsDir(p), HFTokenizer.from_dir(p, extra_eos_ids=cfg.eos_token_ids)
+    tok: Tokenizer | None = HFTokenizer.from_dir(p, extra_eos_ids=cfg.eos_token_ids)
+    if tok is None:  # no tokenizer.json: a tiktoken rank file (*.tiktoken, or Llama 3's original tokenizer.model)
+        from chatcore.tokenizer.tiktoken_bpe import TiktokenTokenizer
+
+        tok = TiktokenTokenizer.from_dir(p, extra_eos_ids=cfg.eos_token_ids)
+    return cfg, SafetensorsDir(p), tok
 
 
 def _open_gguf(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | None]:
     from tokenizers import Tokenizer as HFTok
 
+    from chatcore.config_gguf import llama3_scaling
     from chatcore.tokenizer.gguf_vocab import metadata_from_reader, tokenizer_config_from_gguf, tokenizer_json_from_gguf
+    from chatcore.weights.dequant import dequantize
     from chatcore.weights.gguf_file import GGUFTensors
     from chatcore.weights.gguf_reader import GGUFFile
 
@@ -80,15 +88,33 @@ def _open_gguf(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | None]:
     except (ValueError, OSError, IndexError, KeyError) as exc:
         raise ModelFormatError(f"{p} is not a readable GGUF file ({exc}); re-download it") from None
     cfg = ModelConfig.from_gguf(meta)
-    source = GGUFTensors(reader, p, cfg.num_heads, cfg.num_kv_heads)
-    if "rope_freqs.weight" in {t.name for t in reader.tensors}:
-        raise ModelFormatError(f"{p} uses per-frequency RoPE factors (rope_freqs), not supported yet")
-    cfg = dataclasses.replace(cfg, tie_word_embeddings="lm_head.weight" not in source.names())
+    source = GGUFTensors(reader, p, cfg.num_heads, cfg.num_kv_heads, arch=str(meta["general.architecture"]))
+    freqs = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
+    if freqs:  # Llama 3.1 / 3.2: the RoPE scaling as one divisor per frequency
+        if cfg.rope_scaling.kind != "default":
+            raise ModelFormatError(f"{p} has both rope_freqs and {cfg.rope_scaling.kind} RoPE scaling; not supported")
+        divisors = dequantize(freqs[0].data, freqs[0].tensor_type).reshape(-1).tolist()
+        factor, params = llama3_scaling(divisors, cfg.rope_theta, cfg.head_dim)
+        cfg = dataclasses.replace(cfg, rope_scaling=RopeScaling("llama3", factor, params))
+    cfg = _settings_from_tensors(cfg, source.names())
     tok_cfg = tokenizer_config_from_gguf(meta)
     # ensure_ascii=False: byte-level vocabularies are mostly non-ASCII, and unescaped JSON parses faster
     tok_json = json.dumps(tokenizer_json_from_gguf(meta), ensure_ascii=False)
     tok = HFTokenizer(HFTok.from_str(tok_json), tok_cfg, extra_eos_ids=cfg.eos_token_ids)
     return cfg, source, tok
+
+
+def _settings_from_tensors(cfg: ModelConfig, names: set[str]) -> ModelConfig:
+    """What GGUF metadata does not say but its tensors do: a tied output head (no ``output.weight``), and for
+    the RoPE families biases on the attention (q/k/v only, or o too) and MLP projections."""
+    cfg = dataclasses.replace(cfg, tie_word_embeddings="lm_head.weight" not in names)
+    if cfg.position != "rope":
+        return cfg
+    block = "model.layers.0"
+    o_bias = f"{block}.self_attn.o_proj.bias" in names
+    return dataclasses.replace(cfg, attention_bias=o_bias,
+                               qkv_bias=not o_bias and f"{block}.self_attn.q_proj.bias" in names,
+                               mlp_bias=f"{block}.mlp.up_proj.bias" in names)
 
 
 def _bar(total: int, label: str) -> Progress:

@@ -182,6 +182,9 @@ class Sampler:
 
     def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`sample` without the transfer: the token id (int64, 0-d) and logprob stay on the device."""
+        if self.params.greedy and not (self._use_repetition or self._use_counts or self.params.logprobs):
+            self._upcast_check(logits)
+            return logits.argmax(), None   # the argmax of the raw logits: no float32 copy of the vocabulary
         raw = self._upcast(logits)
         scores = self._scores(raw)
         if self.params.greedy:
@@ -197,10 +200,13 @@ class Sampler:
 
     # -- shared processing -------------------------------------------------------------------
 
-    def _upcast(self, logits: torch.Tensor) -> torch.Tensor:
+    def _upcast_check(self, logits: torch.Tensor) -> None:
         if logits.dim() != 1 or logits.shape[0] != self.vocab_size or not logits.is_floating_point():
             got = f"{tuple(logits.shape)} {logits.dtype}"
             raise ValueError(f"logits must be a 1-D float tensor of size {self.vocab_size}, got {got}")
+
+    def _upcast(self, logits: torch.Tensor) -> torch.Tensor:
+        self._upcast_check(logits)
         return logits.float()  # every step below is out of place: the caller's tensor is untouched
 
     def _scores(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,15 +23,16 @@ class EagerStep:
     def __init__(self, cache: KVCache, t: int, backend: str) -> None:
         cache.reserve(t)
         self.cache, self.t, self.start, self.backend = cache, t, cache.length, backend
-        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # per rotary (Gemma 3 has two)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rotary: Rotary | None,
                window: int | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] of the new tokens (k not yet rotated) -> attention output [T, Hq, D]."""
         if rotary is not None:
-            if self._tables is None:
-                self._tables = rotary.tables(self.start, self.t, q.dtype)
-            cos, sin = self._tables
+            tables = self._tables.get(id(rotary))
+            if tables is None:
+                tables = self._tables[id(rotary)] = rotary.tables(self.start, self.t, q.dtype)
+            cos, sin = tables
             q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
         keys, values = self.cache.write(layer, self.start, k, v)
         return attention(q, keys, values, q_offset=self.start, backend=self.backend, window=window, alibi=alibi)

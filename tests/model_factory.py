@@ -70,3 +70,19 @@ def make_mpt_dir(path: Path, *, seed: int = 0, **overrides: object) -> Path:
                                        layer_norm_epsilon=1e-5, initializer_range=0.08, bos_token_id=1,
                                        eos_token_id=None, pad_token_id=None)
     return _save(MptConfig, MptForCausalLM, path, seed, {**settings, **overrides})
+
+
+def make_gemma3_dir(path: Path, *, seed: int = 0, **overrides: object) -> Path:
+    """A small ``Gemma3ForCausalLM`` (text): sliding layers (window 24) around a full one, head_dim 24 !=
+    hidden / heads, query_pre_attn_scalar 20 != head_dim, linear RoPE scaling on the full layer only."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    settings: dict[str, object] = dict(
+        vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, max_position_embeddings=512, rms_norm_eps=1e-6, initializer_range=0.08,
+        sliding_window=24, query_pre_attn_scalar=20,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+        bos_token_id=2, eos_token_id=None, pad_token_id=0)  # no EOS: generate(min_new_tokens) would ban it
+    return _save(Gemma3TextConfig, Gemma3ForCausalLM, path, seed, {**settings, **overrides})

@@ -3,7 +3,8 @@
 A Llama model with GQA (4 query heads, 2 KV heads: TP=4 replicates KV heads) and a BLOOM model (ALiBi,
 12 heads: not a power of two, so each rank's slopes are an uneven slice), both with a vocabulary of 321 (not
 a multiple of 2 or 4: the last rank's rows are padded); BLOOM's biases are random, so a row-parallel bias must
-be added exactly once. One scenario per engine: logits of a 40-token
+be added exactly once. Gemma 3 at TP=4 too (sliding-window layers with their own RoPE base, sandwich norms,
+soft-capped logits, 2 KV heads replicated). One scenario per engine: logits of a 40-token
 prompt in chunks of 16, greedy tokens in a slot, a second turn reusing the slot, a span dropped from the
 slot's middle (context shift) and a turn after it, and a 48-token slot shifted by attention sinks while it
 generates. Errors: sizes that do not split the model, missing GPUs, a rank killed, a rank stuck.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_factory import make_bloom_dir, make_llama_dir
+from model_factory import make_bloom_dir, make_gemma3_dir, make_llama_dir
 
 import chatcore
 from chatcore import SamplingParams
@@ -89,11 +90,12 @@ def randomize_biases(path: Path) -> Path:
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict[str, object]]]:
     root = tmp_path_factory.mktemp("tp")
     dirs = {"llama": make_llama_dir(root / "llama", vocab_size=VOCAB),
-            "bloom": randomize_biases(make_bloom_dir(root / "bloom", vocab_size=VOCAB, hidden_size=48, n_head=12))}
+            "bloom": randomize_biases(make_bloom_dir(root / "bloom", vocab_size=VOCAB, hidden_size=48, n_head=12)),
+            "gemma3": make_gemma3_dir(root / "gemma3", vocab_size=VOCAB)}
     return {name: (path, scenario(chatcore.load(path, **LOAD))) for name, path in dirs.items()}
 
 
-@pytest.mark.parametrize(("family", "n"), [("llama", 2), ("llama", 4), ("bloom", 2), ("bloom", 4)])
+@pytest.mark.parametrize(("family", "n"), [("llama", 2), ("llama", 4), ("bloom", 2), ("bloom", 4), ("gemma3", 4)])
 def test_matches_one_process(models: dict, family: str, n: int) -> None:
     path, ref = models[family]
     with chatcore.load(path, tensor_parallel=n, **LOAD) as engine:

@@ -9,39 +9,43 @@ import argparse
 import os
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterable
+import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from textual.app import App, ComposeResult, SystemCommand
+from textual.app import App, ComposeResult
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
-from textual.widgets import Footer, Header, Input, Label, ProgressBar
+from textual.widgets import Footer, Header, Label, ProgressBar
 
 from . import keymap
+from .actions import Actions
 from .messages import LoadFailed, ModelProgress, ModelReady, StoreReady
-from .screens import ConfirmScreen, HelpScreen, ParamsScreen, TextEditScreen
 from .styles import CSS
-from .widgets.chat_view import ChatView, code_blocks
+from .widgets.chat_view import ChatView
 from .widgets.meter import ContextMeter
+from .widgets.prompt import PromptInput
+from .widgets.session_list import PAGE as SESSIONS_PAGE
 from .widgets.session_list import SessionList
 from .workers import (
     MeterInfo,
     Row,
+    SessionsPage,
     Stopwatch,
     describe,
-    export_to,
     list_sessions,
     load_engine,
     meter_info,
     open_store,
+    search_sessions,
     session_rows,
     stored_rows,
+    throttled,
 )
 
 
-class ChatApp(App[None]):
+class ChatApp(Actions, App[None]):
     CSS = CSS
     TITLE = "chatcore"
     BINDINGS = keymap.bindings()
@@ -73,6 +77,17 @@ class ChatApp(App[None]):
         # load waits for it (3 s at most), so torch's start-up does not compete with the first screen.
         self.ui_settled = threading.Event()
         self.clipboard_file = keymap.config_dir() / "clipboard.txt"
+        # Start-up timeline: seconds from this object's creation to each first event (bench/tui.py reads it).
+        self._t0 = time.perf_counter()
+        self.timeline: dict[str, float] = {}
+
+    def mark(self, event: str) -> None:
+        """Record the first time `event` happens (seconds since the app object was made)."""
+        self.timeline.setdefault(event, time.perf_counter() - self._t0)
+
+    def mark_painted(self, event: str) -> None:
+        """Mark `event` once the screen has been refreshed after what was just done."""
+        self.call_after_refresh(self.mark, event)
 
     # -- layout -------------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -85,7 +100,7 @@ class ChatApp(App[None]):
                     yield Label("loading model…", id="load-label")
                     yield ProgressBar(id="load-bar", show_eta=False)
                 yield ContextMeter(timings=self.timings, id="meter")
-                yield Input(placeholder="Message (Enter to send · F1 help · ctrl+p commands)", id="prompt")
+                yield PromptInput("Message (Enter to send · ctrl+j new line · F1 help · ctrl+p commands)", id="prompt")
         yield Footer()
 
     @property
@@ -93,13 +108,14 @@ class ChatApp(App[None]):
         return self.query_one(ChatView)
 
     @property
-    def prompt(self) -> Input:
-        return self.query_one("#prompt", Input)
+    def prompt(self) -> PromptInput:
+        return self.query_one("#prompt", PromptInput)
 
     def on_mount(self) -> None:
         if self.keys:
             self.set_keymap(keymap.textual_keymap(self.keys))
         self.prompt.focus()
+        self.mark_painted("first_paint")
         self.call_after_refresh(self.run_worker, self._boot, thread=True, group="boot", exit_on_error=False)
 
     # -- background -----------------------------------------------------------------------------------
@@ -114,12 +130,13 @@ class ChatApp(App[None]):
         else:
             self.post_message(StoreReady(self.store))
         self.ui_settled.wait(timeout=3.0)
+        self.mark("model_load_start")
         sw = Stopwatch()
         try:
             engine = self._given_engine
             if engine is None:
-                engine = load_engine(self.model_path, lambda d, t: self.post_message(ModelProgress(d, t, "loading")),
-                                     self.max_seq_len,
+                progress = throttled(lambda d, t: self.post_message(ModelProgress(d, t, "loading")))
+                engine = load_engine(self.model_path, progress, self.max_seq_len,
                                      status=lambda text: self.call_from_thread(self.notify, text, timeout=8))
             from context import SlotPool
 
@@ -148,6 +165,7 @@ class ChatApp(App[None]):
     # -- loading ------------------------------------------------------------------------------------
     def on_store_ready(self, msg: StoreReady) -> None:
         self.store, self.store_state = msg.store, "ready"
+        self.mark("store_ready")
         self.refresh_sessions(open_first=True)
 
     def on_model_progress(self, msg: ModelProgress) -> None:
@@ -155,6 +173,7 @@ class ChatApp(App[None]):
 
     async def on_model_ready(self, msg: ModelReady) -> None:
         self.engine, self.load_seconds, self.load_state = msg.engine, msg.seconds, "ready"
+        self.mark("model_ready")
         name = Path(str(getattr(msg.engine, "source", "") or self.model_path)).name
         self.sub_title = name
         self.query_one("#status").add_class("-done")
@@ -188,25 +207,26 @@ class ChatApp(App[None]):
     # -- sessions -----------------------------------------------------------------------------------
     def refresh_sessions(self, open_first: bool = False) -> None:
         store = self.store
+        sidebar = self.query_one(SessionList)
 
-        async def got(records: list[Any]) -> None:
-            async def sidebar() -> None:
-                await self.query_one(SessionList).set_records(records, self.session_id)
-                self.ui_settled.set()
+        def fill(page: SessionsPage) -> None:
+            sidebar.set_records(page.records, self.session_id, has_more=page.next_offset is not None)
+            self.call_after_refresh(self._settled)
 
+        def got(page: SessionsPage) -> None:
             if not open_first:
-                await sidebar()
+                fill(page)
                 return
-            if self.session_id is None and records:
-                self.session_id = records[0].id
+            if self.session_id is None and page.records:
+                self.session_id = page.records[0].id
             if self.session_id is not None:
-                # The session's messages first; the sidebar mounts once they are on screen.
-                self.open_session(self.session_id, after=sidebar)
+                # The session's messages first; the sidebar fills once they are on screen.
+                self.open_session(self.session_id, after=lambda: fill(page))
             else:
-                await sidebar()
+                fill(page)
                 self._flush_pending()
 
-        def fetch() -> list[Any]:
+        def fetch() -> SessionsPage:
             if open_first and self.session_id is not None:
                 matches = store.match_session_ids(self.session_id)
                 if len(matches) == 1:
@@ -216,7 +236,7 @@ class ChatApp(App[None]):
 
                     missing, self.session_id = self.session_id, None
                     raise NotFound(f"no session {missing!r}; starting a new one")
-            return list_sessions(store)
+            return list_sessions(store, 0, SESSIONS_PAGE)
 
         def failed(exc: BaseException) -> None:
             self.show_error(exc)
@@ -225,10 +245,28 @@ class ChatApp(App[None]):
 
         self.bg(fetch, got, failed)
 
-    def open_session(self, session_id: str, after: Callable[[], Awaitable[None]] | None = None) -> None:
+    def _settled(self) -> None:
+        """The first screen (session and sidebar) is painted: the model load may start."""
+        self.mark("sidebar_shown")
+        self.ui_settled.set()
+
+    def on_session_list_more_wanted(self, msg: SessionList.MoreWanted) -> None:
+        store, sidebar = self.store, self.query_one(SessionList)
+        if store is None:
+            return
+        self.bg(lambda: list_sessions(store, msg.loaded, SESSIONS_PAGE),
+                lambda page: sidebar.set_records(page.records, has_more=page.next_offset is not None, append=True))
+
+    def on_session_list_search(self, msg: SessionList.Search) -> None:
+        store, sidebar = self.store, self.query_one(SessionList)
+        if store is None:
+            return
+        self.bg(lambda: search_sessions(store, msg.text, SESSIONS_PAGE), lambda hits: sidebar.show_hits(msg.text, hits))
+
+    def open_session(self, session_id: str, after: Callable[[], Any] | None = None) -> None:
         """Show a session: from storage at once; as a live ChatSession when the model is ready.
 
-        ``after`` runs once the session is on screen (or could not be shown)."""
+        ``after`` runs once the session is on screen, painted (or could not be shown)."""
         if self.store is None:
             return
         self.session_id = session_id
@@ -252,7 +290,7 @@ class ChatApp(App[None]):
                 await _show(result)
             finally:
                 if after is not None:
-                    await after()
+                    self.call_after_refresh(after)
 
         async def _show(result: tuple[Any, list[Row], MeterInfo]) -> None:
             session, rows, info = result
@@ -264,7 +302,9 @@ class ChatApp(App[None]):
             self.view.clear_selection()
             await self.view.show(rows)
             self.query_one(ContextMeter).set_info(info)
+            self.mark_painted("session_shown")
             if session is not None:
+                self.mark_painted("live_session_shown")
                 self.live_shown = session_id
                 self._flush_pending()
 
@@ -298,9 +338,7 @@ class ChatApp(App[None]):
         self.prompt.focus()
 
     # -- turns --------------------------------------------------------------------------------------
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        if event.input.id != "prompt":
-            return
+    def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
         text = event.value.strip()
         if not text:
             return
@@ -315,7 +353,7 @@ class ChatApp(App[None]):
             self.notify("The model failed to load; restart with --model PATH. Your text stays in the input.",
                         severity="error")
             return
-        event.input.value = ""
+        event.prompt.value = ""
         if self.engine is None or self.store is None or (self.session is None and self.session_id is not None):
             self.pending.append(text)
             self.notify("Still starting; your message will be sent when the model is ready.")
@@ -324,7 +362,7 @@ class ChatApp(App[None]):
 
     def _restore(self, text: str) -> None:
         current = self.prompt.value
-        self.prompt.value = text if not current else f"{text} {current}"
+        self.prompt.value = text if not current.strip() else f"{text}\n{current}"
 
     def start_turn(self, op: str, text: str | None = None, message_id: str | None = None) -> None:
         if self.busy:
@@ -388,223 +426,6 @@ class ChatApp(App[None]):
             self.notify("Reply cancelled; the partial text is kept.")
         self.refresh_sessions()
         self._flush_pending()
-
-    # -- actions ------------------------------------------------------------------------------------
-    def _live(self) -> bool:
-        if self.engine is None:
-            self.notify("The model is still loading." if self.load_state == "loading" else
-                        "The model failed to load.", severity="warning")
-            return False
-        if self.busy:
-            self.notify("A reply is still streaming; press Esc to cancel it.", severity="warning")
-            return False
-        if self.session is None:
-            self.notify("No session yet: send a message first.", severity="warning")
-            return False
-        return True
-
-    def action_cancel(self) -> None:
-        if self.busy and self.session is not None:
-            self.session.cancel()
-        elif self.view.selected is not None:
-            self.view.clear_selection()
-
-    def action_select(self, step: int) -> None:
-        self.view.select(step)
-
-    def action_new_session(self) -> None:
-        if self.busy:
-            self.notify("A reply is still streaming; press Esc to cancel it.", severity="warning")
-            return
-        self.session = self.session_id = None
-        self.query_one(SessionList).current = None
-        self.run_worker(self.view.show([]))
-        self.query_one(ContextMeter).set_info(MeterInfo(window=self.engine.window if self.engine else 0))
-        self.prompt.focus()
-
-    def action_regenerate(self) -> None:
-        if self._live():
-            self.start_turn("regenerate")
-
-    def action_edit(self) -> None:
-        if not self._live():
-            return
-        row = self.view.target("user")
-        if row is None:
-            self.notify("There is no message of yours to edit.", severity="warning")
-            return
-
-        def done(text: str | None) -> None:
-            if text is not None and text.strip() and text != row.content:
-                self.start_turn("edit", text, row.id)
-
-        self.push_screen(TextEditScreen("Edit message (saved as a new branch)", row.content, "Save and regenerate"),
-                         done)
-
-    def _apply(self, fn: Callable[[Any], Any], done: str | None = None) -> None:
-        """Run a session change in the background, then re-show the thread and the meter."""
-        session = self.session
-
-        def work() -> tuple[list[Row], MeterInfo]:
-            fn(session)
-            return session_rows(session), meter_info(session)
-
-        async def show(result: tuple[list[Row], MeterInfo]) -> None:
-            await self.view.show(result[0])
-            self.query_one(ContextMeter).set_info(result[1])
-            if done:
-                self.notify(done)
-
-        self.bg(work, show)
-
-    def action_branch(self, step: int) -> None:
-        """Show another branch (an edit or regeneration sibling) of the selected / last message."""
-        if not self._live():
-            return
-        row = self.view.target()
-        if row is None:
-            return
-        store, sid = self.store, self.session.id
-
-        def switch() -> str:
-            sibs = [m.id for m in store.load(sid).siblings(row.id)]
-            if len(sibs) < 2:
-                raise LookupError("this message has no other branch (edit or regenerate to make one)")
-            store.switch_branch(sid, sibs[(sibs.index(row.id) + step) % len(sibs)])
-            self.sessions.pop(sid, None)  # reopened on the new branch (its KV slot is reused)
-            return f"Branch {(sibs.index(row.id) + step) % len(sibs) + 1} of {len(sibs)}."
-
-        def done(text: str) -> None:
-            self.session = None
-            self.view.clear_selection()
-            self.open_session(sid)
-            self.notify(text)
-
-        self.bg(switch, done)
-
-    def action_toggle_pin(self) -> None:
-        if not self._live():
-            return
-        row = self.view.target()
-        if row is None:
-            return
-        if row.pinned:
-            self._apply(lambda s: s.unpin(row.id), "Unpinned.")
-        else:
-            self._apply(lambda s: s.pin(row.id), "Pinned: it stays in context.")
-
-    def action_system_prompt(self) -> None:
-        if not self._live():
-            return
-
-        def done(text: str | None) -> None:
-            if text is not None:
-                self._apply(lambda s: s.set_system(text.strip() or None), "System prompt saved.")
-
-        self.push_screen(TextEditScreen("System prompt", self.session.system or ""), done)
-
-    def action_params(self) -> None:
-        if not self._live():
-            return
-
-        def done(values: dict[str, Any] | None) -> None:
-            if values is not None:
-                self._apply(lambda s: s.set_params(**values), "Parameters saved.")
-
-        self.push_screen(ParamsScreen(self.session.params), done)
-
-    def action_export(self, fmt: str) -> None:
-        if not self._live():
-            return
-        session, directory = self.session, self.export_dir
-        self.bg(lambda: export_to(session, fmt, directory), lambda path: self.notify(f"Exported to {path}"))
-
-    def copy_text(self, text: str, what: str) -> None:
-        """OSC 52 through Textual; also written to a file, since not every terminal honours OSC 52."""
-        self.copy_to_clipboard(text)
-        try:
-            self.clipboard_file.parent.mkdir(parents=True, exist_ok=True)
-            self.clipboard_file.write_text(text, encoding="utf-8")
-            where = f" (also in {self.clipboard_file})"
-        except OSError:
-            where = ""
-        self.notify(f"Copied {what}, {len(text)} characters{where}.")
-
-    def action_copy_message(self) -> None:
-        row = self.view.target()
-        text = row.content if row is not None else self.view.streaming_text
-        if not text:
-            self.notify("Nothing to copy.", severity="warning")
-            return
-        self.copy_text(text, "the message")
-
-    def action_copy_code(self) -> None:
-        rows = [self.view.target()] if self.view.selected is not None else list(reversed(self.view.rows))
-        for row in rows:
-            blocks = code_blocks(row.content) if row is not None else []
-            if blocks:
-                self.copy_text(blocks[-1], "a code block")
-                return
-        self.notify("No code block to copy.", severity="warning")
-
-    def action_toggle_sessions(self) -> None:
-        self.query_one(SessionList).toggle_class("-hidden")
-
-    def action_filter_sessions(self) -> None:
-        self.query_one(SessionList).remove_class("-hidden")
-        self.query_one("#filter", Input).focus()
-
-    def action_rename_session(self) -> None:
-        if self.store is None or self.session_id is None:
-            self.notify("No session to rename.", severity="warning")
-            return
-        store, sid = self.store, self.session_id
-        title = next((r.title for r in self.query_one(SessionList).records if r.id == sid), "")
-
-        def done(text: str | None) -> None:
-            if text is not None and text.strip():
-                self.bg(lambda: store.update_session(sid, title=text.strip()), lambda _: self.refresh_sessions())
-
-        self.push_screen(TextEditScreen("Rename session", title), done)
-
-    def action_delete_session(self) -> None:
-        if self.store is None or self.session_id is None:
-            self.notify("No session to delete.", severity="warning")
-            return
-        if self.busy:
-            self.notify("A reply is still streaming; press Esc to cancel it.", severity="warning")
-            return
-        store, sid = self.store, self.session_id
-        title = next((r.title for r in self.query_one(SessionList).records if r.id == sid), "") or "(untitled)"
-
-        def deleted(_: Any) -> None:
-            self.sessions.pop(sid, None)
-            if self.pool is not None:
-                self.pool.discard(sid)
-            if self.session_id == sid:
-                self.action_new_session()
-            self.refresh_sessions()
-            self.notify(f"Deleted {title!r}.")
-
-        def done(yes: bool | None) -> None:
-            if yes:
-                self.bg(lambda: store.delete_session(sid), deleted)
-
-        self.push_screen(ConfirmScreen(f"Delete session {title!r} and all its messages?"), done)
-
-    def action_help(self) -> None:
-        self.push_screen(HelpScreen(keymap.effective_keys(self.keys)))
-
-    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
-        yield from super().get_system_commands(screen)
-        keys = keymap.effective_keys(self.keys)
-        for a in keymap.ACTIONS:
-            yield SystemCommand(a.description, f"key: {keys[a.id]}", partial(self.run_action, a.action))
-
-    async def action_quit(self) -> None:
-        if self.busy and self.session is not None:
-            self.session.cancel()
-        self.exit()
 
     def on_unmount(self) -> None:
         if self._own_store and self.store is not None:

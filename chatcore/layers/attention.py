@@ -155,7 +155,15 @@ def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, wind
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, window: int | None,
            alibi: torch.Tensor | None) -> torch.Tensor:
-    from flash_attn import flash_attn_func
+    from flash_attn import flash_attn_func, flash_attn_with_kvcache
+
+    if q_offset > 0:
+        # a chunk on top of a cache: the KV-cache kernel splits the long key range across blocks (few query
+        # blocks alone would leave most of the GPU idle: a 256-token turn on a 32k history); same alignment
+        return flash_attn_with_kvcache(
+            q[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], causal=True,
+            window_size=(-1, -1) if window is None else (window - 1, 0),
+            alibi_slopes=None if alibi is None else alibi.to(device=q.device, dtype=torch.float32))[0]
 
     # flash-attn aligns the causal mask bottom-right when seqlen_q != seqlen_k, as we need; its window
     # (left, right) counts keys before the query's own, and its ALiBi bias is -slope * |i - j| (bottom-right).

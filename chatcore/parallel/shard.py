@@ -122,7 +122,7 @@ _RULES: dict[str, tuple[tuple[str, str], ...]] = {
     "mpt": (("wte.weight", "vocab"), ("lm_head.weight", "vocab"), ("attn.Wqkv.weight", "qkv"),
             ("attn.out_proj.weight", "out"), ("ffn.up_proj.weight", "up"), ("ffn.down_proj.weight", "down")),
 }
-_RULES.update(mistral=_RULES["llama"], qwen2=_RULES["llama"], qwen3=_RULES["llama"])
+_RULES.update(mistral=_RULES["llama"], qwen2=_RULES["llama"], qwen3=_RULES["llama"], gemma3=_RULES["llama"])
 
 
 def split_kind(family: str, name: str) -> str | None:

@@ -1,4 +1,4 @@
-"""Tokenizers: a small protocol, the ``tokenizers`` backend, and GGUF-embedded vocabularies."""
+"""Tokenizers: a small protocol, the ``tokenizers`` backend, the tiktoken backend, and GGUF-embedded vocabularies."""
 
 from __future__ import annotations
 

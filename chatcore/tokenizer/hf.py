@@ -15,28 +15,15 @@ from typing import Any
 from tokenizers import Tokenizer as HFTok
 
 from chatcore.errors import ModelFormatError
-from chatcore.tokenizer import chat_template
-from chatcore.tokenizer.chat_template import ChatTemplateError
+from chatcore.tokenizer.chat_encode import SpecialSafeChat, pick_template, token_str
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
-def _token_str(value: Any) -> str | None:
-    if isinstance(value, Mapping):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
 
 
-def _pick_template(value: Any) -> str | None:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # [{"name": ..., "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, Mapping)}
-        return named.get("default") or next(iter(named.values()), None)
-    return None
 
-
-class HFTokenizer:
+class HFTokenizer(SpecialSafeChat):
     def __init__(self, tok: HFTok, config: Mapping[str, Any] | None = None, *,
                  chat_template_source: str | None = None, extra_eos_ids: Sequence[int] = ()) -> None:
         config = dict(config or {})
@@ -47,8 +34,8 @@ class HFTokenizer:
         self._tok.encode_special_tokens = True
         self._with_special: HFTok | None = None
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        self.special_tokens = {k: _token_str(config.get(k)) for k in _SPECIAL_KEYS}
-        self.chat_template = chat_template_source or _pick_template(config.get("chat_template"))
+        self.special_tokens = {k: token_str(config.get(k)) for k in _SPECIAL_KEYS}
+        self.chat_template = chat_template_source or pick_template(config.get("chat_template"))
         self.add_bos = bool(config.get("add_bos_token", False))
         self.bos_token_id = self._id(self.special_tokens["bos_token"])
         eos = [self._id(self.special_tokens["eos_token"]), *extra_eos_ids]
@@ -115,58 +102,3 @@ class HFTokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
-
-    # -- chat ---------------------------------------------------------------------------------------
-    def render_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False,
-                             **extra: Any) -> str:
-        if not self.chat_template:
-            raise ChatTemplateError("this model has no chat template; give a raw prompt instead")
-        return chat_template.render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                                    special_tokens=self.special_tokens, **extra)
-
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False,
-                            **extra: Any) -> list[int]:
-        """Render and encode a conversation. Special-token strings inside messages stay plain text.
-
-        Each special-token string in a message is swapped for a private-use placeholder before rendering;
-        the rendered text is split at the special tokens the template wrote, and every other stretch is
-        encoded as plain text with the placeholders restored. With no special strings in the messages
-        this is exactly how transformers encodes the rendered prompt.
-        """
-        if self._special_re is None:
-            return self.encode(self.render_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                          **extra))
-        hidden: list[str] = []
-        safe = [_hide(m, self._special_re, hidden) for m in messages]
-        text = self.render_chat_template(safe, add_generation_prompt=add_generation_prompt, **extra)
-        ids: list[int] = []
-        pos = 0
-        for m in self._special_re.finditer(text):
-            if m.start() > pos:
-                ids += self.encode(_restore(text[pos : m.start()], hidden))
-            ids.append(self._special_ids[m.group()])
-            pos = m.end()
-        if pos < len(text):
-            ids += self.encode(_restore(text[pos:], hidden))
-        return ids
-
-
-_MARK = re.compile("\uE000([0-9]+)\uE001")
-
-
-def _hide(value: Any, special: re.Pattern[str], hidden: list[str]) -> Any:
-    """Copy of a message with every special-token string (and our marker chars) in its strings hidden."""
-    if isinstance(value, str):
-        def swap(m: re.Match[str]) -> str:
-            hidden.append(m.group())
-            return f"\uE000{len(hidden) - 1}\uE001"
-        return re.sub(f"{special.pattern}|[\uE000\uE001]", swap, value)
-    if isinstance(value, Mapping):
-        return {k: (v if k == "role" else _hide(v, special, hidden)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_hide(v, special, hidden) for v in value]
-    return value
-
-
-def _restore(text: str, hidden: list[str]) -> str:
-    return _MARK.sub(lambda m: hidden[int(m.group(1))], text)

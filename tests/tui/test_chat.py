@@ -19,6 +19,10 @@ async def test_send_streams_reply(make_app: Any, store: Any) -> None:
         stored = store.thread(app.session_id)
         assert [m.content for m in stored] == [r.content for r in rows]
         assert app.prompt.value == ""
+        from tui.widgets.chat_view import MessageView
+
+        boxes = app.view.boxes()  # the streamed reply was swapped for a finished-message widget
+        assert all(isinstance(b, MessageView) for b in boxes) and [b.row for b in boxes] == rows
         meter = str(app.query_one("#meter").render())
         assert "/512" in meter and "pinned 0" in meter
 
@@ -86,7 +90,7 @@ async def test_pin_and_unpin(make_app: Any, store: Any) -> None:
         assert store.get_session(app.session_id).pinned == (app.view.rows[0].id,)
         assert "pinned 1" in str(app.query_one("#meter").render())
         box = app.view.boxes()[0]
-        assert box.has_class("-pinned") and "pinned" in str(box.query_one(".header").render())
+        assert box.has_class("-pinned") and "pinned" in box.header
         await pilot.press("ctrl+t")
         await wait_for(pilot, lambda: not app.view.rows[0].pinned)
         assert store.get_session(app.session_id).pinned == ()
@@ -111,11 +115,7 @@ async def test_switch_sessions_loads_only_that_session(make_app: Any, store: Any
         await wait_for(pilot, lambda: app.session is not None and app.session.id == a.id)
         await pilot.pause()
         assert [r.content for r in app.view.rows] == ["alpha question"]
-        # filter by text
-        app.action_filter_sessions()
-        await pilot.press("b", "e", "t")
-        await pilot.pause()
-        assert len(sl.query("SessionItem")) == 1
+        assert sl.option_list.highlighted == 1  # the open session
 
 
 @aio

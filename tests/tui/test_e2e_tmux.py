@@ -1,5 +1,6 @@
-"""End to end in a real terminal: tmux runs `python -m chatcore chat` with the demo model, a question is
-typed, the answer read from the pane; quit; start again and the session is still there."""
+"""End to end in a real terminal: tmux runs `python -m chatcore chat` with the demo model; ctrl+j and a
+bracketed paste put line breaks in the message box without sending; a question is typed, the answer read
+from the pane; quit; start again and the session is still there."""
 
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ def _wait(cond: Callable[[], bool], what: str, pane: Callable[[], str], timeout:
     raise AssertionError(f"timed out waiting for {what}; pane:\n{pane()}")
 
 
+def _consecutive(text: str, first: str, second: str) -> bool:
+    lines = text.splitlines()
+    return any(first in a and second in b for a, b in zip(lines, lines[1:], strict=False))
+
+
 def test_chat_in_tmux(demo_gguf: Path, tmp_path: Path) -> None:
     name = f"chatcore-e2e-{os.getpid()}"
     env = {**os.environ, "CHATCORE_HOME": str(tmp_path / "home"), "TERM": "xterm-256color"}
@@ -51,6 +57,17 @@ def test_chat_in_tmux(demo_gguf: Path, tmp_path: Path) -> None:
     try:
         start()
         _wait(lambda: "Message (Enter to send" in pane(), "first paint", pane)
+        # ctrl+j breaks the line; a multi-line paste arrives whole; neither sends
+        _tmux("send-keys", "-t", name, "-l", "alpha1")
+        _tmux("send-keys", "-t", name, "C-j")
+        _tmux("send-keys", "-t", name, "-l", "beta2")
+        _wait(lambda: _consecutive(pane(), "alpha1", "beta2"), "two lines in the box", pane)
+        _tmux("set-buffer", "-b", "cc", "\ngamma3\ndelta4")
+        _tmux("paste-buffer", "-p", "-b", "cc", "-t", name)
+        _wait(lambda: _consecutive(pane(), "gamma3", "delta4"), "the pasted lines", pane)
+        assert _consecutive(pane(), "alpha1", "beta2") and "user" not in pane()  # nothing sent
+        _tmux("send-keys", "-t", name, "-N", str(len("alpha1\nbeta2\ngamma3\ndelta4")), "BSpace")
+        _wait(lambda: "Message (Enter to send" in pane(), "the box emptied", pane)
         _tmux("send-keys", "-t", name, "-l", QUESTION)
         _tmux("send-keys", "-t", name, "Enter")
         _wait(lambda: "Paris" in pane() and "ttft" in pane(), "the answer", pane, timeout=120)

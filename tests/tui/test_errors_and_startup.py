@@ -107,3 +107,13 @@ async def test_remapped_key_help_and_palette(make_app: Any) -> None:
         await send(pilot, "hi")
         await pilot.press("f5")
         await wait_for(pilot, lambda: app.turns == 2)
+
+
+def test_model_progress_is_throttled_but_ends_complete() -> None:
+    from tui.workers import throttled
+
+    seen: list[tuple[int, int]] = []
+    hook = throttled(lambda done, total: seen.append((done, total)), interval=10.0)
+    for i in range(1, 273):
+        hook(i, 272)
+    assert seen == [(1, 272), (272, 272)]  # the first step, then nothing until the last one

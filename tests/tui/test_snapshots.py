@@ -47,3 +47,21 @@ def test_snapshot_params_screen(snap_compare: Any, make_app: Any, seeded: Any) -
 
 def test_snapshot_delete_confirmation(snap_compare: Any, make_app: Any, seeded: Any) -> None:
     assert snap_compare(make_app(), terminal_size=SIZE, run_before=_before("f8"))
+
+
+def test_snapshot_filter_hit_and_multi_line_draft(snap_compare: Any, make_app: Any, seeded: Any) -> None:
+    """The filter finds a session by a word in one of its messages (a snippet under the title); the message
+    box has grown to hold a three-line draft."""
+    async def run(pilot: Any) -> None:
+        await ready(pilot)
+        app = pilot.app
+        app.prompt.cursor_blink = False
+        await pilot.press("l", "i", "n", "e", " ", "1", "ctrl+j", "l", "i", "n", "e", " ", "2", "shift+enter", "3")
+        app.action_filter_sessions()
+        await pilot.press(*"hello")
+        sidebar = app.query_one("#sidebar")
+        await wait_for(pilot, lambda: sidebar.hits is not None and sidebar.hits[0] == "hello")
+        app.query_one("#filter").cursor_blink = False
+        await pilot.pause(0.1)
+
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=run)

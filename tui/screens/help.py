@@ -11,7 +11,8 @@ from textual.widgets import Label, Markdown
 from ..keymap import ACTIONS
 
 INTRO = """\
-Type a message and press **Enter**. **Esc** stops a reply (the partial text is kept).
+Type a message and press **Enter**; **shift+enter** or **ctrl+j** starts a new line (many terminals send
+shift+enter as a plain Enter: ctrl+j always works). **Esc** stops a reply (the partial text is kept).
 Actions apply to the selected message (**alt+up / alt+down**), else to the last one.
 **ctrl+p** opens the command palette (every action is there). **ctrl+q** quits.
 Remap keys in `keymap.toml` (in `$CHATCORE_HOME` or `~/.config/chatcore`) or `$CHATCORE_KEYMAP`.

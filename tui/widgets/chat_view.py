@@ -1,18 +1,30 @@
-"""The chat view: one MessageBox per message of the current branch; the streaming reply is written
-through Textual's MarkdownStream (appends, no re-parse of the whole reply per token)."""
+"""The chat view: the current branch's messages, newest at the bottom.
+
+A finished message is one light widget (`MessageView`: a header line and the body rendered as Markdown by
+Rich, about 1 ms to mount). The reply being streamed is a `MessageBox` holding Textual's `Markdown` widget,
+written through `MarkdownStream` (appends, no re-parse of the whole reply per token); once the reply is
+done it is swapped for a `MessageView`. The last PAGE messages are mounted when a session opens; older ones
+are mounted a page at a time when the view is scrolled to the top, the "earlier" line is clicked, or the
+selection moves past the first mounted message.
+"""
 
 from __future__ import annotations
 
 import re
 
+from rich.console import Group, RenderableType
+from rich.markdown import Markdown as RichMarkdown
+from rich.text import Text
+from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
+from textual.widget import Widget
 from textual.widgets import Markdown, Static
 from textual.widgets._markdown import MarkdownStream
 
 from ..workers import Row
 
-SHOWN = 24  # messages mounted at once; older ones stay in storage (a label says how many)
+PAGE = 24  # messages mounted when a session opens, and per "earlier" page
 _CODE = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 
 
@@ -20,50 +32,75 @@ def code_blocks(text: str) -> list[str]:
     return [m.group(1).rstrip("\n") for m in _CODE.finditer(text)]
 
 
-class MessageBox(Vertical):
-    """One message: a header line (role, flags) and its Markdown body."""
+def header_text(row: Row, streaming: bool = False) -> str:
+    flags = []
+    if row.pinned:
+        flags.append("pinned")
+    if not row.in_context:
+        flags.append("out of context")
+    if row.status not in ("complete", "streaming") and not streaming:
+        flags.append(row.status)
+    if streaming:
+        flags.append("…")
+    return row.role + (" · " + " · ".join(flags) if flags else "")
 
-    def __init__(self, row: Row, streaming: bool = False) -> None:
-        super().__init__(classes=f"message -{row.role}")
+
+def _classes(row: Row) -> str:
+    return " ".join(["message", f"-{row.role}", *(["-out"] if not row.in_context else []),
+                     *(["-pinned"] if row.pinned else [])])
+
+
+class MessageView(Widget):
+    """A finished message as a single widget: its header line, then its Markdown body (parsed once)."""
+
+    COMPONENT_CLASSES = {"message--header"}
+
+    def __init__(self, row: Row) -> None:
+        super().__init__(classes=_classes(row))
         self.row = row
-        self.streaming = streaming
+        self._body = RichMarkdown(row.content)
+
+    @property
+    def message_id(self) -> str:
+        return self.row.id
+
+    @property
+    def header(self) -> str:
+        return header_text(self.row)
+
+    def render(self) -> RenderableType:
+        return Group(Text(self.header, style=self.get_component_rich_style("message--header")),
+                     self._body)
+
+    def update_row(self, row: Row) -> None:
+        old, self.row = self.row, row
+        self.set_class(not row.in_context, "-out")
+        self.set_class(row.pinned, "-pinned")
+        if row.content != old.content:
+            self._body = RichMarkdown(row.content)
+        if row != old:
+            self.refresh(layout=True)
+
+
+class MessageBox(Vertical):
+    """The reply being streamed: a header line and Textual's Markdown widget fed by a MarkdownStream."""
+
+    def __init__(self, row: Row) -> None:
+        super().__init__(classes=_classes(row) + " -streaming")
+        self.row = row
         self.text = row.content
 
     @property
     def message_id(self) -> str:
         return self.row.id
 
+    @property
+    def header(self) -> str:
+        return header_text(self.row, streaming=True)
+
     def compose(self) -> ComposeResult:
-        yield Static(self._header(), classes="header")
+        yield Static(self.header, classes="header")
         yield Markdown(self.row.content, classes="body")
-
-    def _header(self) -> str:
-        flags = []
-        if self.row.pinned:
-            flags.append("pinned")
-        if not self.row.in_context:
-            flags.append("out of context")
-        if self.row.status not in ("complete", "streaming") and not self.streaming:
-            flags.append(self.row.status)
-        if self.streaming:
-            flags.append("…")
-        return self.row.role + (" · " + " · ".join(flags) if flags else "")
-
-    def update_row(self, row: Row) -> None:
-        self.row = row
-        self.streaming = False
-        self.set_class(not row.in_context, "-out")
-        self.set_class(row.pinned, "-pinned")
-        if self.is_mounted:
-            self.query_one(".header", Static).update(self._header())
-        if row.content != self.text:
-            self.text = row.content
-            if self.is_mounted:
-                self.query_one(Markdown).update(row.content)
-
-    def on_mount(self) -> None:
-        self.set_class(not self.row.in_context, "-out")
-        self.set_class(self.row.pinned, "-pinned")
 
 
 class ChatView(VerticalScroll):
@@ -72,9 +109,11 @@ class ChatView(VerticalScroll):
     def __init__(self, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
         self.rows: list[Row] = []
+        self.first = 0  # index in rows of the first mounted message
         self.selected: int | None = None
         self._stream: MarkdownStream | None = None
         self._reply: MessageBox | None = None
+        self._settled = False  # False while show() rebuilds the view (its scroll moves are not the user's)
 
     def compose(self) -> ComposeResult:
         yield Static("", id="earlier")
@@ -83,38 +122,79 @@ class ChatView(VerticalScroll):
         self.anchor()
 
     # -- whole thread -------------------------------------------------------------------------------
-    def boxes(self) -> list[MessageBox]:
-        return list(self.query(MessageBox))
+    def boxes(self) -> list[MessageView | MessageBox]:
+        return [w for w in self.children if isinstance(w, (MessageView, MessageBox))]
 
     async def show(self, rows: list[Row]) -> None:
-        """Make the view show `rows`: update boxes already shown (same ids, in order), mount the rest."""
+        """Make the view show `rows`: keep the mounted messages that are unchanged in place (updating their
+        flags and text), replace the rest; a session opens on its last PAGE messages."""
+        self._settled = False
         await self.end_stream()
-        shown = rows[-SHOWN:]
         boxes = self.boxes()
-        ids = [b.message_id for b in boxes]
-        new_ids = [r.id for r in shown]
-        if ids and ids == new_ids[: len(ids)]:
-            for box, row in zip(boxes, shown, strict=False):
+        first = max(0, len(rows) - PAGE)
+        if boxes and self.first < len(rows) and rows[self.first].id == boxes[0].message_id:
+            first = self.first  # the same thread, perhaps longer: keep what the user has paged in
+        shown = rows[first:]
+        keep = 0
+        for box, row in zip(boxes, shown, strict=False):
+            if not isinstance(box, MessageView) or box.message_id != row.id:
+                break
+            keep += 1
+        with self.app.batch_update():
+            for box, row in zip(boxes[:keep], shown, strict=False):
                 box.update_row(row)
-            rest = shown[len(ids):]
-        else:
-            await self.remove_children(MessageBox)
-            rest = shown
-        if rest:
-            await self.mount_all([MessageBox(r) for r in rest])
-        self.rows = list(rows)
-        hidden = len(rows) - len(shown)
-        self.query_one("#earlier", Static).update(
-            f"{hidden} earlier messages are in storage (export to read them)" if hidden else "")
-        self.query_one("#earlier").display = bool(hidden)
+            if boxes[keep:]:
+                await self.remove_children(boxes[keep:])
+            if shown[keep:]:
+                await self.mount_all([MessageView(r) for r in shown[keep:]])
+        self.rows, self.first = list(rows), first
+        self._update_earlier()
         if self.selected is not None and self.selected >= len(rows):
             self.selected = None
         self._mark_selected()
+        self.call_after_refresh(self._settle)
+
+    def _settle(self) -> None:
+        self._settled = True
+
+    def _update_earlier(self) -> None:
+        label = self.query_one("#earlier", Static)
+        label.update(f"▲ {self.first:,} earlier message{'s' if self.first != 1 else ''} "
+                     f"(scroll up or click to show {min(PAGE, self.first)} more)" if self.first else "")
+        label.display = self.first > 0
+
+    async def show_earlier(self, count: int = PAGE) -> int:
+        """Mount up to `count` older messages above the first mounted one; the view keeps its place."""
+        boxes = self.boxes()
+        if self.first == 0 or not boxes:
+            return 0
+        start = max(0, self.first - count)
+        anchor = boxes[0]
+        await self.mount_all([MessageView(r) for r in self.rows[start:self.first]], before=anchor)
+        added, self.first = self.first - start, start
+        self._update_earlier()
+        self._mark_selected()
+        self.call_after_refresh(self.scroll_to_widget, anchor, top=True, animate=False)
+        return added
+
+    def watch_scroll_y(self, old_value: float, new_value: float) -> None:
+        super().watch_scroll_y(old_value, new_value)
+        if self._settled and new_value <= 0 < old_value and self.first > 0:
+            self._settled = False  # one page per arrival at the top
+            self.run_worker(self._page_in(), group="earlier", exclusive=True)
+
+    async def _page_in(self) -> None:
+        await self.show_earlier()
+        self.call_after_refresh(self._settle)
+
+    async def on_click(self, event: events.Click) -> None:
+        if event.widget is not None and event.widget.id == "earlier":
+            await self.show_earlier()
 
     # -- streaming ----------------------------------------------------------------------------------
     async def start_reply(self) -> None:
         await self.end_stream()
-        box = MessageBox(Row("", "assistant", "", "streaming"), streaming=True)
+        box = MessageBox(Row("", "assistant", "", "streaming"))
         await self.mount(box)
         self._reply = box
         self._stream = Markdown.get_stream(box.query_one(Markdown))
@@ -140,12 +220,14 @@ class ChatView(VerticalScroll):
         return self._reply.text if self._reply is not None else ""
 
     # -- selection ----------------------------------------------------------------------------------
-    def select(self, step: int) -> Row | None:
+    async def select(self, step: int) -> Row | None:
         if not self.rows:
             return None
-        first = max(0, len(self.rows) - SHOWN)
         cur = self.selected if self.selected is not None else len(self.rows)
-        self.selected = min(max(cur + step, first), len(self.rows) - 1)
+        want = min(max(cur + step, 0), len(self.rows) - 1)
+        if want < self.first:
+            await self.show_earlier()
+        self.selected = max(want, self.first)
         self._mark_selected()
         return self.rows[self.selected]
 
