@@ -62,12 +62,39 @@ def sweep_attention() -> None:
                               f"stages {stages}: {t * 1e6:6.1f} us {kv / t / 1e9:5.0f} GB/s")
 
 
+def sweep_prefill(hf: torch.nn.Module, n: int, backends: list[str]) -> None:
+    """Cold prefill of ``n`` tokens at several chunk sizes: time and memory beyond weights and KV cache."""
+    import dataclasses
+    import time
+
+    ids = rand_ids(n, 3, hf.config.vocab_size)
+    for backend in backends:
+        engine = build_engine(hf, backend, n + 64)
+        slot = engine.new_slot()
+        for chunk in (2048, 4096, 8192, 16384):
+            engine.runtime = dataclasses.replace(engine.runtime, prefill_chunk=chunk)
+            times = []
+            for _ in range(2):
+                slot.reset()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                t0 = time.perf_counter()
+                int(engine.prefill(ids, slot)[-1].argmax())
+                times.append(time.perf_counter() - t0)
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+            print(f"  prefill {backend:<6} {n} tokens, chunk {chunk:>5}: {min(times):.3f} s "
+                  f"({n / min(times):.0f} tok/s), peak beyond weights+KV {peak:.2f} GiB", flush=True)
+        del engine, slot
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-3.2-1b")
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--backends", nargs="+", default=["flash", "triton"])
     ap.add_argument("--sweep", action="store_true", help="time the Triton decode kernel's launch shapes")
+    ap.add_argument("--prefill", type=int, default=0, help="time a cold prefill of this many tokens per chunk size")
     args = ap.parse_args()
     hf = build_hf(args.model)
     w, kv = roofline_bytes(hf, args.ctx)
@@ -89,6 +116,9 @@ def main() -> None:
     _GEMV_CHOICE.clear()
     if args.sweep:
         sweep_attention()
+    if args.prefill:
+        sweep_prefill(hf, args.prefill, args.backends)
+        return
     for backend in args.backends:
         engine = build_engine(hf, backend, args.ctx + 512)
         slot = engine.new_slot()

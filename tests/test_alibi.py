@@ -3,7 +3,6 @@ cache of an ALiBi model (no rotation: a drop only moves keys, and continuing equ
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,13 +13,7 @@ from model_factory import make_bloom_dir, make_mpt_dir
 import chatcore
 from chatcore.layers.alibi import bloom_slopes, mpt_slopes
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: repeatable float sums
 
 
 def test_bloom_slopes_match_transformers_for_1_to_64_heads() -> None:

@@ -3,24 +3,15 @@ tokens identical to ``generate`` (one-shot, chunked, reused slot). Random weight
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import model_factory
 import pytest
-import torch
 from family_check import check_greedy, check_logits, prompt, reference
 
 import chatcore
 from chatcore.config import ModelConfig
 from chatcore.errors import UnsupportedArchitecture
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: repeatable float sums
 
 
 VARIANTS = {  # name: (family, transformers config overrides)

@@ -5,7 +5,6 @@ key re-rotation of a cache shift, and the real Gemma 3 270M GGUF from PyPI again
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import model_factory
 import pytest
@@ -18,13 +17,7 @@ from chatcore.errors import UnsupportedArchitecture
 from chatcore.layers.rope import Rotary
 from chatcore.models.gemma3 import LayerRotary
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: repeatable float sums
 
 
 VARIANTS = {  # name: transformers config overrides of model_factory.make_gemma3_dir

@@ -7,7 +7,6 @@ with transformers' own GGUF reader, and unsupported files fail with one line."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
@@ -28,13 +27,7 @@ from chatcore.loader import open_checkpoint
 from chatcore.weights.dequant import dequantize
 from chatcore.weights.gguf_file import qkv_to_per_head
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: repeatable float sums
 
 
 def rope(kind: str, **params: object) -> dict[str, object]:

@@ -5,7 +5,6 @@ factor (yarn, longrope)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,7 @@ import chatcore
 from chatcore.config import ModelConfig
 from chatcore.errors import ModelFormatError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: repeatable float sums
 
 
 HEAD_DIM = 16  # hidden 64 / 4 heads in the factory's model
