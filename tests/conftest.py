@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import model_factory
 import pytest
 import torch
 from model_factory import make_llama_dir
@@ -32,6 +33,23 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+_DECODE_FAMILIES = {  # family -> (factory, transformers config overrides), for the decode-path tests
+    "llama": (model_factory.make_llama_dir, {"rope_scaling": {"rope_type": "yarn", "factor": 2.0,
+                                                              "original_max_position_embeddings": 256}}),
+    "mistral": (model_factory.make_mistral_dir, {"sliding_window": 24}),
+    "qwen3": (model_factory.make_qwen3_dir, {}),
+    "bloom": (model_factory.make_bloom_dir, {}),
+    "mpt": (model_factory.make_mpt_dir, {}),
+}
+
+
+@pytest.fixture(scope="session", params=sorted(_DECODE_FAMILIES))
+def decode_family_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small checkpoint of each family (yarn RoPE, a short window, ALiBi twice) for decode-path tests."""
+    make, overrides = _DECODE_FAMILIES[request.param]
+    return make(tmp_path_factory.mktemp(f"decode-{request.param}"), **overrides)
 
 
 @pytest.fixture(scope="session")

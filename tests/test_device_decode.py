@@ -10,33 +10,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import model_factory
 import pytest
 import torch
 
 import chatcore
 
-FAMILIES = {  # family -> (factory, overrides)
-    "llama": (model_factory.make_llama_dir, {"rope_scaling": {"rope_type": "yarn", "factor": 2.0,
-                                                              "original_max_position_embeddings": 256}}),
-    "mistral": (model_factory.make_mistral_dir, {"sliding_window": 24}),
-    "qwen3": (model_factory.make_qwen3_dir, {}),
-    "bloom": (model_factory.make_bloom_dir, {}),
-    "mpt": (model_factory.make_mpt_dir, {}),
-}
-
-
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    make, overrides = FAMILIES[request.param]
-    return make(tmp_path_factory.mktemp(request.param), **overrides)
-
 
 @pytest.mark.parametrize("backend", ["torch", "math", "triton"])
-def test_device_step_matches_eager_step(family_dir: Path, backend: str) -> None:
+def test_device_step_matches_eager_step(decode_family_dir: Path, backend: str) -> None:
     if backend == "triton":
         pytest.importorskip("triton")
-    engine = chatcore.load(family_dir, device="cpu", dtype="float32", attention=backend, max_seq_len=96,
+    engine = chatcore.load(decode_family_dir, device="cpu", dtype="float32", attention=backend, max_seq_len=96,
                            prefill_chunk=16, progress=lambda *_: None)
     model = engine.model
     prompt = torch.randint(2, 300, (50,), generator=torch.Generator().manual_seed(5)).tolist()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import model_factory
 import pytest
 import torch
 
@@ -66,39 +65,24 @@ def test_static_decode_bf16_matches_float64(backend: str, case: tuple) -> None:
     assert (torch.linalg.norm(out[0].double() - ref) / torch.linalg.norm(ref)).item() < 1e-2
 
 
-FAMILIES = {
-    "llama": (model_factory.make_llama_dir, {}),
-    "mistral": (model_factory.make_mistral_dir, {"sliding_window": 40}),
-    "qwen3": (model_factory.make_qwen3_dir, {}),
-    "bloom": (model_factory.make_bloom_dir, {}),
-    "mpt": (model_factory.make_mpt_dir, {}),
-}
-
-
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    make, overrides = FAMILIES[request.param]
-    return make(tmp_path_factory.mktemp(request.param), **overrides)
-
-
 def _ids(n: int, seed: int) -> list[int]:
     return torch.randint(2, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_graph_decode_float32_matches_transformers(family_dir: Path, backend: str) -> None:
+def test_graph_decode_float32_matches_transformers(decode_family_dir: Path, backend: str) -> None:
     """float32: CUDA-graph generation is token-exact with transformers' greedy generate."""
     pytest.importorskip(_PKG[backend])
     from transformers import AutoModelForCausalLM
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    ref = AutoModelForCausalLM.from_pretrained(family_dir, dtype=torch.float32, attn_implementation="eager")
+    ref = AutoModelForCausalLM.from_pretrained(decode_family_dir, dtype=torch.float32, attn_implementation="eager")
     ref = ref.to("cuda").eval()
     prompt = _ids(100, 1)
     with torch.inference_mode():
         expected = ref.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=40, min_new_tokens=40,
                                 do_sample=False, pad_token_id=0)[0, 100:].tolist()
-    engine = chatcore.load(family_dir, device="cuda", dtype="float32", attention=backend, max_seq_len=256,
+    engine = chatcore.load(decode_family_dir, device="cuda", dtype="float32", attention=backend, max_seq_len=256,
                            progress=lambda *_: None)
     slot = engine.new_slot()
     params = chatcore.SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True)
@@ -116,13 +100,13 @@ def test_graph_decode_float32_matches_transformers(family_dir: Path, backend: st
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_graph_and_eager_bf16_agree(family_dir: Path, backend: str) -> None:
+def test_graph_and_eager_bf16_agree(decode_family_dir: Path, backend: str) -> None:
     pytest.importorskip(_PKG[backend])
-    graphed = chatcore.load(family_dir, device="cuda", dtype="bfloat16", attention=backend, max_seq_len=512,
+    graphed = chatcore.load(decode_family_dir, device="cuda", dtype="bfloat16", attention=backend, max_seq_len=512,
                             progress=lambda *_: None)
-    eager = chatcore.load(family_dir, device="cuda", dtype="bfloat16", attention=backend, max_seq_len=512,
+    eager = chatcore.load(decode_family_dir, device="cuda", dtype="bfloat16", attention=backend, max_seq_len=512,
                           cuda_graphs=False, progress=lambda *_: None)
-    ref = chatcore.load(family_dir, device="cuda", dtype="float32", attention="torch", max_seq_len=512,
+    ref = chatcore.load(decode_family_dir, device="cuda", dtype="float32", attention="torch", max_seq_len=512,
                         cuda_graphs=False, progress=lambda *_: None)
     prompt = _ids(150, 3)
     params = chatcore.SamplingParams(temperature=0.0, max_new_tokens=60, ignore_eos=True)
