@@ -40,6 +40,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from chatcore.layers.rope import Rotary
+
 BACKENDS = ("flash", "triton", "torch", "math")
 _MASK_BYTES = 256 * 2**20   # largest ALiBi bias one SDPA call materialises
 
@@ -138,8 +140,8 @@ def _torch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int
     return out[0].transpose(0, 1)
 
 
-def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, window: int | None,
-          alibi: torch.Tensor | None) -> torch.Tensor:
+def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: Offset, window: int | None,
+          alibi: torch.Tensor | None, sinks: int = 0) -> torch.Tensor:
     t, hq, d = q.shape
     hkv, s, _ = k.shape
     rep = hq // hkv
@@ -148,7 +150,7 @@ def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, wind
     scores = torch.einsum("thd,hsd->hts", q.float(), kf) / math.sqrt(d)
     if alibi is not None:
         scores = scores + _alibi_bias(alibi, t, s, q_offset, q.device)
-    scores = scores.masked_fill(~_causal_mask(t, s, q_offset, q.device, window), float("-inf"))
+    scores = scores.masked_fill(~_causal_mask(t, s, q_offset, q.device, window, sinks), float("-inf"))
     out = torch.einsum("hts,hsd->thd", scores.softmax(-1), vf)
     return out.to(q.dtype)
 
@@ -200,7 +202,7 @@ def _device_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             raise ValueError("flash-attn has no attention sinks; use the triton or torch backend")
         if rotary is not None and rotary[0].shape[1] % 8:   # flash-attn rotates only dims divisible by 16
             cos, sin = (x.index_select(0, pos)[:, None, :].to(q.dtype) for x in rotary)
-            q, k_new, rotary = _rotate(q, cos, sin), _rotate(k_new, cos, sin), None
+            q, k_new, rotary = Rotary.apply(q, cos, sin), Rotary.apply(k_new, cos, sin), None
         cos, sin = rotary if rotary is not None else (None, None)
         return flash_attn_with_kvcache(
             q[None], k_cache.transpose(0, 1)[None], v_cache.transpose(0, 1)[None], k=k_new[None], v=v_new[None],
@@ -215,33 +217,19 @@ def _device_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         return decode_attention(q1, k_cache, v_cache, pos, window=window, sinks=sinks, alibi=slopes)[None]
     if rotary is not None:
         cos, sin = (x.index_select(0, pos)[:, None, :].to(q.dtype) for x in rotary)
-        q, k_new = _rotate(q, cos, sin), _rotate(k_new, cos, sin)
+        q, k_new = Rotary.apply(q, cos, sin), Rotary.apply(k_new, cos, sin)
     index = pos.long()
     k_cache.index_copy_(1, index, k_new.transpose(0, 1))
     v_cache.index_copy_(1, index, v_new.transpose(0, 1))
-    d = q.shape[-1]
-    mask = _causal_mask(1, k_cache.shape[1], pos, q.device, window, sinks)[None]
     if backend == "math":
-        hq, hkv = q.shape[1], k_cache.shape[0]
-        kf = k_cache.float().repeat_interleave(hq // hkv, dim=0)
-        scores = torch.einsum("thd,hsd->hts", q.float(), kf) / math.sqrt(d)
-        if slopes is not None:
-            scores = scores + _alibi_bias(slopes, 1, k_cache.shape[1], pos, q.device)
-        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-        out = torch.einsum("hts,hsd->thd", probs, v_cache.float().repeat_interleave(hq // hkv, dim=0))
-        return out.to(q.dtype)
+        return _math(q, k_cache, v_cache, pos, window, slopes, sinks)
+    mask = _causal_mask(1, k_cache.shape[1], pos, q.device, window, sinks)[None]
     bias = mask if slopes is None else _alibi_bias(slopes, 1, k_cache.shape[1], pos, q.device).masked_fill(
         ~mask, float("-inf")).to(q.dtype)
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_cache[None], v_cache[None],
                                          attn_mask=bias.view(1, -1, 1, k_cache.shape[1]),
                                          enable_gqa=q.shape[1] != k_cache.shape[0])
     return out[0].transpose(0, 1)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_offset: Offset, backend: str,

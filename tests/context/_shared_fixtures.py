@@ -11,14 +11,8 @@ from storage.connect import embedded_path, open_embedded
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """The tiny models here do tiny matmuls: one thread avoids oversubscribing a shared 2-core machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_torch_thread(one_thread: None) -> None:
+    """Tiny matmuls: one thread (tests/conftest.py's one_thread) avoids oversubscribing a shared machine."""
 
 
 @pytest.fixture(scope="session")

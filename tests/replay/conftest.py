@@ -7,7 +7,6 @@ folder imports the fixtures instead (same effect here).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +16,8 @@ from context.replay.pytest_plugin import replay  # noqa: F401  (the fixture)
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """A shared 2-core machine: one thread, and the same thread count for every report."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_torch_thread(one_thread: None) -> None:
+    """One thread (tests/conftest.py's one_thread): the same thread count for every report."""
 
 
 @pytest.fixture(scope="session")
