@@ -100,7 +100,7 @@ def build_engine(hf: torch.nn.Module, backend: str, window: int):  # noqa: ANN20
 
         cfg = dataclasses.replace(cfg, max_position_embeddings=max(window, cfg.max_position_embeddings))
     state = hf.state_dict()
-    runtime = Runtime(device=torch.device("cuda"), dtype=torch.bfloat16, max_seq_len=window, prefill_chunk=4096,
+    runtime = Runtime(device=torch.device("cuda"), dtype=torch.bfloat16, max_seq_len=window, prefill_chunk=32768,
                       attention_backend=backend)
     model = FAMILIES[cfg.family](cfg, runtime, lambda n: state[n], backend)
     return Engine(model, cfg, runtime, tokenizer=None, source="random")

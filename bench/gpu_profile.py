@@ -21,6 +21,7 @@ from gpu import build_engine, build_hf, rand_ids, roofline_bytes  # noqa: E402
 
 import chatcore  # noqa: E402
 from chatcore.cuda_graph import DecodeGraph  # noqa: E402
+from chatcore.layers.attention import sized_by_buffer  # noqa: E402
 
 
 def event_time(fn, reps: int = 50) -> float:  # noqa: ANN001
@@ -71,7 +72,7 @@ def sweep_prefill(hf: torch.nn.Module, n: int, backends: list[str]) -> None:
     for backend in backends:
         engine = build_engine(hf, backend, n + 64)
         slot = engine.new_slot()
-        for chunk in (2048, 4096, 8192, 16384):
+        for chunk in (4096, 16384, 32768):
             engine.runtime = dataclasses.replace(engine.runtime, prefill_chunk=chunk)
             times = []
             for _ in range(2):
@@ -88,6 +89,46 @@ def sweep_prefill(hf: torch.nn.Module, n: int, backends: list[str]) -> None:
         del engine, slot
 
 
+def warm_turn(hf: torch.nn.Module, backends: list[str], history: int = 32768, new: int = 256) -> None:
+    """Where a warm turn's time to first token goes: ``new`` tokens after ``history`` held in the slot."""
+    import time
+
+    vocab = hf.config.vocab_size
+    hist, extra = rand_ids(history, 7, vocab), rand_ids(new, 8, vocab)
+    one = chatcore.SamplingParams(temperature=0.0, max_new_tokens=1, ignore_eos=True)
+    for backend in backends:
+        engine = build_engine(hf, backend, history + new + 256)
+        slot = engine.new_slot()
+        list(engine.generate(hist, one, slot=slot))
+        parts: dict[str, list[float]] = {"generate": [], "prefill only": [], "ids check + prefix match": []}
+        for rep in range(4):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            list(engine.generate(hist + extra, one, slot=slot))
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            slot.truncate(history)
+            engine.prefill(extra, slot)
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            slot.truncate(history)
+            engine._check_ids(hist + extra)
+            slot.common_prefix(hist + extra)
+            t3 = time.perf_counter()
+            if rep:
+                for key, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                    parts[key].append(dt)
+        print(f"== warm turn {backend} (+{new} on {history}): " + ", ".join(
+            f"{k} {statistics.median(v) * 1e3:.1f} ms" for k, v in parts.items()), flush=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                                torch.profiler.ProfilerActivity.CPU]) as prof:
+            list(engine.generate(hist + extra, one, slot=slot))
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=60))
+        del engine, slot
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-3.2-1b")
@@ -95,6 +136,7 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["flash", "triton"])
     ap.add_argument("--sweep", action="store_true", help="time the Triton decode kernel's launch shapes")
     ap.add_argument("--prefill", type=int, default=0, help="time a cold prefill of this many tokens per chunk size")
+    ap.add_argument("--warm", action="store_true", help="break down a warm turn (+256 tokens on 32k) and stop")
     args = ap.parse_args()
     hf = build_hf(args.model)
     w, kv = roofline_bytes(hf, args.ctx)
@@ -114,6 +156,9 @@ def main() -> None:
             print(f"  {name:<42} {tuple(p.shape)}: cuBLAS {tc * 1e6:6.1f} us {gb / tc:5.0f} GB/s | "
                   f"triton {tt * 1e6:6.1f} us {gb / tt:5.0f} GB/s | picks triton: {_triton_gemv_wins(xi, p, None)}")
     _GEMV_CHOICE.clear()
+    if args.warm:
+        warm_turn(hf, args.backends)
+        return
     if args.sweep:
         sweep_attention()
     if args.prefill:
@@ -123,8 +168,8 @@ def main() -> None:
         engine = build_engine(hf, backend, args.ctx + 512)
         slot = engine.new_slot()
         engine.prefill(rand_ids(args.ctx, 1, hf.config.vocab_size), slot)
-        graph = DecodeGraph(engine.model, slot)
-        replay = event_time(graph.graph.replay, 100)
+        graph = DecodeGraph(engine.model, slot, spans=sized_by_buffer(backend))
+        replay = event_time(graph.current()[0].replay, 100)
         token = torch.zeros(1, dtype=torch.long, device="cuda")
         pos = torch.full((1,), slot.length, dtype=torch.int32, device="cuda")
         with torch.inference_mode():

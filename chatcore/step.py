@@ -39,10 +39,13 @@ class EagerStep:
 
 
 class DeviceStep:
-    def __init__(self, cache: KVCache, pos: torch.Tensor, backend: str) -> None:
+    """``span``: attend over the cache's first ``span`` rows (None: all of them); the position must lie below it."""
+
+    def __init__(self, cache: KVCache, pos: torch.Tensor, backend: str, span: int | None = None) -> None:
         if cache.allocated != cache.capacity:
             raise ValueError("a device-position step needs a cache allocated to its full capacity")
         self.cache, self.pos, self.backend = cache, pos, backend
+        self.span = cache.capacity if span is None else span
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rotary: Rotary | None,
                window: int | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,7 +53,8 @@ class DeviceStep:
         if rotary is not None:
             # flash-attn's in-kernel rotary takes tables in the query's dtype (as transformers rounds them)
             tables = rotary.full_tables(q.dtype if self.backend == "flash" else torch.float32)
-        return attention(q, self.cache.k[layer], self.cache.v[layer], q_offset=self.pos, backend=self.backend,
+        keys, values = self.cache.k[layer, :, : self.span], self.cache.v[layer, :, : self.span]
+        return attention(q, keys, values, q_offset=self.pos, backend=self.backend,
                          window=window, alibi=alibi, new_kv=(k, v), rotary=tables)
 
 

@@ -40,9 +40,13 @@ def test_auto_backend_on_cpu_is_torch() -> None:
         pick_backend("nope", torch.device("cpu"), torch.float32)
 
 
+# real shapes on the GPU: whole prompts (cuDNN's SDPA kernel where it takes them), a turn on a long cache
+GPU_CASES = [*CASES, (2048, 0, 32, 8, 128), (1500, 0, 32, 8, 64), (1024, 0, 16, 16, 128), (256, 4000, 32, 8, 128)]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "flash", "triton"])
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", GPU_CASES)
 def test_gpu_backends_match_reference(backend: str, case: tuple[int, int, int, int, int]) -> None:
     pytest.importorskip({"torch": "torch", "flash": "flash_attn", "triton": "triton"}[backend])
     t, before, hq, hkv, d = case

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import chatcore
+from chatcore import cuda_graph
 from chatcore.layers.attention import attention
 
 pytestmark = pytest.mark.gpu
@@ -70,9 +71,12 @@ def _ids(n: int, seed: int) -> list[int]:
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_graph_decode_float32_matches_transformers(decode_family_dir: Path, backend: str) -> None:
-    """float32: CUDA-graph generation is token-exact with transformers' greedy generate."""
+def test_graph_decode_float32_matches_transformers(decode_family_dir: Path, backend: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32: CUDA-graph generation is token-exact with transformers' greedy generate (the torch backend
+    crossing from one span's graph to the next at 128 tokens, the triton backend in one graph)."""
     pytest.importorskip(_PKG[backend])
+    monkeypatch.setattr(cuda_graph, "MIN_SPAN", 128)
     from transformers import AutoModelForCausalLM
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -94,14 +98,18 @@ def test_graph_decode_float32_matches_transformers(decode_family_dir: Path, back
         expected2 = ref.generate(torch.tensor([turn2], device="cuda"), max_new_tokens=30, min_new_tokens=30,
                                  do_sample=False, pad_token_id=0)[0, len(turn2):].tolist()
     graph = slot.decode_graph
+    assert sorted(graph.graphs) == ([128, 256] if backend == "torch" else [256])
     events = list(engine.generate(turn2, params.replace(max_new_tokens=30), slot=slot))
     assert [ev.token_id for ev in events] == expected2
     assert slot.decode_graph is graph and events[-1].stats.cached_tokens >= 139
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_graph_and_eager_bf16_agree(decode_family_dir: Path, backend: str) -> None:
+def test_graph_and_eager_bf16_agree(decode_family_dir: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 decode with and without graphs stays close to float32; the flash and torch graphs cross from a
+    160-row span to a 320-row one on the way."""
     pytest.importorskip(_PKG[backend])
+    monkeypatch.setattr(cuda_graph, "MIN_SPAN", 160)
     graphed = chatcore.load(decode_family_dir, device="cuda", dtype="bfloat16", attention=backend, max_seq_len=512,
                             progress=lambda *_: None)
     eager = chatcore.load(decode_family_dir, device="cuda", dtype="bfloat16", attention=backend, max_seq_len=512,
@@ -111,7 +119,10 @@ def test_graph_and_eager_bf16_agree(decode_family_dir: Path, backend: str) -> No
     prompt = _ids(150, 3)
     params = chatcore.SamplingParams(temperature=0.0, max_new_tokens=60, ignore_eos=True)
     for engine in (graphed, eager):
-        tokens = [ev.token_id for ev in engine.generate(prompt, params)]
+        slot = engine.new_slot()
+        tokens = [ev.token_id for ev in engine.generate(prompt, params, slot=slot)]
+        if engine is graphed:
+            assert sorted(slot.decode_graph.graphs) == ([512] if backend == "triton" else [160, 320])
         seq = prompt + tokens
         want, got = ref.logits(seq), engine.logits(seq)
         err = got - want

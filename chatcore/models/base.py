@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from chatcore.config import ModelConfig
 from chatcore.kv_cache import KVCache
+from chatcore.layers.attention import sized_by_buffer
 from chatcore.layers.linear import linear
 from chatcore.layers.rope import Rotary
 from chatcore.runtime import Runtime
@@ -59,15 +60,16 @@ class CausalLM:
         """Run ``ids`` [T] after the slot's current tokens; return logits [T, vocab] or [1, vocab] (last)."""
         return self.run(ids, EagerStep(cache, ids.shape[0], self.backend), all_logits=all_logits)
 
-    def decode(self, token: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One token [1] at position ``pos`` (int32 [1], device) of a fully allocated cache -> logits [1, vocab].
+    def decode(self, token: torch.Tensor, pos: torch.Tensor, cache: KVCache, span: int | None = None) -> torch.Tensor:
+        """One token [1] at position ``pos`` (int32 [1], device) of a fully allocated cache -> logits [1, vocab];
+        attention reads the cache's first ``span`` rows (None: all; ``pos`` must lie below it).
 
         Reads nothing back to the host, so a CUDA graph can capture it (:mod:`chatcore.cuda_graph`).
         """
-        return self.run(token, DeviceStep(cache, pos, self.backend))
+        return self.run(token, DeviceStep(cache, pos, self.backend, span))
 
     def capture_decode(self, cache: KVCache, pool: tuple[int, int] | None = None) -> DecodeGraph:
         """The slot's decode step captured as a CUDA graph (the engine calls this once per slot)."""
         from chatcore.cuda_graph import DecodeGraph
 
-        return DecodeGraph(self, cache, pool)
+        return DecodeGraph(self, cache, pool, spans=sized_by_buffer(self.backend))

@@ -58,9 +58,9 @@ class BroadcastDecode:
     def __init__(self, model) -> None:  # noqa: ANN001 - a CausalLM shard
         self.model = model
 
-    def decode(self, token: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:  # noqa: ANN001
+    def decode(self, token: torch.Tensor, pos: torch.Tensor, cache, span: int | None = None) -> torch.Tensor:  # noqa: ANN001
         dist.broadcast(token, src=0)
-        return self.model.decode(token, pos, cache)
+        return self.model.decode(token, pos, cache, span)
 
 
 def master_store(spec: LaunchSpec) -> dist.TCPStore:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from chatcore.config import ModelConfig
 from chatcore.errors import RankFailed
 from chatcore.kv_cache import KVCache
+from chatcore.layers.attention import sized_by_buffer
 from chatcore.models.base import CausalLM
 from chatcore.parallel.comm import BroadcastDecode, leave
 from chatcore.parallel.launch import Workers
@@ -125,15 +126,15 @@ class ParallelModel:
             self.workers.send(("forward", cache.slot_id, cache.length, ids.tolist(), all_logits))
             return self.local.forward(ids, cache, all_logits=all_logits)
 
-    def decode(self, token: torch.Tensor, pos: torch.Tensor, cache: ShardSlot) -> torch.Tensor:
-        return BroadcastDecode(self.local).decode(token, pos, cache)
+    def decode(self, token: torch.Tensor, pos: torch.Tensor, cache: ShardSlot, span: int | None = None) -> torch.Tensor:
+        return BroadcastDecode(self.local).decode(token, pos, cache, span)
 
     def capture_decode(self, cache: ShardSlot, pool: tuple[int, int] | None = None) -> ParallelGraph:
         from chatcore.cuda_graph import DecodeGraph
 
         with self.guard():
             self.workers.send(("capture", cache.slot_id, cache.length))
-            graph = DecodeGraph(BroadcastDecode(self.local), cache, pool)
+            graph = DecodeGraph(BroadcastDecode(self.local), cache, pool, spans=sized_by_buffer(self.backend))
         return ParallelGraph(self, cache, graph)
 
     # -- measurements ---------------------------------------------------------------------------------------

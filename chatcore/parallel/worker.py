@@ -78,10 +78,12 @@ class Worker:
 
     def _capture(self, slot: int, length: int) -> None:
         from chatcore.cuda_graph import DecodeGraph
+        from chatcore.layers.attention import sized_by_buffer
 
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        self.graphs[slot] = DecodeGraph(BroadcastDecode(self.model), self._cache(slot, length), self.pool)
+        self.graphs[slot] = DecodeGraph(BroadcastDecode(self.model), self._cache(slot, length), self.pool,
+                                        spans=sized_by_buffer(self.model.backend))
 
     def _replay(self, slot: int, pos: int) -> None:
         cache = self._cache(slot, pos)
