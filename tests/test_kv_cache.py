@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,3 +105,32 @@ def test_sink_window_streams_past_the_window_with_flat_memory(engine: chatcore.E
     assert stats.prefill_tokens == 150 and stats.discarded_tokens == 150 + 399 - slot.length
     with pytest.raises(ValueError, match="sink_tokens"):
         engine.prefill(ids(10, 1), engine.new_slot(capacity=8), sink_tokens=7)
+
+
+def test_common_prefix_finds_the_first_difference_across_blocks(engine: chatcore.Engine) -> None:
+    slot = engine.model.new_cache(64)
+    slot.tokens = list(range(10_000))   # only the ids matter here: common_prefix reads no tensor
+    for differ in (0, 1, 4095, 4096, 4097, 8191, 9_999):
+        other = list(range(10_000))
+        other[differ] = -1
+        assert slot.common_prefix(other) == differ
+        assert slot.common_prefix(tuple(other)) == differ
+    assert slot.common_prefix(list(range(12_000))) == 10_000   # the slot's tokens all match
+    assert slot.common_prefix(list(range(5_000))) == 5_000     # the request is shorter
+
+
+@pytest.mark.parametrize(("ids", "error"), [
+    ([], "the prompt is empty"), ([1, 2.5], "flat sequence of integer"), ([[1, 2]], "flat sequence of integer"),
+    ("hello", "flat sequence of integer"), ([1, 2**70], "flat sequence of integer"),
+    ([1, -3], "token id -3 is outside"),
+])
+def test_bad_prompt_ids_get_one_clear_error(engine: chatcore.Engine, ids: object, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        list(engine.generate(ids, chatcore.SamplingParams(max_new_tokens=1)))
+
+
+def test_prompt_ids_of_any_integer_sequence_are_accepted(engine: chatcore.Engine) -> None:
+    params = chatcore.SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
+    want = [ev.token_id for ev in engine.generate([5, 6, 7], params)]
+    for ids in ((5, 6, 7), np.array([5, 6, 7]), torch.tensor([5, 6, 7])):
+        assert [ev.token_id for ev in engine.generate(ids, params)] == want

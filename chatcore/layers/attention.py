@@ -38,6 +38,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -114,7 +115,9 @@ def _fresh_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
 
     hq, hkv = q.shape[1], k.shape[0]
     try:
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)   # "cuDNN attention kernel not used because ...": flash runs
             out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], is_causal=True,
                                                  enable_gqa=hq != hkv)
     except RuntimeError:
