@@ -1,6 +1,6 @@
 """Prompt (prefill) attention kernels on the GPU: the project's Triton kernel vs flash-attn vs PyTorch SDPA.
 
-Usage (on the GPU machine): python bench/prefill_kernels.py [--tokens 32768] [--chunk 4096]
+Usage (on the GPU machine): python bench/prefill_kernels.py [--tokens 32768] [--chunk 4096] [--warm 256]
     [--shapes bloom-1b7 llama-3.1-8b llama-3.1-8b-window] [--sweep] [--reps 5]
        python bench/prefill_kernels.py --ptxas     (any machine: what ptxas makes of each launch shape for sm_90)
 
@@ -13,8 +13,10 @@ attention needs: 4 * D * Hq * (the number of keys each query row sees, summed ov
 Rows: ``triton-kernel`` (chatcore.layers.triton_prefill, default launch shape); ``flash`` (the attention
 entry point's flash backend: flash_attn_func for the first chunk, flash_attn_with_kvcache on a cache; when
 flash-attn imports); ``torch-sdpa`` (the entry point's torch backend, what the triton backend ran before: SDPA
-with a materialised ALiBi bias or mask, PyTorch's flash kernel for plain causal chunks). ``--sweep``: the
-kernel's launch shapes (block_m x block_n, warps, stages), each checked against the default's output.
+with a materialised ALiBi bias or mask, PyTorch's flash kernel for plain causal chunks). ``--warm N``: also
+one chunk of N tokens on a cache holding the rest of the prompt (a chat turn), where the kernel splits the key
+range (split-KV; also shown without). ``--sweep``: the kernel's launch shapes (block_m x block_n, warps,
+stages), each checked against the default's output.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 
 from chatcore.layers.alibi import bloom_slopes
 from chatcore.layers.attention import attention, flash_available
-from chatcore.layers.triton_prefill import launch_shape, prefill_attention
+from chatcore.layers.triton_prefill import launch_shape, num_splits, prefill_attention
 
 SHAPES = {  # name -> (Hq, Hkv, D, window, alibi)
     "bloom-1b7": (16, 16, 128, None, True),
@@ -74,7 +76,12 @@ def kernel(window: int | None, slopes: torch.Tensor | None, **shape: int) -> Ker
     return lambda q, k, v, off: prefill_attention(q, k, v, off, window=window, alibi=slopes, **shape)
 
 
-def bench_shape(name: str, tokens: int, chunk: int, reps: int, sweep: bool) -> None:
+def num_splits_for(hq: int, t: int, s: int, d: int, window: int | None) -> int:
+    block_m, block_n = launch_shape(d)[:2]
+    return num_splits(hq * -(-t // block_m), -(-min(s, window or s) // block_n), torch.device("cuda"))
+
+
+def bench_shape(name: str, tokens: int, chunk: int, reps: int, sweep: bool, warm: int) -> None:
     hq, hkv, d, window, alibi = SHAPES[name]
     g = torch.Generator(device="cuda").manual_seed(0)
     kc = torch.randn(hkv, tokens + 256, d, generator=g, device="cuda", dtype=torch.bfloat16)
@@ -101,6 +108,20 @@ def bench_shape(name: str, tokens: int, chunk: int, reps: int, sweep: bool) -> N
     else:
         print("  flash                              (flash-attn does not import)")
     report("torch-sdpa", entry_point("torch", window, slopes))
+    if warm:   # one short chunk on top of the rest: few query tiles, so the kernel splits the key range
+        q_warm = torch.randn(warm, hq, d, generator=g, device="cuda", dtype=torch.bfloat16)
+        warm_chunks = [(q_warm, tokens - warm)]
+        rows = torch.arange(tokens - warm + 1, tokens + 1, dtype=torch.float64)
+        warm_flops = 4.0 * d * hq * (rows.clamp(max=window) if window is not None else rows).sum().item()
+        print(f"  -- a warm turn: {warm} tokens on a {tokens - warm}-token cache; {warm_flops / 1e9:.1f} GFLOP")
+        for label, fn in ((f"triton-kernel splits {num_splits_for(hq, warm, tokens, d, window)}",
+                           kernel(window, slopes)),
+                          ("triton-kernel splits 1", kernel(window, slopes, splits=1)),
+                          ("flash", entry_point("flash", window, slopes) if flash_available() else None),
+                          ("torch-sdpa", entry_point("torch", window, slopes))):
+            if fn is not None:
+                t = time_prompt(fn, warm_chunks, kc, vc, reps)
+                print(f"  {label:<34} {t * 1e3:9.3f} ms {warm_flops / t / 1e12:7.1f} TFLOP/s", flush=True)
     if not sweep:
         return
     q_last, off_last = chunks[-1]
@@ -142,11 +163,12 @@ def ptxas_report(shapes: list[tuple[int, int, int, int, int]]) -> None:
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     names = list(inspect.signature(triton_prefill._forward.fn).parameters)
-    signature = {n: ("*fp32" if n == "slopes_ptr" else "*bf16") if n.endswith("_ptr") else "fp32" if n == "qk_scale"
+    fp32 = ("slopes_ptr", "part_ptr", "ml_ptr", "qk_scale")
+    signature = {n: "fp32" if n == "qk_scale" else ("*fp32" if n in fp32 else "*bf16") if n.endswith("_ptr")
                  else "constexpr" if n.isupper() else "i32" for n in names}
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or "stride" in n}
     for d, bm, bn, warps, stages in shapes:
-        consts = dict(GROUP=4, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=bm, BLOCK_N=bn,
+        consts = dict(GROUP=4, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=bm, BLOCK_N=bn, SPLITS=1,
                       HAS_WINDOW=True, HAS_ALIBI=True, PREC="tf32", PIPELINE=True, UPCAST=False)
         try:
             compiled = triton.compile(ASTSource(triton_prefill._forward, signature, consts, aligned),
@@ -174,6 +196,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--warm", type=int, default=256, help="also time one chunk of this many tokens on top of the "
+                    "rest of the prompt (a warm chat turn; 0: no)")
     ap.add_argument("--sweep", action="store_true", help="time the kernel's launch shapes too")
     ap.add_argument("--ptxas", action="store_true", help="no GPU needed: compile the sweep's shapes for sm_90 and "
                     "print registers, spills and shared memory (ptxas -v)")
@@ -185,7 +209,7 @@ def main() -> None:
         return
     print(torch.cuda.get_device_name(), f"torch {torch.__version__}", flush=True)
     for name in args.shapes:
-        bench_shape(name, args.tokens, args.chunk, args.reps, args.sweep)
+        bench_shape(name, args.tokens, args.chunk, args.reps, args.sweep, args.warm)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ CASES = [  # (T, cached before, Hq, Hkv, D, window, alibi, block_m, block_n)
 def test_float32_matches_math(case: tuple) -> None:
     t, before, hq, hkv, d, window, alibi, bm, bn = case
     s = before + t
-    q, kc, vc = inputs(t, before, hq, hkv, d, torch.float32, "cpu", seed=hash(case) % 2**31, spare=7)
+    q, kc, vc = inputs(t, before, hq, hkv, d, torch.float32, "cpu", seed=CASES.index(case), spare=7)
     slopes = bloom_slopes(hq) if alibi else None
     ref = _math(q, kc[:, :s], vc[:, :s], before, window, slopes)
     kc[:, s:], vc[:, s:] = float("nan"), float("nan")   # past the sequence: never read
@@ -59,6 +59,20 @@ def test_float32_matches_math(case: tuple) -> None:
                                            block_m=bm, block_n=bn)
     assert out.shape == (t, hq, d) and out.dtype == q.dtype
     assert (out - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+@pytest.mark.parametrize("case", [(9, 60, 4, 1, 32, None, True, 16, 16), (12, 40, 2, 2, 80, 25, True, 16, 16),
+                                  (20, 50, 2, 1, 64, 44, False, 16, 16)])
+def test_split_kv_matches_math(case: tuple, splits: int) -> None:
+    """Split-KV (a short chunk on a long cache on the GPU): the key range of each query tile cut in ``splits``
+    parts, some of them empty, merged by log-sum-exp."""
+    t, before, hq, hkv, d, window, alibi, bm, bn = case
+    q, k, v = inputs(t, before, hq, hkv, d, torch.float32, "cpu", seed=11)
+    slopes = bloom_slopes(hq) if alibi else None
+    out = triton_prefill.prefill_attention(q, k, v, before, window=window, alibi=slopes, block_m=bm, block_n=bn,
+                                           splits=splits)
+    assert (out - _math(q, k, v, before, window, slopes)).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -110,7 +124,9 @@ GPU_CASES = [  # (T, cached before, Hq, Hkv, D, window, alibi)
     (777, 300, 8, 8, 96, None, True),
     (1500, 2500, 8, 4, 256, 1024, False),     # head dim 256 (Gemma-3) with its sliding window
     (513, 0, 8, 1, 64, 100, False),
-    (3, 5000, 16, 16, 128, None, True),       # a few tokens on a long cache
+    (3, 5000, 16, 16, 128, None, True),       # a few tokens on a long cache (split-KV)
+    (256, 32512, 16, 16, 128, None, True),    # a warm turn: 256 tokens on a 32k BLOOM history (split-KV)
+    (256, 32512, 32, 8, 128, 4096, False),    # ... on a 32k Llama history with a 4096 window
 ]
 
 
@@ -120,13 +136,14 @@ GPU_CASES = [  # (T, cached before, Hq, Hkv, D, window, alibi)
 def test_gpu_matches_math(case: tuple, dtype: torch.dtype) -> None:
     t, before, hq, hkv, d, window, alibi = case
     s = before + t
-    q, kc, vc = inputs(t, before, hq, hkv, d, dtype, "cuda", seed=hash(case) % 2**31, spare=64)
+    q, kc, vc = inputs(t, before, hq, hkv, d, dtype, "cuda", seed=GPU_CASES.index(case), spare=64)
     slopes = bloom_slopes(hq).cuda() if alibi else None
     k, v = kc[:, :s], vc[:, :s]
-    out = triton_prefill.prefill_attention(q, k, v, before, window=window, alibi=slopes)
     ref = _math(q.float(), k.float(), v.float(), before, window, slopes)
-    assert torch.isfinite(out).all()
-    assert rel_err(out, ref) < 1e-2
+    for splits in (None, 1, 3):   # the default split-KV factor, none, and three
+        out = triton_prefill.prefill_attention(q, k, v, before, window=window, alibi=slopes, splits=splits)
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) < 1e-2
 
 
 @pytest.mark.gpu
