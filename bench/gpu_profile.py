@@ -86,6 +86,11 @@ def sweep_prefill(hf: torch.nn.Module, n: int, backends: list[str]) -> None:
             peak = (torch.cuda.max_memory_allocated() - base) / 2**30
             print(f"  prefill {backend:<6} {n} tokens, chunk {chunk:>5}: {min(times):.3f} s "
                   f"({n / min(times):.0f} tok/s), peak beyond weights+KV {peak:.2f} GiB", flush=True)
+        slot.reset()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            int(engine.prefill(ids, slot)[-1].argmax())
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=70))
         del engine, slot
 
 

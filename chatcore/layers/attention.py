@@ -13,8 +13,10 @@ Options, honoured by every backend:
 
 Backends:
 - ``flash``: flash-attn's kernels (GPU, fp16/bf16), used automatically when the package imports;
-- ``triton``: the project's own split-K decode kernels (:mod:`chatcore.layers.triton_decode`) for one new
-  token, PyTorch's SDPA (flash kernel, bottom-right causal) for prompt chunks; for GPUs without flash-attn.
+- ``triton``: for GPUs without flash-attn: the project's own split-K decode kernels
+  (:mod:`chatcore.layers.triton_decode`) for one new token; for prompt chunks, its FlashAttention-2 forward
+  kernel (:mod:`chatcore.layers.triton_prefill`) when there is an ALiBi bias or a window, PyTorch's SDPA
+  (flash kernel, bottom-right causal) otherwise.
 On a GPU, the first chunk of a prompt without ALiBi or a window takes cuDNN's SDPA kernel in both (faster
 than flash-attn 2 on Hopper; see ``_fresh_causal``), the other chunks their own kernels;
 - ``torch``: PyTorch's scaled_dot_product_attention (any device);
@@ -47,6 +49,9 @@ from chatcore.layers.rope import Rotary
 
 BACKENDS = ("flash", "triton", "torch", "math")
 _MASK_BYTES = 256 * 2**20   # largest ALiBi bias one SDPA call materialises
+# where the triton backend runs prompt chunks with ALiBi or a window through its own kernel; not under the CPU
+# interpreter, where the kernel is correct but slow (tests/test_triton_prefill.py runs it there directly)
+_PREFILL_KERNEL_DEVICES = ("cuda",)
 
 
 def flash_available() -> bool:
@@ -214,6 +219,10 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, win
 def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, window: int | None,
             alibi: torch.Tensor | None) -> torch.Tensor:
     if q.shape[0] > 1:
+        if (alibi is not None or window is not None) and q.device.type in _PREFILL_KERNEL_DEVICES:
+            from chatcore.layers.triton_prefill import prefill_attention
+
+            return prefill_attention(q, k, v, q_offset, window=window, alibi=alibi)
         return _torch_sdpa(q, k, v, q_offset, window, alibi)
     from chatcore.layers.triton_decode import decode_attention
 
