@@ -29,6 +29,7 @@ import torch
 
 from chatcore.config import ModelConfig
 from chatcore.errors import ModelFormatError
+from chatcore.layers.norm import use_fused
 
 
 def _default_inv_freq(base: float, dim: int, device: torch.device) -> torch.Tensor:
@@ -155,7 +156,14 @@ class Rotary:
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x`` [T, H, D] (half-split layout, as transformers' ``rotate_half``)."""
+        """Rotate ``x`` [T, H, D] (half-split layout, as transformers' ``rotate_half``) by cos/sin [T or 1, 1, D/2].
+
+        Half-precision prompt chunks on a GPU take one fused kernel (:func:`chatcore.layers.triton_fused.rotate`),
+        which rounds once where the plain ops round after each product: a last-bit difference."""
+        if x.dim() == 3 and x.shape[0] > 1 and cos.shape[0] == x.shape[0] and use_fused(x):
+            from chatcore.layers.triton_fused import rotate
+
+            return rotate(x, cos.reshape(x.shape[0], -1), sin.reshape(x.shape[0], -1))
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
