@@ -197,3 +197,42 @@ def test_gemv_matches_a_float64_product(shape: tuple[int, int]) -> None:
         assert (gemv(x, w, bias).double() - want).abs().max().item() < 1e-3
     with pytest.raises(ValueError, match="row-major"):
         gemv(x, w.T.contiguous().T)
+
+
+@pytest.mark.parametrize("shape", [(24, 40, 2), (100, 512, 8), (300, 700, 4)])   # (N gate rows, K, rows/program)
+def test_gemv_gate_up_silu_matches_a_float64_reference(shape: tuple[int, int, int]) -> None:
+    from chatcore.layers.triton_gemv import gemv_gate_up_silu
+
+    n, k, block_n = shape
+    g = torch.Generator().manual_seed(n + block_n)
+    x, w, b = torch.randn(1, k, generator=g), torch.randn(2 * n, k, generator=g), torch.randn(2 * n, generator=g)
+    for bias in (None, b):
+        gu = x.double() @ w.double().T + (0 if bias is None else bias.double())
+        want = torch.nn.functional.silu(gu[:, :n]) * gu[:, n:]
+        out = gemv_gate_up_silu(x, w, bias, block_n)
+        assert out.shape == (1, n) and out.dtype == x.dtype
+        assert (out.double() - want).abs().max().item() < 1e-3
+    with pytest.raises(ValueError, match="row-major"):
+        gemv_gate_up_silu(x, w.T.contiguous().T)
+
+
+def test_gemv_gate_up_silu_in_bfloat16() -> None:
+    from chatcore.layers.triton_gemv import gemv_gate_up_silu
+
+    g = torch.Generator().manual_seed(7)
+    n, k = 256, 384
+    x, w = torch.randn(1, k, generator=g).bfloat16(), (torch.randn(2 * n, k, generator=g) / k**0.5).bfloat16()
+    gu = x.double() @ w.double().T
+    want = torch.nn.functional.silu(gu[:, :n]) * gu[:, n:]
+    out = gemv_gate_up_silu(x, w)
+    assert out.dtype == torch.bfloat16
+    assert (torch.linalg.norm(out.double() - want) / torch.linalg.norm(want)).item() < 2e-2
+
+
+def test_gate_up_silu_off_the_gpu_is_the_unfused_pair() -> None:
+    from chatcore.layers.activation import gate_up_silu, silu_mul
+    from chatcore.layers.linear import linear
+
+    g = torch.Generator().manual_seed(8)
+    x, w, b = torch.randn(1, 64, generator=g), torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
+    assert torch.equal(gate_up_silu(x, w, b), silu_mul(linear(x, w, b)))

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from chatcore.config import ModelConfig
-from chatcore.layers.activation import silu_mul
+from chatcore.layers.activation import gate_up_silu
 from chatcore.layers.linear import for_linear, linear
 from chatcore.layers.norm import add_rms_norm, rms_norm
 from chatcore.layers.rope import Rotary
@@ -101,7 +101,7 @@ class LlamaModel(CausalLM):
             # each residual add is fused with the norm after it (one kernel on a GPU)
             attn = self.reduce(linear(o.reshape(t, self.q_size), layer.wo, layer.bo))
             x, h = add_rms_norm(x, attn, layer.mlp_norm, eps)
-            up = silu_mul(linear(h, layer.w_gate_up, layer.b_gate_up))
+            up = gate_up_silu(h, layer.w_gate_up, layer.b_gate_up)   # one kernel for one token on a GPU
             mlp = self.reduce(linear(up, layer.w_down, layer.b_down))
             after = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
             x, h = add_rms_norm(x, mlp, after, eps)
