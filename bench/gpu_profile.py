@@ -70,7 +70,9 @@ def gate_up(hf: torch.nn.Module) -> None:
     from chatcore.layers.linear import gpu_time, linear
     from chatcore.layers.triton_gemv import gemv_gate_up_silu
 
-    mlp = hf.model.layers[0].mlp
+    mlp = getattr(hf.model.layers[0], "mlp", None) if hasattr(hf, "model") else None
+    if mlp is None or not hasattr(mlp, "gate_proj"):
+        return   # no gated MLP (BLOOM)
     w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous()
     x = torch.randn(1, w.shape[1], device="cuda", dtype=w.dtype)
     gb = w.numel() * w.element_size() / 1e9

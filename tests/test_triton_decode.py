@@ -199,6 +199,37 @@ def test_gemv_matches_a_float64_product(shape: tuple[int, int]) -> None:
         gemv(x, w.T.contiguous().T)
 
 
+@pytest.mark.parametrize("shape", [(24, 40), (300, 700)])
+def test_gemv_with_the_norm_prologue_and_the_residual_epilogue(shape: tuple[int, int]) -> None:
+    """``residual + rms_norm(x) @ w.T + b`` in one launch, against float64 from the definitions."""
+    from chatcore.layers.triton_gemv import gemv
+
+    n, k = shape
+    g = torch.Generator().manual_seed(n + 1)
+    x, w, b = torch.randn(1, k, generator=g) * 3, torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    nw, res = torch.randn(k, generator=g), torch.randn(1, n, generator=g)
+    xd = x.double()
+    normed = xd / (xd.pow(2).mean() + 1e-5).sqrt() * nw.double()
+    want = res.double() + normed @ w.double().T + b.double()
+    out = gemv(x, w, b, norm=(nw, 1e-5), residual=res)
+    assert (out.double() - want).abs().max().item() < 1e-3
+    assert (gemv(x, w, norm=(nw, 1e-5)).double() - normed @ w.double().T).abs().max().item() < 1e-3
+    assert (gemv(x, w, residual=res).double() - (res.double() + xd @ w.double().T)).abs().max().item() < 1e-3
+    with pytest.raises(ValueError, match="residual"):
+        gemv(x, w, residual=res[:, :-1])
+
+
+def test_linear_with_norm_and_residual_off_the_gpu_is_the_unfused_ops() -> None:
+    from chatcore.layers.linear import linear
+    from chatcore.layers.norm import rms_norm
+
+    g = torch.Generator().manual_seed(12)
+    x, w, b = torch.randn(3, 64, generator=g), torch.randn(32, 64, generator=g), torch.randn(32, generator=g)
+    nw, res = torch.randn(64, generator=g), torch.randn(3, 32, generator=g)
+    want = res + torch.nn.functional.linear(rms_norm(x, nw, 1e-6), w, b)
+    assert torch.equal(linear(x, w, b, norm=(nw, 1e-6), residual=res), want)
+
+
 @pytest.mark.parametrize("shape", [(24, 40, 2), (100, 512, 8), (300, 700, 4)])   # (N gate rows, K, rows/program)
 def test_gemv_gate_up_silu_matches_a_float64_reference(shape: tuple[int, int, int]) -> None:
     from chatcore.layers.triton_gemv import gemv_gate_up_silu
