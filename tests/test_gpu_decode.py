@@ -137,7 +137,8 @@ def test_sink_window_stream_runs_through_the_graph(tiny_llama_dir: Path) -> None
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_gate_up_silu_gemv_bf16_at_the_1b_shape(bias: bool) -> None:
-    """The fused gate/up GEMV with the SiLU epilogue (every rows-per-program it may pick) and the dispatcher."""
+    """The fused gate/up GEMV with the SiLU epilogue (every rows-per-program it may pick), the dispatcher, and
+    both with the RMSNorm prologue."""
     pytest.importorskip("triton")
     from chatcore.layers.activation import _BLOCKS, _FUSED_CHOICE, gate_up_silu
     from chatcore.layers.triton_gemv import gemv_gate_up_silu
@@ -155,6 +156,29 @@ def test_gate_up_silu_gemv_bf16_at_the_1b_shape(bias: bool) -> None:
     out = gate_up_silu(x, w, b)
     assert (2 * n, k, torch.bfloat16, bias) in _FUSED_CHOICE     # timed once, outside any capture
     assert (torch.linalg.norm(out.double() - want) / torch.linalg.norm(want)).item() < 1e-2
+    nw = torch.rand(k, generator=g, device="cuda").bfloat16() + 0.5     # the RMSNorm before, in the prologue
+    normed = x.double() / (x.double().pow(2).mean() + 1e-5).sqrt() * nw.double()
+    gu = normed @ w.double().T + (0 if b is None else b.double())
+    want = torch.nn.functional.silu(gu[:, :n]) * gu[:, n:]
+    for out in (gemv_gate_up_silu(x, w, b, norm=(nw, 1e-5)), gate_up_silu(x, w, b, norm=(nw, 1e-5))):
+        assert (torch.linalg.norm(out.double() - want) / torch.linalg.norm(want)).item() < 1e-2
+
+
+def test_gemv_prologue_and_epilogue_bf16_at_the_1b_shapes() -> None:
+    """qkv with the RMSNorm in the prologue, down with the residual add in the epilogue, against float64."""
+    pytest.importorskip("triton")
+    from chatcore.layers.triton_gemv import gemv
+
+    g = torch.Generator(device="cuda").manual_seed(10)
+    for n, k in ((3072, 2048), (2048, 8192)):
+        x = torch.randn(1, k, generator=g, device="cuda").bfloat16()
+        w = (torch.randn(n, k, generator=g, device="cuda") / k**0.5).bfloat16()
+        nw = torch.rand(k, generator=g, device="cuda").bfloat16() + 0.5
+        res = torch.randn(1, n, generator=g, device="cuda").bfloat16()
+        normed = x.double() / (x.double().pow(2).mean() + 1e-5).sqrt() * nw.double()
+        want = res.double() + normed @ w.double().T
+        out = gemv(x, w, norm=(nw, 1e-5), residual=res)
+        assert (torch.linalg.norm(out.double() - want) / torch.linalg.norm(want)).item() < 1e-2
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -243,6 +243,11 @@ def test_gemv_gate_up_silu_matches_a_float64_reference(shape: tuple[int, int, in
         out = gemv_gate_up_silu(x, w, bias, block_n)
         assert out.shape == (1, n) and out.dtype == x.dtype
         assert (out.double() - want).abs().max().item() < 1e-3
+    nw = torch.randn(k, generator=g)
+    normed = x.double() / (x.double().pow(2).mean() + 1e-6).sqrt() * nw.double()
+    gu = normed @ w.double().T + b.double()
+    want = torch.nn.functional.silu(gu[:, :n]) * gu[:, n:]
+    assert (gemv_gate_up_silu(x, w, b, block_n, norm=(nw, 1e-6)).double() - want).abs().max().item() < 1e-3
     with pytest.raises(ValueError, match="row-major"):
         gemv_gate_up_silu(x, w.T.contiguous().T)
 
@@ -267,3 +272,5 @@ def test_gate_up_silu_off_the_gpu_is_the_unfused_pair() -> None:
     g = torch.Generator().manual_seed(8)
     x, w, b = torch.randn(1, 64, generator=g), torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
     assert torch.equal(gate_up_silu(x, w, b), silu_mul(linear(x, w, b)))
+    nw = torch.randn(64, generator=g)
+    assert torch.equal(gate_up_silu(x, w, b, norm=(nw, 1e-6)), silu_mul(linear(x, w, b, norm=(nw, 1e-6))))

@@ -67,23 +67,31 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *,
 
 
 @triton.jit
-def _gemv_gate_up_silu(x_ptr, w_ptr, b_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _gemv_gate_up_silu(x_ptr, w_ptr, b_ptr, out_ptr, nw_ptr, eps, N, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)   # gate rows; their up rows are N further
     row_ok = rows < N
     gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         mask = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if NORM:   # as in _gemv
+            squares += x * x
+            x = x * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         wg = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0)
         wu = tl.load(w_ptr + (rows + N)[:, None] * K + cols[None, :], mask=mask, other=0.0)
-        gate += wg.to(tl.float32) * x
-        up += wu.to(tl.float32) * x
+        gate += wg.to(tl.float32) * x[None, :]
+        up += wu.to(tl.float32) * x[None, :]
     g = tl.sum(gate, 1)
     u = tl.sum(up, 1)
+    if NORM:
+        inv = 1.0 / tl.sqrt(tl.sum(squares, 0) / K + eps)
+        g = g * inv
+        u = u * inv
     if HAS_BIAS:
         g += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         u += tl.load(b_ptr + N + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -93,10 +101,11 @@ def _gemv_gate_up_silu(x_ptr, w_ptr, b_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N
     tl.store(out_ptr + rows, (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-def gemv_gate_up_silu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
-                      block_n: int = 4) -> torch.Tensor:
-    """``x`` [1, K], ``w`` [2N, K] row-major (gate rows, then up rows), ``b`` [2N] or None
-    -> silu(gate) * up [1, N] in x's dtype. ``block_n``: gate rows per program (as many up rows again)."""
+def gemv_gate_up_silu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, block_n: int = 4, *,
+                      norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """``x`` [1, K], ``w`` [2N, K] row-major (gate rows, then up rows), ``b`` [2N] or None, ``norm``: RMSNorm
+    (weight [K], eps) of x first, or None -> silu(gate) * up [1, N] in x's dtype. ``block_n``: gate rows per
+    program (as many up rows again)."""
     n2, k = w.shape
     if x.shape != (1, k) or w.stride() != (k, 1) or n2 % 2:
         raise ValueError(f"gemv_gate_up_silu takes x [1, {k}] and a row-major [2N, K] weight, "
@@ -104,7 +113,9 @@ def gemv_gate_up_silu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None =
     n = n2 // 2
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     block_k = min(512, triton.next_power_of_2(k))
-    _gemv_gate_up_silu[(triton.cdiv(n, block_n),)](x.contiguous(), w, b if b is not None else w, out, n, K=k,
-                                                   BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=b is not None,
-                                                   num_warps=4, num_stages=4)
+    nw, eps = norm if norm is not None else (w, 0.0)
+    _gemv_gate_up_silu[(triton.cdiv(n, block_n),)](x.contiguous(), w, b if b is not None else w, out, nw.contiguous(),
+                                                   eps, n, K=k, BLOCK_N=block_n, BLOCK_K=block_k,
+                                                   HAS_BIAS=b is not None, NORM=norm is not None, num_warps=4,
+                                                   num_stages=4)
     return out

@@ -98,12 +98,16 @@ class LlamaModel(CausalLM):
             if layer.q_norm is not None:
                 q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
             o = step.attend(i, q, k, v.view(t, c.num_kv_heads, c.head_dim), rotary=self.rotary, window=layer.window)
-            attn = self.reduce(linear(o.reshape(t, self.q_size), layer.wo, layer.bo))
-            x, h = add_rms_norm(x, attn, layer.mlp_norm, eps)   # the residual add and the norm: one kernel on a GPU
-            up = gate_up_silu(h, layer.w_gate_up, layer.b_gate_up)   # one kernel for one token on a GPU
-            if self.tp is None:   # the residual add in the down projection (its GEMV's epilogue)
+            if self.tp is None:
+                # each residual add in the GEMV before it (epilogue), each norm in the GEMV after it (prologue):
+                # for one token on a GPU, no kernel of their own
+                x = linear(o.reshape(t, self.q_size), layer.wo, layer.bo, residual=x)
+                up = gate_up_silu(x, layer.w_gate_up, layer.b_gate_up, norm=(layer.mlp_norm, eps))
                 x = linear(up, layer.w_down, layer.b_down, residual=x)
-            else:                 # a shard's partial product is summed across ranks first
+            else:   # a shard's partial products are summed across ranks before each residual add
+                x, h = add_rms_norm(x, self.reduce(linear(o.reshape(t, self.q_size), layer.wo, layer.bo)),
+                                    layer.mlp_norm, eps)
+                up = gate_up_silu(h, layer.w_gate_up, layer.b_gate_up)
                 x = x + self.reduce(linear(up, layer.w_down, layer.b_down))
         h = rms_norm(x, self.norm, eps)
         return self.head(h if all_logits else h[-1:], self.lm_head)
