@@ -199,7 +199,7 @@ def test_gemv_matches_a_float64_product(shape: tuple[int, int]) -> None:
         gemv(x, w.T.contiguous().T)
 
 
-@pytest.mark.parametrize("shape", [(24, 40), (300, 700)])
+@pytest.mark.parametrize("shape", [(24, 40), (130, 700)])
 def test_gemv_with_the_norm_prologue_and_the_residual_epilogue(shape: tuple[int, int]) -> None:
     """``residual + rms_norm(x) @ w.T + b`` in one launch, against float64 from the definitions."""
     from chatcore.layers.triton_gemv import gemv
@@ -230,7 +230,7 @@ def test_linear_with_norm_and_residual_off_the_gpu_is_the_unfused_ops() -> None:
     assert torch.equal(linear(x, w, b, norm=(nw, 1e-6), residual=res), want)
 
 
-@pytest.mark.parametrize("shape", [(24, 40, 2), (100, 512, 8), (300, 700, 4)])   # (N gate rows, K, rows/program)
+@pytest.mark.parametrize("shape", [(24, 40, 2), (100, 512, 8), (130, 700, 4)])   # (N gate rows, K, rows/program)
 def test_gemv_gate_up_silu_matches_a_float64_reference(shape: tuple[int, int, int]) -> None:
     from chatcore.layers.triton_gemv import gemv_gate_up_silu
 
