@@ -60,8 +60,9 @@ def _attend_block(acc, m_i, l_i, q, kc_ptr, vc_ptr, kv_head, start, lo_visible, 
 @triton.jit
 def _rotate(ptr, rows, row_ok, offs_d, cos_ptr, sin_ptr, pos, D: tl.constexpr, HALF: tl.constexpr,
             HAS_ROPE: tl.constexpr):
-    """Rows ``rows`` of a [rows, D] tensor, float32 [len(rows), BLOCK_D], rotated at ``pos`` (half-split RoPE:
-    x1 * cos - x2 * sin, x2 * cos + x1 * sin) and rounded back to the tensor's dtype (as a stored rotation)."""
+    """Rows ``rows`` of a [rows, D] tensor as a [len(rows), BLOCK_D] tile, rotated at ``pos`` if HAS_ROPE
+    (half-split RoPE: x1 * cos - x2 * sin, x2 * cos + x1 * sin, in float32 with float32 cos/sin tables
+    [positions, HALF]) and rounded back to the tensor's dtype, as a rotation stored in memory would be."""
     d_ok = offs_d < D
     mask = row_ok[:, None] & d_ok[None, :]
     x = tl.load(ptr + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
@@ -101,8 +102,7 @@ def _split_k(q_ptr, kc_ptr, vc_ptr, pos_ptr, slopes_ptr, part_ptr, ml_ptr, k_ptr
     offs_n = tl.arange(0, BLOCK)
     rows = kv_head * GROUP + offs_g
     row_ok = offs_g < GROUP
-    q = _rotate(q_ptr, rows, row_ok, offs_d, cos_ptr, sin_ptr, last, D, HALF,
-                HAS_ROPE)
+    q = _rotate(q_ptr, rows, row_ok, offs_d, cos_ptr, sin_ptr, last, D, HALF, HAS_ROPE)   # in registers only
     slopes = tl.zeros([BLOCK_G], dtype=tl.float32)
     if HAS_ALIBI:
         slopes = tl.load(slopes_ptr + rows, mask=row_ok, other=0.0)
@@ -134,8 +134,7 @@ def _split_k(q_ptr, kc_ptr, vc_ptr, pos_ptr, slopes_ptr, part_ptr, ml_ptr, k_ptr
         # that matter: one row each)
         covers = (start <= last) & (last < start + per)
         one = tl.arange(0, 1)
-        k = _rotate(k_ptr, kv_head + one, one < 1, offs_d, cos_ptr, sin_ptr, last, D,
-                    HALF, HAS_ROPE)
+        k = _rotate(k_ptr, kv_head + one, one < 1, offs_d, cos_ptr, sin_ptr, last, D, HALF, HAS_ROPE)
         v = tl.load(v_ptr + kv_head * D + one[:, None] * D + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
         cache_row = kv_head * head_stride + last * D + one[:, None] * D + offs_d[None, :]
         write = covers & (offs_d[None, :] < D)
