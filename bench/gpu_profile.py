@@ -165,6 +165,8 @@ def main() -> None:
         st = list(engine.generate(ids, params, slot=slot))[-1].stats
         print(f"== {backend}: graph replay {replay * 1e3:.3f} ms/step ({(w + kv) / replay / 1e9:.0f} GB/s), "
               f"eager step {eager * 1e3:.3f} ms, generate {1e3 / st.decode_tokens_per_s:.3f} ms/token")
+        gpu_ops = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+        print(f"   device ops per step (kernels, copies): {sum(e.count for e in gpu_ops) / 3:.0f}")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
         del engine, slot, graph
 
