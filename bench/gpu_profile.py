@@ -4,7 +4,8 @@ Usage: python bench/gpu_profile.py [--model llama-3.2-1b] [--ctx 4096]
 
 Prints, per attention backend: the captured graph's replay time per step (device events), the same step
 run eagerly, a full ``generate`` per-token time, the top kernels of one eager step (torch.profiler), and
-the bandwidth cuBLAS reaches on each weight shape of the model as a 1-row product.
+the bandwidth cuBLAS reaches on each weight shape of the model as a 1-row product (and the Triton GEMV, and the
+gate/up projection with its SiLU epilogue fused against projection + ``silu_mul``).
 """
 
 from __future__ import annotations
@@ -61,6 +62,28 @@ def sweep_attention() -> None:
                             continue
                         print(f"  sweep ctx {ctx:>5} splits {splits:>3} block {block_n:>3} warps {warps} "
                               f"stages {stages}: {t * 1e6:6.1f} us {kv / t / 1e9:5.0f} GB/s")
+
+
+def gate_up(hf: torch.nn.Module) -> None:
+    """Layer 0's fused gate/up projection with its activation: the projection (as ``linear`` picks) then
+    ``silu_mul``, against the one-launch GEMV with the SiLU epilogue at each rows-per-program it may take."""
+    from chatcore.layers.activation import _BLOCKS, _FUSED_CHOICE, fastest_fused, silu_mul
+    from chatcore.layers.linear import gpu_time, linear
+    from chatcore.layers.triton_gemv import gemv_gate_up_silu
+
+    mlp = getattr(hf.model.layers[0], "mlp", None) if hasattr(hf, "model") else None
+    if mlp is None or not hasattr(mlp, "gate_proj"):
+        return   # no gated MLP (BLOOM)
+    w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous()
+    x = torch.randn(1, w.shape[1], device="cuda", dtype=w.dtype)
+    gb = w.numel() * w.element_size() / 1e9
+    linear(x, w)
+    unfused = gpu_time(lambda: silu_mul(linear(x, w)))
+    fused = {block: gpu_time(lambda block=block: gemv_gate_up_silu(x, w, None, block)) for block in _BLOCKS}
+    print(f"  gate_up+silu {tuple(w.shape)}: projection+silu_mul {unfused * 1e6:6.1f} us {gb / unfused:5.0f} GB/s | "
+          + " | ".join(f"fused rows {b} {t * 1e6:6.1f} us {gb / t:5.0f} GB/s" for b, t in fused.items())
+          + f" | picks rows {fastest_fused(x, w, None)} (0: unfused)")
+    _FUSED_CHOICE.clear()
 
 
 def sweep_prefill(hf: torch.nn.Module, n: int, backends: list[str]) -> None:
@@ -160,6 +183,7 @@ def main() -> None:
             gb = p.numel() * 2 / 1e9
             print(f"  {name:<42} {tuple(p.shape)}: cuBLAS {tc * 1e6:6.1f} us {gb / tc:5.0f} GB/s | "
                   f"triton {tt * 1e6:6.1f} us {gb / tt:5.0f} GB/s | picks triton: {_triton_gemv_wins(xi, p, None)}")
+    gate_up(hf)
     _GEMV_CHOICE.clear()
     if args.warm:
         warm_turn(hf, args.backends)
@@ -191,6 +215,8 @@ def main() -> None:
         st = list(engine.generate(ids, params, slot=slot))[-1].stats
         print(f"== {backend}: graph replay {replay * 1e3:.3f} ms/step ({(w + kv) / replay / 1e9:.0f} GB/s), "
               f"eager step {eager * 1e3:.3f} ms, generate {1e3 / st.decode_tokens_per_s:.3f} ms/token")
+        gpu_ops = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+        print(f"   device ops per step (kernels, copies): {sum(e.count for e in gpu_ops) / 3:.0f}")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
         del engine, slot, graph
 

@@ -144,3 +144,74 @@ def test_sink_window_stream_runs_through_the_graph(tiny_llama_dir: Path) -> None
     a = [ev.token_id for ev in engine.generate(_ids(60, 4), params, sink_tokens=4)]
     b = [ev.token_id for ev in plain.generate(_ids(60, 4), params, sink_tokens=4)]
     assert len(a) == 300 and a == b
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gate_up_silu_gemv_bf16_at_the_1b_shape(bias: bool) -> None:
+    """The fused gate/up GEMV with the SiLU epilogue (every rows-per-program it may pick), the dispatcher, and
+    both with the RMSNorm prologue."""
+    pytest.importorskip("triton")
+    from chatcore.layers.activation import _BLOCKS, _FUSED_CHOICE, gate_up_silu
+    from chatcore.layers.triton_gemv import gemv_gate_up_silu
+
+    g = torch.Generator(device="cuda").manual_seed(9)
+    n, k = 8192, 2048
+    x = torch.randn(1, k, generator=g, device="cuda").bfloat16()
+    w = (torch.randn(2 * n, k, generator=g, device="cuda") / k**0.5).bfloat16()
+    b = torch.randn(2 * n, generator=g, device="cuda").bfloat16() if bias else None
+    gu = x.double() @ w.double().T + (0 if b is None else b.double())
+    want = torch.nn.functional.silu(gu[:, :n]) * gu[:, n:]
+    for block in _BLOCKS:
+        out = gemv_gate_up_silu(x, w, b, block)
+        assert (torch.linalg.norm(out.double() - want) / torch.linalg.norm(want)).item() < 1e-2
+    out = gate_up_silu(x, w, b)
+    assert (2 * n, k, torch.bfloat16, bias) in _FUSED_CHOICE     # timed once, outside any capture
+    assert (torch.linalg.norm(out.double() - want) / torch.linalg.norm(want)).item() < 1e-2
+    nw = torch.rand(k, generator=g, device="cuda").bfloat16() + 0.5     # the RMSNorm before, in the prologue
+    normed = x.double() / (x.double().pow(2).mean() + 1e-5).sqrt() * nw.double()
+    gu = normed @ w.double().T + (0 if b is None else b.double())
+    want = torch.nn.functional.silu(gu[:, :n]) * gu[:, n:]
+    for out in (gemv_gate_up_silu(x, w, b, norm=(nw, 1e-5)), gate_up_silu(x, w, b, norm=(nw, 1e-5))):
+        assert (torch.linalg.norm(out.double() - want) / torch.linalg.norm(want)).item() < 1e-2
+
+
+def test_gemv_prologue_and_epilogue_bf16_at_the_1b_shapes() -> None:
+    """qkv with the RMSNorm in the prologue, down with the residual add in the epilogue, against float64."""
+    pytest.importorskip("triton")
+    from chatcore.layers.triton_gemv import gemv
+
+    g = torch.Generator(device="cuda").manual_seed(10)
+    for n, k in ((3072, 2048), (2048, 8192)):
+        x = torch.randn(1, k, generator=g, device="cuda").bfloat16()
+        w = (torch.randn(n, k, generator=g, device="cuda") / k**0.5).bfloat16()
+        nw = torch.rand(k, generator=g, device="cuda").bfloat16() + 0.5
+        res = torch.randn(1, n, generator=g, device="cuda").bfloat16()
+        normed = x.double() / (x.double().pow(2).mean() + 1e-5).sqrt() * nw.double()
+        want = res.double() + normed @ w.double().T
+        out = gemv(x, w, norm=(nw, 1e-5), residual=res)
+        assert (torch.linalg.norm(out.double() - want) / torch.linalg.norm(want)).item() < 1e-2
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_graph_decode_bf16_with_and_without_the_fused_gate_up(tiny_llama_dir: Path, fused: bool,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both MLP paths the timing may choose serve a captured bf16 decode that agrees with float32."""
+    pytest.importorskip("triton")
+    from chatcore.layers import activation
+
+    engine = chatcore.load(tiny_llama_dir, device="cuda", dtype="bfloat16", attention="triton", max_seq_len=256,
+                           progress=lambda *_: None)
+    ref = chatcore.load(tiny_llama_dir, device="cuda", dtype="float32", attention="torch", max_seq_len=256,
+                        cuda_graphs=False, progress=lambda *_: None)
+    w = engine.model.layers[0].w_gate_up
+    monkeypatch.setitem(activation._FUSED_CHOICE, (w.shape[0], w.shape[1], w.dtype, False), 4 if fused else 0)
+    prompt = _ids(80, 5)
+    tokens = [ev.token_id for ev in engine.generate(prompt, chatcore.SamplingParams(temperature=0.0,
+                                                                                   max_new_tokens=30,
+                                                                                   ignore_eos=True))]
+    want = ref.logits(prompt + tokens)
+    err = engine.logits(prompt + tokens) - want
+    assert (torch.linalg.norm(err) / torch.linalg.norm(want)).item() < 2e-2
+    rows = want[len(prompt) - 1 : -1]   # each token the graph picked is (near) float32's best, as above
+    gap = rows.max(-1).values - rows[torch.arange(len(tokens)), torch.tensor(tokens)]
+    assert gap.max().item() <= 4 * err.abs().max().item()

@@ -30,7 +30,7 @@ holding the new token's position, ``q`` is [1, Hq, D], ``k``/``v`` are the whole
 [Hkv, capacity, D], and ``new_kv`` the new token's key and value [1, Hkv, D]. The entry point rotates q and
 the new key at that position (``rotary``: full cos/sin tables [positions, D/2]), writes the key and value
 into the cache there, and attends over keys 0..position: flash-attn in one kernel
-(``flash_attn_with_kvcache`` with in-kernel rotary, ``cache_seqlens``), triton in three, torch and math
+(``flash_attn_with_kvcache`` with in-kernel rotary, ``cache_seqlens``), triton in two, torch and math
 with plain tensor ops. Nothing reads the position on the host, so the step can be replayed at any length.
 ``sinks`` (this mode, triton / torch / math): with a window, the first ``sinks`` keys stay visible too.
 """
@@ -255,12 +255,11 @@ def _device_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             rotary_cos=cos, rotary_sin=sin, cache_seqlens=pos, causal=True, rotary_interleaved=False,
             window_size=(-1, -1) if window is None else (window - 1, 0), alibi_slopes=slopes)[0]
     if backend == "triton":
-        from chatcore.layers.triton_decode import decode_attention, rope_append
+        from chatcore.layers.triton_decode import decode_attention
 
-        q1 = q[0]
-        cos, sin = rotary if rotary is not None else (None, None)
-        rope_append(q1, k_new[0], v_new[0], k_cache, v_cache, pos, cos, sin)
-        return decode_attention(q1, k_cache, v_cache, pos, window=window, sinks=sinks, alibi=slopes)[None]
+        # one launch rotates q and the new key, appends key and value, and attends (then the splits' merge)
+        return decode_attention(q[0], k_cache, v_cache, pos, new_kv=(k_new[0], v_new[0]), rotary=rotary,
+                                window=window, sinks=sinks, alibi=slopes)[None]
     if rotary is not None:
         cos, sin = (x.index_select(0, pos)[:, None, :].to(q.dtype) for x in rotary)
         q, k_new = Rotary.apply(q, cos, sin), Rotary.apply(k_new, cos, sin)

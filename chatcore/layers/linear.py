@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from chatcore.layers.norm import use_fused
+from chatcore.layers.norm import rms_norm, use_fused
 
 _GEMV_CHOICE: dict[tuple[int, int, torch.dtype, bool], bool] = {}   # shape -> the Triton kernel was faster
 
@@ -25,22 +25,25 @@ def for_linear(w: torch.Tensor) -> torch.Tensor:
     return w.t().contiguous().t()
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, except that a one-token product on a GPU takes the Triton GEMV where, timed once per
-    weight shape (outside any CUDA graph capture), it beats cuBLAS."""
-    if x.dim() != 2 or x.shape[0] != 1 or not use_fused(x) or w.stride(1) != 1:
-        return F.linear(x, w, b)
-    key = (w.shape[0], w.shape[1], w.dtype, b is not None)
-    choice = _GEMV_CHOICE.get(key)
-    if choice is None:
-        if torch.cuda.is_current_stream_capturing():
-            return F.linear(x, w, b)
-        choice = _GEMV_CHOICE[key] = _triton_gemv_wins(x, w, b)
-    if choice:
-        from chatcore.layers.triton_gemv import gemv
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *,
+           norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + F.linear(rms_norm(x, *norm), w, b)`` (``norm``: (weight, eps); each part optional), except
+    that a one-token product on a GPU takes the Triton GEMV where, timed once per weight shape (outside any
+    CUDA graph capture), it beats cuBLAS; the GEMV then does the norm and the residual add too (no kernel of
+    their own)."""
+    if x.dim() == 2 and x.shape[0] == 1 and use_fused(x) and w.stride(1) == 1:
+        key = (w.shape[0], w.shape[1], w.dtype, b is not None)
+        choice = _GEMV_CHOICE.get(key)
+        if choice is None and not torch.cuda.is_current_stream_capturing():
+            choice = _GEMV_CHOICE[key] = _triton_gemv_wins(x, w, b)
+        if choice:
+            from chatcore.layers.triton_gemv import gemv
 
-        return gemv(x, w, b)
-    return F.linear(x, w, b)
+            return gemv(x, w, b, norm=norm, residual=residual)
+    if norm is not None:
+        x = rms_norm(x, *norm)
+    out = F.linear(x, w, b)
+    return out if residual is None else residual + out
 
 
 def _triton_gemv_wins(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:

@@ -1,13 +1,18 @@
 """The project's own FlashAttention-style decode kernels (Triton), for GPUs without flash-attn.
 
-One decode step of one sequence over a static, head-major KV cache ([Hkv, capacity, D] per layer):
+One decode step of one sequence over a static, head-major KV cache ([Hkv, capacity, D] per layer), in two
+launches:
 
-1. ``_rope_append``: rotates the new query and key at the position read from device memory (RoPE, the
-   half-split layout), writes the new key and value into the cache at that position, one program per head;
-2. ``_split_k``: split-K attention, grid (kv heads, splits): each program takes one KV head's whole query
+1. ``_split_k``: split-K attention, grid (kv heads, splits): each program takes one KV head's whole query
    group (GQA rows share every key load) over one slice of the sequence, with an online softmax, ALiBi,
-   a sliding window and attention sinks (the first ``sinks`` keys stay visible beside the window);
-3. ``_merge``: combines the splits' partial results (log-sum-exp weights), one program per query head.
+   a sliding window and attention sinks (the first ``sinks`` keys stay visible beside the window). Given the
+   new token's key and value (the static-cache decode mode), it also does what a separate rotate-and-append
+   launch did: every program rotates its group's query rows in registers (RoPE, the half-split layout, at the
+   position read from device memory), and the one program per KV head whose slice covers that position
+   rotates the new key, writes key and value into the cache there, and attends to them from registers. No
+   program reads the cache row at the position (the others' slices end before it), so no program waits on
+   another's write;
+2. ``_merge``: combines the splits' partial results (log-sum-exp weights), one program per query head.
 
 The sequence length is read from device memory, never from the host, and the grid depends only on the
 cache's capacity, so a decode step made of these launches can be captured in a CUDA graph and replayed at
@@ -26,34 +31,6 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 BLOCK_N = 64           # keys per inner step
 _TARGET_PROGRAMS = 132  # one wave of an H100's multiprocessors (bench/gpu_profile.py --sweep: 8.7 -> 8.4 us at 4k)
-
-
-@triton.jit
-def _rope_append(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, head_stride,
-                 HQ: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                 HAS_ROPE: tl.constexpr):
-    head = tl.program_id(0)
-    pos = tl.load(pos_ptr)
-    offs = tl.arange(0, BLOCK_H)
-    ok = offs < HALF
-    if head < HQ:
-        src = q_ptr + head * D
-        dst = q_ptr + head * D
-    else:
-        src = k_ptr + (head - HQ) * D
-        dst = kc_ptr + (head - HQ) * head_stride + pos * D
-        vdst = vc_ptr + (head - HQ) * head_stride + pos * D
-        vsrc = v_ptr + (head - HQ) * D
-        tl.store(vdst + offs, tl.load(vsrc + offs, mask=ok), mask=ok)
-        tl.store(vdst + HALF + offs, tl.load(vsrc + HALF + offs, mask=ok), mask=ok)
-    x1 = tl.load(src + offs, mask=ok).to(tl.float32)
-    x2 = tl.load(src + HALF + offs, mask=ok).to(tl.float32)
-    if HAS_ROPE:
-        cos = tl.load(cos_ptr + pos * HALF + offs, mask=ok)
-        sin = tl.load(sin_ptr + pos * HALF + offs, mask=ok)
-        x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-    tl.store(dst + offs, x1.to(dst.dtype.element_ty), mask=ok)
-    tl.store(dst + HALF + offs, x2.to(dst.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -81,10 +58,32 @@ def _attend_block(acc, m_i, l_i, q, kc_ptr, vc_ptr, kv_head, start, lo_visible, 
 
 
 @triton.jit
-def _split_k(q_ptr, kc_ptr, vc_ptr, pos_ptr, slopes_ptr, part_ptr, ml_ptr, scale, head_stride,
-             HQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-             SPLITS: tl.constexpr, BLOCK: tl.constexpr, WINDOW: tl.constexpr,
-             SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, PREC: tl.constexpr, PIPELINE: tl.constexpr):
+def _rotate(ptr, rows, row_ok, offs_d, cos_ptr, sin_ptr, pos, D: tl.constexpr, HALF: tl.constexpr,
+            HAS_ROPE: tl.constexpr):
+    """Rows ``rows`` of a [rows, D] tensor as a [len(rows), BLOCK_D] tile, rotated at ``pos`` if HAS_ROPE
+    (half-split RoPE: x1 * cos - x2 * sin, x2 * cos + x1 * sin, in float32 with float32 cos/sin tables
+    [positions, HALF]) and rounded back to the tensor's dtype, as a rotation stored in memory would be."""
+    d_ok = offs_d < D
+    mask = row_ok[:, None] & d_ok[None, :]
+    x = tl.load(ptr + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    if HAS_ROPE:
+        first = offs_d < HALF
+        partner = tl.where(first, offs_d + HALF, offs_d - HALF)    # the other half's element of each pair
+        freq = tl.where(first, offs_d, offs_d - HALF)
+        cos = tl.load(cos_ptr + pos * HALF + freq, mask=d_ok, other=0.0)
+        sin = tl.load(sin_ptr + pos * HALF + freq, mask=d_ok, other=0.0)
+        sin = tl.where(first, -sin, sin)
+        other = tl.load(ptr + rows[:, None] * D + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = (x.to(tl.float32) * cos[None, :] + other * sin[None, :]).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _split_k(q_ptr, kc_ptr, vc_ptr, pos_ptr, slopes_ptr, part_ptr, ml_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, scale,
+             head_stride, HQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+             HALF: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr, WINDOW: tl.constexpr,
+             SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, PREC: tl.constexpr, PIPELINE: tl.constexpr,
+             HAS_NEW: tl.constexpr, HAS_ROPE: tl.constexpr):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     last = tl.load(pos_ptr)                       # position of the newest token
@@ -95,13 +94,15 @@ def _split_k(q_ptr, kc_ptr, vc_ptr, pos_ptr, slopes_ptr, part_ptr, ml_ptr, scale
     per = tl.cdiv(tl.cdiv(seqlen - lo, SPLITS), BLOCK) * BLOCK
     start = lo + split * per
     end = tl.minimum(start + per, seqlen)
+    if HAS_NEW:   # the newest key comes from registers (below), not from the cache: every slice ends before it
+        end = tl.minimum(start + per, last)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK)
     rows = kv_head * GROUP + offs_g
     row_ok = offs_g < GROUP
-    q = tl.load(q_ptr + rows[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _rotate(q_ptr, rows, row_ok, offs_d, cos_ptr, sin_ptr, last, D, HALF, HAS_ROPE)   # in registers only
     slopes = tl.zeros([BLOCK_G], dtype=tl.float32)
     if HAS_ALIBI:
         slopes = tl.load(slopes_ptr + rows, mask=row_ok, other=0.0)
@@ -127,6 +128,30 @@ def _split_k(q_ptr, kc_ptr, vc_ptr, pos_ptr, slopes_ptr, part_ptr, ml_ptr, scale
             acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, kc_ptr, vc_ptr, kv_head, s0, start, end, last,
                                           slopes, scale, offs_n, offs_d, head_stride, D, BLOCK_D, HAS_ALIBI, PREC)
             s0 += BLOCK
+    if HAS_NEW:
+        # the slice that covers the newest position (exactly one per KV head) appends the new key and value
+        # and attends to them here; the others compute the same and mask it out (no branch, no extra loads
+        # that matter: one row each)
+        covers = (start <= last) & (last < start + per)
+        one = tl.arange(0, 1)
+        k = _rotate(k_ptr, kv_head + one, one < 1, offs_d, cos_ptr, sin_ptr, last, D, HALF, HAS_ROPE)
+        v = tl.load(v_ptr + kv_head * D + one[:, None] * D + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
+        cache_row = kv_head * head_stride + last * D + one[:, None] * D + offs_d[None, :]
+        write = covers & (offs_d[None, :] < D)
+        tl.store(kc_ptr + cache_row, k.to(kc_ptr.dtype.element_ty), mask=write)
+        tl.store(vc_ptr + cache_row, v.to(vc_ptr.dtype.element_ty), mask=write)
+        k = k.to(kc_ptr.dtype.element_ty).to(tl.float32)    # attend to the key as the cache holds it
+        s = tl.sum(q.to(tl.float32) * k, 1) * scale      # ALiBi's bias at the newest position is 0
+        s = tl.where(covers & row_ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe)
+        alpha = tl.exp(m_i - m_safe)
+        vv = v.to(vc_ptr.dtype.element_ty)
+        p_v = p.to(vv.dtype).to(tl.float32)   # the probability rounded as the cache blocks' dot rounds it
+        acc = acc * alpha[:, None] + p_v[:, None] * vv.to(tl.float32)
+        l_i = l_i * alpha + p
+        m_i = m_new
     out = part_ptr + (rows[:, None] * SPLITS + split) * D + offs_d[None, :]
     tl.store(out, acc, mask=row_ok[:, None] & (offs_d[None, :] < D))
     tl.store(ml_ptr + (rows * SPLITS + split) * 2, m_i, mask=row_ok)
@@ -167,40 +192,40 @@ def num_splits(num_kv_heads: int, capacity: int) -> int:
     return max(1, min(most, triton.cdiv(_TARGET_PROGRAMS, num_kv_heads), 64))
 
 
-def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                pos: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> None:
-    """In place: rotate q [Hq, D] and k [Hkv, D] at ``pos`` (int32 [1] on the device), write k, v into the
-    caches [Hkv, capacity, D] at ``pos``. ``cos``/``sin``: float32 [positions, D/2] tables, or None (no RoPE)."""
-    hq, d = q.shape
-    hkv = k_cache.shape[0]
-    _check(q, k, v, k_cache, v_cache)
-    _rope_append[(hq + hkv,)](q, k, v, k_cache, v_cache, cos if cos is not None else q, sin if sin is not None else q,
-                              pos, k_cache.stride(0), HQ=hq, D=d, HALF=d // 2, BLOCK_H=_pow2(d // 2),
-                              HAS_ROPE=cos is not None)
-
-
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, *,
+                     new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
                      window: int | None = None, sinks: int = 0, alibi: torch.Tensor | None = None,
                      splits: int | None = None, block_n: int = BLOCK_N, num_warps: int = 4,
                      num_stages: int = 3) -> torch.Tensor:
     """Attention of one query [Hq, D] at position ``pos`` (int32 [1], device) over cache keys 0..pos.
 
-    ``k_cache``/``v_cache``: [Hkv, capacity, D] with rows 0..pos written; returns [Hq, D] in q's dtype.
+    ``k_cache``/``v_cache``: [Hkv, capacity, D]. Without ``new_kv``, rows 0..pos are already written and ``q``
+    is already rotated. With ``new_kv`` (the new token's key and value, [Hkv, D] each, key not rotated), rows
+    0..pos-1 are written and the same launch rotates ``q`` (in registers: ``q`` is left as it is) and the key
+    at ``pos`` with ``rotary`` (float32 cos/sin tables [positions, D/2]; None: no RoPE) and writes key and
+    value into the caches at ``pos``. Returns [Hq, D] in q's dtype.
     ``splits``, ``block_n``, ``num_warps``, ``num_stages``: launch shape (defaults chosen on the H100).
     """
     hq, d = q.shape
     hkv, cap, _ = k_cache.shape
     group = hq // hkv
     splits = splits or num_splits(hkv, cap)
+    if rotary is not None and new_kv is None:
+        raise ValueError("rotary tables rotate the new key and the query: they come with new_kv")
+    k_new, v_new = new_kv if new_kv is not None else (q, q)
+    cos, sin = rotary if rotary is not None else (q, q)
     part = torch.empty((hq, splits, d), dtype=torch.float32, device=q.device)
     ml = torch.empty((hq, splits, 2), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     block_d = max(16, _pow2(d))   # tl.dot needs K >= 16
-    _check(q, k_cache, v_cache)
-    _split_k[(hkv, splits)](q, k_cache, v_cache, pos, alibi if alibi is not None else q, part, ml, d**-0.5,
-                            k_cache.stride(0), HQ=hq, GROUP=group, BLOCK_G=max(16, _pow2(group)), D=d, BLOCK_D=block_d,
-                            SPLITS=splits, BLOCK=block_n, WINDOW=window or 0, SINKS=sinks,
-                            HAS_ALIBI=alibi is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32",
-                            PIPELINE=not _INTERPRET, num_warps=num_warps, num_stages=num_stages)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    _check(q, k_cache, v_cache, k_new, v_new)
+    _split_k[(hkv, splits)](q, k_cache, v_cache, pos, alibi if alibi is not None else q, part, ml, k_new, v_new,
+                            cos, sin, d**-0.5, k_cache.stride(0), HQ=hq, GROUP=group, BLOCK_G=max(16, _pow2(group)),
+                            D=d, HALF=d // 2, BLOCK_D=block_d, SPLITS=splits, BLOCK=block_n, WINDOW=window or 0,
+                            SINKS=sinks, HAS_ALIBI=alibi is not None, PREC=prec, PIPELINE=not _INTERPRET,
+                            HAS_NEW=new_kv is not None, HAS_ROPE=rotary is not None,
+                            num_warps=num_warps, num_stages=num_stages)
     _merge[(hq,)](part, ml, out, D=d, BLOCK_D=block_d, SPLITS=splits, BLOCK_S=max(2, _pow2(splits)))
     return out

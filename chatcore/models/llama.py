@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from chatcore.config import ModelConfig
-from chatcore.layers.activation import silu_mul
+from chatcore.layers.activation import gate_up_silu
 from chatcore.layers.linear import for_linear, linear
 from chatcore.layers.norm import add_rms_norm, rms_norm
 from chatcore.layers.rope import Rotary
@@ -90,19 +90,24 @@ class LlamaModel(CausalLM):
         c, eps = self.cfg, self.cfg.rms_norm_eps
         t = ids.shape[0]
         x = self.embed_ids(ids, self.embed)
-        h = rms_norm(x, self.layers[0].attn_norm, eps)
         for i, layer in enumerate(self.layers):
-            qkv = linear(h, layer.wqkv, layer.bqkv)
+            # the attention input's RMSNorm runs inside the qkv projection (for one token on a GPU: one GEMV)
+            qkv = linear(x, layer.wqkv, layer.bqkv, norm=(layer.attn_norm, eps))
             q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
             q, k = q.view(t, c.num_heads, c.head_dim), k.view(t, c.num_kv_heads, c.head_dim)
             if layer.q_norm is not None:
                 q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
             o = step.attend(i, q, k, v.view(t, c.num_kv_heads, c.head_dim), rotary=self.rotary, window=layer.window)
-            # each residual add is fused with the norm after it (one kernel on a GPU)
-            attn = self.reduce(linear(o.reshape(t, self.q_size), layer.wo, layer.bo))
-            x, h = add_rms_norm(x, attn, layer.mlp_norm, eps)
-            up = silu_mul(linear(h, layer.w_gate_up, layer.b_gate_up))
-            mlp = self.reduce(linear(up, layer.w_down, layer.b_down))
-            after = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
-            x, h = add_rms_norm(x, mlp, after, eps)
+            if self.tp is None:
+                # each residual add in the GEMV before it (epilogue), each norm in the GEMV after it (prologue):
+                # for one token on a GPU, no kernel of their own
+                x = linear(o.reshape(t, self.q_size), layer.wo, layer.bo, residual=x)
+                up = gate_up_silu(x, layer.w_gate_up, layer.b_gate_up, norm=(layer.mlp_norm, eps))
+                x = linear(up, layer.w_down, layer.b_down, residual=x)
+            else:   # a shard's partial products are summed across ranks before each residual add
+                x, h = add_rms_norm(x, self.reduce(linear(o.reshape(t, self.q_size), layer.wo, layer.bo)),
+                                    layer.mlp_norm, eps)
+                up = gate_up_silu(h, layer.w_gate_up, layer.b_gate_up)
+                x = x + self.reduce(linear(up, layer.w_down, layer.b_down))
+        h = rms_norm(x, self.norm, eps)
         return self.head(h if all_logits else h[-1:], self.lm_head)
