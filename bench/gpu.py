@@ -289,6 +289,7 @@ def main() -> None:
     ap.add_argument("--backends", nargs="*", default=["flash", "triton"])
     ap.add_argument("--long", type=int, default=131072, help="prompt length of the chunked-prefill check (0: skip)")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-eager", action="store_true", help="skip transformers eager (keep its stored rows)")
     ap.add_argument("--deadline", type=float, default=540.0, help="seconds; later peer runs are skipped")
     args = ap.parse_args()
     start = time.perf_counter()
@@ -321,12 +322,8 @@ def main() -> None:
         for backend in args.backends:
             print(f"  chatcore {backend}", flush=True)
             engine = build_engine(hf, backend, window)
-            res = m.setdefault("chatcore", {}).setdefault(backend, {"decode": {}, "prefill": {}})
-            new = ours(engine, args.contexts, vocab, warm=32768 in args.contexts)
-            res["decode"].update(new["decode"])     # a run over some contexts keeps the others' results
-            res["prefill"].update(new["prefill"])
-            if "warm_turn_ttft_s" in new:
-                res["warm_turn_ttft_s"] = new["warm_turn_ttft_s"]
+            merge(m.setdefault("chatcore", {}).setdefault(backend, {}),
+                  ours(engine, args.contexts, vocab, warm=32768 in args.contexts))
             del engine
             gc.collect()
             torch.cuda.empty_cache()
@@ -338,20 +335,20 @@ def main() -> None:
             torch.cuda.empty_cache()
             save()
         if not args.no_hf:
-            print("  transformers eager", flush=True)
-            m["transformers_eager"] = theirs(hf, args.contexts, vocab, static=False, warm=32768 in args.contexts)
-            save()
+            # like chatcore's, a peer's results merge per context: a run over some contexts keeps the others'
+            if not args.no_eager:
+                print("  transformers eager", flush=True)
+                new = theirs(hf, args.contexts, vocab, static=False, warm=32768 in args.contexts)
+                merge(m.setdefault("transformers_eager", {}), new)
+                save()
             compile_ctx = args.compile_contexts if args.compile_contexts is not None else args.contexts
-            done: dict[str, Any] = {"decode": {}, "prefill": {}}
+            done = m.setdefault("transformers_static_compile", {})
             for ctx in compile_ctx:
                 if time.perf_counter() - start > args.deadline:
-                    done["decode"][str(ctx)] = {"error": "not run: the device-time deadline was reached"}
+                    print(f"  transformers static+compile {ctx}: not run (deadline)", flush=True)
                     continue
                 print("  transformers static+compile", flush=True)
-                part = theirs(hf, [ctx], vocab, static=True, warm=False)
-                done["decode"].update(part["decode"])
-                done["prefill"].update(part["prefill"])
-                m["transformers_static_compile"] = done
+                merge(done, theirs(hf, [ctx], vocab, static=True, warm=False))
                 save()
         for res in m.get("chatcore", {}).values():
             for ctx, d in res["decode"].items():
@@ -368,6 +365,14 @@ def main() -> None:
     save()
     plot(results, args.out / "gpu.png")
     print_table(results)
+
+
+def merge(res: dict[str, Any], new: dict[str, Any]) -> None:
+    """Fold one run's results into the stored ones: per context, so a run over some contexts keeps the others'."""
+    for key in ("decode", "prefill"):
+        res.setdefault(key, {}).update(new.get(key, {}))
+    if "warm_turn_ttft_s" in new:
+        res["warm_turn_ttft_s"] = new["warm_turn_ttft_s"]
 
 
 def print_table(results: dict[str, Any]) -> None:

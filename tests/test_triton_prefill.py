@@ -104,10 +104,10 @@ def test_bad_shapes_are_refused() -> None:
         triton_prefill.prefill_attention(q, k.transpose(1, 2).contiguous().transpose(1, 2), k, 5)
 
 
-def test_triton_backend_routes_biased_prompt_chunks_to_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_triton_backend_routes_prompt_chunks_to_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """The entry point (which first cuts keys no query can see) with the kernel enabled on the CPU as on CUDA."""
     monkeypatch.setattr(attn, "_PREFILL_KERNEL_DEVICES", ("cuda", "cpu"))
-    for t, before, window, alibi in ((19, 40, 11, False), (12, 5, None, True)):
+    for t, before, window, alibi in ((19, 40, 11, False), (12, 5, None, True), (9, 30, None, False)):
         q, k, v = inputs(t, before, 4, 2, 32, torch.float32, "cpu", seed=t)
         slopes = bloom_slopes(4) if alibi else None
         out = attention(q, k, v, q_offset=before, backend="triton", window=window, alibi=slopes)
@@ -117,6 +117,7 @@ def test_triton_backend_routes_biased_prompt_chunks_to_the_kernel(monkeypatch: p
 
 GPU_CASES = [  # (T, cached before, Hq, Hkv, D, window, alibi)
     (2048, 6144, 32, 8, 128, None, False),    # Llama-3.1-8B: a chunk on a 6k cache
+    (256, 32512, 32, 8, 128, None, False),    # ... a warm turn on a 32k history (split-KV)
     (2048, 6144, 32, 8, 128, 4096, False),    # ... with a 4096 window
     (4096, 0, 16, 16, 128, None, True),       # BLOOM-1b7: the first chunk
     (4096, 4096, 16, 16, 128, None, True),    # ... on a cache
