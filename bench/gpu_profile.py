@@ -86,6 +86,34 @@ def gate_up(hf: torch.nn.Module) -> None:
     _FUSED_CHOICE.clear()
 
 
+def sweep_flash_splits() -> None:
+    """flash-attn's decode kernel (append + ALiBi or in-kernel rotary, as the flash backend calls it) for the
+    BLOOM-1b7 and Llama-3.1-8B layer shapes over cache spans: its own split heuristic (0) against fixed splits."""
+    from flash_attn import flash_attn_with_kvcache
+
+    from chatcore.layers.alibi import bloom_slopes
+    from chatcore.layers.linear import gpu_time
+
+    for name, hq, hkv, alibi in (("bloom-1b7", 16, 16, True), ("llama-3.1-8b", 32, 8, False)):
+        slopes = bloom_slopes(hq).cuda() if alibi else None
+        for span, live in ((1024, 600), (4096, 4000), (8192, 4500), (33280, 32800)):
+            kc, vc = (torch.randn(1, span, hkv, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            q = torch.randn(1, 1, hq, 128, device="cuda", dtype=torch.bfloat16)
+            kn, vn = (torch.randn(1, 1, hkv, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            seqlens = torch.tensor([live], dtype=torch.int32, device="cuda")
+            cos = sin = None
+            if not alibi:
+                ang = torch.rand(span, 64, device="cuda")
+                cos, sin = ang.cos().bfloat16(), ang.sin().bfloat16()
+            kw = dict(k=kn, v=vn, rotary_cos=cos, rotary_sin=sin, cache_seqlens=seqlens, causal=True,
+                      alibi_slopes=slopes)
+            row = []
+            for splits in (0, 1, 2, 4, 8, 16, 32):
+                t = gpu_time(lambda s=splits, a=(q, kc, vc), kw=kw: flash_attn_with_kvcache(*a, **kw, num_splits=s))
+                row.append(f"{splits}:{t * 1e6:5.1f}")
+            print(f"  flash splits {name} span {span:>5} live {live:>5} (us): " + "  ".join(row), flush=True)
+
+
 def sweep_prefill(hf: torch.nn.Module, n: int, backends: list[str]) -> None:
     """Cold prefill of ``n`` tokens at several chunk sizes: time and memory beyond weights and KV cache."""
     import dataclasses
@@ -164,8 +192,12 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["flash", "triton"])
     ap.add_argument("--sweep", action="store_true", help="time the Triton decode kernel's launch shapes")
     ap.add_argument("--prefill", type=int, default=0, help="time a cold prefill of this many tokens per chunk size")
+    ap.add_argument("--flash-splits", action="store_true", help="time flash-attn's decode kernel per split count")
     ap.add_argument("--warm", action="store_true", help="break down a warm turn (+256 tokens on 32k) and stop")
     args = ap.parse_args()
+    if args.flash_splits:
+        sweep_flash_splits()
+        return
     hf = build_hf(args.model)
     w, kv = roofline_bytes(hf, args.ctx)
     print(f"{args.model}: weights {w / 1e9:.2f} GB, KV at {args.ctx}: {kv / 1e9:.3f} GB")

@@ -78,6 +78,7 @@ def attention_kernels(tokens: int, hq: int, hkv: int, d: int, chunk: int) -> dic
         "sdpa flash, GQA": sdpa(SDPBackend.FLASH_ATTENTION, kh, vh, True),
         "sdpa cudnn, GQA": sdpa(SDPBackend.CUDNN_ATTENTION, kh, vh, True),
         "sdpa cudnn, K/V repeated": sdpa(SDPBackend.CUDNN_ATTENTION, kx, vx, False),
+        "sdpa cudnn, GQA, head-major K/V": sdpa(SDPBackend.CUDNN_ATTENTION, kh.contiguous(), vh.contiguous(), True),
         "sdpa efficient, GQA": sdpa(SDPBackend.EFFICIENT_ATTENTION, kh, vh, True),
         f"sdpa flash, chunks of {chunk}": sdpa_chunked(SDPBackend.FLASH_ATTENTION, kh, vh, True),
         f"sdpa cudnn, chunks of {chunk}": sdpa_chunked(SDPBackend.CUDNN_ATTENTION, kx, vx, False),
