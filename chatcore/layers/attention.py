@@ -120,9 +120,6 @@ def _fresh_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     hq, hkv = q.shape[1], k.shape[0]
-    # cuDNN reads token-major K/V ([S, Hkv, D] memory, as the projections make them) faster than the cache's
-    # head-major views: a copy of both (~0.1 ms for 32k tokens of the 8B) saves more (bench/prefill_floor.py)
-    k, v = (x.transpose(0, 1).contiguous().transpose(0, 1) for x in (k, v))
     try:
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True), \
                 warnings.catch_warnings():
