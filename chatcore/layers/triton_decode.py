@@ -137,7 +137,8 @@ def _split_k(q_ptr, kc_ptr, vc_ptr, pos_ptr, slopes_ptr, part_ptr, ml_ptr, k_ptr
         k = _rotate(k_ptr, kv_head + one, one < 1, offs_d, cos_ptr, sin_ptr, last, D, HALF, HAS_ROPE)
         v = tl.load(v_ptr + kv_head * D + one[:, None] * D + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
         cache_row = kv_head * head_stride + last * D + one[:, None] * D + offs_d[None, :]
-        write = covers & (offs_d[None, :] < D)
+        # a tensor mask built by comparison (Triton 3.9's interpreter refuses a scalar flag broadcast by &)
+        write = (offs_d[None, :] + tl.where(covers, 0, BLOCK_D)) < D
         tl.store(kc_ptr + cache_row, k.to(kc_ptr.dtype.element_ty), mask=write)
         tl.store(vc_ptr + cache_row, v.to(vc_ptr.dtype.element_ty), mask=write)
         k = k.to(kc_ptr.dtype.element_ty).to(tl.float32)    # attend to the key as the cache holds it
