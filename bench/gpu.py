@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cuda_timing import event_seconds
 
 NEW_TOKENS = 128
 WARM_NEW = 256
@@ -56,18 +57,8 @@ def copy_bandwidth() -> float:
     """Bytes/s of a 2 GiB device-to-device copy, read + write counted (median of 10 after warm-up)."""
     src = torch.randn(512 * 1024 * 1024, device="cuda")
     dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    del src, dst
-    return 2 * 512 * 1024 * 1024 * 4 / statistics.median(times)
+    seconds = event_seconds(lambda: dst.copy_(src), reps=10, warmup=3)
+    return 2 * 512 * 1024 * 1024 * 4 / seconds
 
 
 def build_hf(name: str) -> torch.nn.Module:

@@ -18,24 +18,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from cuda_timing import event_seconds  # noqa: E402
 from gpu import build_engine, build_hf, rand_ids, roofline_bytes  # noqa: E402
 
 import chatcore  # noqa: E402
 from chatcore.cuda_graph import DecodeGraph  # noqa: E402
 from chatcore.layers.attention import sized_by_buffer  # noqa: E402
-
-
-def event_time(fn, reps: int = 50) -> float:  # noqa: ANN001
-    fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
 
 
 def sweep_attention() -> None:
@@ -230,11 +218,11 @@ def main() -> None:
         slot = engine.new_slot()
         engine.prefill(rand_ids(args.ctx, 1, hf.config.vocab_size), slot)
         graph = DecodeGraph(engine.model, slot, spans=sized_by_buffer(backend))
-        replay = event_time(graph.current()[0].replay, 100)
+        replay = event_seconds(graph.current()[0].replay, 100)
         token = torch.zeros(1, dtype=torch.long, device="cuda")
         pos = torch.full((1,), slot.length, dtype=torch.int32, device="cuda")
         with torch.inference_mode():
-            eager = event_time(lambda e=engine, t=token, p=pos, s=slot: e.model.decode(t, p, s), 20)
+            eager = event_seconds(lambda e=engine, t=token, p=pos, s=slot: e.model.decode(t, p, s), 20)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(3):
                     engine.model.decode(token, pos, slot)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import event_seconds
 
 SHAPES = {   # hidden, heads, kv heads, head dim, MLP, layers
     "llama-3.1-8b": (4096, 32, 8, 128, 14336, 32),
@@ -28,16 +28,7 @@ SHAPES = {   # hidden, heads, kv heads, head dim, MLP, layers
 
 def cuda_ms(fn: Callable[[], object], reps: int = 5) -> float:
     """Median milliseconds of ``fn`` (events around each call, after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return 1e3 * event_seconds(fn, reps)
 
 
 def causal_flops(t: int, s: int, hq: int, d: int) -> float:

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 from collections.abc import Callable
 
 import torch
+from cuda_timing import event_seconds
 
 from chatcore.layers.alibi import bloom_slopes
 from chatcore.layers.attention import attention, flash_available
@@ -56,16 +56,7 @@ def time_prompt(fn: Kernel, chunks: list[Chunk], kc: torch.Tensor, vc: torch.Ten
             s = off + q.shape[0]
             fn(q, kc[:, :s], vc[:, :s], off)
 
-    run()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
+    return event_seconds(run, reps)
 
 
 def entry_point(backend: str, window: int | None, slopes: torch.Tensor | None) -> Kernel:
