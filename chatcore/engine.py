@@ -14,7 +14,7 @@ from chatcore.config import ModelConfig
 from chatcore.detokenize import IncrementalDetokenizer
 from chatcore.errors import PromptTooLong, TokenizerMissing
 from chatcore.kv_cache import KVCache
-from chatcore.runtime import Runtime
+from chatcore.runtime import Runtime, activation_bytes_per_token, fit_chunk
 from chatcore.sampling import Sampler, SamplingParams
 from chatcore.stopping import StopStrings
 from chatcore.tokenizer import Tokenizer
@@ -156,7 +156,7 @@ class Engine:
         With ``sink_tokens``, a slot that fills up keeps its first ``sink_tokens`` tokens and drops the
         oldest ones after them (StreamingLLM), so ``ids`` may be longer than the window.
         """
-        chunk = self.runtime.prefill_chunk
+        chunk = self._chunk()
         if sink_tokens is None:
             if slot.length + len(ids) > slot.capacity:
                 raise PromptTooLong(
@@ -171,6 +171,17 @@ class Engine:
                 self.make_room(slot, len(piece), sink_tokens)
             outs.append(self._run(piece, slot, all_logits=all_logits))
         return torch.cat(outs) if all_logits else outs[-1]
+
+    def _chunk(self) -> int:
+        """Prompt tokens per forward pass: the runtime's, lowered on a GPU (default setting) to what half the
+        memory free now holds (free on the device plus what PyTorch's allocator holds unused)."""
+        rt = self.runtime
+        if not (rt.chunk_by_memory and rt.device.type == "cuda"):
+            return rt.prefill_chunk
+        free, _ = torch.cuda.mem_get_info(rt.device)
+        free += torch.cuda.memory_reserved(rt.device) - torch.cuda.memory_allocated(rt.device)
+        per_token = activation_bytes_per_token(self.config.hidden_size, self.config.intermediate_size, rt.dtype)
+        return fit_chunk(rt.prefill_chunk, free // 2, per_token)
 
     @staticmethod
     def _shift_size(slot: KVCache, sink_tokens: int) -> int:

@@ -160,7 +160,8 @@ def make_runtime(cfg: ModelConfig, dev: torch.device, dt: torch.dtype, *, max_se
     window = min(max_seq_len or cfg.max_position_embeddings, cfg.max_window)
     return Runtime(device=dev, dtype=dt, max_seq_len=window,
                    prefill_chunk=prefill_chunk or (32768 if dev.type == "cuda" else 512),
-                   attention_backend=pick_backend(attention, dev, dt), cuda_graphs=cuda_graphs)
+                   attention_backend=pick_backend(attention, dev, dt), cuda_graphs=cuda_graphs,
+                   chunk_by_memory=prefill_chunk is None and dev.type == "cuda")
 
 
 def load(path: str | Path | None = "demo", device: str | torch.device | None = None,
@@ -173,7 +174,8 @@ def load(path: str | Path | None = "demo", device: str | torch.device | None = N
     ``path``: a Hugging Face directory, a ``.gguf`` file, or ``"demo"`` / None for SmolLM2-135M-Instruct.
     ``device`` / ``dtype``: None picks CUDA + bfloat16 when available, else CPU + float32.
     ``max_seq_len``: the context window to serve (default: the model's own).
-    ``prefill_chunk``: prompt tokens per forward pass (default 512 on the CPU, 32768 on a GPU).
+    ``prefill_chunk``: prompt tokens per forward pass (default 512 on the CPU; on a GPU 32768, lowered at each
+    prompt to what half the free memory holds).
     ``attention``: auto, flash, triton, torch or math; ``cuda_graphs``: capture each slot's decode step.
     ``progress(done, total)``: called as tensors load; ``status(message)``: notices such as the demo
     model's first download (both default to stderr).
