@@ -39,6 +39,13 @@ class CausalLM:
                        capacity=capacity, dtype=self.runtime.dtype, device=self.runtime.device,
                        rotary=self.rotary, preallocate=preallocate)
 
+    @staticmethod
+    def outer_names(cfg: ModelConfig) -> list[str]:
+        """The Hugging Face names around the layers of a ``model.*`` checkpoint: embedding, final norm, and
+        the head unless it is tied to the embedding (the start of a family's ``tensor_names``)."""
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        return names if cfg.tie_word_embeddings else [*names, "lm_head.weight"]
+
     # -- the three places a tensor-parallel shard differs (identity without ``tp``) ----------------------
     def embed_ids(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Embedding rows of ``ids``; a vocab-parallel shard looks up its own rows and sums across ranks."""

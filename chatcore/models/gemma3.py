@@ -92,9 +92,7 @@ class Gemma3Model(CausalLM):
 
     @staticmethod
     def tensor_names(cfg: ModelConfig) -> list[str]:
-        names = ["model.embed_tokens.weight", "model.norm.weight"]
-        if not cfg.tie_word_embeddings:
-            names.append("lm_head.weight")
+        names = CausalLM.outer_names(cfg)
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}"
             names += [f"{p}.{n}.weight" for n in ("input_layernorm", "post_attention_layernorm",

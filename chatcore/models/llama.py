@@ -68,9 +68,7 @@ class LlamaModel(CausalLM):
     @staticmethod
     def tensor_names(cfg: ModelConfig) -> list[str]:
         """Every Hugging Face tensor name this family reads (used to check and convert checkpoints)."""
-        names = ["model.embed_tokens.weight", "model.norm.weight"]
-        if not cfg.tie_word_embeddings:
-            names.append("lm_head.weight")
+        names = CausalLM.outer_names(cfg)
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}"
             names += [f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"]
