@@ -44,7 +44,6 @@ class ChatApp(Actions, App[None]):
     # The state the actions depend on; a change re-checks which are enabled (`Actions.check_action`).
     streaming: reactive[bool] = reactive(False, bindings=True)  # a reply is streaming
     load_state: reactive[str] = reactive("loading", bindings=True)  # the model: loading | ready | failed
-    store_state: reactive[str] = reactive("opening", bindings=True)  # storage: opening | ready | failed
     session: reactive[ChatSession | None] = reactive(None, bindings=True)  # the live session shown
 
     def __init__(self, model: str = "demo", *, redis_url: str | None = None, session_id: str | None = None,
@@ -59,6 +58,7 @@ class ChatApp(Actions, App[None]):
         self._given_engine = engine
         self.library: SessionLibrary | None = SessionLibrary(store) if store is not None else None
         self._own_library = store is None
+        self.store_state = "opening"  # storage: opening | ready | failed
         self.keys = dict(keys or {})
         self.timings = timings
         self.sampling = dict(sampling or {})
