@@ -51,7 +51,7 @@ def timed(fn: Any, repeat: int) -> list[float]:
 
 
 def run_suite(store: Store, n_single: int, n_pipelined: int, n_load: int, n_sessions: int) -> dict[str, Any]:
-    r = store._r
+    r = store.connection
     r.flushdb()
     res: dict[str, Any] = {}
 
@@ -123,7 +123,7 @@ def with_redis_server(workdir: Path, fn: Any) -> tuple[str, dict[str, Any]] | No
             except OSError:
                 time.sleep(0.02)
         store = open_url(f"redis://127.0.0.1:{port}/0")
-        version = store._r.info("server")["redis_version"]
+        version = store.connection.info("server")["redis_version"]
         out = fn(store)
         store.close()
         return version, out
@@ -176,7 +176,7 @@ def main() -> int:
     load_before = _load1()
     with tempfile.TemporaryDirectory() as tmp:
         store = open_embedded(Path(tmp) / "embedded" / "sessions.rdb")
-        versions["embedded"] = store._r.info("server")["redis_version"]
+        versions["embedded"] = store.connection.info("server")["redis_version"]
         results["embedded"] = run_suite(store, **sizes)
         store.close()
         served = with_redis_server(Path(tmp), lambda st: run_suite(st, **sizes))

@@ -13,6 +13,7 @@ plain lists of ints and plain objects; only the engine touches tensors.
 from .budget import TokenBudget
 from .errors import ContextError, ContextOverflow, MessageTooLong, SessionBusy
 from .layout import REGIONS, ContextConfig, Layout
+from .library import SessionLibrary, load_engine
 from .manager import ContextManager, Pending, SummaryState
 from .plan import KVPlan, Plan, plan_kv
 from .pruning import Turn, TurnIndex
@@ -28,3 +29,13 @@ __all__ = [
     "SummaryResult", "SummaryState", "TokenBudget", "Turn", "TurnIndex", "TurnReport", "plan_kv",
     "stream_with_sinks",
 ]
+__all__ += ["SessionLibrary", "load_engine", "NotFound", "StorageError", "StoreUnavailable"]
+
+
+def __getattr__(name: str) -> type[Exception]:
+    """storage's errors (`NotFound`, `StorageError`, `StoreUnavailable`), imported on first use."""
+    from . import errors
+
+    if name in errors.STORAGE_ERRORS:
+        return getattr(errors, name)  # type: ignore[no-any-return]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

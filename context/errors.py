@@ -19,3 +19,15 @@ class ContextOverflow(ContextError):
 
 class SessionBusy(ContextError):
     """A reply is still streaming in this session."""
+
+
+# storage's errors reach front ends through context, imported on first use (storage imports redis).
+STORAGE_ERRORS = ("NotFound", "StorageError", "StoreUnavailable")
+
+
+def __getattr__(name: str) -> type[Exception]:
+    if name in STORAGE_ERRORS:
+        import storage.errors
+
+        return getattr(storage.errors, name)  # type: ignore[no-any-return]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

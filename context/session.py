@@ -170,6 +170,37 @@ class ChatSession:
             return to_markdown(conv)
         raise ValueError(f"export format must be 'json' or 'markdown', got {fmt!r}")
 
+    # -- what a front end shows and switches ----------------------------------------------------------
+    @property
+    def pinned(self) -> tuple[str, ...]:
+        """Ids of the pinned messages (kept in context whatever is pruned)."""
+        return tuple(self.manager.pinned)
+
+    @property
+    def summary(self) -> str | None:
+        """The summary of pruned turns the model sees, if one is in use."""
+        return self.manager.summary.text if self.manager.summary is not None else None
+
+    def switch_branch(self, message_id: str, step: int = 1) -> tuple[int, int]:
+        """Show another branch through `message_id`'s alternatives (edits, regenerations): `step` siblings
+        on, wrapping. The thread becomes that sibling's latest branch, as `open` would load it. Returns
+        (position, count), the position counted from 1."""
+        self._idle()
+        siblings = [m.id for m in self.store.load(self.id).siblings(message_id)]
+        if len(siblings) < 2:
+            raise ContextError("this message has no other branch (edit or regenerate to make one)")
+        at = (siblings.index(message_id) + step) % len(siblings)
+        self.store.switch_branch(self.id, siblings[at])
+        conv = self.store.load(self.id)
+        self._record = conv.session
+        self.manager.pinned = tuple(conv.session.pinned)
+        self.manager.reset(conv.thread())
+        summary = conv.session.summary
+        self.manager.set_summary(summary.text if summary is not None else None,
+                                 last_id=summary.last_id if summary is not None else None)
+        self._refresh()
+        return at + 1, len(siblings)
+
     # -- settings -----------------------------------------------------------------------------------
     def set_params(self, **sampling: Any) -> None:
         """Change default sampling parameters (merged into the stored ones); None removes one."""

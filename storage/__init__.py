@@ -25,8 +25,8 @@ from .errors import (
 )
 from .keys import key, new_id, session_keys
 from .messages import TIP, NewMessage
-from .models import Conversation, Message, SearchHit, Session, SessionPage, Summary
 from .outbox import Outbox
+from .records import Conversation, Message, SearchHit, Session, SessionPage, Summary
 from .sessions import UNSET
 from .store import Store
 from .writer import ReplyWriter

@@ -83,11 +83,15 @@ def writer_alive(raw: str | None, now: float, stale_after: float) -> bool:
 
 
 class StoreBase:
-    """Holds the client and translates every Redis failure into one of our errors."""
+    """Holds the client and translates every Redis failure into one of our errors.
+
+    `connection` is the redis-py client the store was handed (public, as in rq's results): for a
+    pipeline of one's own, server commands, or a test flushing its database. Writing our keys through
+    it bypasses the store's checks."""
 
     def __init__(self, client: Any, config: StoreConfig | None = None, *, where: str | None = None,
                  secrets: Sequence[str] = (), on_close: Callable[[], None] | None = None) -> None:
-        self._r = client
+        self.connection = client
         self.config = config or StoreConfig()
         self.where = where or describe_client(client)
         try:
@@ -112,14 +116,14 @@ class StoreBase:
             if self._on_close is not None:
                 self._on_close()
             else:
-                self._r.close()
+                self.connection.close()
         except Exception as exc:  # closing must never raise
             log.debug("closing %s: %s", self.where, self._scrub(str(exc)))
 
     def ping(self) -> None:
         """Raise StoreUnavailable unless Redis answers."""
         with self._guard():
-            self._r.ping()
+            self.connection.ping()
 
     def _scrub(self, text: str) -> str:
         for s in self._secrets:
@@ -167,7 +171,7 @@ class StoreBase:
     def _diagnose(self, session_id: str) -> CorruptRecord | None:
         """Find which of a session's keys holds a foreign type (after a WRONGTYPE reply)."""
         try:
-            pipe = self._r.pipeline(transaction=False)
+            pipe = self.connection.pipeline(transaction=False)
             names = [key(kind, session_id) for kind in SESSION_KINDS]
             for name in names:
                 pipe.type(name)
@@ -188,7 +192,7 @@ class StoreBase:
         """
         meta = key("meta", session_id)
         for attempt in range(attempts):
-            with self._guard(session_id), self._r.pipeline(transaction=True) as pipe:
+            with self._guard(session_id), self.connection.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(meta)
                     result = body(pipe)

@@ -15,7 +15,7 @@ from typing import Any, NoReturn, TextIO
 from .connect import ENV_URL, open_store
 from .errors import InvalidInput, NotFound, StorageError
 from .export import import_text, to_json_text, to_markdown
-from .models import Session
+from .records import Session
 from .store import Store
 
 PROG = "chatcore sessions"

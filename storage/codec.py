@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import CorruptRecord, InvalidInput, SchemaVersionError
 from .keys import check_id
-from .models import ROLES, STATUSES, Message, Session, Summary
+from .records import ROLES, STATUSES, Message, Session, Summary
 
 SCHEMA = 1
 #: version -> function upgrading a decoded record of that version by one step.

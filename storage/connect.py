@@ -195,7 +195,7 @@ def _retry() -> Retry:
 
 def _check_server(store: Store) -> None:
     with store._guard():
-        info = store._r.info("server")
+        info = store.connection.info("server")
     found = str(info.get("redis_version", "0"))
     try:
         version = tuple(int(x) for x in found.split(".")[:2])

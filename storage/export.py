@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from .codec import RESERVED, SCHEMA
 from .errors import InvalidInput, StorageError
 from .keys import new_id
-from .models import ROLES, STATUSES, Conversation, Message, Session, Summary
+from .records import ROLES, STATUSES, Conversation, Message, Session, Summary
 
 if TYPE_CHECKING:
     from .store import Store

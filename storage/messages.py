@@ -28,7 +28,7 @@ from .codec import (
 )
 from .errors import Conflict, CorruptRecord, InvalidInput, NotFound, SchemaVersionError
 from .keys import check_id, key, new_id
-from .models import ROLES, STATUSES, Conversation, Message
+from .records import ROLES, STATUSES, Conversation, Message
 from .scripts import APPEND, SET_HEADERS, SET_TIP
 from .sessions import SessionsMixin
 
@@ -112,7 +112,7 @@ class MessagesMixin(SessionsMixin):
             args += [m.id, mode, parent, message_rest(m), live_value() if m.status == "streaming" else ""]
         names = [key(k, session_id) for k in ("meta", "msgs", "live")]
         with self._guard(session_id):
-            pipe = self._r.pipeline(transaction=False)
+            pipe = self.connection.pipeline(transaction=False)
             APPEND.queue(pipe, names, args)
             pipe.zadd(key("index"), {session_id: updated}, xx=True, gt=True)
             res = pipe.execute()[0]
@@ -149,7 +149,7 @@ class MessagesMixin(SessionsMixin):
     def get_message(self, session_id: str, message_id: str) -> Message:
         msgs = key("msgs", session_id)
         with self._guard(session_id):
-            pipe = self._r.pipeline(transaction=False)
+            pipe = self.connection.pipeline(transaction=False)
             pipe.hget(msgs, check_id(message_id))
             pipe.hget(key("live", session_id), message_id)
             raw, live = pipe.execute()
@@ -167,7 +167,7 @@ class MessagesMixin(SessionsMixin):
         """The session and all its messages (every branch), in one consistent snapshot."""
         names = {k: key(k, session_id) for k in ("meta", "msgs", "live")}
         with self._guard(session_id):
-            pipe = self._r.pipeline(transaction=True)
+            pipe = self.connection.pipeline(transaction=True)
             pipe.hgetall(names["meta"])
             pipe.hvals(names["msgs"])
             pipe.hgetall(names["live"])
@@ -180,7 +180,7 @@ class MessagesMixin(SessionsMixin):
                 messages = decode_messages(names["msgs"], session_id, values)
             except CorruptRecord:  # name the field: read it again, this time with field names
                 with self._guard(session_id):
-                    pairs = self._r.hgetall(names["msgs"])
+                    pairs = self.connection.hgetall(names["msgs"])
                 messages = [decode_message(names["msgs"], text(k), session_id, v) for k, v in pairs.items()]
             messages.sort(key=_by_seq)
             if live or any(m.status == "streaming" for m in messages):
@@ -207,7 +207,7 @@ class MessagesMixin(SessionsMixin):
     def set_tip(self, session_id: str, message_id: str) -> None:
         """Make `message_id` the end of the current branch (exactly that message)."""
         with self._guard(session_id):
-            res = SET_TIP(self._r, [key("meta", session_id), key("msgs", session_id)],
+            res = SET_TIP(self.connection, [key("meta", session_id), key("msgs", session_id)],
                           [check_id(message_id), str(SCHEMA)])
         self._tip_result(session_id, message_id, text(res))
 
@@ -282,7 +282,7 @@ class MessagesMixin(SessionsMixin):
             return 0
         msgs = key("msgs", session_id)
         with self._guard(session_id):
-            raws = self._r.hmget(msgs, ids)
+            raws = self.connection.hmget(msgs, ids)
         args: list[Any] = []
         for mid, raw in zip(ids, raws, strict=True):
             if raw is not None:
@@ -293,7 +293,7 @@ class MessagesMixin(SessionsMixin):
         if not args:
             return 0
         with self._guard(session_id):
-            return int(SET_HEADERS(self._r, [msgs], args))
+            return int(SET_HEADERS(self.connection, [msgs], args))
 
 
 _by_seq = attrgetter("seq")

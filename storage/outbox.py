@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import InvalidInput, StorageError, StoreUnavailable
 from .keys import check_id, new_id
 from .messages import TIP, NewMessage
-from .models import Message
+from .records import Message
 
 if TYPE_CHECKING:
     from .store import Store

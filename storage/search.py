@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from .codec import decode_message, text
 from .errors import CorruptRecord, InvalidInput, SchemaVersionError
 from .keys import key
-from .models import SearchHit, Session
+from .records import SearchHit, Session
 
 if TYPE_CHECKING:
     from .sessions import SessionsMixin
@@ -35,7 +35,7 @@ def search(store: SessionsMixin, query: str, *, limit: int = 20, content: bool =
     offset = 0
     while len(hits) < limit:
         with store._guard():
-            found = [text(i) for i in store._r.zrevrange(key("index"), offset, offset + batch - 1)]
+            found = [text(i) for i in store.connection.zrevrange(key("index"), offset, offset + batch - 1)]
         if not found:
             break
         offset += len(found)
@@ -49,7 +49,7 @@ def search(store: SessionsMixin, query: str, *, limit: int = 20, content: bool =
                 pending.append(session)
         if pending:
             with store._guard():
-                pipe = store._r.pipeline(transaction=False)
+                pipe = store.connection.pipeline(transaction=False)
                 for session in pending:
                     pipe.hgetall(key("msgs", session.id))
                 replies = pipe.execute(raise_on_error=False)

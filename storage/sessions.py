@@ -21,7 +21,7 @@ from .codec import (
 )
 from .errors import Conflict, CorruptRecord, InvalidInput, MessageTooLarge, NotFound, SchemaVersionError, StorageError
 from .keys import check_id, key, new_id, session_id_from_meta_key, session_keys, session_pattern
-from .models import Session, SessionPage, Summary
+from .records import Session, SessionPage, Summary
 from .scripts import CREATE, META
 
 
@@ -64,7 +64,7 @@ class SessionsMixin(StoreBase):
         fields = encode_session(session)
         args = [fields["created"]] + [x for kv in fields.items() for x in kv]
         with self._guard(session.id):
-            pipe = self._r.pipeline(transaction=False)
+            pipe = self.connection.pipeline(transaction=False)
             CREATE.queue(pipe, [key("meta", session.id)], args)
             pipe.zadd(key("index"), {session.id: session.updated_at}, nx=True)
             outcome = text(pipe.execute()[0])
@@ -82,7 +82,7 @@ class SessionsMixin(StoreBase):
 
     def session_exists(self, session_id: str) -> bool:
         with self._guard(session_id):
-            return bool(self._r.exists(key("meta", session_id)))
+            return bool(self.connection.exists(key("meta", session_id)))
 
     # ------------------------------------------------------------------ settings
 
@@ -167,7 +167,7 @@ class SessionsMixin(StoreBase):
             raise InvalidInput("offset must be >= 0 and limit >= 1")
         index = key("index")
         with self._guard():
-            pipe = self._r.pipeline(transaction=False)
+            pipe = self.connection.pipeline(transaction=False)
             pipe.zrevrange(index, offset, offset + limit - 1)
             pipe.zcard(index)
             ids, total = pipe.execute()
@@ -187,7 +187,7 @@ class SessionsMixin(StoreBase):
         it unreadable, or None if it no longer exists (deleted after the index was read)."""
         valid = [sid for sid in ids if _valid(sid)]
         with self._guard():
-            pipe = self._r.pipeline(transaction=False)
+            pipe = self.connection.pipeline(transaction=False)
             for sid in valid:
                 META.queue(pipe, [key("meta", sid)], [])
             replies = dict(zip(valid, pipe.execute(raise_on_error=False) if valid else [], strict=True))
@@ -209,7 +209,7 @@ class SessionsMixin(StoreBase):
                         fields = json.loads(raw)
                     except ValueError:  # name the bad field
                         with self._guard(sid):
-                            fields = parse_session_hash(meta, self._r.hgetall(meta))
+                            fields = parse_session_hash(meta, self.connection.hgetall(meta))
                     out.append(session_from_fields(meta, fields))
             except (CorruptRecord, SchemaVersionError) as exc:
                 out.append(exc)
@@ -222,7 +222,7 @@ class SessionsMixin(StoreBase):
             return [prefix]
         out: list[str] = []
         with self._guard():
-            for member, _score in self._r.zscan_iter(key("index"), match=prefix + "*", count=1000):
+            for member, _score in self.connection.zscan_iter(key("index"), match=prefix + "*", count=1000):
                 out.append(text(member))
                 if len(out) >= limit:
                     break
@@ -230,13 +230,13 @@ class SessionsMixin(StoreBase):
 
     def count_sessions(self) -> int:
         with self._guard():
-            return int(self._r.zcard(key("index")))
+            return int(self.connection.zcard(key("index")))
 
     def delete_session(self, session_id: str) -> bool:
         """Remove every key of the session (and its index entry). False if there was nothing."""
         names = session_keys(session_id)
         with self._guard(session_id):
-            pipe = self._r.pipeline(transaction=False)
+            pipe = self.connection.pipeline(transaction=False)
             pipe.delete(*names)
             pipe.zrem(key("index"), session_id)
             deleted, unindexed = pipe.execute()
@@ -247,17 +247,17 @@ class SessionsMixin(StoreBase):
         index = key("index")
         found: dict[str, float] = {}
         with self._guard():
-            for name in self._r.scan_iter(match=session_pattern(), count=1000):
+            for name in self.connection.scan_iter(match=session_pattern(), count=1000):
                 sid = session_id_from_meta_key(text(name))
                 if sid is None:
                     continue
-                updated = self._r.hget(name, "updated")
+                updated = self.connection.hget(name, "updated")
                 try:
                     found[sid] = check_number(float(updated), "updated") if updated is not None else 0.0
                 except (ValueError, InvalidInput):
                     found[sid] = 0.0
-            stale = [text(m) for m in self._r.zrange(index, 0, -1) if text(m) not in found]
-            pipe = self._r.pipeline(transaction=False)
+            stale = [text(m) for m in self.connection.zrange(index, 0, -1) if text(m) not in found]
+            pipe = self.connection.pipeline(transaction=False)
             if stale:
                 pipe.zrem(index, *stale)
             for i in range(0, len(found), 1000):

@@ -10,7 +10,7 @@ from .codec import encode_message, encode_session
 from .errors import Conflict, InvalidInput, MessageTooLarge
 from .keys import check_id, key, new_id
 from .messages import TIP, MessagesMixin
-from .models import ROLES, STATUSES, Conversation, SearchHit, Session
+from .records import ROLES, STATUSES, Conversation, SearchHit, Session
 from .search import search as _search
 from .writer import ReplyWriter
 
@@ -78,7 +78,7 @@ class Store(MessagesMixin):
             return session
         out = self._transact(sid, body, attempts=3)
         with self._guard(sid):
-            self._r.zadd(key("index"), {sid: session.updated_at})
+            self.connection.zadd(key("index"), {sid: session.updated_at})
         return out
 
 

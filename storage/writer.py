@@ -13,7 +13,7 @@ from .base import live_value
 from .codec import decode_message, encode_message
 from .errors import InvalidInput, NotFound, StorageError, StoreUnavailable
 from .keys import key
-from .models import FINAL_STATUSES, Message
+from .records import FINAL_STATUSES, Message
 from .scripts import CHECKPOINT, FINISH, HEARTBEAT
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ class ReplyWriter:
                 self._begin()
             else:
                 with self.store._guard(self.session_id):
-                    ok = CHECKPOINT(self.store._r, [key("msgs", self.session_id), key("live", self.session_id)],
+                    ok = CHECKPOINT(self.store.connection, [key("msgs", self.session_id), key("live", self.session_id)],
                                     [self.id, encode_message(self._message("streaming")), live_value()])
                 self.gone = not ok
         except StoreUnavailable as exc:
@@ -122,7 +122,7 @@ class ReplyWriter:
         """Tell readers this reply is still being generated (e.g. during a long prefill)."""
         if self._started and self.finished is None and not self.gone:
             with self.store._guard(self.session_id):
-                alive = HEARTBEAT(self.store._r, [key("live", self.session_id)], [self.id, live_value()])
+                alive = HEARTBEAT(self.store.connection, [key("live", self.session_id)], [self.id, live_value()])
             self.gone = not alive
 
     # ------------------------------------------------------------------ the end
@@ -143,7 +143,7 @@ class ReplyWriter:
         m = self._message(status, tokens)
         names = [key(k, self.session_id) for k in ("meta", "msgs", "live")]
         with self.store._guard(self.session_id):
-            pipe = self.store._r.pipeline(transaction=False)
+            pipe = self.store.connection.pipeline(transaction=False)
             FINISH.queue(pipe, names, [self.id, encode_message(m), repr(m.updated_at)])
             pipe.zadd(key("index"), {self.session_id: m.updated_at}, xx=True, gt=True)
             res = pipe.execute()[0]

@@ -1,41 +1,72 @@
 """The app's user actions (key bindings and the command palette): selection, regenerate, edit, branches,
 pin, system prompt, parameters, export, copy, and the session list's new / rename / delete. A mixin of
-`ChatApp`, which owns the state these read (`session`, `engine`, `busy`, ...) and the turn machinery."""
+`ChatApp`, which owns the state these read (`session`, `engine`, `streaming`, ...) and the turn machinery.
+
+Which actions may run now is decided in one place, `refusal`: `check_action` disables the others (the footer
+dims them) and a key or palette command for a disabled action gets one notice saying why."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
+from textual import events
 from textual.app import SystemCommand
 from textual.screen import Screen
 from textual.widgets import Input
 
 from . import keymap
+from .display import MeterInfo, Row, export_name, meter_info, rows
 from .screens import ConfirmScreen, HelpScreen, ParamsScreen, TextEditScreen
 from .widgets.chat_view import code_blocks
 from .widgets.meter import ContextMeter
 from .widgets.session_list import SessionList
-from .workers import MeterInfo, Row, export_to, meter_info, session_rows
+
+STREAMING = "A reply is still streaming; press Esc to cancel it."
+# Actions on the live session (they need the model and a session), and those that wait for the reply.
+_LIVE = frozenset({"regenerate", "edit", "branch", "toggle_pin", "system_prompt", "params", "export"})
+_IDLE = _LIVE | {"new_session", "delete_session"}
+_STORED = {"rename_session": "No session to rename.", "delete_session": "No session to delete."}
 
 
 class Actions:
-    def _live(self) -> bool:
-        if self.engine is None:
-            self.notify("The model is still loading." if self.load_state == "loading" else
-                        "The model failed to load.", severity="warning")
-            return False
-        if self.busy:
-            self.notify("A reply is still streaming; press Esc to cancel it.", severity="warning")
-            return False
-        if self.session is None:
-            self.notify("No session yet: send a message first.", severity="warning")
-            return False
-        return True
+    def refusal(self, action: str) -> str | None:
+        """Why `action` (an action name, without parameters) cannot run now; None when it can."""
+        if action in _STORED and (self.library is None or self.session_id is None):
+            return _STORED[action]
+        if action in _LIVE and self.engine is None:
+            return "The model is still loading." if self.load_state == "loading" else "The model failed to load."
+        if action in _IDLE and self.streaming:
+            return STREAMING
+        if action in _LIVE and self.session is None:
+            return "No session yet: send a message first."
+        return None
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return None if self.refusal(action) else True  # None: shown, dimmed
+
+    def explain(self, action: str) -> bool:
+        """Say why `action` ("name" or "name(args)") cannot run now, if it cannot; True if it said so."""
+        reason = self.refusal(action.partition("(")[0])
+        if reason is not None:
+            self.notify(reason, severity="warning")
+        return reason is not None
+
+    def on_key(self, event: events.Key) -> None:
+        """A key that reached the app unhandled: if it is bound to an action disabled now, say why."""
+        active = self.screen.active_bindings.get(event.key)
+        if active is not None and not active.enabled:
+            self.explain(active.binding.action)
+
+    async def run_command(self, action: str) -> None:
+        """The command palette's way in: run `action`, or say why it cannot run now."""
+        if not self.explain(action):
+            await self.run_action(action)
 
     def action_cancel(self) -> None:
-        if self.busy and self.session is not None:
+        if self.streaming and self.session is not None:
             self.session.cancel()
         elif self.view.selected is not None:
             self.view.clear_selection()
@@ -44,9 +75,6 @@ class Actions:
         await self.view.select(step)
 
     def action_new_session(self) -> None:
-        if self.busy:
-            self.notify("A reply is still streaming; press Esc to cancel it.", severity="warning")
-            return
         self.session = self.session_id = None
         self.query_one(SessionList).current = None
         self.run_worker(self.view.show([]))
@@ -54,12 +82,9 @@ class Actions:
         self.prompt.focus()
 
     def action_regenerate(self) -> None:
-        if self._live():
-            self.start_turn("regenerate")
+        self.start_turn("regenerate")
 
     def action_edit(self) -> None:
-        if not self._live():
-            return
         row = self.view.target("user")
         if row is None:
             self.notify("There is no message of yours to edit.", severity="warning")
@@ -72,50 +97,35 @@ class Actions:
         self.push_screen(TextEditScreen("Edit message (saved as a new branch)", row.content, "Save and regenerate"),
                          done)
 
-    def _apply(self, fn: Callable[[Any], Any], done: str | None = None) -> None:
-        """Run a session change in the background, then re-show the thread and the meter."""
+    def _apply(self, fn: Callable[[Any], Any], done: str | None = None, unselect: bool = False) -> None:
+        """Run a change of the live session in the background, then re-show the thread (unselected, with
+        `unselect`) and the meter and notify `done` (or what `fn` returned, if it returned text)."""
         session = self.session
 
-        def work() -> tuple[list[Row], MeterInfo]:
-            fn(session)
-            return session_rows(session), meter_info(session)
+        def work() -> tuple[list[Row], MeterInfo, Any]:
+            result = fn(session)
+            return rows(session.messages()), meter_info(session), result
 
-        async def show(result: tuple[list[Row], MeterInfo]) -> None:
-            await self.view.show(result[0])
-            self.query_one(ContextMeter).set_info(result[1])
-            if done:
-                self.notify(done)
+        async def show(result: tuple[list[Row], MeterInfo, Any]) -> None:
+            shown, info, said = result
+            if unselect:
+                self.view.clear_selection()
+            await self.view.show(shown)
+            self.query_one(ContextMeter).set_info(info)
+            text = done or (said if isinstance(said, str) else None)
+            if text:
+                self.notify(text)
 
         self.bg(work, show)
 
     def action_branch(self, step: int) -> None:
         """Show another branch (an edit or regeneration sibling) of the selected / last message."""
-        if not self._live():
-            return
         row = self.view.target()
         if row is None:
             return
-        store, sid = self.store, self.session.id
-
-        def switch() -> str:
-            sibs = [m.id for m in store.load(sid).siblings(row.id)]
-            if len(sibs) < 2:
-                raise LookupError("this message has no other branch (edit or regenerate to make one)")
-            store.switch_branch(sid, sibs[(sibs.index(row.id) + step) % len(sibs)])
-            self.sessions.pop(sid, None)  # reopened on the new branch (its KV slot is reused)
-            return f"Branch {(sibs.index(row.id) + step) % len(sibs) + 1} of {len(sibs)}."
-
-        def done(text: str) -> None:
-            self.session = None
-            self.view.clear_selection()
-            self.open_session(sid)
-            self.notify(text)
-
-        self.bg(switch, done)
+        self._apply(lambda s: "Branch {} of {}.".format(*s.switch_branch(row.id, step)), unselect=True)
 
     def action_toggle_pin(self) -> None:
-        if not self._live():
-            return
         row = self.view.target()
         if row is None:
             return
@@ -125,9 +135,6 @@ class Actions:
             self._apply(lambda s: s.pin(row.id), "Pinned: it stays in context.")
 
     def action_system_prompt(self) -> None:
-        if not self._live():
-            return
-
         def done(text: str | None) -> None:
             if text is not None:
                 self._apply(lambda s: s.set_system(text.strip() or None), "System prompt saved.")
@@ -135,9 +142,6 @@ class Actions:
         self.push_screen(TextEditScreen("System prompt", self.session.system or ""), done)
 
     def action_params(self) -> None:
-        if not self._live():
-            return
-
         def done(values: dict[str, Any] | None) -> None:
             if values is not None:
                 self._apply(lambda s: s.set_params(**values), "Parameters saved.")
@@ -145,10 +149,16 @@ class Actions:
         self.push_screen(ParamsScreen(self.session.params), done)
 
     def action_export(self, fmt: str) -> None:
-        if not self._live():
-            return
-        session, directory = self.session, self.export_dir
-        self.bg(lambda: export_to(session, fmt, directory), lambda path: self.notify(f"Exported to {path}"))
+        session, library, directory = self.session, self.library, self.export_dir
+
+        def write() -> str:
+            text = session.export(fmt)
+            path = os.path.join(directory, export_name(library.get(session.id).title, session.id, fmt))
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            return path
+
+        self.bg(write, lambda path: self.notify(f"Exported to {path}"))
 
     def copy_text(self, text: str, what: str) -> None:
         """OSC 52 through Textual; also written to a file, since not every terminal honours OSC 52."""
@@ -186,26 +196,17 @@ class Actions:
         self.query_one("#filter", Input).focus()
 
     def action_rename_session(self) -> None:
-        if self.store is None or self.session_id is None:
-            self.notify("No session to rename.", severity="warning")
-            return
-        store, sid = self.store, self.session_id
+        library, sid = self.library, self.session_id
         title = self.query_one(SessionList).title_of(sid)
 
         def done(text: str | None) -> None:
             if text is not None and text.strip():
-                self.bg(lambda: store.update_session(sid, title=text.strip()), lambda _: self.refresh_sessions())
+                self.bg(lambda: library.rename(sid, text.strip()), lambda _: self.refresh_sessions())
 
         self.push_screen(TextEditScreen("Rename session", title), done)
 
     def action_delete_session(self) -> None:
-        if self.store is None or self.session_id is None:
-            self.notify("No session to delete.", severity="warning")
-            return
-        if self.busy:
-            self.notify("A reply is still streaming; press Esc to cancel it.", severity="warning")
-            return
-        store, sid = self.store, self.session_id
+        library, sid = self.library, self.session_id
         title = self.query_one(SessionList).title_of(sid) or "(untitled)"
 
         def deleted(_: Any) -> None:
@@ -219,7 +220,7 @@ class Actions:
 
         def done(yes: bool | None) -> None:
             if yes:
-                self.bg(lambda: store.delete_session(sid), deleted)
+                self.bg(lambda: library.delete(sid), deleted)
 
         self.push_screen(ConfirmScreen(f"Delete session {title!r} and all its messages?"), done)
 
@@ -230,9 +231,9 @@ class Actions:
         yield from super().get_system_commands(screen)
         keys = keymap.effective_keys(self.keys)
         for a in keymap.ACTIONS:
-            yield SystemCommand(a.description, f"key: {keys[a.id]}", partial(self.run_action, a.action))
+            yield SystemCommand(a.description, f"key: {keys[a.id]}", partial(self.run_command, a.action))
 
     async def action_quit(self) -> None:
-        if self.busy and self.session is not None:
+        if self.streaming and self.session is not None:
             self.session.cancel()
         self.exit()

@@ -1,7 +1,8 @@
 """`chatcore chat`: the Textual app. It paints at once; storage opens and the model loads (torch
 imported) in a background thread worker, with progress shown; typing works meanwhile. Generation
 runs in a thread worker draining the session's event stream; widgets change only through
-`call_from_thread` and posted messages."""
+`call_from_thread` and posted messages. The app drives context's API only: a `SessionLibrary` for the
+stored sessions, a `ChatSession` for the open one."""
 
 from __future__ import annotations
 
@@ -15,34 +16,24 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from textual import work
 from textual.app import App, ComposeResult
 from textual.containers import Horizontal, Vertical
+from textual.reactive import reactive
 from textual.widgets import Footer, Header, Label, ProgressBar
 
+from context import ChatSession, SessionLibrary, SlotPool, load_engine
+
 from . import keymap
-from .actions import Actions
-from .messages import LoadFailed, ModelProgress, ModelReady, StoreReady
+from .actions import STREAMING, Actions
+from .display import MeterInfo, Row, describe, meter_info, rows
+from .messages import LoadFailed, ModelProgress, ModelReady, StoreReady, throttled
 from .styles import CSS
 from .widgets.chat_view import ChatView
 from .widgets.meter import ContextMeter
 from .widgets.prompt import PromptInput
 from .widgets.session_list import PAGE as SESSIONS_PAGE
 from .widgets.session_list import SessionList
-from .workers import (
-    MeterInfo,
-    Row,
-    SessionsPage,
-    Stopwatch,
-    describe,
-    list_sessions,
-    load_engine,
-    meter_info,
-    open_store,
-    search_sessions,
-    session_rows,
-    stored_rows,
-    throttled,
-)
 
 
 class ChatApp(Actions, App[None]):
@@ -50,26 +41,31 @@ class ChatApp(Actions, App[None]):
     TITLE = "chatcore"
     BINDINGS = keymap.bindings()
 
+    # The state the actions depend on; a change re-checks which are enabled (`Actions.check_action`).
+    streaming: reactive[bool] = reactive(False, bindings=True)  # a reply is streaming
+    load_state: reactive[str] = reactive("loading", bindings=True)  # the model: loading | ready | failed
+    session: reactive[ChatSession | None] = reactive(None, bindings=True)  # the live session shown
+
     def __init__(self, model: str = "demo", *, redis_url: str | None = None, session_id: str | None = None,
                  engine: Any = None, store: Any = None, keys: dict[str, str] | None = None, timings: bool = True,
                  sampling: dict[str, Any] | None = None, export_dir: str | None = None,
                  max_seq_len: int | None = None, window: int | None = None) -> None:
+        """`store`: a `storage.Store` to use (the caller closes it); None opens `redis_url`."""
         super().__init__()
         self.model_path, self.redis_url, self.max_seq_len, self.window = model, redis_url, max_seq_len, window
         self.session_id = session_id
         self.engine: Any = None
-        self._given_engine, self.store, self._own_store = engine, store, store is None
+        self._given_engine = engine
+        self.library: SessionLibrary | None = SessionLibrary(store) if store is not None else None
+        self._own_library = store is None
+        self.store_state = "opening"  # storage: opening | ready | failed
         self.keys = dict(keys or {})
         self.timings = timings
         self.sampling = dict(sampling or {})
         self.export_dir = export_dir or os.getcwd()
-        self.session: Any = None
-        self.sessions: dict[str, Any] = {}
-        self.pool: Any = None
+        self.sessions: dict[str, ChatSession] = {}
+        self.pool: SlotPool | None = None
         self.pending: list[str] = []
-        self.busy = False
-        self.load_state = "loading"  # loading | ready | failed
-        self.store_state = "opening" if store is None else "ready"  # opening | ready | failed
         self.load_seconds: float | None = None
         self.turns = 0  # turns finished or refused (tests wait on it)
         self.live_shown: str | None = None  # the session last shown live (KV-ready), meter included
@@ -116,134 +112,143 @@ class ChatApp(Actions, App[None]):
             self.set_keymap(keymap.textual_keymap(self.keys))
         self.prompt.focus()
         self.mark_painted("first_paint")
-        self.call_after_refresh(self.run_worker, self._boot, thread=True, group="boot", exit_on_error=False)
+        self.call_after_refresh(self._boot)
+
+    def watch_load_state(self, state: str) -> None:
+        if state == "ready":
+            self.query_one("#status").add_class("-done")
+        elif state == "failed":
+            self.query_one("#load-bar").display = False
 
     # -- background -----------------------------------------------------------------------------------
+    @work(thread=True, group="boot", exit_on_error=False)
     def _boot(self) -> None:
-        """Thread: open storage, then import chatcore (torch) and load the model."""
-        if self.store is None:
-            try:
-                self.post_message(StoreReady(open_store(self.redis_url)))
-            except Exception as exc:  # noqa: BLE001 - shown as a notice; the app keeps running
-                self.post_message(LoadFailed("storage", exc))
-                self.ui_settled.set()  # nothing to show: load the model now
-        else:
-            self.post_message(StoreReady(self.store))
+        """Thread: open storage, then load the model (torch is imported here)."""
+        self._open_storage()
         self.ui_settled.wait(timeout=3.0)
+        self._load_model()
+
+    def _open_storage(self) -> None:
+        """Thread: the library of stored sessions, opened unless one was given."""
+        if self.library is not None:
+            self.post_message(StoreReady(self.library))
+            return
+        try:
+            self.post_message(StoreReady(SessionLibrary.open(self.redis_url)))
+        except Exception as exc:  # noqa: BLE001 - shown as a notice; the app keeps running
+            self.post_message(LoadFailed("storage", exc))
+            self.ui_settled.set()  # nothing to show: load the model now
+
+    def _load_model(self) -> None:
+        """Thread: the engine (given, or loaded with progress) and the pool of KV slots its sessions share."""
         self.mark("model_load_start")
-        sw = Stopwatch()
+        t0 = time.perf_counter()
         try:
             engine = self._given_engine
             if engine is None:
                 progress = throttled(lambda d, t: self.post_message(ModelProgress(d, t, "loading")))
                 engine = load_engine(self.model_path, progress, self.max_seq_len,
                                      status=lambda text: self.call_from_thread(self.notify, text, timeout=8))
-            from context import SlotPool
-
             self.pool = SlotPool(engine.new_slot)
         except BaseException as exc:  # noqa: BLE001
             self.post_message(LoadFailed("model", exc))
             return
-        self.post_message(ModelReady(engine, sw()))
+        self.post_message(ModelReady(engine, time.perf_counter() - t0))
 
+    @work(thread=True, group="bg", exit_on_error=False)
     def bg(self, fn: Callable[[], Any], then: Callable[[Any], Any] | None = None,
            on_error: Callable[[BaseException], Any] | None = None) -> None:
-        """Run `fn` in a thread worker; hand its result to `then` (or its error to `on_error`) on the UI."""
-        def run() -> None:
-            try:
-                result = fn()
-            except Exception as exc:  # noqa: BLE001
-                self.call_from_thread(on_error or self.show_error, exc)
-                return
-            if then is not None:
-                self.call_from_thread(then, result)
-        self.run_worker(run, thread=True, group="bg", exit_on_error=False)
+        """Thread: run `fn`; hand its result to `then` (or its error to `on_error`) on the UI."""
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001
+            self.call_from_thread(on_error or self.show_error, exc)
+            return
+        if then is not None:
+            self.call_from_thread(then, result)
 
     def show_error(self, exc: BaseException, title: str = "Error") -> None:
         self.notify(describe(exc), title=title, severity="error", timeout=10)
 
     # -- loading ------------------------------------------------------------------------------------
     def on_store_ready(self, msg: StoreReady) -> None:
-        self.store, self.store_state = msg.store, "ready"
+        self.library, self.store_state = msg.library, "ready"
         self.mark("store_ready")
         self.refresh_sessions(open_first=True)
 
     def on_model_progress(self, msg: ModelProgress) -> None:
         self.query_one("#load-bar", ProgressBar).update(total=msg.total, progress=msg.done)
 
-    async def on_model_ready(self, msg: ModelReady) -> None:
+    def on_model_ready(self, msg: ModelReady) -> None:
         self.engine, self.load_seconds, self.load_state = msg.engine, msg.seconds, "ready"
         self.mark("model_ready")
-        name = Path(str(getattr(msg.engine, "source", "") or self.model_path)).name
-        self.sub_title = name
-        self.query_one("#status").add_class("-done")
-        if self.session_id is not None and self.store is not None:
+        self.sub_title = Path(str(getattr(msg.engine, "source", "") or self.model_path)).name
+        if self.session_id is not None and self.library is not None:
             self.open_session(self.session_id)
         elif self.pending:
             self._flush_pending()
 
     def on_load_failed(self, msg: LoadFailed) -> None:
         if msg.what == "model":
-            self.load_state = "failed"
             self.query_one("#load-label", Label).update(f"model failed to load: {describe(msg.error)}")
-            self.query_one("#load-bar").display = False
+            self.load_state = "failed"
             self.show_error(msg.error, "Model failed to load")
-            if self.pending:
-                self._restore("\n".join(self.pending))
-                self.pending.clear()
         else:
             self.store_state = "failed"
             self.show_error(msg.error, "Storage unavailable")
-            if self.pending:
-                self._restore("\n".join(self.pending))
-                self.pending.clear()
+        if self.pending:
+            self._restore("\n".join(self.pending))
+            self.pending.clear()
 
     def _flush_pending(self) -> None:
-        if self.pending and not self.busy and self.engine is not None and self.store is not None:
+        if self.pending and not self.streaming and self.engine is not None and self.library is not None:
             text = "\n\n".join(self.pending)
             self.pending.clear()
             self.start_turn("send", text)
 
-    # -- sessions -----------------------------------------------------------------------------------
+    # -- the session list -----------------------------------------------------------------------------
     def refresh_sessions(self, open_first: bool = False) -> None:
-        store = self.store
-        sidebar = self.query_one(SessionList)
+        """Fill the sidebar with the first page of sessions; with `open_first`, open the session asked for
+        (else the most recent) before the sidebar fills."""
+        if self.library is not None:
+            self._fetch_sessions(self.library, open_first)
 
-        def fill(page: SessionsPage) -> None:
-            sidebar.set_records(page.records, self.session_id, has_more=page.next_offset is not None)
-            self.call_after_refresh(self._settled)
+    @work(thread=True, group="sessions", exit_on_error=False)
+    def _fetch_sessions(self, library: SessionLibrary, open_first: bool) -> None:
+        """Thread: which session to open (at start-up), then the first page of sessions."""
+        if open_first and self.session_id is not None:
+            try:
+                self.session_id = library.resolve(self.session_id)
+            except Exception as exc:  # noqa: BLE001 - e.g. no such session: the most recent opens instead
+                self.session_id = None
+                self.call_from_thread(self.show_error, exc)
+        try:
+            page = library.page(0, SESSIONS_PAGE)
+        except Exception as exc:  # noqa: BLE001
+            self.call_from_thread(self._sessions_failed, exc)
+            return
+        self.call_from_thread(self._sessions_fetched, page, open_first)
 
-        def got(page: SessionsPage) -> None:
-            if not open_first:
-                fill(page)
-                return
-            if self.session_id is None and page.records:
-                self.session_id = page.records[0].id
-            if self.session_id is not None:
-                # The session's messages first; the sidebar fills once they are on screen.
-                self.open_session(self.session_id, after=lambda: fill(page))
-            else:
-                fill(page)
-                self._flush_pending()
+    def _sessions_fetched(self, page: Any, open_first: bool) -> None:
+        if not open_first:
+            self._fill_sidebar(page)
+            return
+        if self.session_id is None and page.sessions:
+            self.session_id = page.sessions[0].id
+        if self.session_id is not None:
+            # The session's messages first; the sidebar fills once they are on screen.
+            self.open_session(self.session_id, after=partial(self._fill_sidebar, page))
+        else:
+            self._fill_sidebar(page)
+            self._flush_pending()
 
-        def fetch() -> SessionsPage:
-            if open_first and self.session_id is not None:
-                matches = store.match_session_ids(self.session_id)
-                if len(matches) == 1:
-                    self.session_id = matches[0]
-                elif not store.session_exists(self.session_id):
-                    from storage import NotFound
+    def _sessions_failed(self, exc: BaseException) -> None:
+        self.show_error(exc)
+        self.call_after_refresh(self._settled)
 
-                    missing, self.session_id = self.session_id, None
-                    raise NotFound(f"no session {missing!r}; starting a new one")
-            return list_sessions(store, 0, SESSIONS_PAGE)
-
-        def failed(exc: BaseException) -> None:
-            self.show_error(exc)
-            if open_first:
-                self.refresh_sessions(open_first=True)
-
-        self.bg(fetch, got, failed)
+    def _fill_sidebar(self, page: Any) -> None:
+        self.query_one(SessionList).set_records(page.sessions, self.session_id, has_more=page.next_offset is not None)
+        self.call_after_refresh(self._settled)
 
     def _settled(self) -> None:
         """The first screen (session and sidebar) is painted: the model load may start."""
@@ -251,99 +256,101 @@ class ChatApp(Actions, App[None]):
         self.ui_settled.set()
 
     def on_session_list_more_wanted(self, msg: SessionList.MoreWanted) -> None:
-        store, sidebar = self.store, self.query_one(SessionList)
-        if store is None:
+        library, sidebar = self.library, self.query_one(SessionList)
+        if library is None:
             return
-        self.bg(lambda: list_sessions(store, msg.loaded, SESSIONS_PAGE),
-                lambda page: sidebar.set_records(page.records, has_more=page.next_offset is not None, append=True))
+        self.bg(lambda: library.page(msg.loaded, SESSIONS_PAGE),
+                lambda page: sidebar.set_records(page.sessions, has_more=page.next_offset is not None, append=True))
 
     def on_session_list_search(self, msg: SessionList.Search) -> None:
-        store, sidebar = self.store, self.query_one(SessionList)
-        if store is None:
+        library, sidebar = self.library, self.query_one(SessionList)
+        if library is None:
             return
-        self.bg(lambda: search_sessions(store, msg.text, SESSIONS_PAGE), lambda hits: sidebar.show_hits(msg.text, hits))
+        self.bg(lambda: library.search(msg.text, SESSIONS_PAGE), lambda hits: sidebar.show_hits(msg.text, hits))
 
+    def on_session_list_chosen(self, msg: SessionList.Chosen) -> None:
+        if msg.session_id == self.session_id and self.session is not None:
+            self.prompt.focus()
+            return
+        if self.streaming:
+            self.notify(STREAMING, severity="warning")
+            return
+        self.open_session(msg.session_id)
+        self.prompt.focus()
+
+    # -- opening a session ----------------------------------------------------------------------------
     def open_session(self, session_id: str, after: Callable[[], Any] | None = None) -> None:
         """Show a session: from storage at once; as a live ChatSession when the model is ready.
 
         ``after`` runs once the session is on screen, painted (or could not be shown)."""
-        if self.store is None:
+        if self.library is None:
             return
         self.session_id = session_id
         self.query_one(SessionList).current = session_id
-        store, engine = self.store, self.engine
+        self._read_session(self.library, self.engine, session_id, after)
 
-        def load() -> tuple[Any, list[Row], MeterInfo]:
+    @work(thread=True, group="open", exit_on_error=False)
+    def _read_session(self, library: SessionLibrary, engine: Any, session_id: str,
+                      after: Callable[[], Any] | None) -> None:
+        """Thread: the session as stored (no engine yet) or live, handed to `_session_read`."""
+        try:
             if engine is None:
-                record, rows = stored_rows(store, session_id)
-                return None, rows, MeterInfo()
-            from context import ChatSession
+                session, shown, info = None, rows(library.messages(session_id)), MeterInfo()
+            else:
+                session = self._live_session(library, engine, session_id)
+                shown, info = rows(session.messages()), meter_info(session)
+        except Exception as exc:  # noqa: BLE001
+            self.call_from_thread(self._session_failed, exc, after)
+            return
+        self.call_from_thread(self._session_read, session_id, session, shown, info, after)
 
-            s = self.sessions.get(session_id)
-            if s is None:
-                s = self.sessions[session_id] = ChatSession.open(engine, store, session_id, window=self.window,
-                                                                 pool=self.pool)
-            return s, session_rows(s), meter_info(s)
-
-        async def show(result: tuple[Any, list[Row], MeterInfo]) -> None:
-            try:
-                await _show(result)
-            finally:
-                if after is not None:
-                    self.call_after_refresh(after)
-
-        async def _show(result: tuple[Any, list[Row], MeterInfo]) -> None:
-            session, rows, info = result
-            if self.session_id != session_id:
-                return
-            if session is None and self.session is not None and self.session.id == session_id:
-                return  # the live session was shown first
-            self.session = session
-            self.view.clear_selection()
-            await self.view.show(rows)
-            self.query_one(ContextMeter).set_info(info)
-            self.mark_painted("session_shown")
-            if session is not None:
-                self.mark_painted("live_session_shown")
-                self.live_shown = session_id
-                self._flush_pending()
-
-        def failed(exc: BaseException) -> None:
-            self.show_error(exc)
-            if after is not None:
-                self.call_later(after)
-
-        self.bg(load, show, failed)
-
-    def _new_session_sync(self, title: str = "", system: str | None = None) -> Any:
-        from context import ChatSession
-
-        s = ChatSession.create(self.engine, self.store, title=title, system=system, window=self.window,
-                               pool=self.pool, **self.sampling)
-        self.sessions[s.id] = s
+    def _live_session(self, library: SessionLibrary, engine: Any, session_id: str) -> ChatSession:
+        """Thread: the open ChatSession of `session_id` (opened once, then kept with its KV slot)."""
+        s = self.sessions.get(session_id)
+        if s is None:
+            s = self.sessions[session_id] = library.session(engine, session_id, window=self.window, pool=self.pool)
         return s
 
-    def _adopt(self, session: Any) -> None:
+    async def _session_read(self, session_id: str, session: ChatSession | None, shown: list[Row], info: MeterInfo,
+                            after: Callable[[], Any] | None) -> None:
+        try:
+            await self._show_session(session_id, session, shown, info)
+        finally:
+            if after is not None:
+                self.call_after_refresh(after)
+
+    async def _show_session(self, session_id: str, session: ChatSession | None, shown: list[Row],
+                            info: MeterInfo) -> None:
+        if self.session_id != session_id:
+            return  # another session was chosen meanwhile
+        if session is None and self.session is not None and self.session.id == session_id:
+            return  # the live session was shown first
+        self.session = session
+        self.view.clear_selection()
+        await self.view.show(shown)
+        self.query_one(ContextMeter).set_info(info)
+        self.mark_painted("session_shown")
+        if session is not None:
+            self.mark_painted("live_session_shown")
+            self.live_shown = session_id
+            self._flush_pending()
+
+    def _session_failed(self, exc: BaseException, after: Callable[[], Any] | None) -> None:
+        self.show_error(exc)
+        if after is not None:
+            self.call_later(after)
+
+    def _adopt(self, session: ChatSession) -> None:
         self.session, self.session_id = session, session.id
         self.query_one(SessionList).current = session.id
-
-    async def on_session_list_chosen(self, msg: SessionList.Chosen) -> None:
-        if msg.session_id == self.session_id and self.session is not None:
-            self.prompt.focus()
-            return
-        if self.busy:
-            self.notify("A reply is still streaming; press Esc to cancel it first.", severity="warning")
-            return
-        self.open_session(msg.session_id)
-        self.prompt.focus()
 
     # -- turns --------------------------------------------------------------------------------------
     def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
         text = event.value.strip()
         if not text:
             return
-        if self.busy:
-            self.notify("A reply is still streaming; press Esc to cancel it.", severity="warning")
+        if self.streaming:
+            self.notify(STREAMING, severity="warning")
             return
         if self.store_state == "failed":
             self.notify("Storage is not available, so the message cannot be saved; it stays in the input.",
@@ -354,7 +361,7 @@ class ChatApp(Actions, App[None]):
                         severity="error")
             return
         event.prompt.value = ""
-        if self.engine is None or self.store is None or (self.session is None and self.session_id is not None):
+        if self.engine is None or self.library is None or (self.session is None and self.session_id is not None):
             self.pending.append(text)
             self.notify("Still starting; your message will be sent when the model is ready.")
             return
@@ -365,34 +372,36 @@ class ChatApp(Actions, App[None]):
         self.prompt.value = text if not current.strip() else f"{text}\n{current}"
 
     def start_turn(self, op: str, text: str | None = None, message_id: str | None = None) -> None:
-        if self.busy:
-            self.notify("A reply is still streaming; press Esc to cancel it.", severity="warning")
+        """Run a turn ("send", "edit" or "regenerate") in the turn worker; one at a time."""
+        if self.streaming:
+            self.notify(STREAMING, severity="warning")
             if op == "send" and text:
                 self._restore(text)
             return
-        self.busy = True
-        self.run_worker(partial(self._turn, op, text, message_id), thread=True, group="turn", exit_on_error=False)
+        self.streaming = True
+        self._turn(op, text, message_id)
 
+    @work(thread=True, group="turn", exit_on_error=False)
     def _turn(self, op: str, text: str | None, message_id: str | None) -> None:
         """Thread: store the message, then drain the reply stream into the view."""
         session = self.session
         try:
             if session is None:
-                session = self._new_session_sync(title=(text or "")[:48])
+                session = self._new_session(title=(text or "")[:48])
                 self.call_from_thread(self._adopt, session)
             if op == "send":
-                gen = session.send(text)
+                gen = session.send(text or "")
             elif op == "edit":
-                gen = session.edit(message_id, text)
+                gen = session.edit(message_id or "", text or "")
             else:
                 gen = session.regenerate()
-            rows = session_rows(session)
-            if op == "regenerate" and rows and rows[-1].role == "assistant":
-                rows = rows[:-1]
+            shown = rows(session.messages())
+            if op == "regenerate" and shown and shown[-1].role == "assistant":
+                shown = shown[:-1]
         except Exception as exc:  # noqa: BLE001
             self.call_from_thread(self._turn_failed, op, text, exc)
             return
-        self.call_from_thread(self._turn_started, rows)
+        self.call_from_thread(self._turn_started, shown)
         last = None
         try:
             for ev in gen:
@@ -401,26 +410,34 @@ class ChatApp(Actions, App[None]):
                 last = ev
         except Exception as exc:  # noqa: BLE001
             self.call_from_thread(self.show_error, exc, "Generation failed")
-        rows = session_rows(session)
         info = meter_info(session, last.report if last is not None else None)
-        self.call_from_thread(self._turn_done, session.id, rows, info, last.finish_reason if last else None)
+        self.call_from_thread(self._turn_done, session.id, rows(session.messages()), info,
+                              last.finish_reason if last else None)
+
+    def _new_session(self, title: str = "", system: str | None = None) -> ChatSession:
+        """Thread: a new stored session, live on the loaded engine."""
+        assert self.library is not None
+        s = self.library.new_session(self.engine, title=title, system=system, window=self.window, pool=self.pool,
+                                     **self.sampling)
+        self.sessions[s.id] = s
+        return s
 
     def _turn_failed(self, op: str, text: str | None, exc: BaseException) -> None:
-        self.busy = False
+        self.streaming = False
         self.turns += 1
         if op == "send" and text:
             self._restore(text)
         self.show_error(exc, "Message not sent" if op == "send" else "Failed")
 
-    async def _turn_started(self, rows: list[Row]) -> None:
-        await self.view.show(rows)
+    async def _turn_started(self, shown: list[Row]) -> None:
+        await self.view.show(shown)
         await self.view.start_reply()
 
-    async def _turn_done(self, session_id: str, rows: list[Row], info: MeterInfo, finish: str | None) -> None:
-        self.busy = False
+    async def _turn_done(self, session_id: str, shown: list[Row], info: MeterInfo, finish: str | None) -> None:
+        self.streaming = False
         self.turns += 1
         if session_id == self.session_id:
-            await self.view.show(rows)
+            await self.view.show(shown)
             self.query_one(ContextMeter).set_info(info)
         if finish == "cancelled":
             self.notify("Reply cancelled; the partial text is kept.")
@@ -428,8 +445,8 @@ class ChatApp(Actions, App[None]):
         self._flush_pending()
 
     def on_unmount(self) -> None:
-        if self._own_store and self.store is not None:
-            self.store.close()
+        if self._own_library and self.library is not None:
+            self.library.close()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -25,6 +25,6 @@ def _embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
 @pytest.fixture
 def store(_embedded: Store) -> Iterator[Store]:
     """A real embedded Redis, empty at the start and end of each test."""
-    _embedded._r.flushdb()
+    _embedded.connection.flushdb()
     yield _embedded
-    _embedded._r.flushdb()
+    _embedded.connection.flushdb()

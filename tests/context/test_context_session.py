@@ -17,7 +17,7 @@ REPORT_FIELDS = ["window", "tokens_used", "tokens_by_region", "turns_kept", "tur
 
 
 def test_send_stores_first_checkpoints_and_reports(chat_engine: Any, store: Store) -> None:
-    small = Store(store._r, StoreConfig(checkpoint_tokens=4))
+    small = Store(store.connection, StoreConfig(checkpoint_tokens=4))
     s = ChatSession.create(chat_engine, small, system="You are terse.", max_new_tokens=24)
     seen_partial = False
     events = []

@@ -69,7 +69,7 @@ def backend(request: pytest.FixtureRequest, embedded_home: Path) -> Iterator[Bac
         client = redis.Redis.from_url(TCP_URL, decode_responses=True)
         b = Backend("tcp", client, redis.Redis.from_url(TCP_URL), _env(REDIS_URL=TCP_URL))
     else:
-        embedded = request.getfixturevalue("embedded_store")._r
+        embedded = request.getfixturevalue("embedded_store").connection
         client = redis.Redis(unix_socket_path=embedded.socket_file, decode_responses=True)
         b = Backend("embedded", client, embedded, _env(CHATCORE_HOME=str(embedded_home)))
     client.flushdb()

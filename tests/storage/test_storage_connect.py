@@ -75,7 +75,7 @@ def test_url_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         open_store("redis://:pw@host:notaport/0")
     assert ":pw@" not in str(info.value)
     tls = open_url("rediss://:pw@127.0.0.1:1/0", check=False)
-    assert tls._r.connection_pool.connection_class.__name__ == "SSLConnection"
+    assert tls.connection.connection_pool.connection_class.__name__ == "SSLConnection"
 
     server = RedisServer(tmp_path).start()
     try:
@@ -116,7 +116,7 @@ def test_embedded_default_persists_and_survives_a_server_crash(tmp_path: Path,
         assert [m.content for m in store.thread(s.id)] == ["remember me"]
     store = open_store()
     store.append_message(s.id, "assistant", "written just before the crash")
-    os.kill(store._r.pid, signal.SIGKILL)  # the Redis server itself dies, no chance to save
+    os.kill(store.connection.pid, signal.SIGKILL)  # the Redis server itself dies, no chance to save
     time.sleep(0.2)
     with pytest.raises(StoreUnavailable):
         store.get_session(s.id)

@@ -68,15 +68,16 @@ async def wait_for(pilot: Any, cond: Callable[[], Any], timeout: float = 15.0) -
     while not cond():
         if loop.time() > end:
             app = pilot.app
+            shown = [(r.role, r.status, len(r.content)) for r in app.view.rows]
             raise AssertionError(f"timed out waiting for the app; notices: {notices(app)}; turns {app.turns} "
-                                 f"busy {app.busy} rows {[(r.role, r.status, len(r.content)) for r in app.view.rows]}")
+                                 f"streaming {app.streaming} rows {shown}")
         await pilot.pause(0.02)
 
 
 async def ready(pilot: Any) -> None:
     """Model loaded, storage open, and the first session (if any) shown."""
     app = pilot.app
-    await wait_for(pilot, lambda: app.load_state != "loading" and app.store is not None)
+    await wait_for(pilot, lambda: app.load_state != "loading" and app.library is not None)
     await wait_for(pilot, lambda: app.session_id is None or app.live_shown == app.session_id)
     await wait_for(pilot, lambda: app.query_one("#sidebar").loaded)
     await pilot.pause()

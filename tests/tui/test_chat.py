@@ -213,3 +213,40 @@ async def test_system_prompt_and_params(make_app: Any, store: Any) -> None:
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: store.get_session(app.session_id).sampling.get("top_k") == 5)
         assert store.get_session(app.session_id).sampling["seed"] == 7
+
+
+@aio
+async def test_actions_wait_for_the_reply_with_one_notice(make_app: Any, store: Any, tui_engine: Any) -> None:
+    """While a reply streams, the actions that change the session are disabled (check_action: dimmed in
+    the footer); their key or palette command gets the one notice; once the reply ends they run again."""
+    from tui.actions import STREAMING
+
+    sampling = {"temperature": 0.0, "max_new_tokens": 400, "ignore_eos": True}
+    app = make_app(engine=SlowEngine(tui_engine), sampling=sampling)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        assert app.check_action("regenerate", ()) is None  # no session yet
+        app.prompt.value = "Tell me a long story"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(app.view.streaming_text) > 3)
+        assert app.streaming and app.check_action("regenerate", ()) is None
+        assert app.check_action("copy_message", ()) is True and app.check_action("rename_session", ()) is True
+        await pilot.pause()
+        footer = {b.binding.action: b.enabled for b in app.screen.active_bindings.values()}
+        assert footer["regenerate"] is False and footer["edit"] is False and footer["help"] is True
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        assert notices(app).count(STREAMING) == 1
+        await app.run_command("export('json')")  # the palette's way in says the same
+        await pilot.pause()
+        assert notices(app).count(STREAMING) == 2
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: app.turns == 1)
+        assert [m.role for m in store.thread(app.session_id)] == ["user", "assistant"]  # ctrl+r started nothing
+        assert not app.streaming and app.check_action("regenerate", ()) is True
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: app.streaming)
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: app.turns == 2)
+        assert notices(app).count(STREAMING) == 2
+        assert len(store.load(app.session_id).siblings(app.view.rows[-1].id)) == 2  # regenerated this time

@@ -110,7 +110,7 @@ async def test_remapped_key_help_and_palette(make_app: Any) -> None:
 
 
 def test_model_progress_is_throttled_but_ends_complete() -> None:
-    from tui.workers import throttled
+    from tui.messages import throttled
 
     seen: list[tuple[int, int]] = []
     hook = throttled(lambda done, total: seen.append((done, total)), interval=10.0)

@@ -62,7 +62,7 @@ async def test_draft_survives_a_streaming_reply(make_app: Any, tui_engine: Any) 
         await pilot.press("enter")  # refused while the reply streams: kept
         await pilot.pause()
         assert app.prompt.value == "n\nl"
-        assert any("still streaming" in n for n in notices(app)) and app.busy
+        assert any("still streaming" in n for n in notices(app)) and app.streaming
         await pilot.press("escape")  # the reply stops; the draft stays
         await wait_for(pilot, lambda: app.turns == 1)
         assert app.prompt.value == "n\nl" and len(app.view.rows) == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conftest import aio, ready, wait_for
+from conftest import aio, notices, ready, wait_for
 
 from storage import NewMessage
 
@@ -78,3 +78,20 @@ async def test_more_row_loads_the_next_page(make_app: Any, store: Any) -> None:
         await wait_for(pilot, lambda: len(sl.shown_ids()) == PAGE + 5)
         assert sl.shown_ids() == [s.id for s in reversed(sessions)]
         assert MORE not in [o.id for o in sl.option_list.options]
+
+
+@aio
+async def test_session_option_takes_a_prefix_and_an_unknown_id_is_a_notice(make_app: Any, store: Any) -> None:
+    old = store.create_session("Old")
+    store.append_message(old.id, "user", "old question")
+    new = store.create_session("New")
+    store.append_message(new.id, "user", "new question")
+    app = make_app(session_id=old.id[:-4])  # a unique prefix of the older session
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        assert app.session_id == old.id and [r.content for r in app.view.rows] == ["old question"]
+    app = make_app(session_id="nosuchsession")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        assert any("no session 'nosuchsession'; starting a new one" in n for n in notices(app)), notices(app)
+        assert app.session_id == new.id and [r.content for r in app.view.rows] == ["new question"]

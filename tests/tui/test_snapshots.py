@@ -7,6 +7,8 @@ from typing import Any
 import pytest
 from conftest import ready, wait_for
 
+from tui.screens import ConfirmScreen, HelpScreen, ParamsScreen
+
 SIZE = (110, 32)
 
 
@@ -22,13 +24,19 @@ def seeded(store: Any) -> Any:
     return s
 
 
-def _before(*keys: str) -> Any:
+def _before(*keys: str, shows: type | None = None) -> Any:
+    """Press `keys` once the app is ready, then wait until the screen `shows` is on top (None: the main
+    screen alone)."""
     async def run(pilot: Any) -> None:
         await ready(pilot)
-        pilot.app.prompt.cursor_blink = False
+        app = pilot.app
+        app.prompt.cursor_blink = False
         for key in keys:
             await pilot.press(key)
-        await wait_for(pilot, lambda: not pilot.app.screen.is_current or True)
+        if shows is None:
+            await wait_for(pilot, lambda: len(app.screen_stack) == 1)
+        else:
+            await wait_for(pilot, lambda: isinstance(app.screen, shows))
         await pilot.pause(0.1)
     return run
 
@@ -38,15 +46,15 @@ def test_snapshot_main_screen(snap_compare: Any, make_app: Any, seeded: Any) -> 
 
 
 def test_snapshot_help_screen(snap_compare: Any, make_app: Any, seeded: Any) -> None:
-    assert snap_compare(make_app(), terminal_size=SIZE, run_before=_before("f1"))
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=_before("f1", shows=HelpScreen))
 
 
 def test_snapshot_params_screen(snap_compare: Any, make_app: Any, seeded: Any) -> None:
-    assert snap_compare(make_app(), terminal_size=SIZE, run_before=_before("ctrl+g"))
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=_before("ctrl+g", shows=ParamsScreen))
 
 
 def test_snapshot_delete_confirmation(snap_compare: Any, make_app: Any, seeded: Any) -> None:
-    assert snap_compare(make_app(), terminal_size=SIZE, run_before=_before("f8"))
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=_before("f8", shows=ConfirmScreen))
 
 
 def test_snapshot_filter_hit_and_multi_line_draft(snap_compare: Any, make_app: Any, seeded: Any) -> None:

@@ -22,7 +22,7 @@ from textual.widget import Widget
 from textual.widgets import Markdown, Static
 from textual.widgets._markdown import MarkdownStream
 
-from ..workers import Row
+from ..display import Row
 
 PAGE = 24  # messages mounted when a session opens, and per "earlier" page
 _CODE = re.compile(r"```[^\n]*\n(.*?)```", re.S)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from textual.widgets import Static
 
-from ..workers import MeterInfo
+from ..display import MeterInfo
 
 BAR = 20
 

@@ -1,0 +1,63 @@
+"""What the widgets show, as plain frozen data built from the session API's records: `Row` (a message in the
+chat view) and `MeterInfo` (the context meter); and the one-line text of an error notice."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Row:
+    """A message as the chat view shows it."""
+
+    id: str
+    role: str
+    content: str
+    status: str = "complete"
+    in_context: bool = True
+    pinned: bool = False
+
+
+@dataclass(frozen=True)
+class MeterInfo:
+    used: int = 0
+    window: int = 0
+    pinned: int = 0
+    summary: bool = False
+    turns_out: int = 0
+    ttft_s: float | None = None
+    tok_s: float | None = None
+
+
+def rows(messages: Iterable[Any]) -> list[Row]:
+    """Rows for `context.ChatMessage`s (a live session's `messages()` or a stored one's)."""
+    return [Row(m.id, m.role, m.content, m.status, m.in_context, m.pinned) for m in messages]
+
+
+def meter_info(session: Any, report: Any = None) -> MeterInfo:
+    """The meter for a live `ChatSession`: from the turn's report when there is one, else from a plan of
+    the current thread."""
+    pinned, summary = len(session.pinned), session.summary is not None
+    if report is not None:
+        return MeterInfo(report.tokens_used, report.window, pinned, summary, report.turns_dropped,
+                         report.ttft_s, report.decode_tok_s)
+    try:
+        plan = session.plan()
+    except Exception:  # noqa: BLE001 - the meter is informative only
+        return MeterInfo(0, session.window, pinned, summary, 0)
+    return MeterInfo(plan.tokens, plan.window, pinned, summary, plan.turns_dropped)
+
+
+def export_name(title: str, session_id: str, fmt: str) -> str:
+    """The file an export is written to: chatcore-<title>-<id tail>.json or .md."""
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", title or "session").strip("-")[:40] or "session"
+    return f"chatcore-{slug}-{session_id[-8:]}.{'json' if fmt == 'json' else 'md'}"
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a notice: the error's own message (ours are written for users)."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
