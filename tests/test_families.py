@@ -8,7 +8,7 @@ import pytest
 from family_check import check_greedy, check_logits, prompt, reference
 
 import chatcore
-from chatcore.config import ModelConfig
+from chatcore.checkpoint_config import config_from_hf, config_from_hf_file
 from chatcore.errors import UnsupportedArchitecture
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: repeatable float sums
@@ -55,7 +55,7 @@ def test_greedy_matches_generate(saved) -> None:  # noqa: ANN001
 
 def test_config_reads_each_family(saved) -> None:  # noqa: ANN001
     family, path, _ = saved
-    cfg = ModelConfig.from_hf_file(path / "config.json")
+    cfg = config_from_hf_file(path / "config.json")
     if family == "mistral":
         assert cfg.layer_windows and len(set(cfg.layer_windows)) == 1
     assert cfg.qkv_bias == (family == "qwen2")
@@ -65,13 +65,13 @@ def test_config_reads_each_family(saved) -> None:  # noqa: ANN001
 def test_qwen_windows_follow_layer_types() -> None:
     base = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
             "num_hidden_layers": 4, "num_attention_heads": 2, "sliding_window": 16}
-    assert ModelConfig.from_hf(base).layer_windows == ()                      # use_sliding_window off
+    assert config_from_hf(base).layer_windows == ()                      # use_sliding_window off
     on = {**base, "use_sliding_window": True, "max_window_layers": 2}
-    assert ModelConfig.from_hf(on).layer_windows == (0, 0, 16, 16)
+    assert config_from_hf(on).layer_windows == (0, 0, 16, 16)
     typed = {**on, "layer_types": ["sliding_attention", "full_attention"] * 2}
-    assert ModelConfig.from_hf(typed).layer_windows == (16, 0, 16, 0)
+    assert config_from_hf(typed).layer_windows == (16, 0, 16, 0)
 
 
 def test_unsupported_architecture_names_what_is_supported() -> None:
     with pytest.raises(UnsupportedArchitecture, match="supported: Llama .*Mistral, Qwen2, Qwen3"):
-        ModelConfig.from_hf({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"})
+        config_from_hf({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"})
