@@ -3,13 +3,18 @@ tokens identical to ``generate`` (one-shot, chunked, reused slot). Random weight
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import model_factory
 import pytest
 from family_check import check_greedy, check_logits, prompt, reference
+from safetensors import safe_open
 
 import chatcore
 from chatcore.checkpoint_config import config_from_hf, config_from_hf_file
 from chatcore.errors import UnsupportedArchitecture
+from chatcore.models import FAMILIES
+from chatcore.parallel.random_weights import RandomWeights
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: repeatable float sums
 
@@ -75,3 +80,27 @@ def test_qwen_windows_follow_layer_types() -> None:
 def test_unsupported_architecture_names_what_is_supported() -> None:
     with pytest.raises(UnsupportedArchitecture, match="supported: Llama .*Mistral, Qwen2, Qwen3"):
         config_from_hf({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"})
+
+
+SHAPE_VARIANTS = {  # every family, with the optional tensors its configs can add
+    "llama": {"attention_bias": True, "mlp_bias": True}, "mistral": {}, "qwen2": {"tie_word_embeddings": True},
+    "qwen3": {"attention_bias": True}, "gemma3": {"attention_bias": True}, "bloom": {"tie_word_embeddings": False},
+    "mpt": {}}
+
+
+@pytest.mark.parametrize("family", sorted(SHAPE_VARIANTS))
+def test_declared_shapes_are_the_checkpoints(family: str, tmp_path: Path) -> None:
+    """A family's ``shapes`` name every tensor its transformers checkpoint holds, in the checkpoint's shapes;
+    random weights (benchmarks) come in those shapes."""
+    assert sorted(SHAPE_VARIANTS) == sorted(FAMILIES)
+    path = getattr(model_factory, f"make_{family}_dir")(tmp_path, **SHAPE_VARIANTS[family])
+    cfg = config_from_hf_file(path / "config.json")
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    declared = FAMILIES[cfg.family].shapes(cfg)
+    assert declared == {name: saved.get(name) for name in declared}
+    assert set(saved) - set(declared) <= {"lm_head.weight"}   # transformers may save a tied head too
+    assert FAMILIES[cfg.family].tensor_names(cfg) == list(declared)
+    weights = RandomWeights(cfg, seed=0)
+    assert weights.names() == set(declared)
+    assert all(tuple(weights.get(name).shape) == shape for name, shape in declared.items())
