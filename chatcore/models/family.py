@@ -24,11 +24,13 @@ ModelClass = Callable[[ModelConfig, Runtime, GetTensor, str], CausalLM]   # (cfg
 
 
 class RefusedVariant(UnsupportedArchitecture):
-    """A family's parser refuses one of its variants; the registry adds what is supported to the message."""
+    """A family's ``config_from_hf`` refuses one of its variants; :func:`chatcore.checkpoint_config.config_from_hf`
+    re-raises it as :class:`UnsupportedArchitecture` with what is supported added to the message."""
 
 
 def tied_head(cfg: ModelConfig, names: set[str]) -> ModelConfig:
-    """A GGUF file without ``lm_head.weight`` (``output.weight``) ties the head to the embedding."""
+    """A GGUF file without ``lm_head.weight`` (``output.weight``) ties the head to the embedding (the default
+    ``settings_from_tensors``: every family's untied head is transformers' ``lm_head.weight``)."""
     return dataclasses.replace(cfg, tie_word_embeddings="lm_head.weight" not in names)
 
 
