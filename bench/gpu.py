@@ -80,12 +80,12 @@ def build_hf(name: str) -> torch.nn.Module:
 
 
 def build_engine(hf: torch.nn.Module, backend: str, window: int):  # noqa: ANN201
-    from chatcore.config import ModelConfig
+    from chatcore.checkpoint_config import config_from_hf
     from chatcore.engine import Engine
     from chatcore.models import FAMILIES
     from chatcore.runtime import Runtime
 
-    cfg = ModelConfig.from_hf(hf.config.to_dict())
+    cfg = config_from_hf(hf.config.to_dict())
     if cfg.position != "rope":
         import dataclasses
 

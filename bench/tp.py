@@ -34,6 +34,7 @@ for _var, _val in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST
 import torch  # noqa: E402
 
 from chatcore import SamplingParams  # noqa: E402
+from chatcore.checkpoint_config import config_from_hf_file  # noqa: E402
 from chatcore.config import ModelConfig  # noqa: E402
 from chatcore.parallel.launch import load_parallel  # noqa: E402
 from chatcore.parallel.shard import Layout  # noqa: E402
@@ -179,7 +180,7 @@ def main() -> None:
     results["copy_bandwidth_gb_s"] = bandwidth / 1e9
     with tempfile.TemporaryDirectory() as tmp:
         cfg_dir = write_config(name, Path(tmp))
-        cfg = ModelConfig.from_hf_file(cfg_dir / "config.json")
+        cfg = config_from_hf_file(cfg_dir / "config.json")
         for n in sizes:
             results["runs"] += run_one(cfg_dir, cfg, n, contexts, new, args.device, dtype, bandwidth,
                                        not args.no_graphs)

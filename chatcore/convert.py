@@ -11,6 +11,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from chatcore.checkpoint_config import config_to_hf
 from chatcore.errors import ModelFormatError
 from chatcore.loader import open_checkpoint
 from chatcore.models import FAMILIES
@@ -24,7 +25,7 @@ def gguf_to_hf_dir(gguf_path: Path, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {name: source.get(name).contiguous() for name in FAMILIES[cfg.family].tensor_names(cfg)}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2), encoding="utf-8")
+    (out / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2), encoding="utf-8")
     generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids)}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
     if tok is not None:

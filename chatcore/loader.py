@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from chatcore.checkpoint_config import config_from_gguf, config_from_hf_file
 from chatcore.config import ModelConfig, RopeScaling
 from chatcore.engine import Engine
 from chatcore.errors import ModelFormatError, ModelNotFound
@@ -53,7 +54,7 @@ def open_checkpoint(p: Path) -> tuple[ModelConfig, TensorSource, Tokenizer | Non
 def _open_hf_dir(p: Path) -> tuple[ModelConfig, TensorSource, Tokenizer | None]:
     from chatcore.weights.safetensors_dir import SafetensorsDir
 
-    cfg = ModelConfig.from_hf_file(p / "config.json")
+    cfg = config_from_hf_file(p / "config.json")
     extra_eos: tuple[int, ...] = ()
     gen_path = p / "generation_config.json"
     if gen_path.exists():
@@ -87,8 +88,8 @@ def _open_gguf(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | None]:
         meta: dict[str, Any] = metadata_from_reader(reader)
     except (ValueError, OSError, IndexError, KeyError) as exc:
         raise ModelFormatError(f"{p} is not a readable GGUF file ({exc}); re-download it") from None
-    cfg = ModelConfig.from_gguf(meta)
-    source = GGUFTensors(reader, p, cfg.num_heads, cfg.num_kv_heads, arch=str(meta["general.architecture"]))
+    cfg = config_from_gguf(meta)
+    source = GGUFTensors(reader, p, cfg.num_heads, cfg.num_kv_heads, FAMILIES[cfg.family].gguf_names)
     freqs = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
     if freqs:  # Llama 3.1 / 3.2: the RoPE scaling as one divisor per frequency
         if cfg.rope_scaling.kind != "default":
@@ -105,16 +106,8 @@ def _open_gguf(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | None]:
 
 
 def _settings_from_tensors(cfg: ModelConfig, names: set[str]) -> ModelConfig:
-    """What GGUF metadata does not say but its tensors do: a tied output head (no ``output.weight``), and for
-    the RoPE families biases on the attention (q/k/v only, or o too) and MLP projections."""
-    cfg = dataclasses.replace(cfg, tie_word_embeddings="lm_head.weight" not in names)
-    if cfg.position != "rope":
-        return cfg
-    block = "model.layers.0"
-    o_bias = f"{block}.self_attn.o_proj.bias" in names
-    return dataclasses.replace(cfg, attention_bias=o_bias,
-                               qkv_bias=not o_bias and f"{block}.self_attn.q_proj.bias" in names,
-                               mlp_bias=f"{block}.mlp.up_proj.bias" in names)
+    """What GGUF metadata does not say but its tensors do (a tied output head, biases): the family reads it."""
+    return FAMILIES[cfg.family].settings_from_tensors(cfg, names)
 
 
 def _bar(total: int, label: str) -> Progress:

@@ -3,13 +3,18 @@ tokens identical to ``generate`` (one-shot, chunked, reused slot). Random weight
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import model_factory
 import pytest
 from family_check import check_greedy, check_logits, prompt, reference
+from safetensors import safe_open
 
 import chatcore
-from chatcore.config import ModelConfig
+from chatcore.checkpoint_config import config_from_hf, config_from_hf_file
 from chatcore.errors import UnsupportedArchitecture
+from chatcore.models import FAMILIES
+from chatcore.parallel.random_weights import RandomWeights
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: repeatable float sums
 
@@ -55,7 +60,7 @@ def test_greedy_matches_generate(saved) -> None:  # noqa: ANN001
 
 def test_config_reads_each_family(saved) -> None:  # noqa: ANN001
     family, path, _ = saved
-    cfg = ModelConfig.from_hf_file(path / "config.json")
+    cfg = config_from_hf_file(path / "config.json")
     if family == "mistral":
         assert cfg.layer_windows and len(set(cfg.layer_windows)) == 1
     assert cfg.qkv_bias == (family == "qwen2")
@@ -65,13 +70,37 @@ def test_config_reads_each_family(saved) -> None:  # noqa: ANN001
 def test_qwen_windows_follow_layer_types() -> None:
     base = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
             "num_hidden_layers": 4, "num_attention_heads": 2, "sliding_window": 16}
-    assert ModelConfig.from_hf(base).layer_windows == ()                      # use_sliding_window off
+    assert config_from_hf(base).layer_windows == ()                      # use_sliding_window off
     on = {**base, "use_sliding_window": True, "max_window_layers": 2}
-    assert ModelConfig.from_hf(on).layer_windows == (0, 0, 16, 16)
+    assert config_from_hf(on).layer_windows == (0, 0, 16, 16)
     typed = {**on, "layer_types": ["sliding_attention", "full_attention"] * 2}
-    assert ModelConfig.from_hf(typed).layer_windows == (16, 0, 16, 0)
+    assert config_from_hf(typed).layer_windows == (16, 0, 16, 0)
 
 
 def test_unsupported_architecture_names_what_is_supported() -> None:
     with pytest.raises(UnsupportedArchitecture, match="supported: Llama .*Mistral, Qwen2, Qwen3"):
-        ModelConfig.from_hf({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"})
+        config_from_hf({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"})
+
+
+SHAPE_VARIANTS = {  # every family, with the optional tensors its configs can add
+    "llama": {"attention_bias": True, "mlp_bias": True}, "mistral": {}, "qwen2": {"tie_word_embeddings": True},
+    "qwen3": {"attention_bias": True}, "gemma3": {"attention_bias": True}, "bloom": {"tie_word_embeddings": False},
+    "mpt": {}}
+
+
+@pytest.mark.parametrize("family", sorted(SHAPE_VARIANTS))
+def test_declared_shapes_are_the_checkpoints(family: str, tmp_path: Path) -> None:
+    """A family's ``shapes`` name every tensor its transformers checkpoint holds, in the checkpoint's shapes;
+    random weights (benchmarks) come in those shapes."""
+    assert sorted(SHAPE_VARIANTS) == sorted(FAMILIES)
+    path = getattr(model_factory, f"make_{family}_dir")(tmp_path, **SHAPE_VARIANTS[family])
+    cfg = config_from_hf_file(path / "config.json")
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    declared = FAMILIES[cfg.family].shapes(cfg)
+    assert declared == {name: saved.get(name) for name in declared}
+    assert set(saved) - set(declared) <= {"lm_head.weight"}   # transformers may save a tied head too
+    assert FAMILIES[cfg.family].tensor_names(cfg) == list(declared)
+    weights = RandomWeights(cfg, seed=0)
+    assert weights.names() == set(declared)
+    assert all(tuple(weights.get(name).shape) == shape for name, shape in declared.items())

@@ -12,7 +12,7 @@ import torch
 from family_check import check_greedy, check_logits, prompt, reference
 
 import chatcore
-from chatcore.config import ModelConfig
+from chatcore.checkpoint_config import config_from_hf
 from chatcore.errors import UnsupportedArchitecture
 from chatcore.layers.rope import Rotary
 from chatcore.models.gemma3 import LayerRotary
@@ -50,9 +50,9 @@ def test_greedy_matches_generate(saved) -> None:  # noqa: ANN001
 def test_old_and_new_config_forms_agree() -> None:
     base = {"architectures": ["Gemma3ForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
             "num_hidden_layers": 7, "num_attention_heads": 2, "head_dim": 4, "sliding_window": 16}
-    old = ModelConfig.from_hf({**base, "rope_theta": 1e6, "rope_local_base_freq": 1e4, "sliding_window_pattern": 3,
+    old = config_from_hf({**base, "rope_theta": 1e6, "rope_local_base_freq": 1e4, "sliding_window_pattern": 3,
                                "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
-    new = ModelConfig.from_hf({**base, "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2
+    new = config_from_hf({**base, "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2
                                + ["sliding_attention"],
                                "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0,
                                                                       "rope_theta": 1e6},
@@ -64,13 +64,13 @@ def test_old_and_new_config_forms_agree() -> None:
 
 def test_attention_softcapping_is_refused_in_one_line() -> None:
     with pytest.raises(UnsupportedArchitecture, match="soft-capping") as info:
-        ModelConfig.from_hf({"model_type": "gemma3_text", "attn_logit_softcapping": 50.0, "num_hidden_layers": 2})
+        config_from_hf({"model_type": "gemma3_text", "attn_logit_softcapping": 50.0, "num_hidden_layers": 2})
     assert "\n" not in str(info.value)
 
 
 def test_cache_shift_rerotates_each_layer_with_its_own_base() -> None:
     """Keys rotated at position p by layer l's table, shifted by -d, equal keys rotated at p - d by that table."""
-    cfg = ModelConfig.from_hf({"architectures": ["Gemma3ForCausalLM"], "vocab_size": 10, "hidden_size": 8,
+    cfg = config_from_hf({"architectures": ["Gemma3ForCausalLM"], "vocab_size": 10, "hidden_size": 8,
                                "intermediate_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
                                "head_dim": 16, "sliding_window": 4, "layer_types": ["sliding_attention",
                                                                                     "full_attention"]})

@@ -19,13 +19,13 @@ from gguf_convert import write_gguf
 from safetensors.torch import load_file
 
 import chatcore
-from chatcore.config import ModelConfig
+from chatcore.checkpoint_config import config_from_gguf, config_from_hf_file
 from chatcore.config_gguf import llama3_factors, llama3_scaling
 from chatcore.convert import gguf_to_hf_dir
 from chatcore.errors import ModelFormatError, UnsupportedArchitecture
 from chatcore.loader import open_checkpoint
+from chatcore.models.bloom import qkv_to_per_head
 from chatcore.weights.dequant import dequantize
-from chatcore.weights.gguf_file import qkv_to_per_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: repeatable float sums
 
@@ -81,7 +81,7 @@ def test_gguf_config_equals_config_json(converted) -> None:  # noqa: ANN001
     """What the GGUF's metadata and tensors say equals config.json, but for what GGUF does not record."""
     family, hf_dir, path, _ = converted
     ours, _, _ = open_checkpoint(path)
-    theirs = ModelConfig.from_hf_file(hf_dir / "config.json")
+    theirs = config_from_hf_file(hf_dir / "config.json")
     if family == "mistral":
         theirs = dataclasses.replace(theirs, family="llama")
     if family == "bloom":  # the converter always writes the tied head out as output.weight
@@ -122,7 +122,7 @@ def test_mistral_window_is_not_in_gguf(tmp_path: Path) -> None:
     hf_dir = model_factory.make_mistral_dir(tmp_path / "hf", sliding_window=48)
     cfg, _, _ = open_checkpoint(write_gguf(hf_dir, tmp_path / "m.gguf"))
     assert cfg.family == "llama" and cfg.layer_windows == ()
-    assert ModelConfig.from_hf_file(hf_dir / "config.json").layer_windows == (48,) * 3
+    assert config_from_hf_file(hf_dir / "config.json").layer_windows == (48,) * 3
 
 
 def test_quantized_bloom_qkv_regrouped_on_packed_rows(tmp_path: Path) -> None:
@@ -206,4 +206,4 @@ def test_gguf_missing_a_key_or_unknown_scaling_fails_in_one_line(tmp_path: Path)
             "qwen2.block_count": 1, "qwen2.feed_forward_length": 8, "qwen2.rope.scaling.type": "longrope",
             "qwen2.rope.scaling.factor": 2.0, "tokenizer.ggml.tokens": ["a"]}
     with pytest.raises(ModelFormatError, match="GGUF RoPE scaling 'longrope' is not supported"):
-        ModelConfig.from_gguf(meta)
+        config_from_gguf(meta)

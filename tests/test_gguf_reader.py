@@ -19,9 +19,10 @@ from gguf import GGUFValueType as V
 
 from chatcore.errors import ModelFormatError
 from chatcore.loader import open_checkpoint
+from chatcore.models.llama import GGUF_NAMES, unpermute_qk
 from chatcore.tokenizer.gguf_vocab import metadata_from_reader, read_gguf_metadata
 from chatcore.weights.dequant import FAST_TYPES, dequantize
-from chatcore.weights.gguf_file import GGUFTensors, hf_name, unpermute_qk
+from chatcore.weights.gguf_file import GGUFTensors
 from chatcore.weights.gguf_reader import GGUFFile
 
 
@@ -191,12 +192,12 @@ def test_gguf_tensors_same_with_either_reader(tmp_path: Path) -> None:
     w.write_tensors_to_file()
     w.close()
     path = tmp_path / "named.gguf"
-    ours = GGUFTensors(GGUFFile(path), path, heads, kv_heads)
-    theirs = GGUFTensors(gguf.GGUFReader(path), path, heads, kv_heads)
+    ours = GGUFTensors(GGUFFile(path), path, heads, kv_heads, GGUF_NAMES)
+    theirs = GGUFTensors(gguf.GGUFReader(path), path, heads, kv_heads, GGUF_NAMES)
     ref = {t.name: t for t in gguf.GGUFReader(path).tensors}
     assert ours.names() == theirs.names() and len(ours.names()) == len(tensors) and not ours.unknown
     for gguf_name in tensors:
-        hf = hf_name(gguf_name)
+        hf = GGUF_NAMES.hf_name(gguf_name)
         assert hf is not None
         t = ref[gguf_name]
         expected = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))

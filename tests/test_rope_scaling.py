@@ -13,7 +13,7 @@ from family_check import check_greedy, check_logits, prompt, reference
 from model_factory import make_llama_dir
 
 import chatcore
-from chatcore.config import ModelConfig
+from chatcore.checkpoint_config import config_from_hf
 from chatcore.errors import ModelFormatError
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: repeatable float sums
@@ -110,15 +110,15 @@ def test_k_shift_with_attention_factor(name: str, tmp_path: Path) -> None:
 def test_config_forms_and_errors() -> None:
     base = {"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
             "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 4096}
-    old = ModelConfig.from_hf({**base, "rope_theta": 5e5, "rope_scaling": {"type": "yarn", "factor": 4.0}})
-    new = ModelConfig.from_hf({**base, "rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}})
+    old = config_from_hf({**base, "rope_theta": 5e5, "rope_scaling": {"type": "yarn", "factor": 4.0}})
+    new = config_from_hf({**base, "rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}})
     assert old == new and new.rope_theta == 5e5
     assert new.rope_scaling.get("original_max_position_embeddings") == 4096
     # longrope without a factor: max_position_embeddings / original (Phi-3 keeps the original at the top level)
-    phi = ModelConfig.from_hf({**base, "original_max_position_embeddings": 1024, "rope_scaling": {
+    phi = config_from_hf({**base, "original_max_position_embeddings": 1024, "rope_scaling": {
         "type": "longrope", "short_factor": [1.0] * 2, "long_factor": [2.0] * 2}})
     assert phi.rope_scaling.factor == 4.0 and phi.rope_scaling.get("original_max_position_embeddings") == 1024
-    assert math.isclose(ModelConfig.from_hf({**base, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
+    assert math.isclose(config_from_hf({**base, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
                         .max_window, 8192)
     with pytest.raises(ModelFormatError, match="supported: default, linear, dynamic, yarn, llama3, longrope"):
-        ModelConfig.from_hf({**base, "rope_scaling": {"rope_type": "su", "factor": 2.0}})
+        config_from_hf({**base, "rope_scaling": {"rope_type": "su", "factor": 2.0}})

@@ -3,20 +3,29 @@ query_key_value projection laid out per head ([heads, 3, head_dim] rows; regroup
 a tanh-GELU MLP of 4 x hidden, biases everywhere, tied output head.
 
 The KV cache holds keys as computed (no rotation), so dropping a span only moves them.
+
+GGUF ``bloom`` files hold the fused ``attn_qkv`` as all q rows, then k, then v; :func:`qkv_to_per_head`
+restores BLOOM's per-head layout. ``apply_residual_connection_post_layernorm`` is not recorded there (every
+released checkpoint has the default, off).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
-from chatcore.config import ModelConfig
+from chatcore.config import ModelConfig, as_ids
+from chatcore.config_gguf import GGUFKeys, alibi_fields
 from chatcore.layers.alibi import bloom_slopes
 from chatcore.layers.linear import for_linear, linear
 from chatcore.layers.norm import layer_norm
 from chatcore.models.base import CausalLM
-from chatcore.models.llama import GetTensor
+from chatcore.models.family import Family, Fields, GetTensor
 from chatcore.runtime import Runtime
 from chatcore.step import Step
+from chatcore.weights.gguf_names import GGUFNames, Rows
 
 
 def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -54,21 +63,8 @@ class BloomModel(CausalLM):
         self.layers = [Block(get, f"transformer.h.{i}", cfg) for i in range(cfg.num_layers)]
         self.ln_f_w, self.ln_f_b = get("transformer.ln_f.weight"), get("transformer.ln_f.bias")
         self.lm_head = for_linear(self.embed if cfg.tie_word_embeddings else get("lm_head.weight"))
-        self.slopes = bloom_slopes(cfg.num_heads).to(runtime.device)
+        self.slopes = _slopes(cfg).to(runtime.device)
         self.rotary = None
-
-    @staticmethod
-    def tensor_names(cfg: ModelConfig) -> list[str]:
-        names = ["transformer.word_embeddings.weight"]
-        for ln in ("transformer.word_embeddings_layernorm", "transformer.ln_f"):
-            names += [f"{ln}.weight", f"{ln}.bias"]
-        if not cfg.tie_word_embeddings:
-            names.append("lm_head.weight")
-        for i in range(cfg.num_layers):
-            for mod in ("input_layernorm", "self_attention.query_key_value", "self_attention.dense",
-                        "post_attention_layernorm", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"):
-                names += [f"transformer.h.{i}.{mod}.weight", f"transformer.h.{i}.{mod}.bias"]
-        return names
 
     def run(self, ids: torch.Tensor, step: Step, *, all_logits: bool = False) -> torch.Tensor:
         c, eps = self.cfg, self.cfg.rms_norm_eps
@@ -87,3 +83,72 @@ class BloomModel(CausalLM):
         if not all_logits:
             x = x[-1:]
         return self.head(layer_norm(x, self.ln_f_w, self.ln_f_b, eps), self.lm_head)
+
+
+def _slopes(cfg: ModelConfig) -> torch.Tensor:
+    return bloom_slopes(cfg.num_heads)
+
+
+def _from_hf(raw: Mapping[str, Any]) -> Fields:
+    eos = as_ids(raw.get("eos_token_id"))
+    hidden = int(raw.get("hidden_size") or raw["n_embed"])
+    heads = int(raw.get("n_head") or raw["num_attention_heads"])
+    return dict(vocab_size=int(raw["vocab_size"]), hidden_size=hidden,
+                intermediate_size=4 * hidden, num_layers=int(raw.get("n_layer") or raw["num_hidden_layers"]),
+                num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
+                max_position_embeddings=int(raw.get("seq_length") or 2048),  # ALiBi has no table; BLOOM's length
+                rms_norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)), hidden_act="bloom_gelu",
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+                residual_post_norm=bool(raw.get("apply_residual_connection_post_layernorm", False)),
+                bos_token_id=raw.get("bos_token_id"), eos_token_ids=eos)
+
+
+def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    return {"hidden_size": cfg.hidden_size, "n_layer": cfg.num_layers, "n_head": cfg.num_heads,
+            "layer_norm_epsilon": cfg.rms_norm_eps, "seq_length": cfg.max_position_embeddings,
+            "apply_residual_connection_post_layernorm": cfg.residual_post_norm}
+
+
+def _from_gguf(key: GGUFKeys, common: Mapping[str, Any]) -> Fields:
+    return {**alibi_fields(key, common, "bloom"), "hidden_act": "bloom_gelu"}
+
+
+def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    h, mlp, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"transformer.word_embeddings.weight": (v, h)}
+    for ln in ("transformer.word_embeddings_layernorm", "transformer.ln_f"):
+        shapes |= {f"{ln}.weight": (h,), f"{ln}.bias": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    for i in range(cfg.num_layers):
+        for mod, shape in (("input_layernorm", (h,)), ("self_attention.query_key_value", (3 * h, h)),
+                           ("self_attention.dense", (h, h)), ("post_attention_layernorm", (h,)),
+                           ("mlp.dense_h_to_4h", (mlp, h)), ("mlp.dense_4h_to_h", (h, mlp))):
+            shapes |= {f"transformer.h.{i}.{mod}.weight": shape, f"transformer.h.{i}.{mod}.bias": shape[:1]}
+    return shapes
+
+
+def qkv_to_per_head(w: Rows, heads: int) -> Rows:
+    """Rows q | k | v ([3, heads, head_dim]; llama.cpp's BLOOM layout) -> BLOOM's [heads, 3, head_dim]."""
+    return w.reshape(3, heads, w.shape[0] // 3 // heads, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
+
+
+FAMILY = Family(
+    name="bloom", label="BLOOM", position="alibi", model=BloomModel, hf_architecture="BloomForCausalLM",
+    hf_model_type="bloom", config_from_hf=_from_hf, config_to_hf=_to_hf, activations=("bloom_gelu",),
+    shapes=_shapes,
+    split_rules=(("word_embeddings.weight", "vocab"), ("lm_head.weight", "vocab"),
+                 ("query_key_value.weight", "head3"), ("query_key_value.bias", "head3"),
+                 ("self_attention.dense.weight", "out"), ("self_attention.dense.bias", "once"),
+                 ("dense_h_to_4h.weight", "up"), ("dense_h_to_4h.bias", "up"), ("dense_4h_to_h.weight", "down"),
+                 ("dense_4h_to_h.bias", "once")),
+    gguf_arch="bloom", config_from_gguf=_from_gguf,
+    gguf_names=GGUFNames(
+        "transformer.h",
+        {"token_embd": "transformer.word_embeddings", "token_embd_norm": "transformer.word_embeddings_layernorm",
+         "output_norm": "transformer.ln_f", "output": "lm_head"},
+        {"attn_norm": "input_layernorm", "attn_qkv": "self_attention.query_key_value",
+         "attn_output": "self_attention.dense", "ffn_norm": "post_attention_layernorm",
+         "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"},
+        {"attn_qkv": lambda w, heads, _kv: qkv_to_per_head(w, heads)}),
+    alibi_slopes=_slopes)

@@ -1,7 +1,7 @@
-"""Random weights in the shapes of a Llama-family config, made on demand, slice by slice (for benchmarks of
-models nobody has on disk here: a rank makes only its own shard, never the whole 70B model).
+"""Random weights in the shapes a family declares for a config, made on demand, slice by slice (for
+benchmarks of models nobody has on disk here: a rank makes only its own shard, never the whole 70B model).
 
-Values are small (std 0.02; norms 1), so activations stay finite; they mean nothing.
+Values are small (std 0.02; norms and biases 1), so activations stay finite; they mean nothing.
 """
 
 from __future__ import annotations
@@ -11,27 +11,7 @@ import zlib
 import torch
 
 from chatcore.config import ModelConfig
-
-
-def llama_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    c = cfg
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
-                                          "model.norm.weight": (c.hidden_size,)}
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
-    for i in range(c.num_layers):
-        p = f"model.layers.{i}"
-        shapes |= {f"{p}.input_layernorm.weight": (c.hidden_size,),
-                   f"{p}.post_attention_layernorm.weight": (c.hidden_size,),
-                   f"{p}.self_attn.q_proj.weight": (q, c.hidden_size),
-                   f"{p}.self_attn.k_proj.weight": (kv, c.hidden_size),
-                   f"{p}.self_attn.v_proj.weight": (kv, c.hidden_size),
-                   f"{p}.self_attn.o_proj.weight": (c.hidden_size, q),
-                   f"{p}.mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-                   f"{p}.mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
-                   f"{p}.mlp.down_proj.weight": (c.hidden_size, c.intermediate_size)}
-    return shapes
+from chatcore.models import FAMILIES
 
 
 class RandomWeights:
@@ -40,9 +20,7 @@ class RandomWeights:
 
     def __init__(self, cfg: ModelConfig, seed: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
-        if cfg.family not in ("llama", "mistral", "qwen2") or cfg.qkv_bias or cfg.attention_bias or cfg.mlp_bias:
-            raise ValueError("random weights are made for bias-free Llama-family configs only")
-        self.shapes = llama_shapes(cfg)
+        self.shapes = FAMILIES[cfg.family].shapes(cfg)
         self.seed, self.device, self.dtype = seed, torch.device(device), dtype
 
     def names(self) -> set[str]:

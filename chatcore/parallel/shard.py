@@ -104,30 +104,15 @@ def check_divides(cfg: ModelConfig, n: int) -> None:
         raise TensorParallelError(f"tensor_parallel={n} does not divide {what}; use one of {sizes}")
 
 
-# -- which part of a tensor a rank reads, by the name's ending -------------------------------------------------
+# -- which part of a tensor a rank reads: each family's split_rules, by the name's ending -----------------------
 # kinds: vocab (rows), q (rows of the rank's heads), kv (rows of its KV heads), head3 (BLOOM's per-head fused
 # qkv rows), qkv (MPT's fused q|k|v: three row ranges), out (input columns of the rank's heads), up (rows of its
 # MLP columns), down (its MLP columns as input columns), once (rank 0 only; zeros elsewhere)
-_RULES: dict[str, tuple[tuple[str, str], ...]] = {
-    "llama": (("embed_tokens.weight", "vocab"), ("lm_head.weight", "vocab"), ("q_proj.weight", "q"),
-              ("q_proj.bias", "q"), ("k_proj.weight", "kv"), ("k_proj.bias", "kv"), ("v_proj.weight", "kv"),
-              ("v_proj.bias", "kv"), ("o_proj.weight", "out"), ("o_proj.bias", "once"), ("gate_proj.weight", "up"),
-              ("gate_proj.bias", "up"), ("up_proj.weight", "up"), ("up_proj.bias", "up"),
-              ("down_proj.weight", "down"), ("down_proj.bias", "once")),
-    "bloom": (("word_embeddings.weight", "vocab"), ("lm_head.weight", "vocab"),
-              ("query_key_value.weight", "head3"), ("query_key_value.bias", "head3"),
-              ("self_attention.dense.weight", "out"), ("self_attention.dense.bias", "once"),
-              ("dense_h_to_4h.weight", "up"), ("dense_h_to_4h.bias", "up"), ("dense_4h_to_h.weight", "down"),
-              ("dense_4h_to_h.bias", "once")),
-    "mpt": (("wte.weight", "vocab"), ("lm_head.weight", "vocab"), ("attn.Wqkv.weight", "qkv"),
-            ("attn.out_proj.weight", "out"), ("ffn.up_proj.weight", "up"), ("ffn.down_proj.weight", "down")),
-}
-_RULES.update(mistral=_RULES["llama"], qwen2=_RULES["llama"], qwen3=_RULES["llama"], gemma3=_RULES["llama"])
-
-
 def split_kind(family: str, name: str) -> str | None:
-    """How ``name`` is split (see ``_RULES``); None: replicated."""
-    for suffix, kind in _RULES[family]:
+    """How ``name`` is split (the family's ``split_rules``); None: replicated."""
+    from chatcore.models import FAMILIES
+
+    for suffix, kind in FAMILIES[family].split_rules:
         if name.endswith(suffix):
             return kind
     return None
@@ -184,9 +169,12 @@ def shard_tensor(layout: Layout, family: str, name: str, read: Read) -> torch.Te
 
 def alibi_slopes(cfg: ModelConfig, layout: Layout) -> torch.Tensor:
     """The ALiBi slopes of this rank's heads (slopes depend on the whole model's head count)."""
-    from chatcore.layers.alibi import bloom_slopes, mpt_slopes
+    from chatcore.models import FAMILIES
 
-    full = bloom_slopes(cfg.num_heads) if cfg.family == "bloom" else mpt_slopes(cfg.num_heads, cfg.alibi_bias_max)
+    slopes = FAMILIES[cfg.family].alibi_slopes
+    if slopes is None:
+        raise ValueError(f"{cfg.family} has no ALiBi slopes")
+    full = slopes(cfg)
     h0, h1 = layout.heads
     return full[h0:h1].clone()
 
@@ -238,7 +226,8 @@ def load_shard(spec: LaunchSpec, rank: int, opened: Opened | None = None,
 def open_random(path: Path, seed: int, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> Opened:
     """A config.json alone, with random weights made on demand (benchmarks of shapes nobody has on disk)."""
+    from chatcore.checkpoint_config import config_from_hf_file
     from chatcore.parallel.random_weights import RandomWeights
 
-    cfg = ModelConfig.from_hf_file(path / "config.json")
+    cfg = config_from_hf_file(path / "config.json")
     return cfg, RandomWeights(cfg, seed, device, dtype)
