@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from chatcore.cuda_graph import DecodeGraph
 
 
-@runtime_checkable
 class DecodeStep(Protocol):
     """A slot's decode step captured as a CUDA graph: run one token at the slot's next position."""
 
