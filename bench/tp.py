@@ -34,10 +34,11 @@ for _var, _val in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST
 import torch  # noqa: E402
 
 from chatcore import SamplingParams  # noqa: E402
+from chatcore.checkpoint import LoadOptions  # noqa: E402
 from chatcore.checkpoint_config import config_from_hf_file  # noqa: E402
 from chatcore.config import ModelConfig  # noqa: E402
 from chatcore.parallel.launch import load_parallel  # noqa: E402
-from chatcore.parallel.shard import Layout  # noqa: E402
+from chatcore.parallel.shard import RankShard  # noqa: E402
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -80,12 +81,12 @@ def copy_bandwidth(device: torch.device) -> float:
 
 def step_bytes(cfg: ModelConfig, n: int, context: int, elem: int) -> int:
     """Bytes one decode step reads on rank 0: its weight shard (what the step multiplies by) and its KV."""
-    lay = Layout(cfg, n, 0)
-    local = lay.local_config()
+    shard = RankShard(cfg, n, 0)
+    local = shard.local_config()
     d, h = cfg.head_dim, cfg.hidden_size
     attn = (2 * local.num_heads + 2 * local.num_kv_heads) * d * h
     mlp = 3 * local.intermediate_size * h
-    weights = cfg.num_layers * (attn + mlp) + lay.vocab_rows * h
+    weights = cfg.num_layers * (attn + mlp) + shard.vocab_rows * h
     kv = 2 * cfg.num_layers * local.num_kv_heads * context * d
     return (weights + kv) * elem
 
@@ -94,8 +95,8 @@ def run_one(cfg_dir: Path, cfg: ModelConfig, n: int, contexts: list[int], new: i
             dtype: str, bandwidth: float, graphs: bool) -> list[dict[str, Any]]:
     window = max(contexts) + new + 16
     t0 = time.perf_counter()
-    engine = load_parallel(cfg_dir, n, device, dtype, max_seq_len=window, random_seed=0, prefill_chunk=2048,
-                           cuda_graphs=graphs)
+    options = LoadOptions(max_seq_len=window, prefill_chunk=2048, cuda_graphs=graphs)
+    engine = load_parallel(cfg_dir, n, device, dtype, options, random_seed=0)
     load_s = time.perf_counter() - t0
     out = []
     try:

@@ -16,11 +16,20 @@ bound their loops by the live length read on the device, so one graph over the c
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from chatcore.kv_cache import KVCache
 
 MIN_SPAN = 512
+
+
+class Decoder(Protocol):
+    """What a graph captures: a model's device-position decode step (``CausalLM.decode``)."""
+
+    def decode(self, token: torch.Tensor, pos: torch.Tensor, slot: KVCache, span: int | None = None) -> torch.Tensor:
+        ...
 
 
 def span_for(position: int, capacity: int, spans: bool) -> int:
@@ -36,33 +45,33 @@ def span_for(position: int, capacity: int, spans: bool) -> int:
 class DecodeGraph:
     """``spans``: one graph per span (backends whose kernels size their work from the buffer), else one."""
 
-    def __init__(self, model, cache: KVCache, pool: tuple[int, int] | None = None, *,  # noqa: ANN001
+    def __init__(self, model: Decoder, slot: KVCache, pool: tuple[int, int] | None = None, *,
                  spans: bool = False) -> None:
-        if cache.allocated != cache.capacity or cache.length >= cache.capacity:
+        if slot.allocated != slot.capacity or slot.length >= slot.capacity:
             raise ValueError("a decode graph needs a preallocated slot with room for one more token")
-        dev = cache.k.device
-        self.model, self.cache, self.pool, self.spans = model, cache, pool, spans
+        dev = slot.k.device
+        self.model, self.slot, self.pool, self.spans = model, slot, pool, spans
         self.token = torch.zeros(1, dtype=torch.long, device=dev)
-        self.pos = torch.full((1,), cache.length, dtype=torch.int32, device=dev)
+        self.pos = torch.full((1,), slot.length, dtype=torch.int32, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.current()
 
     def current(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The graph (and its logits) for the slot's next position, captured on first use."""
-        span = span_for(self.cache.length, self.cache.capacity, self.spans)
+        span = span_for(self.slot.length, self.slot.capacity, self.spans)
         if span in self.graphs:
             return self.graphs[span]
-        dev, model, cache = self.cache.k.device, self.model, self.cache
-        self.pos.fill_(cache.length)
+        dev, model, slot = self.slot.k.device, self.model, self.slot
+        self.pos.fill_(slot.length)
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(2):   # warm-up: kernel compilation and library handles stay out of the capture
-                model.decode(self.token, self.pos, cache, span)   # writes only the unused row at cache.length
+                model.decode(self.token, self.pos, slot, span)   # writes only the unused row at slot.length
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool), torch.inference_mode():
-            logits = model.decode(self.token, self.pos, cache, span)
+            logits = model.decode(self.token, self.pos, slot, span)
         self.graphs[span] = graph, logits
         return graph, logits
 
@@ -72,7 +81,7 @@ class DecodeGraph:
         with torch.inference_mode():
             graph, logits = self.current()
             self.token.copy_(token.reshape(1))
-            self.pos.fill_(self.cache.length)
+            self.pos.fill_(self.slot.length)
             graph.replay()
         return logits
 
@@ -80,6 +89,6 @@ class DecodeGraph:
         """Run ``token`` at the slot's next position; returns the logits [1, vocab] (valid until the next step)."""
         graph, logits = self.current()
         self.token.fill_(token)
-        self.pos.fill_(self.cache.length)
+        self.pos.fill_(self.slot.length)
         graph.replay()
         return logits

@@ -14,6 +14,7 @@ from chatcore.config import ModelConfig
 from chatcore.detokenize import IncrementalDetokenizer
 from chatcore.errors import PromptTooLong, TokenizerMissing
 from chatcore.kv_cache import KVCache
+from chatcore.models.base import CausalModel
 from chatcore.runtime import Runtime, activation_bytes_per_token, fit_chunk
 from chatcore.sampling import Sampler, SamplingParams
 from chatcore.stopping import StopStrings
@@ -79,7 +80,7 @@ class TokenEvent:
 
 
 class Engine:
-    def __init__(self, model, config: ModelConfig, runtime: Runtime, tokenizer: Tokenizer | None,  # noqa: ANN001
+    def __init__(self, model: CausalModel, config: ModelConfig, runtime: Runtime, tokenizer: Tokenizer | None,
                  source: str = "") -> None:
         self.model = model
         self.config = config
@@ -102,7 +103,7 @@ class Engine:
 
         With CUDA graphs the slot is allocated whole up front (a captured graph needs buffers that never move).
         """
-        return self.model.new_cache(min(capacity or self.window, self.window),
+        return self.model.new_slot(min(capacity or self.window, self.window),
                                     preallocate=self.runtime.uses_cuda_graphs)
 
     # -- forward passes -----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def test_device_step_matches_eager_step(decode_family_dir: Path, backend: str) -
                            prefill_chunk=16, progress=lambda *_: None)
     model = engine.model
     prompt = torch.randint(2, 300, (50,), generator=torch.Generator().manual_seed(5)).tolist()
-    eager, static = model.new_cache(96), model.new_cache(96, preallocate=True)
+    eager, static = model.new_slot(96), model.new_slot(96, preallocate=True)
     le, ls = engine.prefill(prompt, eager)[-1], engine.prefill(prompt, static)[-1]
     pos = torch.zeros(1, dtype=torch.int32)
     token_in = torch.zeros(1, dtype=torch.long)
@@ -56,4 +56,4 @@ def test_device_step_needs_a_preallocated_cache(tiny_llama_dir: Path) -> None:
     engine = chatcore.load(tiny_llama_dir, device="cpu", dtype="float32", progress=lambda *_: None)
     with pytest.raises(ValueError, match="full capacity"):
         engine.model.decode(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.int32),
-                            engine.model.new_cache(64))
+                            engine.model.new_slot(64))

@@ -108,7 +108,7 @@ def test_sink_window_streams_past_the_window_with_flat_memory(engine: chatcore.E
 
 
 def test_common_prefix_finds_the_first_difference_across_blocks(engine: chatcore.Engine) -> None:
-    slot = engine.model.new_cache(64)
+    slot = engine.model.new_slot(64)
     slot.tokens = list(range(10_000))   # only the ids matter here: common_prefix reads no tensor
     for differ in (0, 1, 4095, 4096, 4097, 8191, 9_999):
         other = list(range(10_000))

@@ -27,7 +27,8 @@ from chatcore import SamplingParams
 from chatcore.cli import main as cli_main
 from chatcore.config import ModelConfig
 from chatcore.errors import RankFailed, TensorParallelError
-from chatcore.parallel.shard import Layout, check_divides, valid_sizes
+from chatcore.models.base import CausalLM, CausalModel
+from chatcore.parallel.shard import RankShard, check_divides, valid_sizes
 
 VOCAB = 321
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
@@ -100,6 +101,7 @@ def test_matches_one_process(models: dict, family: str, n: int) -> None:
     path, ref = models[family]
     with chatcore.load(path, tensor_parallel=n, **LOAD) as engine:
         assert len(engine.model.workers.procs) == n - 1
+        assert isinstance(engine.model, CausalModel) and not isinstance(engine.model, CausalLM)
         assert_same(scenario(engine), ref)
 
 
@@ -170,17 +172,17 @@ def test_cli_reports_a_bad_size_in_one_line(models: dict, capsys: pytest.Capture
     assert err.startswith("chatcore: error: tensor_parallel=3 does not divide") and "\n" not in err
 
 
-def test_layout_replicates_kv_heads() -> None:
+def test_rank_shard_replicates_kv_heads() -> None:
     """Llama-3.1-70B's 64 query / 8 KV heads at TP=16: each KV head serves two ranks, each rank its own."""
     cfg = ModelConfig(family="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=1,
                       num_heads=64, num_kv_heads=8, head_dim=128, max_position_embeddings=64)
-    layouts = [Layout(cfg, 16, r) for r in range(16)]
-    assert [lay.kv_heads for lay in layouts] == [(r // 2, r // 2 + 1) for r in range(16)]
-    assert [lay.heads for lay in layouts][:2] == [(0, 4), (4, 8)]
-    assert Layout(cfg, 4, 3).kv_heads == (6, 8) and Layout(cfg, 4, 3).columns == (21504, 28672)
-    local = Layout(cfg, 16, 15).local_config()
+    shards = [RankShard(cfg, 16, r) for r in range(16)]
+    assert [s.kv_heads for s in shards] == [(r // 2, r // 2 + 1) for r in range(16)]
+    assert [s.heads for s in shards][:2] == [(0, 4), (4, 8)]
+    assert RankShard(cfg, 4, 3).kv_heads == (6, 8) and RankShard(cfg, 4, 3).columns == (21504, 28672)
+    local = RankShard(cfg, 16, 15).local_config()
     assert (local.num_heads, local.num_kv_heads, local.vocab_size) == (4, 1, 8016)
-    assert Layout(cfg, 16, 15).vocab == (120240, 128256)
+    assert RankShard(cfg, 16, 15).vocab == (120240, 128256)
 
 
 @pytest.mark.slow

@@ -69,17 +69,18 @@ class BloomModel(CausalLM):
     def run(self, ids: torch.Tensor, step: Step, *, all_logits: bool = False) -> torch.Tensor:
         c, eps = self.cfg, self.cfg.rms_norm_eps
         t = ids.shape[0]
+        row_linear = self.row_linear
         x = layer_norm(self.embed_ids(ids, self.embed), self.embed_ln_w, self.embed_ln_b, eps)
         for i, layer in enumerate(self.layers):
             h = layer_norm(x, layer.ln1_w, layer.ln1_b, eps)
             residual = h if c.residual_post_norm else x
             q, k, v = linear(h, layer.wqkv, layer.bqkv).view(t, 3, c.num_heads, c.head_dim).unbind(1)
             o = step.attend(i, q, k, v, rotary=None, alibi=self.slopes)
-            x = self.reduce(linear(o.reshape(t, -1), layer.wo, layer.bo)) + residual
+            x = row_linear(o.reshape(t, -1), layer.wo, layer.bo, residual=residual)
             h = layer_norm(x, layer.ln2_w, layer.ln2_b, eps)
             residual = h if c.residual_post_norm else x
             up = bloom_gelu(linear(h, layer.w_up, layer.b_up))
-            x = self.reduce(linear(up, layer.w_down, layer.b_down)) + residual
+            x = row_linear(up, layer.w_down, layer.b_down, residual=residual)
         if not all_logits:
             x = x[-1:]
         return self.head(layer_norm(x, self.ln_f_w, self.ln_f_b, eps), self.lm_head)

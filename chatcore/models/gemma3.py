@@ -104,6 +104,7 @@ class Gemma3Model(CausalLM):
     def run(self, ids: torch.Tensor, step: Step, *, all_logits: bool = False) -> torch.Tensor:
         c, eps = self.cfg, self.cfg.rms_norm_eps
         t = ids.shape[0]
+        row_linear = self.row_linear
         x = self.embed_ids(ids, self.embed) * self.embed_scale
         for i, layer in enumerate(self.layers):
             h = gemma_rms_norm(x, layer.attn_norm, eps)
@@ -114,10 +115,10 @@ class Gemma3Model(CausalLM):
                 q = q * self.q_scale   # before the rotation: it is linear, so the scores are the same
             o = step.attend(i, q, k, v.view(t, c.num_kv_heads, c.head_dim), rotary=self.rotary.per_layer[i],
                             window=layer.window)
-            o = self.reduce(linear(o.reshape(t, self.q_size), layer.wo, layer.bo))
+            o = row_linear(o.reshape(t, self.q_size), layer.wo, layer.bo)
             x = x + gemma_rms_norm(o, layer.post_attn_norm, eps)
             gate, up = linear(gemma_rms_norm(x, layer.mlp_norm, eps), layer.w_gate_up).chunk(2, dim=-1)
-            h = self.reduce(linear(F.gelu(gate, approximate="tanh") * up, layer.w_down))
+            h = row_linear(F.gelu(gate, approximate="tanh") * up, layer.w_down)
             x = x + gemma_rms_norm(h, layer.post_mlp_norm, eps)
         if not all_logits:
             x = x[-1:]

@@ -22,7 +22,7 @@ from chatcore.config import ModelConfig, as_ids, hf_rope
 from chatcore.config_gguf import rope_fields
 from chatcore.layers.activation import gate_up_silu
 from chatcore.layers.linear import for_linear, linear
-from chatcore.layers.norm import add_rms_norm, rms_norm
+from chatcore.layers.norm import rms_norm
 from chatcore.layers.rope import Rotary
 from chatcore.models.base import CausalLM
 from chatcore.models.family import Family, Fields, GetTensor, tied_head
@@ -75,6 +75,7 @@ class LlamaModel(CausalLM):
     def run(self, ids: torch.Tensor, step: Step, *, all_logits: bool = False) -> torch.Tensor:
         c, eps = self.cfg, self.cfg.rms_norm_eps
         t = ids.shape[0]
+        row_linear = self.row_linear
         x = self.embed_ids(ids, self.embed)
         for i, layer in enumerate(self.layers):
             # the attention input's RMSNorm runs inside the qkv projection (for one token on a GPU: one GEMV)
@@ -84,17 +85,11 @@ class LlamaModel(CausalLM):
             if layer.q_norm is not None:
                 q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
             o = step.attend(i, q, k, v.view(t, c.num_kv_heads, c.head_dim), rotary=self.rotary, window=layer.window)
-            if self.tp is None:
-                # each residual add in the GEMV before it (epilogue), each norm in the GEMV after it (prologue):
-                # for one token on a GPU, no kernel of their own
-                x = linear(o.reshape(t, self.q_size), layer.wo, layer.bo, residual=x)
-                up = gate_up_silu(x, layer.w_gate_up, layer.b_gate_up, norm=(layer.mlp_norm, eps))
-                x = linear(up, layer.w_down, layer.b_down, residual=x)
-            else:   # a shard's partial products are summed across ranks before each residual add
-                x, h = add_rms_norm(x, self.reduce(linear(o.reshape(t, self.q_size), layer.wo, layer.bo)),
-                                    layer.mlp_norm, eps)
-                up = gate_up_silu(h, layer.w_gate_up, layer.b_gate_up)
-                x = x + self.reduce(linear(up, layer.w_down, layer.b_down))
+            # each residual add in the GEMV before it (epilogue), each norm in the GEMV after it (prologue):
+            # for one token on a GPU, no kernel of their own
+            x = row_linear(o.reshape(t, self.q_size), layer.wo, layer.bo, residual=x)
+            up = gate_up_silu(x, layer.w_gate_up, layer.b_gate_up, norm=(layer.mlp_norm, eps))
+            x = row_linear(up, layer.w_down, layer.b_down, residual=x)
         h = rms_norm(x, self.norm, eps)
         return self.head(h if all_logits else h[-1:], self.lm_head)
 

@@ -59,6 +59,7 @@ class MptModel(CausalLM):
     def run(self, ids: torch.Tensor, step: Step, *, all_logits: bool = False) -> torch.Tensor:
         c, eps = self.cfg, self.cfg.rms_norm_eps
         t = ids.shape[0]
+        row_linear = self.row_linear
         x = self.embed_ids(ids, self.embed)
         for i, layer in enumerate(self.layers):
             qkv = linear(layer_norm(x, layer.norm_1, None, eps), layer.wqkv)
@@ -68,9 +69,9 @@ class MptModel(CausalLM):
             if self.q_scale is not None:
                 q = q * self.q_scale
             o = step.attend(i, q, k, v, rotary=None, alibi=self.slopes)
-            x = x + self.reduce(linear(o.reshape(t, -1), layer.wo))
+            x = row_linear(o.reshape(t, -1), layer.wo, residual=x)
             h = layer_norm(x, layer.norm_2, None, eps)
-            x = x + self.reduce(linear(F.gelu(linear(h, layer.w_up)), layer.w_down))
+            x = row_linear(F.gelu(linear(h, layer.w_up)), layer.w_down, residual=x)
         if not all_logits:
             x = x[-1:]
         return self.head(layer_norm(x, self.norm_f, None, eps), self.lm_head)

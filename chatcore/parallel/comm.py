@@ -1,5 +1,6 @@
-"""The collectives a shard runs inside its forward pass, over torch.distributed's default process group
-(gloo on the CPU, NCCL on CUDA; one group per process, so one tensor-parallel engine per process at a time).
+"""The collectives, over torch.distributed's default process group (gloo on the CPU, NCCL on CUDA; one group
+per process, so one tensor-parallel engine per process at a time): the layers where a shard's forward pass
+meets the other ranks, the token broadcast of a decode step, and joining / leaving the group.
 
 Per layer: one all-reduce after the attention output projection and one after the MLP down projection; per
 forward pass: one all-reduce for the vocab-parallel embedding and one all-gather of the vocab-parallel
@@ -16,35 +17,50 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from chatcore.parallel.shard import Layout
+from chatcore.kv_cache import KVCache
+from chatcore.layers.linear import linear
+from chatcore.models.base import CausalLM
 from chatcore.parallel.spec import LaunchSpec
 
 # torch 2.13 renamed all_gather_into_tensor (the older name still works there, with a warning)
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-class Collectives:
-    """What a shard's forward pass calls (:class:`chatcore.models.base.CausalLM` ``tp``)."""
+class ParallelLayers:
+    """A shard's three layers that differ from the whole model's (:class:`CausalLM` ``embed_ids``,
+    ``row_linear``, ``head``): rank ``rank`` of ``world`` holds vocab rows ``vocab_start ..
+    vocab_start + vocab_rows`` of ``vocab`` (the last rank's padded)."""
 
-    def __init__(self, layout: Layout) -> None:
-        self.world = layout.world
-        self.lo = layout.vocab[0]
-        self.rows = layout.vocab_rows
-        self.vocab = layout.cfg.vocab_size
+    def __init__(self, rank: int, world: int, vocab_start: int, vocab_rows: int, vocab: int) -> None:
+        self.rank, self.world = rank, world
+        self.lo, self.rows, self.vocab = vocab_start, vocab_rows, vocab
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(x)
-        return x
+    def install(self, model: CausalLM) -> CausalLM:
+        """Make ``model`` (this rank's shard) run these layers."""
+        model.embed_ids, model.row_linear, model.head = self.embed_ids, self.row_linear, self.head
+        return model
 
-    def embed(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def embed_ids(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel lookup: this rank's rows (zeros for ids it does not hold), summed over ranks."""
         local = ids - self.lo
         outside = (local < 0) | (local >= self.rows)
         x = F.embedding(local.masked_fill(outside, 0), weight)
-        return self.all_reduce(x.masked_fill_(outside.unsqueeze(-1), 0))
+        x.masked_fill_(outside.unsqueeze(-1), 0)
+        dist.all_reduce(x)
+        return x
 
-    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """This rank's logits [T, rows] -> every rank's, [T, vocab] (the padding rows cut off)."""
+    def row_linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *,
+                   residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Row-parallel projection: each rank's partial product of its input columns, summed over ranks. Rank 0
+        alone adds the residual (in its projection's epilogue), as it alone holds the bias: the sum has each once."""
+        out = linear(x, w, b, residual=residual if self.rank == 0 else None)
+        dist.all_reduce(out)
+        return out
+
+    def head(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel head: this rank's logits [T, rows], gathered from every rank -> [T, vocab] (the padding
+        rows cut off)."""
+        logits = linear(h, weight)
         t = logits.shape[0]
         out = logits.new_empty((self.world * t, self.rows))
         _all_gather(out, logits.contiguous())
@@ -55,12 +71,12 @@ class BroadcastDecode:
     """The decode step every rank captures in its CUDA graph: rank 0's sampled token, still on its device,
     broadcast to the others, then the shard's own step. (Rank 0 never reads the token before the step.)"""
 
-    def __init__(self, model) -> None:  # noqa: ANN001 - a CausalLM shard
+    def __init__(self, model: CausalLM) -> None:
         self.model = model
 
-    def decode(self, token: torch.Tensor, pos: torch.Tensor, cache, span: int | None = None) -> torch.Tensor:  # noqa: ANN001
+    def decode(self, token: torch.Tensor, pos: torch.Tensor, slot: KVCache, span: int | None = None) -> torch.Tensor:
         dist.broadcast(token, src=0)
-        return self.model.decode(token, pos, cache, span)
+        return self.model.decode(token, pos, slot, span)
 
 
 def master_store(spec: LaunchSpec) -> dist.TCPStore:

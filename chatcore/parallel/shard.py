@@ -23,18 +23,20 @@ from pathlib import Path
 
 import torch
 
+from chatcore.checkpoint import Opened, Progress, build_model, make_runtime, open_checked
+from chatcore.checkpoint_config import config_from_hf_file
 from chatcore.config import ModelConfig
 from chatcore.errors import TensorParallelError
 from chatcore.models.base import CausalLM
+from chatcore.parallel.comm import ParallelLayers
+from chatcore.parallel.random_weights import RandomWeights
 from chatcore.parallel.spec import LaunchSpec
-from chatcore.runtime import Runtime, pick_dtype
+from chatcore.runtime import pick_dtype
 from chatcore.weights import TensorSource
-
-Opened = tuple[ModelConfig, TensorSource]
 
 
 @dataclass(frozen=True)
-class Layout:
+class RankShard:
     """Rank ``rank`` of ``world``: the ranges of heads, KV heads, MLP columns and vocab rows it holds."""
 
     cfg: ModelConfig      # the whole model's config
@@ -129,25 +131,25 @@ def reader(source: TensorSource) -> Read:
     return lambda name, index: source.get(name)[index].clone()
 
 
-def shard_tensor(layout: Layout, family: str, name: str, read: Read) -> torch.Tensor | None:
+def shard_tensor(shard: RankShard, family: str, name: str, read: Read) -> torch.Tensor | None:
     """This rank's part of ``name`` (None: read it whole, it is replicated)."""
     kind = split_kind(family, name)
-    c, all_ = layout.cfg, slice(None)
+    c, all_ = shard.cfg, slice(None)
     d = c.head_dim
-    h0, h1 = layout.heads
+    h0, h1 = shard.heads
     if kind is None:
         return None
     if kind == "vocab":
-        lo, hi = layout.vocab
+        lo, hi = shard.vocab
         rows = read(name, (slice(lo, hi),))
-        if hi - lo < layout.vocab_rows:
-            pad = rows.new_zeros((layout.vocab_rows - (hi - lo), *rows.shape[1:]))
+        if hi - lo < shard.vocab_rows:
+            pad = rows.new_zeros((shard.vocab_rows - (hi - lo), *rows.shape[1:]))
             rows = torch.cat([rows, pad])
         return rows
     if kind == "q":
         return read(name, (slice(h0 * d, h1 * d),))
     if kind == "kv":
-        g0, g1 = layout.kv_heads
+        g0, g1 = shard.kv_heads
         return read(name, (slice(g0 * d, g1 * d),))
     if kind == "head3":
         return read(name, (slice(h0 * 3 * d, h1 * 3 * d),))
@@ -156,18 +158,18 @@ def shard_tensor(layout: Layout, family: str, name: str, read: Read) -> torch.Te
         return torch.cat([read(name, (slice(i * width + h0 * d, i * width + h1 * d),)) for i in range(3)])
     if kind == "out":
         return read(name, (all_, slice(h0 * d, h1 * d)))
-    i0, i1 = layout.columns
+    i0, i1 = shard.columns
     if kind == "up":
         return read(name, (slice(i0, i1),))
     if kind == "down":
         return read(name, (all_, slice(i0, i1)))
     if kind == "once":
         whole = read(name, (all_,))
-        return whole if layout.rank == 0 else torch.zeros_like(whole)
+        return whole if shard.rank == 0 else torch.zeros_like(whole)
     raise AssertionError(f"unknown split {kind!r}")
 
 
-def alibi_slopes(cfg: ModelConfig, layout: Layout) -> torch.Tensor:
+def alibi_slopes(cfg: ModelConfig, layout: RankShard) -> torch.Tensor:
     """The ALiBi slopes of this rank's heads (slopes depend on the whole model's head count)."""
     from chatcore.models import FAMILIES
 
@@ -180,54 +182,34 @@ def alibi_slopes(cfg: ModelConfig, layout: Layout) -> torch.Tensor:
 
 
 def load_shard(spec: LaunchSpec, rank: int, opened: Opened | None = None,
-               progress: Callable[[int, int], None] | None = None) -> tuple[CausalLM, ModelConfig, Runtime]:
-    """Build rank ``rank``'s shard of the model ``spec`` names: only its part of each weight is read.
+               progress: Progress | None = None) -> CausalLM:
+    """Rank ``rank``'s shard of the model ``spec`` names, reading only its part of each weight, with the
+    parallel layers (:class:`ParallelLayers`) that join it to the other ranks.
 
-    ``opened``: the checkpoint already opened by the caller (rank 0 opens it once to check it before it starts
-    the other ranks). ``progress(done, total)``: called as tensors load. The shard's ``tp`` (its collectives)
-    is set when there is more than one rank.
+    ``opened``: the checkpoint as the caller opened and checked it on this rank's device (rank 0 does so
+    before it starts the other ranks). ``progress(done, total)``: called as tensors load.
     """
-    from chatcore.loader import check_tensors, make_runtime, open_checkpoint
-    from chatcore.models import FAMILIES
-    from chatcore.parallel.comm import Collectives
-
-    path = Path(spec.path)
     dev = spec.rank_device(rank)
     dtype = pick_dtype(spec.dtype, dev)
-    if spec.random_seed is not None:
-        opened = open_random(path, spec.random_seed, dev, dtype)
-    elif opened is None:
-        opened = open_checkpoint(path)[:2]
-        check_tensors(path, *opened)
-    cfg, source = opened
-    layout = Layout(cfg, spec.world, rank)
-    runtime = make_runtime(cfg, dev, dtype, max_seq_len=spec.max_seq_len, prefill_chunk=spec.prefill_chunk,
-                           attention=spec.attention, cuda_graphs=spec.cuda_graphs)
+    cfg, source, _ = opened or open_source(Path(spec.path), spec.random_seed, dev, dtype)
+    plan = RankShard(cfg, spec.world, rank)
     read = reader(source)
-    total, done = len(FAMILIES[cfg.family].tensor_names(cfg)), 0
 
     def get(name: str) -> torch.Tensor:
-        nonlocal done
-        part = shard_tensor(layout, cfg.family, name, read)
-        t = (source.get(name) if part is None else part).to(device=dev, dtype=runtime.dtype)
-        done += 1
-        if progress is not None:
-            progress(done, total)
-        return t
+        part = shard_tensor(plan, cfg.family, name, read)
+        return source.get(name) if part is None else part
 
-    model = FAMILIES[cfg.family](layout.local_config(), runtime, get, runtime.attention_backend)
+    model = build_model(plan.local_config(), make_runtime(cfg, dev, dtype, spec.options), get, progress)
     if cfg.position == "alibi":
-        model.slopes = alibi_slopes(cfg, layout).to(dev)
-    if spec.world > 1:
-        model.tp = Collectives(layout)
-    return model, cfg, runtime
+        model.slopes = alibi_slopes(cfg, plan).to(dev)
+    return ParallelLayers(rank, spec.world, plan.vocab[0], plan.vocab_rows, cfg.vocab_size).install(model)
 
 
-def open_random(path: Path, seed: int, device: torch.device | str = "cpu",
+def open_source(path: Path, random_seed: int | None, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> Opened:
-    """A config.json alone, with random weights made on demand (benchmarks of shapes nobody has on disk)."""
-    from chatcore.checkpoint_config import config_from_hf_file
-    from chatcore.parallel.random_weights import RandomWeights
-
+    """The checked checkpoint at ``path``; with ``random_seed``, ``path`` holds a config.json alone and the
+    weights are random, made on demand on ``device`` (benchmarks of shapes nobody has on disk)."""
+    if random_seed is None:
+        return open_checked(path)
     cfg = config_from_hf_file(path / "config.json")
-    return cfg, RandomWeights(cfg, seed, device, dtype)
+    return cfg, RandomWeights(cfg, random_seed, device, dtype), None

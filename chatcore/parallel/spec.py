@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from chatcore.checkpoint import LoadOptions
+
 DEFAULT_TIMEOUT_S = 120.0   # a collective that waits longer than this for another rank fails (no hang)
 
 
@@ -22,10 +24,7 @@ class LaunchSpec:
     device_type: str             # "cpu" (gloo) or "cuda" (nccl)
     device_index: int            # rank r runs on cuda:(device_index + r)
     dtype: str                   # "float32", "bfloat16", "float16"
-    max_seq_len: int | None
-    prefill_chunk: int | None
-    attention: str
-    cuda_graphs: bool
+    options: LoadOptions         # the caller's runtime options, the same on every rank
     store_port: int              # rank 0's TCPStore (rendezvous) on 127.0.0.1
     timeout_s: float
     random_seed: int | None = None   # benchmarks: random weights of the config's shapes instead of a checkpoint

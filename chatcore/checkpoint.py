@@ -1,0 +1,165 @@
+"""From a checkpoint on disk to a model: the steps every load runs, in one process or on each tensor-parallel rank.
+
+open (config, tensor source, tokenizer; no weights read yet) -> check the tensors the family reads -> the
+runtime -> read each tensor (whole, or a rank's part of it: ``get``) with progress -> the family's model.
+:func:`chatcore.load` runs them for one process (:func:`load_engine`); :mod:`chatcore.parallel` runs them
+on every rank with its own ``get`` (this module knows nothing of tensor parallel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chatcore.checkpoint_config import config_from_gguf, config_from_hf_file
+from chatcore.config import ModelConfig, RopeScaling
+from chatcore.engine import Engine
+from chatcore.errors import ModelFormatError
+from chatcore.layers.attention import pick_backend
+from chatcore.models import FAMILIES
+from chatcore.models.base import CausalLM
+from chatcore.runtime import Runtime
+from chatcore.tokenizer import Tokenizer
+from chatcore.tokenizer.hf import HFTokenizer
+from chatcore.weights import TensorSource
+
+# progress(done, total) while tensors load
+Progress = Callable[[int, int], None]
+Opened = tuple[ModelConfig, TensorSource, Tokenizer | None]
+
+
+def open_checkpoint(p: Path) -> tuple[ModelConfig, TensorSource, Tokenizer | None]:
+    """Config, tensor source and tokenizer of a model directory or GGUF file (no weights read yet)."""
+    if p.is_dir():
+        return _open_hf_dir(p)
+    if p.suffix.lower() == ".gguf":
+        return _open_gguf(p)
+    raise ModelFormatError(f"{p} is neither a model directory nor a .gguf file")
+
+
+def _open_hf_dir(p: Path) -> tuple[ModelConfig, TensorSource, Tokenizer | None]:
+    from chatcore.weights.safetensors_dir import SafetensorsDir
+
+    cfg = config_from_hf_file(p / "config.json")
+    extra_eos: tuple[int, ...] = ()
+    gen_path = p / "generation_config.json"
+    if gen_path.exists():
+        try:
+            gen = json.loads(gen_path.read_text(encoding="utf-8"))
+            eos = gen.get("eos_token_id")
+            extra_eos = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            pass  # generation_config is advisory; a broken one only loses extra EOS ids
+    if extra_eos:
+        cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + extra_eos)))
+    tok: Tokenizer | None = HFTokenizer.from_dir(p, extra_eos_ids=cfg.eos_token_ids)
+    if tok is None:  # no tokenizer.json: a tiktoken rank file (*.tiktoken, or Llama 3's original tokenizer.model)
+        from chatcore.tokenizer.tiktoken_bpe import TiktokenTokenizer
+
+        tok = TiktokenTokenizer.from_dir(p, extra_eos_ids=cfg.eos_token_ids)
+    return cfg, SafetensorsDir(p), tok
+
+
+def _open_gguf(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | None]:
+    from tokenizers import Tokenizer as HFTok
+
+    from chatcore.config_gguf import llama3_scaling
+    from chatcore.tokenizer.gguf_vocab import metadata_from_reader, tokenizer_config_from_gguf, tokenizer_json_from_gguf
+    from chatcore.weights.dequant import dequantize
+    from chatcore.weights.gguf_file import GGUFTensors
+    from chatcore.weights.gguf_reader import GGUFFile
+
+    try:
+        reader = GGUFFile(p)
+        meta: dict[str, Any] = metadata_from_reader(reader)
+    except (ValueError, OSError, IndexError, KeyError) as exc:
+        raise ModelFormatError(f"{p} is not a readable GGUF file ({exc}); re-download it") from None
+    cfg = config_from_gguf(meta)
+    source = GGUFTensors(reader, p, cfg.num_heads, cfg.num_kv_heads, FAMILIES[cfg.family].gguf_names)
+    freqs = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
+    if freqs:  # Llama 3.1 / 3.2: the RoPE scaling as one divisor per frequency
+        if cfg.rope_scaling.kind != "default":
+            raise ModelFormatError(f"{p} has both rope_freqs and {cfg.rope_scaling.kind} RoPE scaling; not supported")
+        divisors = dequantize(freqs[0].data, freqs[0].tensor_type).reshape(-1).tolist()
+        factor, params = llama3_scaling(divisors, cfg.rope_theta, cfg.head_dim)
+        cfg = dataclasses.replace(cfg, rope_scaling=RopeScaling("llama3", factor, params))
+    cfg = _settings_from_tensors(cfg, source.names())
+    tok_cfg = tokenizer_config_from_gguf(meta)
+    # ensure_ascii=False: byte-level vocabularies are mostly non-ASCII, and unescaped JSON parses faster
+    tok_json = json.dumps(tokenizer_json_from_gguf(meta), ensure_ascii=False)
+    tok = HFTokenizer(HFTok.from_str(tok_json), tok_cfg, extra_eos_ids=cfg.eos_token_ids)
+    return cfg, source, tok
+
+
+def _settings_from_tensors(cfg: ModelConfig, names: set[str]) -> ModelConfig:
+    """What GGUF metadata does not say but its tensors do (a tied output head, biases): the family reads it."""
+    return FAMILIES[cfg.family].settings_from_tensors(cfg, names)
+
+
+def check_tensors(p: Path, cfg: ModelConfig, source: TensorSource) -> list[str]:
+    """The tensor names the model's family reads; raise :class:`ModelFormatError` if any is missing."""
+    names = FAMILIES[cfg.family].tensor_names(cfg)
+    missing = [n for n in names if n not in source.names()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelFormatError(f"{p} lacks the tensor {missing[0]!r}{more}; the checkpoint is incomplete")
+    return names
+
+
+def open_checked(p: Path) -> Opened:
+    """:func:`open_checkpoint`, then :func:`check_tensors`."""
+    cfg, source, tokenizer = open_checkpoint(p)
+    check_tensors(p, cfg, source)
+    return cfg, source, tokenizer
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What the caller asked of the runtime (see :func:`chatcore.load`); None: the default for the device."""
+
+    max_seq_len: int | None = None
+    prefill_chunk: int | None = None
+    attention: str = "auto"
+    cuda_graphs: bool = True
+
+
+def make_runtime(cfg: ModelConfig, dev: torch.device, dt: torch.dtype, options: LoadOptions) -> Runtime:
+    # dynamic NTK RoPE may serve past max_position_embeddings (its table is frozen for this window)
+    window = min(options.max_seq_len or cfg.max_position_embeddings, cfg.max_window)
+    chunk = options.prefill_chunk
+    return Runtime(device=dev, dtype=dt, max_seq_len=window,
+                   prefill_chunk=chunk or (32768 if dev.type == "cuda" else 512),
+                   attention_backend=pick_backend(options.attention, dev, dt), cuda_graphs=options.cuda_graphs,
+                   chunk_by_memory=chunk is None and dev.type == "cuda")
+
+
+def build_model(cfg: ModelConfig, runtime: Runtime, get: Callable[[str], torch.Tensor],
+                progress: Progress | None = None) -> CausalLM:
+    """The family model of ``cfg`` on ``runtime``: ``get(name)`` reads each tensor by its Hugging Face name
+    (whole, or a rank's part), moved here to the runtime's device and dtype; ``progress(done, total)`` follows."""
+    family = FAMILIES[cfg.family]
+    total, done = len(family.tensor_names(cfg)), 0
+
+    def fetch(name: str) -> torch.Tensor:
+        nonlocal done
+        t = get(name).to(device=runtime.device, dtype=runtime.dtype)
+        done += 1
+        if progress is not None:
+            progress(done, total)
+        return t
+
+    return family(cfg, runtime, fetch, runtime.attention_backend)
+
+
+def load_engine(p: Path, opened: Opened, dev: torch.device, dt: torch.dtype, options: LoadOptions,
+                progress: Progress | None = None) -> Engine:
+    """The whole model of a checked checkpoint (:func:`open_checked`) in this process, as an :class:`Engine`."""
+    cfg, source, tokenizer = opened
+    runtime = make_runtime(cfg, dev, dt, options)
+    return Engine(build_model(cfg, runtime, source.get, progress), cfg, runtime, tokenizer, source=str(p))
