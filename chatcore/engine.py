@@ -113,9 +113,12 @@ class Generation:
     """
 
     def __init__(self, reply: _Reply, events: Generator[TokenEvent, None, None]) -> None:
-        self.stats: GenerationStats | None = None
         self._reply = reply
         self._events = events
+
+    @property
+    def stats(self) -> GenerationStats | None:
+        return self._reply.stats
 
     def __iter__(self) -> Iterator[TokenEvent]:
         return self._events
@@ -146,22 +149,16 @@ class _Reply:
         self.detok = IncrementalDetokenizer(tok.decode, prefix_ids=ids[-6:]) if tok is not None else None
         self.end_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(engine.eos_token_ids))
         self.limit = params.max_new_tokens
-        self.generation: Generation | None = None
-
-    def start(self, events: Generator[TokenEvent, None, None]) -> Generation:
-        self.generation = Generation(self, events)
-        return self.generation
+        self.stats: GenerationStats | None = None   # set at the end (not a reference to the Generation: no cycle)
 
     def _stats(self, generated: int, t_first: float, discarded: int, finish: str) -> GenerationStats:
         """``t_first``: when the first token was read (0.0 before any)."""
-        stats = GenerationStats(
+        self.stats = GenerationStats(
             prompt_tokens=self.prompt_tokens, cached_tokens=self.cached,
             prefill_tokens=self.prompt_tokens - self.cached, generated_tokens=generated, prefill_s=self.prefill_s,
             ttft_s=t_first - self.t0 if t_first else 0.0, decode_s=time.perf_counter() - t_first if t_first else 0.0,
             finish_reason=finish, discarded_tokens=discarded)
-        if self.generation is not None:
-            self.generation.stats = stats
-        return stats
+        return self.stats
 
     def cancelled(self, n: int, t_first: float, discarded: int) -> None:
         """The caller closed the stream after ``n`` tokens."""
@@ -334,7 +331,7 @@ class Engine:
             events = self._decode_graph(reply, logits, slot, graph, sink_tokens)
         else:
             events = self._decode_eager(reply, logits, slot, sink_tokens)
-        return reply.start(events)
+        return Generation(reply, events)
 
     def _decode_graph(self, reply: _Reply, logits: torch.Tensor, slot: KVCache, graph: DecodeGraph,
                       sink_tokens: int | None) -> Iterator[TokenEvent]:

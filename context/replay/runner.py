@@ -12,8 +12,8 @@ context manager plans the prompt; then, by mode:
 - plan: forced, with no model run at all (only the tokenizer): plans and prompt hashes.
 
 No storage: a ContextManager over plain messages and one KV slot per conversation, reused across turns
-as ChatSession does. Everything but the timing fields is a function of the inputs, the model, the
-seed and the policy.
+through the turn pipeline ChatSession runs (context/turn.py). Everything but the timing fields is a
+function of the inputs, the model, the seed and the policy.
 """
 
 from __future__ import annotations
