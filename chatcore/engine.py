@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import array
+import inspect
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,10 +17,14 @@ from chatcore.detokenize import IncrementalDetokenizer
 from chatcore.errors import PromptTooLong, TokenizerMissing
 from chatcore.kv_cache import KVCache
 from chatcore.models.base import CausalModel
+from chatcore.prefix import reused_prefix
 from chatcore.runtime import Runtime, activation_bytes_per_token, fit_chunk
 from chatcore.sampling import Sampler, SamplingParams
 from chatcore.stopping import StopStrings
 from chatcore.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from chatcore.cuda_graph import DecodeGraph
 
 
 class _TokenFetch:
@@ -51,7 +57,7 @@ class GenerationStats:
     prefill_s: float
     ttft_s: float               # call start to the first sampled token
     decode_s: float
-    finish_reason: str          # "stop" (EOS, stop token or stop string) or "length"
+    finish_reason: str          # "stop" (EOS, stop token or stop string), "length", or "cancelled" (closed early)
     discarded_tokens: int = 0   # tokens the sink window shifted out of the cache during this call
 
     @property
@@ -77,6 +83,97 @@ class TokenEvent:
     logprob: float | None = None
     finish_reason: str | None = None
     stats: GenerationStats | None = None
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """What :meth:`Engine.score` found: ``tokens`` continuation tokens scored, their mean negative
+    log-likelihood ``nll`` and the fraction ``top1`` that are the greedy choice (both None when there were none);
+    the prompt's cache figures as in :class:`GenerationStats`, and ``ttft_s``, the call start to the logits."""
+
+    tokens: int
+    nll: float | None
+    top1: float | None
+    prompt_tokens: int
+    cached_tokens: int
+    prefill_tokens: int
+    ttft_s: float
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return 0.0   # nothing is decoded
+
+
+class Generation:
+    """The stream of one :meth:`Engine.generate` call: iterate it for :class:`TokenEvent`s.
+
+    ``stats`` is None until it ends, then the :class:`GenerationStats` of every end: those of its last event,
+    or, when the caller closes it before that (``close()``), stats with finish_reason "cancelled" counting the
+    tokens it yielded. The slot then holds the prompt and those tokens. Iterating it is iterating a plain
+    generator: no work per token beside it.
+    """
+
+    def __init__(self, reply: _Reply, events: Generator[TokenEvent, None, None]) -> None:
+        self._reply = reply
+        self._events = events
+
+    @property
+    def stats(self) -> GenerationStats | None:
+        return self._reply.stats
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        return self._events
+
+    def __next__(self) -> TokenEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        """End it now (nothing when it has ended)."""
+        unstarted = inspect.getgeneratorstate(self._events) == inspect.GEN_CREATED
+        self._events.close()
+        if unstarted:
+            self._reply.cancelled(0, 0.0, self._reply.discarded)
+
+
+class _Reply:
+    """One generation's state beside its decode loop: sampling, stop strings, the detokenizer, the prefill's
+    cost, and the end (held-back text flushed, final stats)."""
+
+    def __init__(self, engine: Engine, ids: list[int], params: SamplingParams, cached: int, t0: float,
+                 discarded: int) -> None:
+        self.prefill_s = time.perf_counter() - t0
+        self.t0, self.prompt_tokens, self.cached, self.discarded = t0, len(ids), cached, discarded
+        self.sampler = Sampler(params, engine.config.vocab_size, engine.runtime.device)
+        self.sampler.start(ids)
+        self.stops = StopStrings(params.stop)
+        tok = engine.tokenizer
+        self.detok = IncrementalDetokenizer(tok.decode, prefix_ids=ids[-6:]) if tok is not None else None
+        self.end_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(engine.eos_token_ids))
+        self.limit = params.max_new_tokens
+        self.stats: GenerationStats | None = None   # set at the end (not a reference to the Generation: no cycle)
+
+    def _stats(self, generated: int, t_first: float, discarded: int, finish: str) -> GenerationStats:
+        """``t_first``: when the first token was read (0.0 before any)."""
+        self.stats = GenerationStats(
+            prompt_tokens=self.prompt_tokens, cached_tokens=self.cached,
+            prefill_tokens=self.prompt_tokens - self.cached, generated_tokens=generated, prefill_s=self.prefill_s,
+            ttft_s=t_first - self.t0 if t_first else 0.0, decode_s=time.perf_counter() - t_first if t_first else 0.0,
+            finish_reason=finish, discarded_tokens=discarded)
+        return self.stats
+
+    def cancelled(self, n: int, t_first: float, discarded: int) -> None:
+        """The caller closed the stream after ``n`` tokens."""
+        self._stats(n, t_first, discarded, "cancelled")
+
+    def last(self, token: int, text: str, logprob: float | None, ended: bool, stopped: bool, n: int,
+             t_first: float, discarded: int) -> TokenEvent:
+        """The last event: on EOS or a stop token (``ended``), that token is not part of the reply; what the
+        detokenizer and the stop strings held back is flushed unless a stop string ended it."""
+        finish = "stop" if ended or stopped else "length"
+        if not stopped and self.detok is not None:
+            tail, stopped = self.stops.feed(self.detok.flush())
+            text += tail + ("" if stopped else self.stops.flush())
+        return TokenEvent(token, text, logprob, finish, self._stats(n - ended, t_first, discarded, finish))
 
 
 class Engine:
@@ -157,7 +254,7 @@ class Engine:
         With ``sink_tokens``, a slot that fills up keeps its first ``sink_tokens`` tokens and drops the
         oldest ones after them (StreamingLLM), so ``ids`` may be longer than the window.
         """
-        chunk = self._chunk()
+        chunk = self.prefill_chunk_size()
         if sink_tokens is None:
             if slot.length + len(ids) > slot.capacity:
                 raise PromptTooLong(
@@ -173,8 +270,8 @@ class Engine:
             outs.append(self._run(piece, slot, all_logits=all_logits))
         return torch.cat(outs) if all_logits else outs[-1]
 
-    def _chunk(self) -> int:
-        """Prompt tokens per forward pass: the runtime's, lowered on a GPU (default setting) to what half the
+    def prefill_chunk_size(self) -> int:
+        """Prompt tokens per forward pass now: the runtime's, lowered on a GPU (default setting) to what half the
         memory free now holds (free on the device plus what PyTorch's allocator holds unused)."""
         rt = self.runtime
         if not (rt.chunk_by_memory and rt.device.type == "cuda"):
@@ -210,12 +307,13 @@ class Engine:
 
     # -- generation --------------------------------------------------------------------------------
     def generate(self, ids: Sequence[int], params: SamplingParams | None = None, *,
-                 slot: KVCache | None = None, sink_tokens: int | None = None) -> Iterator[TokenEvent]:
+                 slot: KVCache | None = None, sink_tokens: int | None = None) -> Generation:
         """Stream the continuation of ``ids``. With a ``slot``, its matching prefix is not recomputed.
 
-        ``sink_tokens``: instead of stopping when the window is full, keep the first ``sink_tokens``
-        tokens and shift the oldest others out (a sliding window with attention sinks), so prompt and
-        reply together may run past the window with flat memory and no re-prefill.
+        The prompt is prefilled now (so :class:`PromptTooLong` is raised here); tokens come as the returned
+        :class:`Generation` is iterated. ``sink_tokens``: instead of stopping when the window is full, keep the
+        first ``sink_tokens`` tokens and shift the oldest others out (a sliding window with attention sinks), so
+        prompt and reply together may run past the window with flat memory and no re-prefill.
         """
         params = params or SamplingParams()
         ids = self._check_ids(ids)
@@ -224,77 +322,116 @@ class Engine:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens but the context window is {slot.capacity}; "
                                 "shorten it or raise the window")
         t0 = time.perf_counter()
-        keep = min(slot.common_prefix(ids), len(ids) - 1)   # at least one token must run to get logits
+        keep = reused_prefix(slot.tokens, ids)
         slot.truncate(keep)
         before = slot.length
         logits = self.prefill(ids[keep:], slot, sink_tokens=sink_tokens)[-1]
-        discarded = before + len(ids) - keep - slot.length
-        prefill_s = time.perf_counter() - t0
-        return self._decode(ids, logits, params, slot, t0, prefill_s, keep, sink_tokens, discarded)
-
-    def _decode(self, ids: list[int], logits: torch.Tensor, params: SamplingParams, slot: KVCache,
-                t0: float, prefill_s: float, cached: int, sink_tokens: int | None,
-                discarded: int) -> Iterator[TokenEvent]:
-        sampler = Sampler(params, self.config.vocab_size, self.runtime.device)
-        sampler.start(ids)
-        stops = StopStrings(params.stop)
-        detok = IncrementalDetokenizer(self.tokenizer.decode, prefix_ids=ids[-6:]) if self.tokenizer else None
-        end_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
-        n = 0
-        ttft = 0.0
-        t_first = t0
+        reply = _Reply(self, ids, params, keep, t0, discarded=before + len(ids) - keep - slot.length)
         graph = self._graph(slot) if slot.length < slot.capacity else None
-        if graph is not None and self._fetch is None:
+        if graph is not None:
+            events = self._decode_graph(reply, logits, slot, graph, sink_tokens)
+        else:
+            events = self._decode_eager(reply, logits, slot, sink_tokens)
+        return Generation(reply, events)
+
+    def _decode_graph(self, reply: _Reply, logits: torch.Tensor, slot: KVCache, graph: DecodeGraph,
+                      sink_tokens: int | None) -> Iterator[TokenEvent]:
+        """Decode on the GPU with the slot's CUDA graph. The next step is queued on the sampled token before the
+        host reads it (through pinned memory), so the host's work per token (reading it, detokenizing, stop
+        strings, the caller) overlaps the GPU's. A step queued for a token that ends the reply is dropped: it
+        wrote only the row past the slot's last token."""
+        if self._fetch is None:
             self._fetch = _TokenFetch()   # pinned host memory: allocated once per engine
-        fetch = self._fetch if graph is not None else None
-        while True:
-            room = slot.length < slot.capacity or sink_tokens is not None
-            ahead = False
-            if fetch is not None:
-                # GPU: queue the next step on the sampled token before the host has read it, so the host's
-                # work per token (reading it, detokenizing, stop strings, the caller) overlaps the GPU's
+        fetch, sampler, stops, detok, end_ids = self._fetch, reply.sampler, reply.stops, reply.detok, reply.end_ids
+        limit, sinks = reply.limit, sink_tokens is not None
+        n, t_first, discarded = 0, 0.0, reply.discarded
+        ended = stopped = False
+        try:
+            while True:
                 token_t, logprob_t = sampler.pick(logits)
                 fetch.start(token_t, logprob_t)
-                ahead = n + 1 < params.max_new_tokens and room
-                if ahead:
+                more = n + 1 < limit and (sinks or slot.length < slot.capacity)
+                if more:
                     if slot.length >= slot.capacity:
                         discarded += self.make_room(slot, 1, sink_tokens)
-                    next_logits = graph.launch(token_t)[-1]
+                    logits = graph.launch(token_t)[-1]
                 token, logprob = fetch.result()
-            else:
-                token, logprob = sampler.sample(logits)
-            n += 1
-            if n == 1:
-                t_first = time.perf_counter()
-                ttft = t_first - t0
-            sampler.accept(token)
-            ended = token in end_ids
-            more = not ended and n < params.max_new_tokens and room
-            if ahead:
+                n += 1
+                if n == 1:
+                    t_first = time.perf_counter()
+                sampler.accept(token)
+                if token in end_ids:
+                    text, ended = "", True
+                    break
                 if more:
                     slot.commit([token])   # the queued step ran on this token: its keys/values are in the slot
-                # else the queued step is dropped: it wrote only the row past the slot's last token
-            elif more:
-                if slot.length >= slot.capacity:
-                    discarded += self.make_room(slot, 1, sink_tokens)
-                next_logits = self._step(token, slot)
-            text, stopped = stops.feed(detok.push(token)) if detok and not ended else ("", False)
-            finish = "stop" if ended or stopped else None
-            if finish is None and not more:
-                finish = "length"
-            if finish is None:
+                text, stopped = stops.feed(detok.push(token)) if detok is not None else ("", False)
+                if stopped or not more:
+                    break
                 yield TokenEvent(token, text, logprob)
-                logits = next_logits
-                continue
-            if not stopped and detok is not None:
-                tail, stopped = stops.feed(detok.flush())
-                text += tail + ("" if stopped else stops.flush())
-            stats = GenerationStats(
-                prompt_tokens=len(ids), cached_tokens=cached, prefill_tokens=len(ids) - cached,
-                generated_tokens=n - (1 if ended else 0), prefill_s=prefill_s, ttft_s=ttft,
-                decode_s=time.perf_counter() - t_first, finish_reason=finish, discarded_tokens=discarded)
-            yield TokenEvent(token, text, logprob, finish, stats)
-            return
+        except GeneratorExit:
+            reply.cancelled(n, t_first, discarded)
+            raise
+        yield reply.last(token, text, logprob, ended, stopped, n, t_first, discarded)
+
+    def _decode_eager(self, reply: _Reply, logits: torch.Tensor, slot: KVCache,
+                      sink_tokens: int | None) -> Iterator[TokenEvent]:
+        """Decode step by step: sample, read the token, run the step on it (the slot's CUDA graph where it has
+        one, else a forward pass)."""
+        sampler, stops, detok, end_ids = reply.sampler, reply.stops, reply.detok, reply.end_ids
+        limit, sinks = reply.limit, sink_tokens is not None
+        n, t_first, discarded = 0, 0.0, reply.discarded
+        ended = stopped = False
+        try:
+            while True:
+                token, logprob = sampler.sample(logits)
+                n += 1
+                if n == 1:
+                    t_first = time.perf_counter()
+                sampler.accept(token)
+                if token in end_ids:
+                    text, ended = "", True
+                    break
+                more = n < limit and (sinks or slot.length < slot.capacity)
+                if more:
+                    if slot.length >= slot.capacity:
+                        discarded += self.make_room(slot, 1, sink_tokens)
+                    logits = self._step(token, slot)
+                text, stopped = stops.feed(detok.push(token)) if detok is not None else ("", False)
+                if stopped or not more:
+                    break
+                yield TokenEvent(token, text, logprob)
+        except GeneratorExit:
+            reply.cancelled(n, t_first, discarded)
+            raise
+        yield reply.last(token, text, logprob, ended, stopped, n, t_first, discarded)
+
+    # -- scoring -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, ids: Sequence[int], continuation: Sequence[int], *, slot: KVCache | None = None) -> ScoreResult:
+        """How well the model predicts ``continuation`` after the prompt ``ids``, in one prefill of both.
+
+        With a ``slot``, its matching prefix of ``ids`` is not recomputed (as in :meth:`generate`); afterwards
+        it holds ``ids`` and ``continuation``. Raises :class:`PromptTooLong` when they do not fit it.
+        """
+        ids = self._check_ids(ids)
+        cont = self._check_ids(continuation) if len(continuation) else []
+        slot = slot if slot is not None else self.new_slot()
+        full = ids + cont
+        t0 = time.perf_counter()
+        keep = reused_prefix(slot.tokens, ids)
+        slot.truncate(keep)
+        logits = self.prefill(full[keep:], slot, all_logits=True)
+        ttft = time.perf_counter() - t0
+        nll = top1 = None
+        if cont:
+            rows = logits[len(ids) - 1 - keep: len(full) - 1 - keep].float()   # the rows that predict `cont`
+            target = torch.tensor(cont, dtype=torch.long, device=rows.device)
+            logp = torch.log_softmax(rows, dim=-1).gather(1, target[:, None])[:, 0]
+            nll = -logp.mean().item()
+            top1 = (rows.argmax(dim=-1) == target).float().mean().item()
+        return ScoreResult(tokens=len(cont), nll=nll, top1=top1, prompt_tokens=len(ids), cached_tokens=keep,
+                           prefill_tokens=len(ids) - keep, ttft_s=ttft)
 
     def close(self) -> None:
         """Release what the model holds besides memory: a tensor-parallel engine's worker processes and

@@ -16,9 +16,9 @@ import torch
 
 from chatcore.errors import PromptTooLong
 from chatcore.layers.rope import Rotary
+from chatcore.prefix import common_prefix
 
 _GROW = 256  # allocation granularity in tokens
-_MATCH_BLOCK = 4096   # tokens compared at once by common_prefix
 
 
 class KVCache:
@@ -82,15 +82,7 @@ class KVCache:
     # -- the verb API -----------------------------------------------------------------------------
     def common_prefix(self, ids: Sequence[int]) -> int:
         """How many leading tokens of ``ids`` this slot already holds."""
-        n = min(len(self.tokens), len(ids))
-        ids = ids if isinstance(ids, list) else list(ids)
-        # list comparison runs in C: blocks first, element by element only inside the first block that differs
-        # (a 33k-token history: ~0.3 ms, against ~2 ms to convert both to arrays)
-        for start in range(0, n, _MATCH_BLOCK):
-            end = min(n, start + _MATCH_BLOCK)
-            if self.tokens[start:end] != ids[start:end]:
-                return next(i for i in range(start, end) if self.tokens[i] != ids[i])
-        return n
+        return common_prefix(self.tokens, ids)
 
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` tokens."""

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from chatcore.prefix import common_prefix
+
 
 class SlotLike(Protocol):
     tokens: list[int]
@@ -84,20 +86,6 @@ class KVPlan:
         start, end = self.drop
         slot.truncate(self.reused + (end - start))
         slot.drop(start, end)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    if list(a[:n]) == list(b[:n]):
-        return n
-    lo, hi = 0, n  # binary search on equal prefixes (list slices compare in C)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 def plan_kv(slot_tokens: Sequence[int], ids: Sequence[int], mode: str = "exact",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,10 +24,11 @@ from .budget import TokenBudget
 from .errors import ContextError, SessionBusy
 from .layout import ContextConfig
 from .manager import ContextManager, Pending
-from .plan import KVPlan, Plan, plan_kv
+from .plan import Plan
 from .report import TurnReport
 from .slots import SlotPool
-from .summarize import SummaryResult, summarize
+from .summarize import SummaryResult
+from .turn import Turn, begin_turn
 
 _BUDGETS: weakref.WeakKeyDictionary[Any, TokenBudget] = weakref.WeakKeyDictionary()
 
@@ -300,17 +300,10 @@ class ChatSession:
             with contextlib.suppress(ContextError):
                 self.manager.commit(self.manager.plan())
 
-    def _summarize(self, plan: Plan) -> SummaryResult:
-        m = self.manager
-        done = m.summary.turns if m.summary is not None else 0
-        first, last = m.index.turns[done].start, m.index.turns[plan.cut - 1].end
-        result = summarize(self.engine, m.budget, self.config.summary_prompt,
-                           m.summary.text if m.summary is not None else None, m.thread[first:last], plan.cut,
-                           self.config.summary_max_tokens, m.window)
-        self._record = self.store.set_summary(self.id, result.text, m.thread[0].id, m.thread[last - 1].id,
+    def _store_summary(self, result: SummaryResult, last: Any) -> None:
+        """The turn's new summary (covering the thread up to `last`) goes to storage first."""
+        self._record = self.store.set_summary(self.id, result.text, self.manager.thread[0].id, last.id,
                                               tokens=result.generated_tokens)
-        m.set_summary(result.text, turns=plan.cut)
-        return result
 
     def _reply(self, params: Any, begin: Callable[[], Any]) -> Iterator[ChatEvent]:
         self._idle()
@@ -323,84 +316,54 @@ class ChatSession:
 
     def _stream(self, params: Any, begin: Callable[[], Any]) -> Iterator[ChatEvent]:
         writer = begin()
-        m = self.manager
-        summary = None
         try:
-            plan = m.plan()
-            if self.config.summarize and plan.cut > (m.summary.turns if m.summary is not None else 0):
-                summary = self._summarize(plan)
-                plan = m.plan()
+            slot = self.pool.get(self.id, self.manager.window)
+            turn = begin_turn(self.manager, slot, self.engine, on_summary=self._store_summary)
         except BaseException:
             writer.fail()
             raise
-        prev = m.last
-        slot = self.pool.get(self.id, m.window)
-        bounds = [*prev.starts, len(prev.ids)] if prev is not None else []
-        kv = plan_kv(slot.tokens, plan.ids, self.config.kv_mode, bounds, self.config.shift_min_tokens)
-        kv.apply(slot)
-        m.commit(plan)
-        params = dataclasses.replace(params, max_new_tokens=max(1, min(params.max_new_tokens,
-                                                                        m.window - len(plan.ids))))
-        t0 = time.perf_counter()
-        t_first: float | None = None
         n = 0
-        stats = None
-        finish: str | None = None
         status = "complete"
-        gen = None
+        last = gen = None
         try:
-            gen = self.engine.generate(plan.ids, params, slot=slot)
+            gen = turn.generate(self.engine, params, slot)
             for ev in gen:
-                if t_first is None:
-                    t_first = time.perf_counter()
                 if ev.finish_reason is not None:
-                    stats, finish = ev.stats, ev.finish_reason
+                    last = ev
                     if ev.text:
                         writer.write(ev.text, tokens=0)
-                    tail = ev.text
                     break
                 n += 1
                 if not writer.write(ev.text):
-                    status, finish, tail = "incomplete", "cancelled", ""
+                    status = "incomplete"
                     break
                 yield ChatEvent(ev.text, writer.id, ev.token_id)
                 if self._cancel.is_set():
-                    status, finish, tail = "cancelled", "cancelled", ""
+                    status = "cancelled"
                     break
-            else:
-                tail = ""
-        except GeneratorExit:
-            self._finish(writer, "cancelled", n)
-            self.last_report = self._report(plan, kv, stats, t0, t_first, n)
+        except GeneratorExit:  # the caller closed the reply stream
+            self._end(turn, gen, None, writer, "cancelled", n)
             raise
         except BaseException:
-            self._finish(writer, "incomplete", n)
-            raise
-        finally:
             if gen is not None:
                 gen.close()
+            self._finish(writer, "incomplete", n)
+            raise
+        report = self._end(turn, gen, last, writer, status, n)
+        finish = last.finish_reason if last is not None else ("stop" if status == "complete" else "cancelled")
+        yield ChatEvent(last.text if last is not None else "", writer.id, None, finish, report, turn.summary)
+
+    def _end(self, turn: Turn, gen: Any, last: Any, writer: Any, status: str, n: int) -> TurnReport:
+        """Close the engine's stream (its stats then cover an early end too), store the reply, report."""
+        gen.close()
+        stats = last.stats if last is not None else getattr(gen, "stats", None)
         self._finish(writer, status, stats.generated_tokens if stats is not None else n)
-        self.last_report = self._report(plan, kv, stats, t0, t_first, n)
+        self.last_report = turn.report(stats)
         self.pool.trim(keep=self.id)
-        yield ChatEvent(tail, writer.id, None, finish or "stop", self.last_report, summary)
+        return self.last_report
 
     def _finish(self, writer: Any, status: str, tokens: int) -> None:
         if writer.gone:
             return
         msg = writer.finish(status, tokens=tokens)
         self.manager.append(msg)
-
-    def _report(self, plan: Plan, kv: KVPlan, stats: Any, t0: float, t_first: float | None, n: int) -> TurnReport:
-        if stats is not None:
-            hit, prefill, ttft, tok_s = (stats.cached_tokens, stats.prefill_tokens, stats.ttft_s,
-                                         stats.decode_tokens_per_s)
-        else:
-            hit = min(kv.reused, len(plan.ids) - 1)
-            prefill = len(plan.ids) - hit
-            ttft = (t_first - t0) if t_first is not None else 0.0
-            span = time.perf_counter() - t_first if t_first is not None else 0.0
-            tok_s = (n - 1) / span if n > 1 and span > 0 else 0.0
-        return TurnReport(window=plan.window, tokens_used=plan.tokens, tokens_by_region=dict(plan.tokens_by_region),
-                          turns_kept=plan.turns_kept, turns_dropped=plan.turns_dropped,
-                          turns_summarized=min(plan.summary_turns, plan.turns_dropped), cache_hit_tokens=hit,
-                          prefill_tokens=prefill, ttft_s=ttft, decode_tok_s=tok_s)

@@ -57,3 +57,14 @@ def summarize(engine: Any, budget: TokenBudget, instruction: str, previous: str 
         if ev.stats is not None:
             generated = ev.stats.generated_tokens
     return SummaryResult("".join(parts).strip(), turns, len(ids), generated, time.perf_counter() - t0)
+
+
+def summarize_pruned(engine: Any, manager: Any, plan: Any) -> tuple[SummaryResult, Any]:
+    """The summary extended over the turns `plan` prunes (a ContextManager's plan): the model writes it from
+    the earlier summary and the turns it does not cover yet. Returns it and the last message it covers."""
+    m, cfg = manager, manager.config
+    done = m.summary.turns if m.summary is not None else 0
+    first, last = m.index.turns[done].start, m.index.turns[plan.cut - 1].end
+    result = summarize(engine, m.budget, cfg.summary_prompt, m.summary.text if m.summary is not None else None,
+                       m.thread[first:last], plan.cut, cfg.summary_max_tokens, m.window)
+    return result, m.thread[last - 1]

@@ -25,15 +25,15 @@ def test_fit_chunk_takes_the_largest_power_of_two_that_fits(budget_tokens: int, 
 
 def test_an_explicit_chunk_is_kept_and_the_cpu_default_is_fixed(tiny_llama_dir: Path) -> None:
     engine = chatcore.load(tiny_llama_dir, device="cpu", dtype="float32", progress=lambda *_: None)
-    assert not engine.runtime.chunk_by_memory and engine._chunk() == 512
+    assert not engine.runtime.chunk_by_memory and engine.prefill_chunk_size() == 512
     engine = chatcore.load(tiny_llama_dir, device="cpu", dtype="float32", prefill_chunk=96, progress=lambda *_: None)
-    assert engine._chunk() == 96
+    assert engine.prefill_chunk_size() == 96
 
 
 @pytest.mark.gpu
 def test_gpu_default_chunk_follows_free_memory(tiny_llama_dir: Path) -> None:
     engine = chatcore.load(tiny_llama_dir, device="cuda", dtype="bfloat16", progress=lambda *_: None)
-    assert engine.runtime.chunk_by_memory and engine._chunk() == 32768   # a tiny model: 32k fits easily
+    assert engine.runtime.chunk_by_memory and engine.prefill_chunk_size() == 32768   # a tiny model: 32k fits easily
     pinned = chatcore.load(tiny_llama_dir, device="cuda", dtype="bfloat16", prefill_chunk=1000,
                            progress=lambda *_: None)
-    assert not pinned.runtime.chunk_by_memory and pinned._chunk() == 1000
+    assert not pinned.runtime.chunk_by_memory and pinned.prefill_chunk_size() == 1000

@@ -21,12 +21,12 @@ from typing import Any
 from chatcore.errors import ChatcoreError
 
 from .api import ReplayRun, replay
-from .formats import Conversation, InputError, ReplayMessage, load_file, parse_lines
+from .formats import InputError, RecordedConversation, ReplayMessage, load_file, parse_lines
 from .golden import compare
 from .policy import PolicyError, parse_policy
 from .runner import MODES, ConversationResult, Replayer, ReplayOptions, TurnResult, prompt_hash
 
-__all__ = ["MODES", "Conversation", "ConversationResult", "InputError", "ReplayMessage", "ReplayOptions",
+__all__ = ["MODES", "ConversationResult", "InputError", "RecordedConversation", "ReplayMessage", "ReplayOptions",
            "ReplayRun", "Replayer", "TurnResult", "compare", "load_file", "main", "parse_lines", "prompt_hash",
            "replay"]
 

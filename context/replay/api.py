@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .formats import Conversation, InputError, load_file, parse_lines
+from .formats import InputError, RecordedConversation, load_file, parse_lines
 from .policy import context_config, normalize
 from .report import header, records
 from .runner import ConversationResult, Replayer, ReplayOptions, TurnResult
@@ -51,7 +51,7 @@ class ReplayRun:
 Source = str | Path | dict[str, Any] | Sequence[Any]
 
 
-def as_conversations(source: Source) -> tuple[list[Conversation], list[InputError]]:
+def as_conversations(source: Source) -> tuple[list[RecordedConversation], list[InputError]]:
     """A path to a JSONL file; JSONL text (containing a newline or starting with '{'); one record
     (dict); a list of records; a list of messages (`{"role", "content"}` dicts); or Conversations."""
     if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source
@@ -62,7 +62,7 @@ def as_conversations(source: Source) -> tuple[list[Conversation], list[InputErro
     if isinstance(source, dict):
         return parse_lines([json.dumps(source)], "<record>")
     items = list(source)
-    if items and all(isinstance(c, Conversation) for c in items):
+    if items and all(isinstance(c, RecordedConversation) for c in items):
         return list(items), []
     if items and all(isinstance(m, dict) and "role" in m for m in items):
         return parse_lines([json.dumps({"id": "conversation", "messages": items})], "<messages>")

@@ -42,7 +42,7 @@ class ReplayMessage:
 
 
 @dataclass(frozen=True)
-class Conversation:
+class RecordedConversation:
     """One recorded conversation: its name, the input line it came from, system prompt and messages."""
 
     id: str
@@ -118,8 +118,8 @@ def _items(rec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any], bool]]:
     raise FormatError("expected an OpenAI-style ('messages') or ShareGPT ('conversations') record")
 
 
-def parse_record(rec: Any, line: int) -> Conversation:
-    """One decoded JSON record into a Conversation; raises FormatError saying what is wrong."""
+def parse_record(rec: Any, line: int) -> RecordedConversation:
+    """One decoded JSON record into a RecordedConversation; raises FormatError saying what is wrong."""
     if not isinstance(rec, dict):
         raise FormatError(f"expected a JSON object, got {type(rec).__name__}")
     name = rec.get("id", rec.get("name", f"line{line}"))
@@ -137,13 +137,13 @@ def parse_record(rec: Any, line: int) -> Conversation:
         raise FormatError("the conversation has no user message to replay")
     messages = tuple(ReplayMessage(f"m{i}", role, content, extra, pinned)
                      for i, (role, content, extra, pinned) in enumerate(items))
-    return Conversation(str(name), line, system or None, messages)
+    return RecordedConversation(str(name), line, system or None, messages)
 
 
-def parse_lines(lines: Iterable[str], source: str = "<input>") -> tuple[list[Conversation], list[InputError]]:
+def parse_lines(lines: Iterable[str], source: str = "<input>") -> tuple[list[RecordedConversation], list[InputError]]:
     """Parse JSONL: the conversations that parsed, and an error for each line that did not (blank lines
     and lines starting with '//' are skipped). Conversation ids must be unique."""
-    convs: list[Conversation] = []
+    convs: list[RecordedConversation] = []
     errors: list[InputError] = []
     seen: dict[str, int] = {}
     for n, raw in enumerate(lines, 1):
@@ -172,7 +172,7 @@ def parse_lines(lines: Iterable[str], source: str = "<input>") -> tuple[list[Con
     return convs, errors
 
 
-def load_file(path: str | Path) -> tuple[list[Conversation], list[InputError]]:
+def load_file(path: str | Path) -> tuple[list[RecordedConversation], list[InputError]]:
     """Parse a JSONL file (see parse_lines). A missing or unreadable file raises OSError."""
     p = Path(path)
     with p.open(encoding="utf-8") as f:

@@ -12,8 +12,8 @@ context manager plans the prompt; then, by mode:
 - plan: forced, with no model run at all (only the tokenizer): plans and prompt hashes.
 
 No storage: a ContextManager over plain messages and one KV slot per conversation, reused across turns
-as ChatSession does. Everything but the timing fields is a function of the inputs, the model, the
-seed and the policy.
+through the turn pipeline ChatSession runs (context/turn.py). Everything but the timing fields is a
+function of the inputs, the model, the seed and the policy.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from ..budget import TokenBudget
 from ..errors import ContextError
 from ..layout import ContextConfig
 from ..manager import ContextManager
-from ..plan import Plan, plan_kv
-from .formats import Conversation, ReplayMessage
+from ..plan import Plan
+from ..turn import Turn, begin_turn
+from .formats import RecordedConversation, ReplayMessage
 
 MODES = ("generate", "forced", "plan")
 
@@ -167,7 +168,8 @@ class Replayer:
         self._runs_model = engine is not None and options.mode != "plan"
 
     # -- conversations --------------------------------------------------------------------------------
-    def replay(self, conv: Conversation, on_turn: Callable[[TurnResult], None] | None = None) -> ConversationResult:
+    def replay(self, conv: RecordedConversation,
+               on_turn: Callable[[TurnResult], None] | None = None) -> ConversationResult:
         """Replay one conversation. A context error (a message that cannot fit) stops it, recorded."""
         m = ContextManager(self.budget, self.engine_window, self.options.config)
         m.set_system(conv.system)
@@ -196,43 +198,42 @@ class Replayer:
             return ConversationResult(conv.id, conv.line, tuple(turns), f"turn {len(turns) + 1}: {exc}")
         return ConversationResult(conv.id, conv.line, tuple(turns))
 
-    def replay_all(self, convs: Sequence[Conversation],
+    def replay_all(self, convs: Sequence[RecordedConversation],
                    on_turn: Callable[[TurnResult], None] | None = None) -> list[ConversationResult]:
         return [self.replay(c, on_turn) for c in convs]
 
     # -- one turn -------------------------------------------------------------------------------------
-    def _turn(self, conv: Conversation, m: ContextManager, slot: Any, recorded: ReplayMessage | None,
+    def _turn(self, conv: RecordedConversation, m: ContextManager, slot: Any, recorded: ReplayMessage | None,
               step: int) -> tuple[TurnResult, str]:
-        opts, cfg = self.options, self.options.config
         t0 = time.perf_counter()
-        plan = m.plan()
-        summary_text = None
-        if cfg.summarize and plan.cut > (m.summary.turns if m.summary is not None else 0):
-            summary_text = self._summarize(m, plan)
-            plan = m.plan()
-        prev = m.last
-        bounds = [*prev.starts, len(prev.ids)] if prev is not None else []
-        kv = plan_kv(slot.tokens, plan.ids, cfg.kv_mode, bounds, cfg.shift_min_tokens)
-        kv.apply(slot)
-        m.commit(plan)
-        hit = min(kv.reused, len(plan.ids) - 1)
+        turn = begin_turn(m, slot, self.engine)
         fields: dict[str, Any] = {}
         text = ""
         if recorded is None and self._runs_model:  # generate mode, or a final user message in forced mode
             mode = "generate"
-            fields, text = self._generate(plan, slot, m.window, len(m.index))
+            figures, text, finish = self._generate(turn, slot, len(m.index))
+            fields = {"reply": text, "finish_reason": finish,
+                      "reply_tokens": figures.generated_tokens if figures is not None else 0}
         elif recorded is not None and self._runs_model:
             mode = "forced"  # in generate mode too: a recorded tool call is kept as recorded
-            fields = self._score(plan, slot, recorded)
+            figures = turn.score(self.engine, slot, self._reply_ids(recorded))
+            fields = {"reply_tokens": figures.tokens}
+            if figures.tokens:
+                fields["score"] = {"tokens": figures.tokens, "nll": round(figures.nll, 4),
+                                   "top1": round(figures.top1, 4)}
         else:
-            mode = opts.mode  # plan mode: no model run
-            if isinstance(slot, TokenSlot):  # what a model's slot would hold after this turn
-                slot.tokens = list(plan.ids) + (self._reply_ids(recorded) if recorded is not None else [])
-        fields.setdefault("cache_hit_tokens", hit)
-        fields.setdefault("prefill_tokens", len(plan.ids) - fields["cache_hit_tokens"])
-        return self._result(conv, m, plan, mode, summary_text, time.perf_counter() - t0, fields, step), text
+            mode = self.options.mode  # plan mode: no model run
+            figures = None
+        report = turn.report(figures)
+        if not self._runs_model:  # what a model's slot would hold after this turn
+            slot.tokens = list(turn.plan.ids) + (self._reply_ids(recorded) if recorded is not None else [])
+        fields.update(cache_hit_tokens=report.cache_hit_tokens, prefill_tokens=report.prefill_tokens)
+        if figures is not None:
+            fields.update(ttft_s=report.ttft_s, decode_tok_s=report.decode_tok_s)
+        summary = turn.summary.text if turn.summary is not None else None
+        return self._result(conv, m, turn.plan, mode, summary, time.perf_counter() - t0, fields, step), text
 
-    def _result(self, conv: Conversation, m: ContextManager, plan: Plan, mode: str, summary: str | None,
+    def _result(self, conv: RecordedConversation, m: ContextManager, plan: Plan, mode: str, summary: str | None,
                 wall: float, fields: dict[str, Any], step: int) -> TurnResult:
         end, cut = plan.history_turns, plan.cut
         first_new = next((mid for mid, start in zip(plan.message_ids, plan.starts, strict=True)
@@ -252,29 +253,20 @@ class Replayer:
             pruned_now=plan.pruned_now, truncated=bool(plan.truncated), prompt_sha256=prompt_hash(plan.ids),
             summary=summary, wall_s=wall, plan=plan, **fields)
 
-    def _params(self, max_new: int, turn: int) -> Any:
+    def _generate(self, turn: Turn, slot: Any, n: int) -> tuple[Any, str, str | None]:
+        """The model's reply to turn `n` (greedy, or sampled with a seed per turn): its stats, text, finish."""
         from chatcore.sampling import SamplingParams
 
         opts = self.options
-        return SamplingParams(max_new_tokens=max(1, max_new), temperature=opts.temperature,
-                              seed=opts.seed * 1_000_003 + turn)
-
-    def _generate(self, plan: Plan, slot: Any, window: int, turn: int) -> tuple[dict[str, Any], str]:
-        params = self._params(min(self.options.max_new_tokens, window - len(plan.ids)), turn)
+        params = SamplingParams(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
+                                seed=opts.seed * 1_000_003 + n)
+        gen = turn.generate(self.engine, params, slot)
         parts: list[str] = []
-        stats = None
         finish = None
-        for ev in self.engine.generate(plan.ids, params, slot=slot):
+        for ev in gen:
             parts.append(ev.text)
-            if ev.finish_reason is not None:
-                stats, finish = ev.stats, ev.finish_reason
-        text = "".join(parts)
-        fields: dict[str, Any] = {"reply": text, "finish_reason": finish}
-        if stats is not None:
-            fields.update(reply_tokens=stats.generated_tokens, cache_hit_tokens=stats.cached_tokens,
-                          prefill_tokens=stats.prefill_tokens, ttft_s=stats.ttft_s,
-                          decode_tok_s=stats.decode_tokens_per_s)
-        return fields, text
+            finish = ev.finish_reason
+        return gen.stats, "".join(parts), finish
 
     def _reply_ids(self, msg: ReplayMessage) -> list[int]:
         """The recorded reply's tokens as the template renders them after the generation prompt."""
@@ -284,36 +276,3 @@ class Replayer:
         if gp and seg[: len(gp)] == gp:
             return list(seg[len(gp):])
         return list(self.budget.tokenizer.encode(msg.content))
-
-    def _score(self, plan: Plan, slot: Any, msg: ReplayMessage) -> dict[str, Any]:
-        """Score the recorded reply: prefill it after the prompt (reusing the slot) and read its logits."""
-        import torch
-
-        ids = list(plan.ids)
-        reply = self._reply_ids(msg)[: max(0, slot.capacity - len(ids))]
-        full = ids + reply
-        t0 = time.perf_counter()
-        keep = min(slot.common_prefix(full), len(ids) - 1)
-        slot.truncate(keep)
-        logits = self.engine.prefill(full[keep:], slot, all_logits=True)
-        ttft = time.perf_counter() - t0
-        out: dict[str, Any] = {"cache_hit_tokens": keep, "prefill_tokens": len(ids) - keep,
-                               "reply_tokens": len(reply), "ttft_s": ttft}
-        if reply:
-            rows = logits[len(ids) - 1 - keep: len(full) - 1 - keep].float()
-            target = torch.tensor(reply, dtype=torch.long, device=rows.device)
-            logp = torch.log_softmax(rows, dim=-1).gather(1, target[:, None])[:, 0]
-            top1 = (rows.argmax(dim=-1) == target).float().mean().item()
-            out["score"] = {"tokens": len(reply), "nll": round(-logp.mean().item(), 4), "top1": round(top1, 4)}
-        return out
-
-    def _summarize(self, m: ContextManager, plan: Plan) -> str:
-        from ..summarize import summarize
-
-        cfg = self.options.config
-        done = m.summary.turns if m.summary is not None else 0
-        first, last = m.index.turns[done].start, m.index.turns[plan.cut - 1].end
-        result = summarize(self.engine, m.budget, cfg.summary_prompt, m.summary.text if m.summary is not None
-                           else None, m.thread[first:last], plan.cut, cfg.summary_max_tokens, m.window)
-        m.set_summary(result.text, turns=plan.cut)
-        return result.text

@@ -43,6 +43,25 @@ class FakeTokenizer:
         return ids
 
 
+def reuse_matches_fresh_prefill(engine: Any, s: Any, text: str, atol: float = 1e-4) -> int:
+    """Exact mode: the session's slot, cut back by the KV plan for the prompt of `text` and prefilled as
+    `Engine.generate` would, gives the last prompt token's logits of a fresh prefill. Returns tokens reused."""
+    import torch
+
+    from chatcore.prefix import reused_prefix
+    from context import plan_kv
+
+    plan = s.plan(text)
+    slot = s.pool.get(s.id, s.window)
+    plan_kv(slot.tokens, plan.ids, "exact").apply(slot)
+    keep = reused_prefix(slot.tokens, plan.ids)
+    slot.truncate(keep)
+    reused = engine.prefill(plan.ids[keep:], slot)[-1].float()
+    fresh = engine.logits(plan.ids)[-1]
+    torch.testing.assert_close(reused, fresh, rtol=0, atol=atol)
+    return keep
+
+
 def drain(events: Any) -> Any:
     """Run a reply stream to its end; its last event (None if it had none)."""
     from collections import deque

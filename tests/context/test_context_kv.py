@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from _context_helpers import drain, make_chat_model_dir
+from _context_helpers import drain, make_chat_model_dir, reuse_matches_fresh_prefill
 
 import chatcore
 from chatcore.models import FAMILIES
@@ -65,20 +65,6 @@ def family_engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     return chatcore.load(path, device="cpu", dtype="float32", max_seq_len=512)
 
 
-def _check_next_token_logits(engine: Any, s: ChatSession, text: str) -> int:
-    """Reused-cache logits for the next prompt equal a fresh prefill's (exact mode)."""
-    plan = s.plan(text)
-    slot = s.pool.get(s.id, s.window)
-    kv = plan_kv(slot.tokens, plan.ids, "exact")
-    kv.apply(slot)
-    keep = min(kv.keep, len(plan.ids) - 1)
-    slot.truncate(keep)
-    reused = engine.prefill(plan.ids[keep:], slot)[-1].float()
-    fresh = engine.logits(plan.ids)[-1]
-    torch.testing.assert_close(reused, fresh, rtol=0, atol=1e-4)
-    return keep
-
-
 @pytest.mark.parametrize("family_engine", _family_dirs(), indirect=True)
 def test_kv_exact_after_turns_prunings_and_edits(family_engine: Any, store: Any) -> None:
     engine = family_engine
@@ -86,7 +72,7 @@ def test_kv_exact_after_turns_prunings_and_edits(family_engine: Any, store: Any)
     s = ChatSession.create(engine, store, system="Be short.", config=cfg, max_new_tokens=12, temperature=0.0)
     reused = []
     for i in range(9):
-        reused.append(_check_next_token_logits(engine, s, f"message number {i} " + "x" * (i * 7)))
+        reused.append(reuse_matches_fresh_prefill(engine, s, f"message number {i} " + "x" * (i * 7)))
         ev = drain(s.send(f"message number {i} " + "x" * (i * 7)))
         if i == 3:
             s.pin(s.messages()[0].id)
@@ -94,9 +80,9 @@ def test_kv_exact_after_turns_prunings_and_edits(family_engine: Any, store: Any)
     assert max(reused) > 100  # the cache was really reused
     first_user = [m for m in s.messages() if m.role == "user"][-3]
     ev = drain(s.edit(first_user.id, "an edited question"))
-    _check_next_token_logits(engine, s, "after the edit")
+    reuse_matches_fresh_prefill(engine, s, "after the edit")
     ev = drain(s.regenerate())
-    _check_next_token_logits(engine, s, "after regenerating")
+    reuse_matches_fresh_prefill(engine, s, "after regenerating")
 
 
 def test_shift_mode_drops_and_shifts_instead_of_reprefilling(chat_engine: Any, store: Any) -> None:

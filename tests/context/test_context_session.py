@@ -60,15 +60,20 @@ def test_cancel_keeps_partial_text_and_session_consistent(chat_engine: Any, stor
         if len(events) == 5:
             s.cancel()
     assert events[-1].finish_reason == "cancelled" and events[-1].report is not None
+    r = events[-1].report   # the engine's figures for a cancelled reply too
+    assert r.cache_hit_tokens + r.prefill_tokens == r.tokens_used and r.prefill_tokens > 0 and r.ttft_s > 0
     reply = store.thread(s.id)[-1]
     assert reply.status == "cancelled" and reply.content == "".join(e.text for e in events)
+    assert reply.tokens == 5
     # breaking out of the loop (generator closed) cancels too
     gen = s.send("again")
     for i, _ in enumerate(gen):
         if i == 3:
             break
     gen.close()
-    assert store.thread(s.id)[-1].status == "cancelled"
+    assert store.thread(s.id)[-1].status == "cancelled" and store.thread(s.id)[-1].tokens == 4
+    closed = s.last_report
+    assert closed.cache_hit_tokens > 0 and closed.cache_hit_tokens + closed.prefill_tokens == closed.tokens_used
     assert s.messages()[-1].status == "cancelled"
     ev = drain(s.send("still works"))
     assert ev.finish_reason == "length" and [m.role for m in s.messages()] == ["user", "assistant"] * 3
