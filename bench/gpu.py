@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from cuda_timing import event_seconds
+
+from chatcore.layers.timing import event_seconds
 
 NEW_TOKENS = 128
 WARM_NEW = 256

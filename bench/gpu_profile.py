@@ -18,17 +18,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cuda_timing import event_seconds  # noqa: E402
 from gpu import build_engine, build_hf, rand_ids, roofline_bytes  # noqa: E402
 
 import chatcore  # noqa: E402
 from chatcore.cuda_graph import DecodeGraph  # noqa: E402
 from chatcore.layers.attention import sized_by_buffer  # noqa: E402
+from chatcore.layers.timing import event_seconds, graph_seconds  # noqa: E402
 
 
 def sweep_attention() -> None:
     """Decode attention of an 8B-shaped layer (32 q / 8 kv heads, dim 128) over a 33k-slot cache."""
-    from chatcore.layers.linear import gpu_time
     from chatcore.layers.triton_decode import decode_attention, num_splits
 
     cap = 33280
@@ -43,7 +42,7 @@ def sweep_attention() -> None:
                 for warps in (4, 8):
                     for stages in (3, 4):
                         try:
-                            t = gpu_time(lambda s=splits, b=block_n, w=warps, st=stages, p=pos: decode_attention(
+                            t = graph_seconds(lambda s=splits, b=block_n, w=warps, st=stages, p=pos: decode_attention(
                                 q, kc, vc, p, splits=s, block_n=b, num_warps=w, num_stages=st))
                         except Exception as exc:  # noqa: BLE001 - a launch shape the chip cannot take
                             print(f"  sweep ctx {ctx} splits {splits} block {block_n} warps {warps}: {exc!s:.60}")
@@ -56,7 +55,7 @@ def gate_up(hf: torch.nn.Module) -> None:
     """Layer 0's fused gate/up projection with its activation: the projection (as ``linear`` picks) then
     ``silu_mul``, against the one-launch GEMV with the SiLU epilogue at each rows-per-program it may take."""
     from chatcore.layers.activation import _BLOCKS, _FUSED_CHOICE, fastest_fused, silu_mul
-    from chatcore.layers.linear import gpu_time, linear
+    from chatcore.layers.linear import linear
     from chatcore.layers.triton_gemv import gemv_gate_up_silu
 
     mlp = getattr(hf.model.layers[0], "mlp", None) if hasattr(hf, "model") else None
@@ -66,8 +65,8 @@ def gate_up(hf: torch.nn.Module) -> None:
     x = torch.randn(1, w.shape[1], device="cuda", dtype=w.dtype)
     gb = w.numel() * w.element_size() / 1e9
     linear(x, w)
-    unfused = gpu_time(lambda: silu_mul(linear(x, w)))
-    fused = {block: gpu_time(lambda block=block: gemv_gate_up_silu(x, w, None, block)) for block in _BLOCKS}
+    unfused = graph_seconds(lambda: silu_mul(linear(x, w)))
+    fused = {block: graph_seconds(lambda block=block: gemv_gate_up_silu(x, w, None, block)) for block in _BLOCKS}
     print(f"  gate_up+silu {tuple(w.shape)}: projection+silu_mul {unfused * 1e6:6.1f} us {gb / unfused:5.0f} GB/s | "
           + " | ".join(f"fused rows {b} {t * 1e6:6.1f} us {gb / t:5.0f} GB/s" for b, t in fused.items())
           + f" | picks rows {fastest_fused(x, w, None)} (0: unfused)")
@@ -80,7 +79,6 @@ def sweep_flash_splits() -> None:
     from flash_attn import flash_attn_with_kvcache
 
     from chatcore.layers.alibi import bloom_slopes
-    from chatcore.layers.linear import gpu_time
 
     for name, hq, hkv, alibi in (("bloom-1b7", 16, 16, True), ("llama-3.1-8b", 32, 8, False)):
         slopes = bloom_slopes(hq).cuda() if alibi else None
@@ -97,7 +95,8 @@ def sweep_flash_splits() -> None:
                       alibi_slopes=slopes)
             row = []
             for splits in (0, 1, 2, 4, 8, 16, 32):
-                t = gpu_time(lambda s=splits, a=(q, kc, vc), kw=kw: flash_attn_with_kvcache(*a, **kw, num_splits=s))
+                t = graph_seconds(lambda s=splits, a=(q, kc, vc), kw=kw: flash_attn_with_kvcache(*a, **kw,
+                                                                                           num_splits=s))
                 row.append(f"{splits}:{t * 1e6:5.1f}")
             print(f"  flash splits {name} span {span:>5} live {live:>5} (us): " + "  ".join(row), flush=True)
 
@@ -189,7 +188,7 @@ def main() -> None:
     hf = build_hf(args.model)
     w, kv = roofline_bytes(hf, args.ctx)
     print(f"{args.model}: weights {w / 1e9:.2f} GB, KV at {args.ctx}: {kv / 1e9:.3f} GB")
-    from chatcore.layers.linear import _GEMV_CHOICE, _triton_gemv_wins, gpu_time
+    from chatcore.layers.gemv_choice import _CHOICE, triton_gemv_wins
     from chatcore.layers.triton_gemv import gemv
 
     for name, p in hf.named_parameters():
@@ -197,14 +196,14 @@ def main() -> None:
             xi = torch.randn(1, p.shape[1], device="cuda", dtype=torch.bfloat16)
 
             def reps(fn, xi=xi, p=p) -> float:  # noqa: ANN001
-                return gpu_time(lambda: fn(xi, p))
+                return graph_seconds(lambda: fn(xi, p))
 
             tc, tt = reps(torch.nn.functional.linear), reps(gemv)
             gb = p.numel() * 2 / 1e9
             print(f"  {name:<42} {tuple(p.shape)}: cuBLAS {tc * 1e6:6.1f} us {gb / tc:5.0f} GB/s | "
-                  f"triton {tt * 1e6:6.1f} us {gb / tt:5.0f} GB/s | picks triton: {_triton_gemv_wins(xi, p, None)}")
+                  f"triton {tt * 1e6:6.1f} us {gb / tt:5.0f} GB/s | picks triton: {triton_gemv_wins(xi, p, None)}")
     gate_up(hf)
-    _GEMV_CHOICE.clear()
+    _CHOICE.clear()
     if args.warm:
         warm_turn(hf, args.backends)
         return

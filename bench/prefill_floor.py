@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from cuda_timing import event_seconds
+
+from chatcore.layers.timing import event_seconds
 
 SHAPES = {   # hidden, heads, kv heads, head dim, MLP, layers
     "llama-3.1-8b": (4096, 32, 8, 128, 14336, 32),

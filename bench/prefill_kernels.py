@@ -26,10 +26,10 @@ import itertools
 from collections.abc import Callable
 
 import torch
-from cuda_timing import event_seconds
 
 from chatcore.layers.alibi import bloom_slopes
-from chatcore.layers.attention import attention, flash_available
+from chatcore.layers.attention import attend_chunk, flash_available
+from chatcore.layers.timing import event_seconds
 from chatcore.layers.triton_prefill import launch_shape, num_splits, prefill_attention
 
 SHAPES = {  # name -> (Hq, Hkv, D, window, alibi)
@@ -60,7 +60,7 @@ def time_prompt(fn: Kernel, chunks: list[Chunk], kc: torch.Tensor, vc: torch.Ten
 
 
 def entry_point(backend: str, window: int | None, slopes: torch.Tensor | None) -> Kernel:
-    return lambda q, k, v, off: attention(q, k, v, q_offset=off, backend=backend, window=window, alibi=slopes)
+    return lambda q, k, v, off: attend_chunk(q, k, v, start=off, backend=backend, window=window, alibi=slopes)
 
 
 def kernel(window: int | None, slopes: torch.Tensor | None, **shape: int) -> Kernel:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatcore.layers.attention import attention, pick_backend
+from chatcore.layers.attention import attend_chunk, pick_backend
 
 
 def qkv(t: int, s: int, hq: int, hkv: int, d: int, dtype: torch.dtype, device: str, seed: int):  # noqa: ANN201
@@ -25,8 +25,8 @@ CASES = [  # (new tokens T, cached before, query heads, kv heads, head dim)
 def test_torch_matches_math(case: tuple[int, int, int, int, int]) -> None:
     t, before, hq, hkv, d = case
     q, k, v = qkv(t, before + t, hq, hkv, d, torch.float32, "cpu", seed=sum(case))
-    ref = attention(q, k, v, q_offset=before, backend="math")
-    out = attention(q, k, v, q_offset=before, backend="torch")
+    ref = attend_chunk(q, k, v, start=before, backend="math")
+    out = attend_chunk(q, k, v, start=before, backend="torch")
     assert out.shape == (t, hq, d)
     assert (out - ref).abs().max().item() < 1e-5
 
@@ -51,6 +51,6 @@ def test_gpu_backends_match_reference(backend: str, case: tuple[int, int, int, i
     pytest.importorskip({"torch": "torch", "flash": "flash_attn", "triton": "triton"}[backend])
     t, before, hq, hkv, d = case
     q, k, v = qkv(t, before + t, hq, hkv, d, torch.bfloat16, "cuda", seed=sum(case))
-    ref = attention(q.double(), k.double(), v.double(), q_offset=before, backend="math")
-    out = attention(q, k, v, q_offset=before, backend=backend).double()
+    ref = attend_chunk(q.double(), k.double(), v.double(), start=before, backend="math")
+    out = attend_chunk(q, k, v, start=before, backend=backend).double()
     assert torch.linalg.norm(out - ref) / torch.linalg.norm(ref) < 1e-2

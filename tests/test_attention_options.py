@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from chatcore.layers.alibi import bloom_slopes
-from chatcore.layers.attention import attention
+from chatcore.layers.attention import attend_chunk
 
 torch.set_num_threads(1)
 
@@ -48,7 +48,7 @@ def test_window_and_alibi_match_the_definition(backend: str, case: tuple) -> Non
     k = torch.randn(hkv, before + t, d, generator=g)
     v = torch.randn(hkv, before + t, d, generator=g)
     slopes = bloom_slopes(hq) if use_alibi else None
-    out = attention(q, k, v, q_offset=before, backend=backend, window=window, alibi=slopes)
+    out = attend_chunk(q, k, v, start=before, backend=backend, window=window, alibi=slopes)
     assert out.shape == (t, hq, d)
     assert (out.double() - naive(q, k, v, before, window, slopes)).abs().max().item() < 1e-5
 
@@ -56,7 +56,7 @@ def test_window_and_alibi_match_the_definition(backend: str, case: tuple) -> Non
 def test_bad_window_is_refused() -> None:
     q, k = torch.zeros(1, 2, 8), torch.zeros(2, 4, 8)
     with pytest.raises(ValueError, match="window"):
-        attention(q, k, k, q_offset=3, backend="math", window=0)
+        attend_chunk(q, k, k, start=3, backend="math", window=0)
 
 
 @pytest.mark.gpu
@@ -70,8 +70,8 @@ def test_gpu_window_and_alibi(backend: str, case: tuple) -> None:
     k = torch.randn(hkv, before + t, d, generator=g, device="cuda").bfloat16()
     v = torch.randn(hkv, before + t, d, generator=g, device="cuda").bfloat16()
     slopes = bloom_slopes(hq).cuda() if use_alibi else None
-    ref = attention(q.double(), k.double(), v.double(), q_offset=before, backend="math", window=window, alibi=slopes)
-    out = attention(q, k, v, q_offset=before, backend=backend, window=window, alibi=slopes).double()
+    ref = attend_chunk(q.double(), k.double(), v.double(), start=before, backend="math", window=window, alibi=slopes)
+    out = attend_chunk(q, k, v, start=before, backend=backend, window=window, alibi=slopes).double()
     assert torch.linalg.norm(out - ref) / torch.linalg.norm(ref) < 1e-2
 
 
@@ -84,5 +84,5 @@ def test_long_alibi_chunks_are_split_to_bound_the_bias_memory(monkeypatch: pytes
     k, v = torch.randn(4, 60, 16, generator=g), torch.randn(4, 60, 16, generator=g)
     slopes = bloom_slopes(4)
     for window in (None, 9):
-        out = attention(q, k, v, q_offset=23, backend="torch", window=window, alibi=slopes)
+        out = attend_chunk(q, k, v, start=23, backend="torch", window=window, alibi=slopes)
         assert (out.double() - naive(q, k, v, 23, window, slopes)).abs().max().item() < 1e-5

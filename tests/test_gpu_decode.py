@@ -11,7 +11,7 @@ import torch
 
 import chatcore
 from chatcore import cuda_graph
-from chatcore.layers.attention import attention
+from chatcore.layers.attention import attend_decode
 
 pytestmark = pytest.mark.gpu
 BACKENDS = ["flash", "triton", "torch"]
@@ -47,8 +47,8 @@ def test_static_decode_bf16_matches_float64(backend: str, case: tuple) -> None:
     tables = (cos64.bfloat16(), sin64.bfloat16()) if backend == "flash" else (cos64.float(), sin64.float())
     slopes = (torch.rand(hq, generator=g, device="cuda") * 0.5) if alibi else None
     kc0, vc0 = kc.double(), vc.double()
-    out = attention(q.clone(), kc, vc, q_offset=torch.tensor([pos], dtype=torch.int32, device="cuda"),
-                    backend=backend, window=window, alibi=slopes, new_kv=(k, v), rotary=tables)
+    out = attend_decode(q.clone(), kc, vc, pos=torch.tensor([pos], dtype=torch.int32, device="cuda"),
+                        backend=backend, window=window, alibi=slopes, new_kv=(k, v), rotary=tables)
     assert torch.isfinite(out).all()
     c, s = cos64[pos][None, None], sin64[pos][None, None]
     qr, kr = _rotate64(q.double(), c, s)[0], _rotate64(k.double(), c, s)[0]

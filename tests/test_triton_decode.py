@@ -1,4 +1,4 @@
-"""The Triton decode kernels and the static-cache decode mode of the attention entry point.
+"""The Triton decode kernels and the static-cache decode mode of the attention entry point (attend_decode).
 
 On machines without a GPU these run under Triton's CPU interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), so CI checks the kernels' arithmetic; the GPU machine runs the compiled kernels
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from chatcore.layers.attention import attention
+from chatcore.layers.attention import attend_chunk, attend_decode
 from chatcore.layers.rope import Rotary
 
 pytest.importorskip("triton")
@@ -134,7 +134,7 @@ def test_fused_append_in_bfloat16() -> None:
 @pytest.mark.parametrize("backend", ["triton", "torch", "math"])
 @pytest.mark.parametrize("variant", ["rope", "alibi", "window", "sinks"])
 def test_static_cache_decode_mode_matches_eager_attention(backend: str, variant: str) -> None:
-    """attention() with a device position == rotate, write, then attention() with a host position."""
+    """attend_decode (a device position) == rotate, write, then attend_chunk (a host position)."""
     g = torch.Generator().manual_seed(len(backend) * 7 + len(variant))
     hq, hkv, d, cap, pos = 8, 2, 32, 96, 70
     window = 24 if variant in ("window", "sinks") else None
@@ -146,8 +146,8 @@ def test_static_cache_decode_mode_matches_eager_attention(backend: str, variant:
     k, v = torch.randn(1, hkv, d, generator=g), torch.randn(1, hkv, d, generator=g)
     kc, vc = torch.randn(hkv, cap, d, generator=g), torch.randn(hkv, cap, d, generator=g)
     ekc, evc = kc.clone(), vc.clone()
-    out = attention(q.clone(), kc, vc, q_offset=torch.tensor([pos], dtype=torch.int32), backend=backend,
-                    window=window, alibi=slopes, sinks=sinks, new_kv=(k.clone(), v.clone()), rotary=tables)
+    out = attend_decode(q.clone(), kc, vc, pos=torch.tensor([pos], dtype=torch.int32), backend=backend,
+                        window=window, alibi=slopes, sinks=sinks, new_kv=(k.clone(), v.clone()), rotary=tables)
     qe, ke = q, k
     if tables is not None:
         c, s = tables[0][pos][None, None], tables[1][pos][None, None]
@@ -157,17 +157,18 @@ def test_static_cache_decode_mode_matches_eager_attention(backend: str, variant:
     if sinks:
         ref = reference(qe[0], ekc, evc, pos, window, sinks, None)[None]
     else:
-        ref = attention(qe, ekc[:, : pos + 1], evc[:, : pos + 1], q_offset=pos, backend="math", window=window,
-                        alibi=slopes)
+        ref = attend_chunk(qe, ekc[:, : pos + 1], evc[:, : pos + 1], start=pos, backend="math", window=window,
+                           alibi=slopes)
     assert (out.double() - ref.double()).abs().max().item() < 1e-5
 
 
 def test_static_cache_mode_rejects_misuse() -> None:
     q, kc = torch.randn(2, 4, 16), torch.randn(4, 8, 16)
+    pos, new_kv = torch.tensor([3], dtype=torch.int32), (torch.randn(1, 4, 16), torch.randn(1, 4, 16))
     with pytest.raises(ValueError, match="one query"):
-        attention(q, kc, kc, q_offset=torch.tensor([3], dtype=torch.int32), backend="math")
-    with pytest.raises(ValueError, match="static cache"):
-        attention(q, kc, kc, q_offset=3, backend="math", sinks=2)
+        attend_decode(q, kc, kc.clone(), pos=pos, new_kv=new_kv, backend="math")
+    with pytest.raises(ValueError, match="window must be positive"):
+        attend_decode(q[:1], kc, kc.clone(), pos=pos, new_kv=new_kv, backend="math", window=0)
 
 
 @pytest.mark.parametrize("n", [48, 64, 2048, 3000])

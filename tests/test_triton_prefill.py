@@ -12,7 +12,7 @@ import torch
 
 import chatcore.layers.attention as attn
 from chatcore.layers.alibi import bloom_slopes
-from chatcore.layers.attention import _math, attention
+from chatcore.layers.attention import _math, attend_chunk
 
 pytest.importorskip("triton")
 triton_prefill = pytest.importorskip("chatcore.layers.triton_prefill")
@@ -110,8 +110,8 @@ def test_triton_backend_routes_prompt_chunks_to_the_kernel(monkeypatch: pytest.M
     for t, before, window, alibi in ((19, 40, 11, False), (12, 5, None, True), (9, 30, None, False)):
         q, k, v = inputs(t, before, 4, 2, 32, torch.float32, "cpu", seed=t)
         slopes = bloom_slopes(4) if alibi else None
-        out = attention(q, k, v, q_offset=before, backend="triton", window=window, alibi=slopes)
-        ref = attention(q, k, v, q_offset=before, backend="math", window=window, alibi=slopes)
+        out = attend_chunk(q, k, v, start=before, backend="triton", window=window, alibi=slopes)
+        ref = attend_chunk(q, k, v, start=before, backend="math", window=window, alibi=slopes)
         assert (out - ref).abs().max().item() < 1e-5
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from chatcore.layers.linear import gpu_time, linear
+from chatcore.layers.linear import linear
 from chatcore.layers.norm import use_fused
+from chatcore.layers.timing import graph_seconds
 
 _BLOCKS = (2, 4, 8)   # gate rows per program tried for the fused kernel
 _FUSED_CHOICE: dict[tuple[int, int, torch.dtype, bool], int] = {}   # shape -> the fused kernel's rows, 0: unfused
@@ -54,7 +55,7 @@ def fastest_fused(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> i
     from chatcore.layers.triton_gemv import gemv_gate_up_silu
 
     linear(x, w, b)   # settles the projection's own choice before it is timed inside a capture
-    unfused = gpu_time(lambda: silu_mul(linear(x, w, b)))
-    times = {block: gpu_time(lambda block=block: gemv_gate_up_silu(x, w, b, block)) for block in _BLOCKS}
+    unfused = graph_seconds(lambda: silu_mul(linear(x, w, b)))
+    times = {block: graph_seconds(lambda block=block: gemv_gate_up_silu(x, w, b, block)) for block in _BLOCKS}
     best = min(times, key=times.__getitem__)
     return best if times[best] < unfused else 0

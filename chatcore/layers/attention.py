@@ -1,39 +1,38 @@
-"""The one attention entry point, with backends that compute the same function.
+"""The attention entry point: one function per mode, each with backends that compute the same function.
 
-Shapes: ``q`` is [T, Hq, D] for the T newest tokens of one sequence; ``k`` and ``v`` are [Hkv, S, D]
-(head-major, the KV cache's layout), holding every key up to and including those T tokens
-(S = q_offset + T). Attention is causal
-and bottom-right aligned: query i sees keys 0 .. q_offset + i. Hq must be a multiple of Hkv (GQA).
+Layout: queries ``q`` [T, Hq, D] of the T newest tokens of one sequence; keys and values head-major
+[Hkv, S, D] (the KV cache's layout). Attention is causal and bottom-right aligned: the query at position p
+sees keys 0 .. p. Hq must be a multiple of Hkv (GQA). Scores are scaled by 1/sqrt(D).
 
-Options, honoured by every backend:
-- ``window``: sliding-window attention (Mistral): query i sees only the ``window`` newest keys up to
-  itself, q_offset + i - window < j <= q_offset + i (transformers' ``sliding_window``);
-- ``alibi``: ALiBi slopes [Hq] (float32): ``slope[h] * (j - (q_offset + i))`` is added to the scores
-  (flash-attn's ``alibi_slopes`` bias; the reference models' differs by a per-row constant).
+Modes:
+- :func:`attend_chunk`: T new tokens after ``start`` cached ones, positions known on the host (prompt
+  chunks, and decode without CUDA graphs); ``k``/``v`` hold every key up to the chunk's last
+  (S = start + T), and query i sits at position start + i. Keys that no query can see (older than every
+  query's window) are cut off before any backend runs, so one token with a window reads ``window`` keys.
+- :func:`attend_decode`: one new token at a position held in device memory (int32 [1]) over a static cache
+  (what a CUDA graph captures): ``k_cache``/``v_cache`` are whole cache buffers [Hkv, capacity, D] and
+  ``new_kv`` the new token's key and value [1, Hkv, D]. It rotates q and the new key at that position
+  (``rotary``: full cos/sin tables [positions, D/2]), writes key and value into the cache there, and attends
+  over keys 0 .. position. Nothing reads the position on the host, so the step can be replayed at any length.
+
+Options, honoured by every backend in both modes:
+- ``window``: sliding-window attention (Mistral): the query at p sees only keys p - window < j <= p
+  (transformers' ``sliding_window``);
+- ``alibi``: ALiBi slopes [Hq] (float32): ``slope[h] * (j - p)`` is added to the scores (flash-attn's
+  ``alibi_slopes`` bias; the reference models' differs by a per-row constant);
+- ``sinks`` (decode only; triton, torch and math): with a window, the first ``sinks`` keys stay visible too.
 
 Backends:
-- ``flash``: flash-attn's kernels (GPU, fp16/bf16), used automatically when the package imports;
-- ``triton``: for GPUs without flash-attn: the project's own split-K decode kernels
-  (:mod:`chatcore.layers.triton_decode`) for one new token, and its FlashAttention-2 forward kernel
-  (:mod:`chatcore.layers.triton_prefill`) for prompt chunks on a GPU (on the H100, 490 TFLOP/s for a 32k
-  prompt in 4k chunks against 355 for flash-attn and 338 for SDPA's flash kernel: ``bench/prefill_kernels.py``);
-  PyTorch's SDPA on the CPU, where the kernel runs only under Triton's interpreter.
-On a GPU, the first chunk of a prompt without ALiBi or a window takes cuDNN's SDPA kernel in both (faster
-than flash-attn 2 on Hopper; see ``_fresh_causal``), the other chunks their own kernels;
+- ``flash``: flash-attn's kernels (GPU, fp16/bf16), used automatically when the package imports; a decode
+  step is one kernel (``flash_attn_with_kvcache`` with in-kernel rotary and ``cache_seqlens``);
+- ``triton``: for GPUs without flash-attn, the project's own kernels: a FlashAttention-2 forward for prompt
+  chunks (:mod:`chatcore.layers.triton_prefill`; on the CPU, where it runs only under Triton's interpreter,
+  chunks take PyTorch's SDPA instead) and split-K for one token (:mod:`chatcore.layers.triton_decode`, which
+  in decode mode also rotates and appends, in the same launch);
 - ``torch``: PyTorch's scaled_dot_product_attention (any device);
 - ``math``: plain float32 softmax attention, the reference the others are tested against.
-
-Keys that no query can see (older than every query's window) are cut off before any backend runs, so a
-decode step with a window reads only ``window`` keys.
-
-**Decode on a static cache** (what a CUDA graph captures): ``q_offset`` is then a device int32 tensor [1]
-holding the new token's position, ``q`` is [1, Hq, D], ``k``/``v`` are the whole cache buffers
-[Hkv, capacity, D], and ``new_kv`` the new token's key and value [1, Hkv, D]. The entry point rotates q and
-the new key at that position (``rotary``: full cos/sin tables [positions, D/2]), writes the key and value
-into the cache there, and attends over keys 0..position: flash-attn in one kernel
-(``flash_attn_with_kvcache`` with in-kernel rotary, ``cache_seqlens``), triton in two, torch and math
-with plain tensor ops. Nothing reads the position on the host, so the step can be replayed at any length.
-``sinks`` (this mode, triton / torch / math): with a window, the first ``sinks`` keys stay visible too.
+On a GPU, the first chunk of a prompt without ALiBi or a window takes cuDNN's SDPA kernel under flash and
+triton too, where cuDNN takes the shape (faster there than either: ``bench/README.md``, "chatcore/layers").
 """
 
 from __future__ import annotations
@@ -53,6 +52,9 @@ _MASK_BYTES = 256 * 2**20   # largest ALiBi bias one SDPA call materialises
 # where the triton backend runs prompt chunks with ALiBi or a window through its own kernel; not under the CPU
 # interpreter, where the kernel is correct but slow (tests/test_triton_prefill.py runs it there directly)
 _PREFILL_KERNEL_DEVICES = ("cuda",)
+
+Offset = int | torch.Tensor   # the first query's position: known on the host, or held on the device (int32 [1])
+Tables = tuple[torch.Tensor, torch.Tensor]   # RoPE cos and sin [positions, D/2]
 
 
 def flash_available() -> bool:
@@ -92,13 +94,47 @@ def sized_by_buffer(backend: str) -> bool:
     return backend != "triton"
 
 
-Offset = int | torch.Tensor   # a position known on the host, or held on the device (int32 [1])
+def attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start: int, backend: str,
+                 window: int | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of T new queries q [T, Hq, D] (positions start .. start + T - 1) over k/v
+    [Hkv, start + T, D]; returns [T, Hq, D]. ``window``: sliding-window size (None: full attention);
+    ``alibi``: ALiBi slopes [Hq] (None: no bias)."""
+    _check_window(window)
+    if window is not None:
+        cut = start + 1 - window  # keys before this are outside every query's window
+        if cut > 0:
+            k, v, start = k[:, cut:], v[:, cut:], start - cut
+        if start + q.shape[0] <= window:
+            window = None  # nothing left for the window to hide
+    return _CHUNK[backend](q, k, v, start, window, alibi)
 
 
-def _causal_mask(t: int, s: int, q_offset: Offset, device: torch.device, window: int | None = None,
+def attend_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, pos: torch.Tensor,
+                  new_kv: tuple[torch.Tensor, torch.Tensor], backend: str, window: int | None = None,
+                  alibi: torch.Tensor | None = None, sinks: int = 0, rotary: Tables | None = None) -> torch.Tensor:
+    """One new query q [1, Hq, D] at position ``pos`` (int32 [1], on the device) over a static cache
+    ``k_cache``/``v_cache`` [Hkv, capacity, D] that holds keys 0 .. pos - 1: rotates q and the new key
+    (``new_kv``: key and value [1, Hkv, D], the key not rotated) with ``rotary`` (None: no RoPE), writes key
+    and value into the cache at ``pos`` and attends over keys 0 .. pos; returns [1, Hq, D].
+    ``window``, ``alibi`` as for :func:`attend_chunk`; ``sinks``: keys kept visible beside the window."""
+    _check_window(window)
+    if q.shape[0] != 1:
+        raise ValueError(f"decode on a static cache takes one query, got {q.shape[0]}")
+    slopes = None if alibi is None else alibi.to(device=q.device, dtype=torch.float32)
+    return _DECODE[backend](q, k_cache, v_cache, pos, new_kv, rotary, window, slopes, sinks)
+
+
+def _check_window(window: int | None) -> None:
+    if window is not None and window <= 0:
+        raise ValueError(f"attention window must be positive, got {window}")
+
+
+# ---- masks and biases (torch and math backends)
+
+def _causal_mask(t: int, s: int, offset: Offset, device: torch.device, window: int | None = None,
                  sinks: int = 0) -> torch.Tensor:
-    """[T, S] bool: True where query i may see key j."""
-    rows = torch.arange(t, device=device)[:, None] + q_offset
+    """[T, S] bool: True where query i (at offset + i) may see key j."""
+    rows = torch.arange(t, device=device)[:, None] + offset
     cols = torch.arange(s, device=device)[None, :]
     visible = cols <= rows
     if window is not None:
@@ -106,17 +142,34 @@ def _causal_mask(t: int, s: int, q_offset: Offset, device: torch.device, window:
     return visible
 
 
-def _alibi_bias(slopes: torch.Tensor, t: int, s: int, q_offset: Offset, device: torch.device) -> torch.Tensor:
-    """[H, T, S] float32: slope * (j - i) for query i (at q_offset + i) and key j."""
-    rel = torch.arange(s, device=device)[None, :] - (torch.arange(t, device=device)[:, None] + q_offset)
+def _alibi_bias(slopes: torch.Tensor, t: int, s: int, offset: Offset, device: torch.device) -> torch.Tensor:
+    """[H, T, S] float32: slope * (j - (offset + i)) for query i and key j."""
+    rel = torch.arange(s, device=device)[None, :] - (torch.arange(t, device=device)[:, None] + offset)
     return slopes.to(device=device, dtype=torch.float32)[:, None, None] * rel.to(torch.float32)
 
 
+def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: Offset, window: int | None,
+          alibi: torch.Tensor | None, sinks: int = 0) -> torch.Tensor:
+    """The reference, in float32: q [T, Hq, D] at offset .. over k/v [Hkv, S, D] (both modes)."""
+    t, hq, d = q.shape
+    hkv, s, _ = k.shape
+    rep = hq // hkv
+    kf = k.float().repeat_interleave(rep, dim=0)
+    vf = v.float().repeat_interleave(rep, dim=0)
+    scores = torch.einsum("thd,hsd->hts", q.float(), kf) / math.sqrt(d)
+    if alibi is not None:
+        scores = scores + _alibi_bias(alibi, t, s, offset, q.device)
+    scores = scores.masked_fill(~_causal_mask(t, s, offset, q.device, window, sinks), float("-inf"))
+    out = torch.einsum("hts,hsd->thd", scores.softmax(-1), vf)
+    return out.to(q.dtype)
+
+
+# ---- chunk mode: one function per backend, (q, k, v, start, window, alibi) -> [T, Hq, D]
+
 def _fresh_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     """Plain causal attention of a prompt from position 0 on a GPU (GQA native), or None where no fused kernel
-    takes it. PyTorch's SDPA with cuDNN's kernel first, then its flash kernel: on the H100 cuDNN's runs a 32k
-    prompt at 657 TFLOP/s against 394 for flash-attn 2 and 361 for SDPA's flash (``bench/prefill_floor.py``).
-    cuDNN has no bottom-right causal mask for a chunk over a longer cache, so only the first chunk takes it."""
+    takes it: PyTorch's SDPA with cuDNN's kernel first, then its flash kernel. cuDNN has no bottom-right causal
+    mask for a chunk over a longer cache, so only the first chunk takes it."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     hq, hkv = q.shape[1], k.shape[0]
@@ -131,25 +184,25 @@ def _fresh_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     return out[0].transpose(0, 1)
 
 
-def _torch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, window: int | None,
-                alibi: torch.Tensor | None) -> torch.Tensor:
+def _chunk_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window: int | None,
+                 alibi: torch.Tensor | None) -> torch.Tensor:
     t, hq, d = q.shape
     hkv, s, _ = k.shape
     if t == 1 and alibi is None:
-        # Decode: every key is visible (the window was cut before), so each KV head's query group is a
-        # batch of rows over it (no repeated K/V, no mask): several times faster than enable_gqa on the CPU.
+        # One token: every key is visible (the window was cut before), so each KV head's query group is a
+        # batch of rows over it (no repeated K/V, no mask; on the CPU faster than enable_gqa).
         out = F.scaled_dot_product_attention(q.view(1, hkv, hq // hkv, d), k[None], v[None])
         return out.reshape(1, hq, d)
     qh = q.transpose(0, 1)
     if q.is_cuda and alibi is None and window is None:
-        fresh = _fresh_causal(q, k, v) if q_offset == 0 else None
+        fresh = _fresh_causal(q, k, v) if start == 0 else None
         if fresh is not None:
             return fresh
         # GPU prompt chunk on top of a cache: the flash SDPA kernel with native GQA, causal aligned bottom-right
         # (no mask tensor, no repeated K/V, memory bounded by the chunk)
         from torch.nn.attention.bias import causal_lower_right
 
-        mask = causal_lower_right(t, s) if q_offset else None
+        mask = causal_lower_right(t, s) if start else None
         try:
             out = F.scaled_dot_product_attention(qh[None], k[None], v[None], attn_mask=mask, is_causal=mask is None,
                                                  enable_gqa=hq != hkv)
@@ -158,47 +211,31 @@ def _torch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int
             pass
     if hq != hkv:
         # Prefill: explicit K/V repeat keeps SDPA on its fused (flash) kernels; with enable_gqa the CPU
-        # build falls back to the unfused math path, twice as slow.
+        # build falls back to its unfused math path.
         k, v = k.repeat_interleave(hq // hkv, dim=0), v.repeat_interleave(hq // hkv, dim=0)
     # 4-D inputs: SDPA's fused CPU kernel takes only [batch, heads, tokens, dim].
     if alibi is not None and t > 1 and hq * t * s * 4 > _MASK_BYTES:
         # an ALiBi bias is a [H, T, S] tensor: split the queries so that it stays small (memory bounded)
         half = t // 2
-        return torch.cat([_torch_sdpa(q[:half], k[:, : q_offset + half], v[:, : q_offset + half], q_offset, window,
-                                      alibi),
-                          _torch_sdpa(q[half:], k, v, q_offset + half, window, alibi)])
+        return torch.cat([_chunk_torch(q[:half], k[:, : start + half], v[:, : start + half], start, window, alibi),
+                          _chunk_torch(q[half:], k, v, start + half, window, alibi)])
     mask: torch.Tensor | None = None
     if alibi is not None:
-        bias = _alibi_bias(alibi, t, s, q_offset, q.device)
-        mask = bias.masked_fill(~_causal_mask(t, s, q_offset, q.device, window), float("-inf")).to(q.dtype)
-    elif q_offset != 0 or window is not None:
-        mask = _causal_mask(t, s, q_offset, q.device, window)
+        bias = _alibi_bias(alibi, t, s, start, q.device)
+        mask = bias.masked_fill(~_causal_mask(t, s, start, q.device, window), float("-inf")).to(q.dtype)
+    elif start != 0 or window is not None:
+        mask = _causal_mask(t, s, start, q.device, window)
     if mask is not None:
-        mask = mask.view(1, -1, t, s)   # 4-D too: a 3-D mask sends the CPU kernel down its slow path (3x)
+        mask = mask.view(1, -1, t, s)   # 4-D too: a 3-D mask sends the CPU kernel down its slow path
     out = F.scaled_dot_product_attention(qh[None], k[None], v[None], attn_mask=mask, is_causal=mask is None)
     return out[0].transpose(0, 1)
 
 
-def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: Offset, window: int | None,
-          alibi: torch.Tensor | None, sinks: int = 0) -> torch.Tensor:
-    t, hq, d = q.shape
-    hkv, s, _ = k.shape
-    rep = hq // hkv
-    kf = k.float().repeat_interleave(rep, dim=0)
-    vf = v.float().repeat_interleave(rep, dim=0)
-    scores = torch.einsum("thd,hsd->hts", q.float(), kf) / math.sqrt(d)
-    if alibi is not None:
-        scores = scores + _alibi_bias(alibi, t, s, q_offset, q.device)
-    scores = scores.masked_fill(~_causal_mask(t, s, q_offset, q.device, window, sinks), float("-inf"))
-    out = torch.einsum("hts,hsd->thd", scores.softmax(-1), vf)
-    return out.to(q.dtype)
-
-
-def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, window: int | None,
-           alibi: torch.Tensor | None) -> torch.Tensor:
+def _chunk_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window: int | None,
+                 alibi: torch.Tensor | None) -> torch.Tensor:
     from flash_attn import flash_attn_func, flash_attn_with_kvcache
 
-    if q_offset > 0:
+    if start > 0:
         # a chunk on top of a cache: the KV-cache kernel splits the long key range across blocks (few query
         # blocks alone would leave most of the GPU idle: a 256-token turn on a 32k history); same alignment
         return flash_attn_with_kvcache(
@@ -217,93 +254,96 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, win
                            alibi_slopes=None if alibi is None else alibi.to(device=q.device, dtype=torch.float32))[0]
 
 
-def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, window: int | None,
-            alibi: torch.Tensor | None) -> torch.Tensor:
+def _chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window: int | None,
+                  alibi: torch.Tensor | None) -> torch.Tensor:
     if q.shape[0] > 1:
         if q.device.type not in _PREFILL_KERNEL_DEVICES:
-            return _torch_sdpa(q, k, v, q_offset, window, alibi)
-        if q_offset == 0 and alibi is None and window is None:
-            fresh = _fresh_causal(q, k, v)   # cuDNN: faster still for a whole prompt (657 vs 490 TFLOP/s)
+            return _chunk_torch(q, k, v, start, window, alibi)
+        if start == 0 and alibi is None and window is None:
+            fresh = _fresh_causal(q, k, v)   # cuDNN: faster still for a whole prompt
             if fresh is not None:
                 return fresh
         from chatcore.layers.triton_prefill import prefill_attention
 
-        return prefill_attention(q, k, v, q_offset, window=window, alibi=alibi)
+        return prefill_attention(q, k, v, start, window=window, alibi=alibi)
     from chatcore.layers.triton_decode import decode_attention
 
-    pos = torch.full((1,), q_offset, dtype=torch.int32, device=q.device)
+    pos = torch.full((1,), start, dtype=torch.int32, device=q.device)
     slopes = None if alibi is None else alibi.to(device=q.device, dtype=torch.float32)
     return decode_attention(q[0], k, v, pos, window=window, alibi=slopes)[None]
 
 
-_IMPLS = {"flash": _flash, "triton": _triton, "torch": _torch_sdpa, "math": _math}
+_CHUNK = {"flash": _chunk_flash, "triton": _chunk_triton, "torch": _chunk_torch, "math": _math}
 
 
-def _device_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, backend: str,
-                   window: int | None, alibi: torch.Tensor | None, sinks: int,
-                   new_kv: tuple[torch.Tensor, torch.Tensor],
-                   rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """The static-cache decode mode of :func:`attention` (see the module docstring)."""
+# ---- decode mode: one function per backend, (q, k_cache, v_cache, pos, new_kv, rotary, window, slopes, sinks)
+# -> [1, Hq, D]; ``slopes`` already float32 on q's device
+
+def _rotary_at(rotary: Tables, pos: torch.Tensor, dtype: torch.dtype) -> Tables:
+    cos, sin = (x.index_select(0, pos)[:, None, :].to(dtype) for x in rotary)
+    return cos, sin
+
+
+def _append(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+            new_kv: tuple[torch.Tensor, torch.Tensor], rotary: Tables | None) -> torch.Tensor:
+    """Rotates q and the new key at ``pos``, writes key and value into the caches there; returns q rotated."""
     k_new, v_new = new_kv
-    slopes = None if alibi is None else alibi.to(device=q.device, dtype=torch.float32)
-    if backend == "flash":
-        from flash_attn import flash_attn_with_kvcache
-
-        if sinks:
-            raise ValueError("flash-attn has no attention sinks; use the triton or torch backend")
-        if rotary is not None and rotary[0].shape[1] % 8:   # flash-attn rotates only dims divisible by 16
-            cos, sin = (x.index_select(0, pos)[:, None, :].to(q.dtype) for x in rotary)
-            q, k_new, rotary = Rotary.apply(q, cos, sin), Rotary.apply(k_new, cos, sin), None
-        cos, sin = rotary if rotary is not None else (None, None)
-        return flash_attn_with_kvcache(
-            q[None], k_cache.transpose(0, 1)[None], v_cache.transpose(0, 1)[None], k=k_new[None], v=v_new[None],
-            rotary_cos=cos, rotary_sin=sin, cache_seqlens=pos, causal=True, rotary_interleaved=False,
-            window_size=(-1, -1) if window is None else (window - 1, 0), alibi_slopes=slopes)[0]
-    if backend == "triton":
-        from chatcore.layers.triton_decode import decode_attention
-
-        # one launch rotates q and the new key, appends key and value, and attends (then the splits' merge)
-        return decode_attention(q[0], k_cache, v_cache, pos, new_kv=(k_new[0], v_new[0]), rotary=rotary,
-                                window=window, sinks=sinks, alibi=slopes)[None]
     if rotary is not None:
-        cos, sin = (x.index_select(0, pos)[:, None, :].to(q.dtype) for x in rotary)
+        cos, sin = _rotary_at(rotary, pos, q.dtype)
         q, k_new = Rotary.apply(q, cos, sin), Rotary.apply(k_new, cos, sin)
     index = pos.long()
     k_cache.index_copy_(1, index, k_new.transpose(0, 1))
     v_cache.index_copy_(1, index, v_new.transpose(0, 1))
-    if backend == "math":
-        return _math(q, k_cache, v_cache, pos, window, slopes, sinks)
-    mask = _causal_mask(1, k_cache.shape[1], pos, q.device, window, sinks)[None]
-    bias = mask if slopes is None else _alibi_bias(slopes, 1, k_cache.shape[1], pos, q.device).masked_fill(
+    return q
+
+
+def _decode_flash(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                  new_kv: tuple[torch.Tensor, torch.Tensor], rotary: Tables | None, window: int | None,
+                  slopes: torch.Tensor | None, sinks: int) -> torch.Tensor:
+    from flash_attn import flash_attn_with_kvcache
+
+    if sinks:
+        raise ValueError("flash-attn has no attention sinks; use the triton or torch backend")
+    k_new, v_new = new_kv
+    if rotary is not None and rotary[0].shape[1] % 8:   # flash-attn rotates only dims divisible by 16
+        cos, sin = _rotary_at(rotary, pos, q.dtype)
+        q, k_new, rotary = Rotary.apply(q, cos, sin), Rotary.apply(k_new, cos, sin), None
+    cos, sin = rotary if rotary is not None else (None, None)
+    return flash_attn_with_kvcache(
+        q[None], k_cache.transpose(0, 1)[None], v_cache.transpose(0, 1)[None], k=k_new[None], v=v_new[None],
+        rotary_cos=cos, rotary_sin=sin, cache_seqlens=pos, causal=True, rotary_interleaved=False,
+        window_size=(-1, -1) if window is None else (window - 1, 0), alibi_slopes=slopes)[0]
+
+
+def _decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                   new_kv: tuple[torch.Tensor, torch.Tensor], rotary: Tables | None, window: int | None,
+                   slopes: torch.Tensor | None, sinks: int) -> torch.Tensor:
+    from chatcore.layers.triton_decode import decode_attention
+
+    # one launch rotates q and the new key, appends key and value, and attends (then the splits' merge)
+    k_new, v_new = new_kv
+    return decode_attention(q[0], k_cache, v_cache, pos, new_kv=(k_new[0], v_new[0]), rotary=rotary,
+                            window=window, sinks=sinks, alibi=slopes)[None]
+
+
+def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                  new_kv: tuple[torch.Tensor, torch.Tensor], rotary: Tables | None, window: int | None,
+                  slopes: torch.Tensor | None, sinks: int) -> torch.Tensor:
+    q = _append(q, k_cache, v_cache, pos, new_kv, rotary)
+    s = k_cache.shape[1]
+    mask = _causal_mask(1, s, pos, q.device, window, sinks)[None]
+    bias = mask if slopes is None else _alibi_bias(slopes, 1, s, pos, q.device).masked_fill(
         ~mask, float("-inf")).to(q.dtype)
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_cache[None], v_cache[None],
-                                         attn_mask=bias.view(1, -1, 1, k_cache.shape[1]),
-                                         enable_gqa=q.shape[1] != k_cache.shape[0])
+                                         attn_mask=bias.view(1, -1, 1, s), enable_gqa=q.shape[1] != k_cache.shape[0])
     return out[0].transpose(0, 1)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_offset: Offset, backend: str,
-              window: int | None = None, alibi: torch.Tensor | None = None, sinks: int = 0,
-              new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-              rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Causal attention of the T newest queries over the cached keys; returns [T, Hq, D].
+def _decode_math(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                 new_kv: tuple[torch.Tensor, torch.Tensor], rotary: Tables | None, window: int | None,
+                 slopes: torch.Tensor | None, sinks: int) -> torch.Tensor:
+    q = _append(q, k_cache, v_cache, pos, new_kv, rotary)
+    return _math(q, k_cache, v_cache, pos, window, slopes, sinks)
 
-    ``window``: sliding-window size (None: full attention); ``alibi``: ALiBi slopes [Hq] (None: no bias).
-    With a device tensor ``q_offset``: the static-cache decode mode (module docstring), which takes
-    ``new_kv``, ``rotary`` and ``sinks``.
-    """
-    if window is not None and window <= 0:
-        raise ValueError(f"attention window must be positive, got {window}")
-    if isinstance(q_offset, torch.Tensor):
-        if new_kv is None or q.shape[0] != 1:
-            raise ValueError("decode on a static cache takes one query and the new key/value (new_kv)")
-        return _device_decode(q, k, v, q_offset, backend, window, alibi, sinks, new_kv, rotary)
-    if sinks or new_kv is not None or rotary is not None:
-        raise ValueError("sinks, new_kv and rotary belong to decode on a static cache (a device q_offset)")
-    if window is not None:
-        cut = q_offset + 1 - window  # keys before this are outside every query's window
-        if cut > 0:
-            k, v, q_offset = k[:, cut:], v[:, cut:], q_offset - cut
-        if q_offset + q.shape[0] <= window:
-            window = None  # nothing left for the window to hide
-    return _IMPLS[backend](q, k, v, q_offset, window, alibi)
+
+_DECODE = {"flash": _decode_flash, "triton": _decode_triton, "torch": _decode_torch, "math": _decode_math}

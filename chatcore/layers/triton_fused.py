@@ -6,7 +6,7 @@
 - ``silu_mul``: ``silu(gate) * up`` of a fused gate/up projection's output, in float32, rounded once;
 - ``rotate``: RoPE (half-split layout) of a prompt chunk's queries or keys [T, H, D], every head of a token
   in one program, in float32 from the tables in the activations' dtype (as the references take them) and
-  rounded once: one launch where the unfused form takes seven (a 32k-token 8B prefill: ~50 ms -> ~10 ms).
+  rounded once: one launch where the unfused form takes seven.
 
 One program per token row. The callers (:mod:`chatcore.layers.norm`, :mod:`chatcore.layers.activation`)
 use these on CUDA and plain PyTorch elsewhere; ``TRITON_INTERPRET=1`` runs them on the CPU for tests.

@@ -1,9 +1,9 @@
 """Matrix-vector product for one decode token (Triton): ``x [1, K] @ w[N, K].T (+ b)``.
 
 A decode step's projections are matrix-vector products bound by reading the weight once. cuBLAS reaches
-the copy bandwidth on most shapes but not on all (measured on the H100: a square 4096x4096 weight at
-1.6 TB/s against 2.9 for the MLP's); :func:`chatcore.layers.linear.linear` times both once per shape and
-keeps the faster. Each program reduces BLOCK_N rows over K in BLOCK_K steps (row-major weight: coalesced
+the copy bandwidth on most shapes but not on all (``bench/README.md``, "chatcore/layers"), so
+:mod:`chatcore.layers.gemv_choice` times both once per shape and :func:`chatcore.layers.linear.linear` keeps
+the faster. Each program reduces BLOCK_N rows over K in BLOCK_K steps (row-major weight: coalesced
 along K), accumulating in float32. It can take the RMSNorm before the product into its prologue and the
 residual add after it into its epilogue, so a decode step needs no separate kernel for them.
 

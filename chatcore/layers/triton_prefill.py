@@ -21,9 +21,6 @@ few (head, query tile) programs, each with a long key range, and would leave mos
 program writes its unnormalised sums with their row max and sum, and ``_merge`` combines them (log-sum-exp
 weights), one program per query row and head.
 
-Checked offline for sm_90 (``triton.compile`` + ``ptxas -v``: ``bench/prefill_kernels.py --ptxas``): the
-default launch shapes compile to wgmma with cp.async pipelining and no register spills.
-
 The loop bounds come from program ids and host scalars only, nothing read from memory. Compiled, each loop
 is a ``tl.range`` loop, which Triton software-pipelines; Triton's CPU interpreter (``TRITON_INTERPRET=1``,
 the tests in CI) cannot take a run-time tensor as a ``range`` bound (it needs a 0-d array; scalars arrive as
@@ -226,7 +223,7 @@ def _pow2(n: int) -> int:
 
 def launch_shape(d: int) -> tuple[int, int, int, int]:
     """Default (block_m, block_n, num_warps, num_stages) for head dim ``d``: shapes that compile for an H100
-    (sm_90) to wgmma without register spills (ptxas -v, ALiBi and a window on); not yet timed on the GPU."""
+    (sm_90) to wgmma without register spills (``bench/prefill_kernels.py --ptxas``, ALiBi and a window on)."""
     if d <= 64:
         return 128, 128, 8, 3
     if d <= 128:
