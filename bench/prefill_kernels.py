@@ -60,11 +60,11 @@ def time_prompt(fn: Kernel, chunks: list[Chunk], kc: torch.Tensor, vc: torch.Ten
 
 
 def entry_point(backend: str, window: int | None, slopes: torch.Tensor | None) -> Kernel:
-    return lambda q, k, v, off: attend_chunk(q, k, v, start=off, backend=backend, window=window, alibi=slopes)
+    return lambda q, k, v, off: attend_chunk(q, k, v, start=off, backend=backend, sliding_window=window, alibi=slopes)
 
 
 def kernel(window: int | None, slopes: torch.Tensor | None, **shape: int) -> Kernel:
-    return lambda q, k, v, off: prefill_attention(q, k, v, off, window=window, alibi=slopes, **shape)
+    return lambda q, k, v, off: prefill_attention(q, k, v, off, sliding_window=window, alibi=slopes, **shape)
 
 
 def num_splits_for(hq: int, t: int, s: int, d: int, window: int | None) -> int:
@@ -117,7 +117,8 @@ def bench_shape(name: str, tokens: int, chunk: int, reps: int, sweep: bool, warm
         return
     q_last, off_last = chunks[-1]
     s_last = off_last + q_last.shape[0]
-    ref = prefill_attention(q_last, kc[:, :s_last], vc[:, :s_last], off_last, window=window, alibi=slopes).float()
+    ref = prefill_attention(q_last, kc[:, :s_last], vc[:, :s_last], off_last,
+                            sliding_window=window, alibi=slopes).float()
     results = []
     for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
         shape = dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)

@@ -51,7 +51,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     qkv_bias: bool = False            # biases on q/k/v only (Qwen2); attention_bias puts them on q/k/v/o
     qk_norm: bool = False             # RMSNorm of each q and k head before RoPE (Qwen3)
-    layer_windows: tuple[int, ...] = ()  # sliding window per layer, 0 = full attention; () = all full
+    sliding_windows: tuple[int, ...] = ()  # sliding window per layer, 0 = full attention; () = all full
     position: str = "rope"            # "rope" or "alibi" (BLOOM, MPT); rms_norm_eps is then LayerNorm's eps
     alibi_bias_max: float = 8.0       # MPT's slope rule
     softmax_scale: float | None = None  # None: 1/sqrt(head_dim)
@@ -76,13 +76,13 @@ class ModelConfig:
         if self.position == "rope" and self.rope_scaling.kind not in ROPE_TYPES:
             raise ModelFormatError(f"RoPE scaling type {self.rope_scaling.kind!r} is not supported "
                                    f"(supported: {', '.join(ROPE_TYPES)})")
-        if self.layer_windows and (len(self.layer_windows) != self.num_layers or min(self.layer_windows) < 0):
-            raise ModelFormatError(f"model config: {len(self.layer_windows)} per-layer windows for "
+        if self.sliding_windows and (len(self.sliding_windows) != self.num_layers or min(self.sliding_windows) < 0):
+            raise ModelFormatError(f"model config: {len(self.sliding_windows)} per-layer windows for "
                                    f"{self.num_layers} layers")
 
-    def window(self, layer: int) -> int | None:
+    def sliding_window(self, layer: int) -> int | None:
         """The sliding-window size of ``layer`` (None: full causal attention)."""
-        w = self.layer_windows[layer] if self.layer_windows else 0
+        w = self.sliding_windows[layer] if self.sliding_windows else 0
         return w or None
 
     @property

@@ -29,7 +29,7 @@ class EagerStep:
         self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # per rotary (Gemma 3 has two)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rotary: Rotary | None,
-               window: int | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
+               sliding_window: int | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] of the new tokens (k not yet rotated) -> attention output [T, Hq, D]."""
         if rotary is not None:
             tables = self._tables.get(id(rotary))
@@ -38,7 +38,8 @@ class EagerStep:
             cos, sin = tables
             q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
         keys, values = self.slot.write(layer, self.start, k, v)
-        return attend_chunk(q, keys, values, start=self.start, backend=self.backend, window=window, alibi=alibi)
+        return attend_chunk(q, keys, values, start=self.start, backend=self.backend,
+                            sliding_window=sliding_window, alibi=alibi)
 
 
 class DeviceStep:
@@ -52,7 +53,7 @@ class DeviceStep:
         self.span = slot.capacity if span is None else span
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rotary: Rotary | None,
-               window: int | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
+               sliding_window: int | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
         """q [1, Hq, D], k/v [1, Hkv, D] of the new token (k not yet rotated) -> attention output [1, Hq, D]."""
         tables = None
         if rotary is not None:
@@ -60,7 +61,7 @@ class DeviceStep:
             tables = rotary.full_tables(q.dtype if self.backend == "flash" else torch.float32)
         keys, values = self.slot.k[layer, :, : self.span], self.slot.v[layer, :, : self.span]
         return attend_decode(q, keys, values, pos=self.pos, new_kv=(k, v), backend=self.backend,
-                             window=window, alibi=alibi, rotary=tables)
+                             sliding_window=sliding_window, alibi=alibi, rotary=tables)
 
 
 Step = EagerStep | DeviceStep

@@ -48,7 +48,7 @@ def test_window_and_alibi_match_the_definition(backend: str, case: tuple) -> Non
     k = torch.randn(hkv, before + t, d, generator=g)
     v = torch.randn(hkv, before + t, d, generator=g)
     slopes = bloom_slopes(hq) if use_alibi else None
-    out = attend_chunk(q, k, v, start=before, backend=backend, window=window, alibi=slopes)
+    out = attend_chunk(q, k, v, start=before, backend=backend, sliding_window=window, alibi=slopes)
     assert out.shape == (t, hq, d)
     assert (out.double() - naive(q, k, v, before, window, slopes)).abs().max().item() < 1e-5
 
@@ -56,7 +56,7 @@ def test_window_and_alibi_match_the_definition(backend: str, case: tuple) -> Non
 def test_bad_window_is_refused() -> None:
     q, k = torch.zeros(1, 2, 8), torch.zeros(2, 4, 8)
     with pytest.raises(ValueError, match="window"):
-        attend_chunk(q, k, k, start=3, backend="math", window=0)
+        attend_chunk(q, k, k, start=3, backend="math", sliding_window=0)
 
 
 @pytest.mark.gpu
@@ -70,8 +70,9 @@ def test_gpu_window_and_alibi(backend: str, case: tuple) -> None:
     k = torch.randn(hkv, before + t, d, generator=g, device="cuda").bfloat16()
     v = torch.randn(hkv, before + t, d, generator=g, device="cuda").bfloat16()
     slopes = bloom_slopes(hq).cuda() if use_alibi else None
-    ref = attend_chunk(q.double(), k.double(), v.double(), start=before, backend="math", window=window, alibi=slopes)
-    out = attend_chunk(q, k, v, start=before, backend=backend, window=window, alibi=slopes).double()
+    ref = attend_chunk(q.double(), k.double(), v.double(), start=before, backend="math",
+                       sliding_window=window, alibi=slopes)
+    out = attend_chunk(q, k, v, start=before, backend=backend, sliding_window=window, alibi=slopes).double()
     assert torch.linalg.norm(out - ref) / torch.linalg.norm(ref) < 1e-2
 
 
@@ -84,5 +85,5 @@ def test_long_alibi_chunks_are_split_to_bound_the_bias_memory(monkeypatch: pytes
     k, v = torch.randn(4, 60, 16, generator=g), torch.randn(4, 60, 16, generator=g)
     slopes = bloom_slopes(4)
     for window in (None, 9):
-        out = attend_chunk(q, k, v, start=23, backend="torch", window=window, alibi=slopes)
+        out = attend_chunk(q, k, v, start=23, backend="torch", sliding_window=window, alibi=slopes)
         assert (out.double() - naive(q, k, v, 23, window, slopes)).abs().max().item() < 1e-5

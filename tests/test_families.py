@@ -62,7 +62,7 @@ def test_config_reads_each_family(saved) -> None:  # noqa: ANN001
     family, path, _ = saved
     cfg = config_from_hf_file(path / "config.json")
     if family == "mistral":
-        assert cfg.layer_windows and len(set(cfg.layer_windows)) == 1
+        assert cfg.sliding_windows and len(set(cfg.sliding_windows)) == 1
     assert cfg.qkv_bias == (family == "qwen2")
     assert cfg.qk_norm == (family == "qwen3")
 
@@ -70,11 +70,11 @@ def test_config_reads_each_family(saved) -> None:  # noqa: ANN001
 def test_qwen_windows_follow_layer_types() -> None:
     base = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
             "num_hidden_layers": 4, "num_attention_heads": 2, "sliding_window": 16}
-    assert config_from_hf(base).layer_windows == ()                      # use_sliding_window off
+    assert config_from_hf(base).sliding_windows == ()                      # use_sliding_window off
     on = {**base, "use_sliding_window": True, "max_window_layers": 2}
-    assert config_from_hf(on).layer_windows == (0, 0, 16, 16)
+    assert config_from_hf(on).sliding_windows == (0, 0, 16, 16)
     typed = {**on, "layer_types": ["sliding_attention", "full_attention"] * 2}
-    assert config_from_hf(typed).layer_windows == (16, 0, 16, 0)
+    assert config_from_hf(typed).sliding_windows == (16, 0, 16, 0)
 
 
 def test_unsupported_architecture_names_what_is_supported() -> None:

@@ -38,7 +38,7 @@ def saved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 def test_logits_match_transformers(saved) -> None:  # noqa: ANN001
     path, ref = saved
     engine = chatcore.load(path, device="cpu", dtype="float32")
-    assert engine.config.family == "gemma3" and engine.config.layer_windows
+    assert engine.config.family == "gemma3" and engine.config.sliding_windows
     check_logits(engine, ref, prompt(200, seed=1))
 
 
@@ -58,7 +58,7 @@ def test_old_and_new_config_forms_agree() -> None:
                                                                       "rope_theta": 1e6},
                                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}})
     assert old == new
-    assert new.layer_windows == (16, 16, 0, 16, 16, 0, 16) and new.rope_local_theta == 1e4
+    assert new.sliding_windows == (16, 16, 0, 16, 16, 0, 16) and new.rope_local_theta == 1e4
     assert new.rope_scaling.kind == "linear" and new.softmax_scale == 256**-0.5
 
 
@@ -102,7 +102,7 @@ def test_real_gemma3_270m_matches_transformers_gguf_loader() -> None:
     torch.set_num_threads(2)
     engine = chatcore.load(path, device="cpu", dtype="float32")
     cfg = engine.config
-    assert cfg.family == "gemma3" and cfg.num_layers == 18 and cfg.layer_windows.count(0) == 3
+    assert cfg.family == "gemma3" and cfg.num_layers == 18 and cfg.sliding_windows.count(0) == 3
     theirs = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
                                                   attn_implementation="eager").eval()
     ids = engine.tokenizer.encode("The capital of France is", add_bos=True)

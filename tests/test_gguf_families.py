@@ -121,8 +121,8 @@ def test_mistral_window_is_not_in_gguf(tmp_path: Path) -> None:
     """llama.cpp writes Mistral as architecture llama without its window, and runs it with full attention."""
     hf_dir = model_factory.make_mistral_dir(tmp_path / "hf", sliding_window=48)
     cfg, _, _ = open_checkpoint(write_gguf(hf_dir, tmp_path / "m.gguf"))
-    assert cfg.family == "llama" and cfg.layer_windows == ()
-    assert config_from_hf_file(hf_dir / "config.json").layer_windows == (48,) * 3
+    assert cfg.family == "llama" and cfg.sliding_windows == ()
+    assert config_from_hf_file(hf_dir / "config.json").sliding_windows == (48,) * 3
 
 
 def test_quantized_bloom_qkv_regrouped_on_packed_rows(tmp_path: Path) -> None:

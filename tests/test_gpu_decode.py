@@ -48,7 +48,7 @@ def test_static_decode_bf16_matches_float64(backend: str, case: tuple) -> None:
     slopes = (torch.rand(hq, generator=g, device="cuda") * 0.5) if alibi else None
     kc0, vc0 = kc.double(), vc.double()
     out = attend_decode(q.clone(), kc, vc, pos=torch.tensor([pos], dtype=torch.int32, device="cuda"),
-                        backend=backend, window=window, alibi=slopes, new_kv=(k, v), rotary=tables)
+                        backend=backend, sliding_window=window, alibi=slopes, new_kv=(k, v), rotary=tables)
     assert torch.isfinite(out).all()
     c, s = cos64[pos][None, None], sin64[pos][None, None]
     qr, kr = _rotate64(q.double(), c, s)[0], _rotate64(k.double(), c, s)[0]

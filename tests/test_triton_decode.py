@@ -53,7 +53,7 @@ def test_split_k_decode_matches_reference(case: tuple) -> None:
     q = torch.randn(hq, d, generator=g)
     kc, vc = torch.randn(hkv, cap, d, generator=g), torch.randn(hkv, cap, d, generator=g)
     slopes = torch.rand(hq, generator=g) if alibi else None
-    out = triton_decode.decode_attention(q, kc, vc, torch.tensor([pos], dtype=torch.int32), window=window,
+    out = triton_decode.decode_attention(q, kc, vc, torch.tensor([pos], dtype=torch.int32), sliding_window=window,
                                          sinks=sinks, alibi=slopes)
     ref = reference(q, kc, vc, pos, window, sinks, slopes)
     assert out.shape == (hq, d) and out.dtype == q.dtype
@@ -99,7 +99,7 @@ def test_fused_append_rotates_writes_and_attends_the_new_token(case: tuple, rope
     slopes = torch.rand(hq, generator=g) if alibi else None
     q0, kc0, vc0 = q.clone(), kc.clone(), vc.clone()
     out = triton_decode.decode_attention(q, kc, vc, torch.tensor([pos], dtype=torch.int32), new_kv=(k, v),
-                                         rotary=tables, window=window, sinks=sinks, alibi=slopes, splits=4)
+                                         rotary=tables, sliding_window=window, sinks=sinks, alibi=slopes, splits=4)
     qr, kr = q0, k
     if tables is not None:
         c, s = tables[0][pos][None, None], tables[1][pos][None, None]
@@ -147,7 +147,7 @@ def test_static_cache_decode_mode_matches_eager_attention(backend: str, variant:
     kc, vc = torch.randn(hkv, cap, d, generator=g), torch.randn(hkv, cap, d, generator=g)
     ekc, evc = kc.clone(), vc.clone()
     out = attend_decode(q.clone(), kc, vc, pos=torch.tensor([pos], dtype=torch.int32), backend=backend,
-                        window=window, alibi=slopes, sinks=sinks, new_kv=(k.clone(), v.clone()), rotary=tables)
+                        sliding_window=window, alibi=slopes, sinks=sinks, new_kv=(k.clone(), v.clone()), rotary=tables)
     qe, ke = q, k
     if tables is not None:
         c, s = tables[0][pos][None, None], tables[1][pos][None, None]
@@ -157,7 +157,7 @@ def test_static_cache_decode_mode_matches_eager_attention(backend: str, variant:
     if sinks:
         ref = reference(qe[0], ekc, evc, pos, window, sinks, None)[None]
     else:
-        ref = attend_chunk(qe, ekc[:, : pos + 1], evc[:, : pos + 1], start=pos, backend="math", window=window,
+        ref = attend_chunk(qe, ekc[:, : pos + 1], evc[:, : pos + 1], start=pos, backend="math", sliding_window=window,
                            alibi=slopes)
     assert (out.double() - ref.double()).abs().max().item() < 1e-5
 
@@ -168,7 +168,7 @@ def test_static_cache_mode_rejects_misuse() -> None:
     with pytest.raises(ValueError, match="one query"):
         attend_decode(q, kc, kc.clone(), pos=pos, new_kv=new_kv, backend="math")
     with pytest.raises(ValueError, match="window must be positive"):
-        attend_decode(q[:1], kc, kc.clone(), pos=pos, new_kv=new_kv, backend="math", window=0)
+        attend_decode(q[:1], kc, kc.clone(), pos=pos, new_kv=new_kv, backend="math", sliding_window=0)
 
 
 @pytest.mark.parametrize("n", [48, 64, 2048, 3000])

@@ -55,7 +55,7 @@ def test_float32_matches_math(case: tuple) -> None:
     if window is not None:   # key tiles older than every query's window: never read
         skipped = max(0, before - window + 1) // (bn or 64) * (bn or 64)
         kc[:, :skipped], vc[:, :skipped] = float("nan"), float("nan")
-    out = triton_prefill.prefill_attention(q, kc[:, :s], vc[:, :s], before, window=window, alibi=slopes,
+    out = triton_prefill.prefill_attention(q, kc[:, :s], vc[:, :s], before, sliding_window=window, alibi=slopes,
                                            block_m=bm, block_n=bn)
     assert out.shape == (t, hq, d) and out.dtype == q.dtype
     assert (out - ref).abs().max().item() < 1e-5
@@ -70,7 +70,7 @@ def test_split_kv_matches_math(case: tuple, splits: int) -> None:
     t, before, hq, hkv, d, window, alibi, bm, bn = case
     q, k, v = inputs(t, before, hq, hkv, d, torch.float32, "cpu", seed=11)
     slopes = bloom_slopes(hq) if alibi else None
-    out = triton_prefill.prefill_attention(q, k, v, before, window=window, alibi=slopes, block_m=bm, block_n=bn,
+    out = triton_prefill.prefill_attention(q, k, v, before, sliding_window=window, alibi=slopes, block_m=bm, block_n=bn,
                                            splits=splits)
     assert (out - _math(q, k, v, before, window, slopes)).abs().max().item() < 1e-5
 
@@ -81,7 +81,7 @@ def test_half_precision_matches_math(case: tuple, dtype: torch.dtype) -> None:
     t, before, hq, hkv, d, window, alibi, bm, bn = case
     q, k, v = inputs(t, before, hq, hkv, d, dtype, "cpu", seed=7)
     slopes = bloom_slopes(hq) if alibi else None
-    out = triton_prefill.prefill_attention(q, k, v, before, window=window, alibi=slopes, block_m=bm, block_n=bn)
+    out = triton_prefill.prefill_attention(q, k, v, before, sliding_window=window, alibi=slopes, block_m=bm, block_n=bn)
     assert out.dtype == dtype
     assert rel_err(out, _math(q.float(), k.float(), v.float(), before, window, slopes)) < 1e-2
 
@@ -92,7 +92,7 @@ def test_strided_query_rows() -> None:
     q = qkv[:, : 4 * 32].view(21, 4, 32)
     k = torch.randn(2, 30, 32, generator=torch.Generator().manual_seed(4))
     v = torch.randn(2, 30, 32, generator=torch.Generator().manual_seed(5))
-    out = triton_prefill.prefill_attention(q, k, v, 9, window=12, block_m=16, block_n=16)
+    out = triton_prefill.prefill_attention(q, k, v, 9, sliding_window=12, block_m=16, block_n=16)
     assert (out - _math(q, k, v, 9, 12, None)).abs().max().item() < 1e-5
 
 
@@ -110,8 +110,8 @@ def test_triton_backend_routes_prompt_chunks_to_the_kernel(monkeypatch: pytest.M
     for t, before, window, alibi in ((19, 40, 11, False), (12, 5, None, True), (9, 30, None, False)):
         q, k, v = inputs(t, before, 4, 2, 32, torch.float32, "cpu", seed=t)
         slopes = bloom_slopes(4) if alibi else None
-        out = attend_chunk(q, k, v, start=before, backend="triton", window=window, alibi=slopes)
-        ref = attend_chunk(q, k, v, start=before, backend="math", window=window, alibi=slopes)
+        out = attend_chunk(q, k, v, start=before, backend="triton", sliding_window=window, alibi=slopes)
+        ref = attend_chunk(q, k, v, start=before, backend="math", sliding_window=window, alibi=slopes)
         assert (out - ref).abs().max().item() < 1e-5
 
 
@@ -142,7 +142,7 @@ def test_gpu_matches_math(case: tuple, dtype: torch.dtype) -> None:
     k, v = kc[:, :s], vc[:, :s]
     ref = _math(q.float(), k.float(), v.float(), before, window, slopes)
     for splits in (None, 1, 3):   # the default split-KV factor, none, and three
-        out = triton_prefill.prefill_attention(q, k, v, before, window=window, alibi=slopes, splits=splits)
+        out = triton_prefill.prefill_attention(q, k, v, before, sliding_window=window, alibi=slopes, splits=splits)
         assert torch.isfinite(out).all()
         assert rel_err(out, ref) < 1e-2
 
@@ -156,7 +156,7 @@ def test_gpu_launch_shapes_agree(shape: tuple[int, int, int, int]) -> None:
     q, k, v = inputs(1111, 2222, 16, 4, 128, torch.bfloat16, "cuda", seed=1)
     slopes = bloom_slopes(16).cuda()
     ref = _math(q.float(), k.float(), v.float(), 2222, 1500, slopes)
-    out = triton_prefill.prefill_attention(q, k, v, 2222, window=1500, alibi=slopes, block_m=bm, block_n=bn,
+    out = triton_prefill.prefill_attention(q, k, v, 2222, sliding_window=1500, alibi=slopes, block_m=bm, block_n=bn,
                                            num_warps=warps, num_stages=stages)
     assert rel_err(out, ref) < 1e-2
 
@@ -165,5 +165,5 @@ def test_gpu_launch_shapes_agree(shape: tuple[int, int, int, int]) -> None:
 def test_gpu_float32() -> None:
     q, k, v = inputs(700, 900, 8, 2, 64, torch.float32, "cuda", seed=2)
     slopes = bloom_slopes(8).cuda()
-    out = triton_prefill.prefill_attention(q, k, v, 900, window=500, alibi=slopes)
+    out = triton_prefill.prefill_attention(q, k, v, 900, sliding_window=500, alibi=slopes)
     assert (out - _math(q, k, v, 900, 500, slopes)).abs().max().item() < 1e-4

@@ -95,50 +95,50 @@ def sized_by_buffer(backend: str) -> bool:
 
 
 def attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start: int, backend: str,
-                 window: int | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
+                 sliding_window: int | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of T new queries q [T, Hq, D] (positions start .. start + T - 1) over k/v
     [Hkv, start + T, D]; returns [T, Hq, D]. ``window``: sliding-window size (None: full attention);
     ``alibi``: ALiBi slopes [Hq] (None: no bias)."""
-    _check_window(window)
-    if window is not None:
-        cut = start + 1 - window  # keys before this are outside every query's window
+    _check_window(sliding_window)
+    if sliding_window is not None:
+        cut = start + 1 - sliding_window  # keys before this are outside every query's window
         if cut > 0:
             k, v, start = k[:, cut:], v[:, cut:], start - cut
-        if start + q.shape[0] <= window:
-            window = None  # nothing left for the window to hide
-    return _CHUNK[backend](q, k, v, start, window, alibi)
+        if start + q.shape[0] <= sliding_window:
+            sliding_window = None  # nothing left for the window to hide
+    return _CHUNK[backend](q, k, v, start, sliding_window, alibi)
 
 
 def attend_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, pos: torch.Tensor,
-                  new_kv: tuple[torch.Tensor, torch.Tensor], backend: str, window: int | None = None,
+                  new_kv: tuple[torch.Tensor, torch.Tensor], backend: str, sliding_window: int | None = None,
                   alibi: torch.Tensor | None = None, sinks: int = 0, rotary: Tables | None = None) -> torch.Tensor:
     """One new query q [1, Hq, D] at position ``pos`` (int32 [1], on the device) over a static cache
     ``k_cache``/``v_cache`` [Hkv, capacity, D] that holds keys 0 .. pos - 1: rotates q and the new key
     (``new_kv``: key and value [1, Hkv, D], the key not rotated) with ``rotary`` (None: no RoPE), writes key
     and value into the cache at ``pos`` and attends over keys 0 .. pos; returns [1, Hq, D].
     ``window``, ``alibi`` as for :func:`attend_chunk`; ``sinks``: keys kept visible beside the window."""
-    _check_window(window)
+    _check_window(sliding_window)
     if q.shape[0] != 1:
         raise ValueError(f"decode on a static cache takes one query, got {q.shape[0]}")
     slopes = None if alibi is None else alibi.to(device=q.device, dtype=torch.float32)
-    return _DECODE[backend](q, k_cache, v_cache, pos, new_kv, rotary, window, slopes, sinks)
+    return _DECODE[backend](q, k_cache, v_cache, pos, new_kv, rotary, sliding_window, slopes, sinks)
 
 
-def _check_window(window: int | None) -> None:
-    if window is not None and window <= 0:
-        raise ValueError(f"attention window must be positive, got {window}")
+def _check_window(sliding_window: int | None) -> None:
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding window must be positive, got {sliding_window}")
 
 
 # ---- masks and biases (torch and math backends)
 
-def _causal_mask(t: int, s: int, offset: Offset, device: torch.device, window: int | None = None,
+def _causal_mask(t: int, s: int, offset: Offset, device: torch.device, sliding_window: int | None = None,
                  sinks: int = 0) -> torch.Tensor:
     """[T, S] bool: True where query i (at offset + i) may see key j."""
     rows = torch.arange(t, device=device)[:, None] + offset
     cols = torch.arange(s, device=device)[None, :]
     visible = cols <= rows
-    if window is not None:
-        visible &= (cols > rows - window) | (cols < sinks)
+    if sliding_window is not None:
+        visible &= (cols > rows - sliding_window) | (cols < sinks)
     return visible
 
 
@@ -148,7 +148,7 @@ def _alibi_bias(slopes: torch.Tensor, t: int, s: int, offset: Offset, device: to
     return slopes.to(device=device, dtype=torch.float32)[:, None, None] * rel.to(torch.float32)
 
 
-def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: Offset, window: int | None,
+def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: Offset, sliding_window: int | None,
           alibi: torch.Tensor | None, sinks: int = 0) -> torch.Tensor:
     """The reference, in float32: q [T, Hq, D] at offset .. over k/v [Hkv, S, D] (both modes)."""
     t, hq, d = q.shape
@@ -159,7 +159,7 @@ def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: Offset, win
     scores = torch.einsum("thd,hsd->hts", q.float(), kf) / math.sqrt(d)
     if alibi is not None:
         scores = scores + _alibi_bias(alibi, t, s, offset, q.device)
-    scores = scores.masked_fill(~_causal_mask(t, s, offset, q.device, window, sinks), float("-inf"))
+    scores = scores.masked_fill(~_causal_mask(t, s, offset, q.device, sliding_window, sinks), float("-inf"))
     out = torch.einsum("hts,hsd->thd", scores.softmax(-1), vf)
     return out.to(q.dtype)
 
@@ -184,7 +184,7 @@ def _fresh_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     return out[0].transpose(0, 1)
 
 
-def _chunk_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window: int | None,
+def _chunk_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, sliding_window: int | None,
                  alibi: torch.Tensor | None) -> torch.Tensor:
     t, hq, d = q.shape
     hkv, s, _ = k.shape
@@ -194,7 +194,7 @@ def _chunk_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, 
         out = F.scaled_dot_product_attention(q.view(1, hkv, hq // hkv, d), k[None], v[None])
         return out.reshape(1, hq, d)
     qh = q.transpose(0, 1)
-    if q.is_cuda and alibi is None and window is None:
+    if q.is_cuda and alibi is None and sliding_window is None:
         fresh = _fresh_causal(q, k, v) if start == 0 else None
         if fresh is not None:
             return fresh
@@ -217,21 +217,22 @@ def _chunk_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, 
     if alibi is not None and t > 1 and hq * t * s * 4 > _MASK_BYTES:
         # an ALiBi bias is a [H, T, S] tensor: split the queries so that it stays small (memory bounded)
         half = t // 2
-        return torch.cat([_chunk_torch(q[:half], k[:, : start + half], v[:, : start + half], start, window, alibi),
-                          _chunk_torch(q[half:], k, v, start + half, window, alibi)])
+        return torch.cat([_chunk_torch(q[:half], k[:, : start + half], v[:, : start + half], start,
+                                       sliding_window, alibi),
+                          _chunk_torch(q[half:], k, v, start + half, sliding_window, alibi)])
     mask: torch.Tensor | None = None
     if alibi is not None:
         bias = _alibi_bias(alibi, t, s, start, q.device)
-        mask = bias.masked_fill(~_causal_mask(t, s, start, q.device, window), float("-inf")).to(q.dtype)
-    elif start != 0 or window is not None:
-        mask = _causal_mask(t, s, start, q.device, window)
+        mask = bias.masked_fill(~_causal_mask(t, s, start, q.device, sliding_window), float("-inf")).to(q.dtype)
+    elif start != 0 or sliding_window is not None:
+        mask = _causal_mask(t, s, start, q.device, sliding_window)
     if mask is not None:
         mask = mask.view(1, -1, t, s)   # 4-D too: a 3-D mask sends the CPU kernel down its slow path
     out = F.scaled_dot_product_attention(qh[None], k[None], v[None], attn_mask=mask, is_causal=mask is None)
     return out[0].transpose(0, 1)
 
 
-def _chunk_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window: int | None,
+def _chunk_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, sliding_window: int | None,
                  alibi: torch.Tensor | None) -> torch.Tensor:
     from flash_attn import flash_attn_func, flash_attn_with_kvcache
 
@@ -240,37 +241,37 @@ def _chunk_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, 
         # blocks alone would leave most of the GPU idle: a 256-token turn on a 32k history); same alignment
         return flash_attn_with_kvcache(
             q[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], causal=True,
-            window_size=(-1, -1) if window is None else (window - 1, 0),
+            window_size=(-1, -1) if sliding_window is None else (sliding_window - 1, 0),
             alibi_slopes=None if alibi is None else alibi.to(device=q.device, dtype=torch.float32))[0]
 
-    if window is None and alibi is None:
+    if sliding_window is None and alibi is None:
         fresh = _fresh_causal(q, k, v)   # cuDNN's Hopper kernel is faster than flash-attn 2's for a whole prompt
         if fresh is not None:
             return fresh
     # flash-attn aligns the causal mask bottom-right when seqlen_q != seqlen_k, as we need; its window
     # (left, right) counts keys before the query's own, and its ALiBi bias is -slope * |i - j| (bottom-right).
     return flash_attn_func(q[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], causal=True,
-                           window_size=(-1, -1) if window is None else (window - 1, 0),
+                           window_size=(-1, -1) if sliding_window is None else (sliding_window - 1, 0),
                            alibi_slopes=None if alibi is None else alibi.to(device=q.device, dtype=torch.float32))[0]
 
 
-def _chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window: int | None,
+def _chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, sliding_window: int | None,
                   alibi: torch.Tensor | None) -> torch.Tensor:
     if q.shape[0] > 1:
         if q.device.type not in _PREFILL_KERNEL_DEVICES:
-            return _chunk_torch(q, k, v, start, window, alibi)
-        if start == 0 and alibi is None and window is None:
+            return _chunk_torch(q, k, v, start, sliding_window, alibi)
+        if start == 0 and alibi is None and sliding_window is None:
             fresh = _fresh_causal(q, k, v)   # cuDNN: faster still for a whole prompt
             if fresh is not None:
                 return fresh
         from chatcore.layers.triton_prefill import prefill_attention
 
-        return prefill_attention(q, k, v, start, window=window, alibi=alibi)
+        return prefill_attention(q, k, v, start, sliding_window=sliding_window, alibi=alibi)
     from chatcore.layers.triton_decode import decode_attention
 
     pos = torch.full((1,), start, dtype=torch.int32, device=q.device)
     slopes = None if alibi is None else alibi.to(device=q.device, dtype=torch.float32)
-    return decode_attention(q[0], k, v, pos, window=window, alibi=slopes)[None]
+    return decode_attention(q[0], k, v, pos, sliding_window=sliding_window, alibi=slopes)[None]
 
 
 _CHUNK = {"flash": _chunk_flash, "triton": _chunk_triton, "torch": _chunk_torch, "math": _math}
@@ -298,7 +299,7 @@ def _append(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: 
 
 
 def _decode_flash(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                  new_kv: tuple[torch.Tensor, torch.Tensor], rotary: Tables | None, window: int | None,
+                  new_kv: tuple[torch.Tensor, torch.Tensor], rotary: Tables | None, sliding_window: int | None,
                   slopes: torch.Tensor | None, sinks: int) -> torch.Tensor:
     from flash_attn import flash_attn_with_kvcache
 
@@ -312,26 +313,26 @@ def _decode_flash(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return flash_attn_with_kvcache(
         q[None], k_cache.transpose(0, 1)[None], v_cache.transpose(0, 1)[None], k=k_new[None], v=v_new[None],
         rotary_cos=cos, rotary_sin=sin, cache_seqlens=pos, causal=True, rotary_interleaved=False,
-        window_size=(-1, -1) if window is None else (window - 1, 0), alibi_slopes=slopes)[0]
+        window_size=(-1, -1) if sliding_window is None else (sliding_window - 1, 0), alibi_slopes=slopes)[0]
 
 
 def _decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                   new_kv: tuple[torch.Tensor, torch.Tensor], rotary: Tables | None, window: int | None,
+                   new_kv: tuple[torch.Tensor, torch.Tensor], rotary: Tables | None, sliding_window: int | None,
                    slopes: torch.Tensor | None, sinks: int) -> torch.Tensor:
     from chatcore.layers.triton_decode import decode_attention
 
     # one launch rotates q and the new key, appends key and value, and attends (then the splits' merge)
     k_new, v_new = new_kv
     return decode_attention(q[0], k_cache, v_cache, pos, new_kv=(k_new[0], v_new[0]), rotary=rotary,
-                            window=window, sinks=sinks, alibi=slopes)[None]
+                            sliding_window=sliding_window, sinks=sinks, alibi=slopes)[None]
 
 
 def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                  new_kv: tuple[torch.Tensor, torch.Tensor], rotary: Tables | None, window: int | None,
+                  new_kv: tuple[torch.Tensor, torch.Tensor], rotary: Tables | None, sliding_window: int | None,
                   slopes: torch.Tensor | None, sinks: int) -> torch.Tensor:
     q = _append(q, k_cache, v_cache, pos, new_kv, rotary)
     s = k_cache.shape[1]
-    mask = _causal_mask(1, s, pos, q.device, window, sinks)[None]
+    mask = _causal_mask(1, s, pos, q.device, sliding_window, sinks)[None]
     bias = mask if slopes is None else _alibi_bias(slopes, 1, s, pos, q.device).masked_fill(
         ~mask, float("-inf")).to(q.dtype)
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_cache[None], v_cache[None],
@@ -340,10 +341,10 @@ def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def _decode_math(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                 new_kv: tuple[torch.Tensor, torch.Tensor], rotary: Tables | None, window: int | None,
+                 new_kv: tuple[torch.Tensor, torch.Tensor], rotary: Tables | None, sliding_window: int | None,
                  slopes: torch.Tensor | None, sinks: int) -> torch.Tensor:
     q = _append(q, k_cache, v_cache, pos, new_kv, rotary)
-    return _math(q, k_cache, v_cache, pos, window, slopes, sinks)
+    return _math(q, k_cache, v_cache, pos, sliding_window, slopes, sinks)
 
 
 _DECODE = {"flash": _decode_flash, "triton": _decode_triton, "torch": _decode_torch, "math": _decode_math}

@@ -196,7 +196,7 @@ def num_splits(num_kv_heads: int, capacity: int) -> int:
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, *,
                      new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                      rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     window: int | None = None, sinks: int = 0, alibi: torch.Tensor | None = None,
+                     sliding_window: int | None = None, sinks: int = 0, alibi: torch.Tensor | None = None,
                      splits: int | None = None, block_n: int = BLOCK_N, num_warps: int = 4,
                      num_stages: int = 3) -> torch.Tensor:
     """Attention of one query [Hq, D] at position ``pos`` (int32 [1], device) over cache keys 0..pos.
@@ -224,7 +224,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _check(q, k_cache, v_cache, k_new, v_new)
     _split_k[(hkv, splits)](q, k_cache, v_cache, pos, alibi if alibi is not None else q, part, ml, k_new, v_new,
                             cos, sin, d**-0.5, k_cache.stride(0), HQ=hq, GROUP=group, BLOCK_G=max(16, _pow2(group)),
-                            D=d, HALF=d // 2, BLOCK_D=block_d, SPLITS=splits, BLOCK=block_n, WINDOW=window or 0,
+                            D=d, HALF=d // 2, BLOCK_D=block_d, SPLITS=splits, BLOCK=block_n, WINDOW=sliding_window or 0,
                             SINKS=sinks, HAS_ALIBI=alibi is not None, PREC=prec, PIPELINE=not _INTERPRET,
                             HAS_NEW=new_kv is not None, HAS_ROPE=rotary is not None,
                             num_warps=num_warps, num_stages=num_stages)

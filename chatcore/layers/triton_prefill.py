@@ -243,12 +243,12 @@ def num_splits(programs: int, key_tiles: int, device: torch.device) -> int:
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, *,
-                      window: int | None = None, alibi: torch.Tensor | None = None, block_m: int | None = None,
+                      sliding_window: int | None = None, alibi: torch.Tensor | None = None, block_m: int | None = None,
                       block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                       splits: int | None = None) -> torch.Tensor:
     """Causal attention of q [T, Hq, D] (positions q_offset ..) over k/v [Hkv, q_offset + T, D]; [T, Hq, D].
 
-    ``window``: sliding-window size (None: full attention); ``alibi``: float32 slopes [Hq] on q's device.
+    ``sliding_window``: sliding-window size (None: full attention); ``alibi``: float32 slopes [Hq] on q's device.
     ``block_m``, ``block_n``, ``num_warps``, ``num_stages``: launch shape (None: :func:`launch_shape`);
     ``splits``: split-KV factor (None: :func:`num_splits`; above 1 a second kernel merges the partial results).
     k and v may be strided views of a cache (rows of D contiguous elements); q must be [T, Hq, D] with
@@ -266,7 +266,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offse
     block_m, block_n = block_m or dm, block_n or dn
     block_d = max(16, _pow2(d))   # tl.dot needs K >= 16
     tiles = triton.cdiv(t, block_m)
-    splits = splits or num_splits(hq * tiles, triton.cdiv(min(s, window or s), block_n), q.device)
+    splits = splits or num_splits(hq * tiles, triton.cdiv(min(s, sliding_window or s), block_n), q.device)
     out = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
     part = ml = out
     if splits > 1:
@@ -275,10 +275,10 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offse
     if alibi is not None:
         alibi = alibi.to(device=q.device, dtype=torch.float32).contiguous()
     _forward[(hq, tiles, splits)](
-        q, k, v, out, alibi if alibi is not None else q, part, ml, d**-0.5 * _LOG2E, q_offset, t, window or 0,
+        q, k, v, out, alibi if alibi is not None else q, part, ml, d**-0.5 * _LOG2E, q_offset, t, sliding_window or 0,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         GROUP=hq // hkv, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=splits,
-        HAS_WINDOW=window is not None, HAS_ALIBI=alibi is not None,
+        HAS_WINDOW=sliding_window is not None, HAS_ALIBI=alibi is not None,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", PIPELINE=not _INTERPRET,
         UPCAST=_INTERPRET and q.dtype == torch.bfloat16, num_warps=num_warps or dw, num_stages=num_stages or ds)
     if splits > 1:

@@ -60,7 +60,7 @@ class LayerRotary:
 
 
 class Block:
-    __slots__ = ("attn_norm", "post_attn_norm", "wqkv", "bqkv", "wo", "bo", "q_norm", "k_norm", "window",
+    __slots__ = ("attn_norm", "post_attn_norm", "wqkv", "bqkv", "wo", "bo", "q_norm", "k_norm", "sliding_window",
                  "mlp_norm", "post_mlp_norm", "w_gate_up", "w_down")
 
     def __init__(self, get: GetTensor, p: str, cfg: ModelConfig, layer: int) -> None:
@@ -75,7 +75,7 @@ class Block:
         self.wo = for_linear(get(f"{a}.o_proj.weight"))
         self.bqkv = torch.cat([get(f"{a}.{x}_proj.bias") for x in "qkv"]) if cfg.attention_bias else None
         self.bo = get(f"{a}.o_proj.bias") if cfg.attention_bias else None
-        self.window = cfg.window(layer)
+        self.sliding_window = cfg.sliding_window(layer)
         self.w_gate_up = for_linear(torch.cat([get(f"{m}.gate_proj.weight"), get(f"{m}.up_proj.weight")]))
         self.w_down = for_linear(get(f"{m}.down_proj.weight"))
 
@@ -95,7 +95,7 @@ class Gemma3Model(CausalLM):
         local_cfg = dataclasses.replace(cfg, rope_theta=cfg.rope_local_theta or cfg.rope_theta,
                                         rope_scaling=RopeScaling())
         local = Rotary(local_cfg, runtime.max_seq_len, runtime.device)
-        self.rotary = LayerRotary([local if layer.window else full for layer in self.layers])
+        self.rotary = LayerRotary([local if layer.sliding_window else full for layer in self.layers])
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         # the attention entry point scales scores by 1/sqrt(head_dim); query_pre_attn_scalar goes into q
         scale = (cfg.softmax_scale or cfg.head_dim**-0.5) * math.sqrt(cfg.head_dim)
@@ -114,7 +114,7 @@ class Gemma3Model(CausalLM):
             if self.q_scale is not None:
                 q = q * self.q_scale   # before the rotation: it is linear, so the scores are the same
             o = step.attend(i, q, k, v.view(t, c.num_kv_heads, c.head_dim), rotary=self.rotary.per_layer[i],
-                            window=layer.window)
+                            sliding_window=layer.sliding_window)
             o = row_linear(o.reshape(t, self.q_size), layer.wo, layer.bo)
             x = x + gemma_rms_norm(o, layer.post_attn_norm, eps)
             gate, up = linear(gemma_rms_norm(x, layer.mlp_norm, eps), layer.w_gate_up).chunk(2, dim=-1)
@@ -161,7 +161,7 @@ def _from_hf(raw: Mapping[str, Any]) -> Fields:
                 attention_bias=bool(raw.get("attention_bias", False)),
                 hidden_act=str(raw.get("hidden_activation") or "gelu_pytorch_tanh"), qk_norm=True,
                 softmax_scale=float(raw.get("query_pre_attn_scalar", 256)) ** -0.5,
-                layer_windows=windows if window and any(windows) else (),
+                sliding_windows=windows if window and any(windows) else (),
                 final_logit_softcap=None if cap is None else float(cap),
                 bos_token_id=raw.get("bos_token_id", 2), eos_token_ids=as_ids(eos))
 
@@ -171,7 +171,7 @@ def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.rope_scaling.kind != "default":
         full.update(factor=cfg.rope_scaling.factor, **dict(cfg.rope_scaling.params))
     local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
-    windows = cfg.layer_windows or (0,) * cfg.num_layers
+    windows = cfg.sliding_windows or (0,) * cfg.num_layers
     return {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
             "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
             "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
@@ -199,7 +199,7 @@ def _from_gguf(key: GGUFKeys, common: Mapping[str, Any]) -> Fields:
     cap = key("final_logit_softcapping", None)
     return {**out, "qk_norm": True, "hidden_act": "gelu_pytorch_tanh",
             "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-            "layer_windows": tuple(window if s else 0 for s in sliding) if window and any(sliding) else (),
+            "sliding_windows": tuple(window if s else 0 for s in sliding) if window and any(sliding) else (),
             "rope_local_theta": float(key("rope.freq_base_swa", 10_000.0)), "softmax_scale": float(scalar) ** -0.5,
             "final_logit_softcap": None if cap is None else float(cap)}
 

@@ -1,7 +1,7 @@
 """The Llama family, and the Llama-style decoder the RoPE families share: pre-norm blocks, RoPE, GQA,
 SwiGLU MLP, RMSNorm. Options switched on by the config (so Mistral, Qwen2 and Qwen3 are this block):
 biases on q/k/v/o (``attention_bias``) or on q/k/v only (``qkv_bias``, Qwen2), RMSNorm of each q and k
-head before RoPE (``qk_norm``, Qwen3), per-layer sliding windows (``layer_windows``, Mistral / Qwen).
+head before RoPE (``qk_norm``, Qwen3), per-layer sliding windows (``sliding_windows``, Mistral / Qwen).
 
 Weights arrive under their Hugging Face names; q/k/v and gate/up are fused at load for fewer kernels.
 
@@ -32,7 +32,7 @@ from chatcore.weights.gguf_names import GGUFNames, Rows
 
 
 class Block:
-    __slots__ = ("attn_norm", "wqkv", "bqkv", "wo", "bo", "q_norm", "k_norm", "window", "mlp_norm", "w_gate_up",
+    __slots__ = ("attn_norm", "wqkv", "bqkv", "wo", "bo", "q_norm", "k_norm", "sliding_window", "mlp_norm", "w_gate_up",
                  "b_gate_up", "w_down", "b_down")
 
     def __init__(self, get: GetTensor, prefix: str, cfg: ModelConfig, layer: int) -> None:
@@ -50,7 +50,7 @@ class Block:
         self.q_norm = self.k_norm = None
         if cfg.qk_norm:
             self.q_norm, self.k_norm = get(f"{a}.q_norm.weight"), get(f"{a}.k_norm.weight")
-        self.window = cfg.window(layer)
+        self.sliding_window = cfg.sliding_window(layer)
         self.w_gate_up = for_linear(torch.cat([get(f"{m}.gate_proj.weight"), get(f"{m}.up_proj.weight")]))
         self.w_down = for_linear(get(f"{m}.down_proj.weight"))
         self.b_gate_up = self.b_down = None
@@ -84,7 +84,8 @@ class LlamaModel(CausalLM):
             q, k = q.view(t, c.num_heads, c.head_dim), k.view(t, c.num_kv_heads, c.head_dim)
             if layer.q_norm is not None:
                 q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
-            o = step.attend(i, q, k, v.view(t, c.num_kv_heads, c.head_dim), rotary=self.rotary, window=layer.window)
+            o = step.attend(i, q, k, v.view(t, c.num_kv_heads, c.head_dim), rotary=self.rotary,
+                            sliding_window=layer.sliding_window)
             # each residual add in the GEMV before it (epilogue), each norm in the GEMV after it (prologue):
             # for one token on a GPU, no kernel of their own
             x = row_linear(o.reshape(t, self.q_size), layer.wo, layer.bo, residual=x)

@@ -18,17 +18,17 @@ from chatcore.models.llama import LlamaModel
 
 
 class MistralModel(LlamaModel):
-    """``MistralForCausalLM``: config.json's ``sliding_window`` becomes ``ModelConfig.layer_windows``."""
+    """``MistralForCausalLM``: config.json's ``sliding_window`` becomes ``ModelConfig.sliding_windows``."""
 
 
 def _from_hf(raw: Mapping[str, Any]) -> Fields:
     window = raw.get("sliding_window")
     windows = (int(window),) * int(raw["num_hidden_layers"]) if window else ()
-    return {**llama.llama_style_fields(raw), "layer_windows": windows}
+    return {**llama.llama_style_fields(raw), "sliding_windows": windows}
 
 
 def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    return {**llama.llama_style_hf(cfg), "sliding_window": cfg.layer_windows[0] if cfg.layer_windows else None}
+    return {**llama.llama_style_hf(cfg), "sliding_window": cfg.sliding_windows[0] if cfg.sliding_windows else None}
 
 
 FAMILY = dataclasses.replace(

@@ -38,14 +38,14 @@ def qwen_windows(raw: Mapping[str, Any]) -> tuple[int, ...]:
 def qwen_hf(cfg: ModelConfig) -> dict[str, Any]:
     """A Qwen2/3 ``config.json``'s own fields: Llama's, and the windows on the layers ``layer_types`` names."""
     out = llama.llama_style_hf(cfg)
-    if cfg.layer_windows:
-        out.update(use_sliding_window=True, sliding_window=max(cfg.layer_windows),
-                   layer_types=["sliding_attention" if w else "full_attention" for w in cfg.layer_windows])
+    if cfg.sliding_windows:
+        out.update(use_sliding_window=True, sliding_window=max(cfg.sliding_windows),
+                   layer_types=["sliding_attention" if w else "full_attention" for w in cfg.sliding_windows])
     return out
 
 
 def _from_hf(raw: Mapping[str, Any]) -> Fields:
-    return {**llama.llama_style_fields(raw), "qkv_bias": True, "layer_windows": qwen_windows(raw)}
+    return {**llama.llama_style_fields(raw), "qkv_bias": True, "sliding_windows": qwen_windows(raw)}
 
 
 def _from_gguf(key: GGUFKeys, common: Mapping[str, Any]) -> Fields:

@@ -19,7 +19,7 @@ class Qwen3Model(LlamaModel):
 
 
 def _from_hf(raw: Mapping[str, Any]) -> Fields:
-    return {**llama.llama_style_fields(raw), "qk_norm": True, "layer_windows": qwen2.qwen_windows(raw)}
+    return {**llama.llama_style_fields(raw), "qk_norm": True, "sliding_windows": qwen2.qwen_windows(raw)}
 
 
 def _from_gguf(key: GGUFKeys, common: Mapping[str, Any]) -> Fields:
