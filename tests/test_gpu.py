@@ -46,8 +46,16 @@ def test_bf16_backends_match_float32(tiny_llama_dir: Path, backend: str) -> None
     slot = engine.new_slot()
     params = chatcore.SamplingParams(max_new_tokens=40, ignore_eos=True)
     first = [ev.token_id for ev in engine.generate(prompt, params, slot=slot)]
-    again = [ev.token_id for ev in engine.generate(prompt, params, slot=slot)]   # served from the cache
-    assert first == again
+    gen = engine.generate(prompt, params, slot=slot)   # served from the cache
+    again = [ev.token_id for ev in gen]
+    assert gen.stats.cached_tokens == len(prompt) - 1 and gen.stats.prefill_tokens == 1
+    # bf16 greedy runs may part only at a near tie: where they first differ, the float32 model must rate both
+    # tokens within bf16's rounding of each other (a cache that served wrong keys differs by far more)
+    i = next((j for j, (a, b) in enumerate(zip(first, again, strict=True)) if a != b), None)
+    if i is not None:
+        logits = ref.logits(prompt + first[:i])[-1]
+        gap = (logits[first[i]] - logits[again[i]]).abs().item()
+        assert gap < 2e-2 * logits.abs().max().item(), f"step {i}: {first[i]} vs {again[i]}, gap {gap:.4f}"
 
 
 def test_sink_window_on_gpu(tiny_llama_dir: Path) -> None:
