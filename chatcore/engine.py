@@ -132,7 +132,7 @@ class Generation:
         unstarted = inspect.getgeneratorstate(self._events) == inspect.GEN_CREATED
         self._events.close()
         if unstarted:
-            self._reply.cancelled(0, 0.0, self._reply.discarded)
+            self._reply.cancelled()
 
 
 class _Reply:
@@ -152,28 +152,42 @@ class _Reply:
         self.limit = params.max_new_tokens
         self.stats: GenerationStats | None = None   # set at the end (not a reference to the Generation: no cycle)
 
-    def _stats(self, generated: int, t_first: float, discarded: int, finish: str) -> GenerationStats:
-        """``t_first``: when the first token was read (0.0 before any)."""
+        self.n, self.t_first = 0, 0.0   # tokens read so far; when the first was read (0.0 before any)
+
+    def take(self, token: int) -> tuple[bool, str, bool]:
+        """Count a sampled token: (ended: an end token, text to show now, stopped: a stop string ended it)."""
+        self.n += 1
+        if self.n == 1:
+            self.t_first = time.perf_counter()
+        self.sampler.accept(token)
+        if token in self.end_ids:
+            return True, "", False
+        if self.detok is None:
+            return False, "", False
+        text, stopped = self.stops.feed(self.detok.push(token))
+        return False, text, stopped
+
+    def _stats(self, generated: int, finish: str) -> GenerationStats:
+        t_first = self.t_first
         self.stats = GenerationStats(
             prompt_tokens=self.prompt_tokens, cached_tokens=self.cached,
             prefill_tokens=self.prompt_tokens - self.cached, generated_tokens=generated, prefill_s=self.prefill_s,
             ttft_s=t_first - self.t0 if t_first else 0.0, decode_s=time.perf_counter() - t_first if t_first else 0.0,
-            finish_reason=finish, discarded_tokens=discarded)
+            finish_reason=finish, discarded_tokens=self.discarded)
         return self.stats
 
-    def cancelled(self, n: int, t_first: float, discarded: int) -> None:
-        """The caller closed the stream after ``n`` tokens."""
-        self._stats(n, t_first, discarded, "cancelled")
+    def cancelled(self) -> None:
+        """The caller closed the stream after the tokens it was given."""
+        self._stats(self.n, "cancelled")
 
-    def last(self, token: int, text: str, logprob: float | None, ended: bool, stopped: bool, n: int,
-             t_first: float, discarded: int) -> TokenEvent:
+    def last(self, token: int, text: str, logprob: float | None, ended: bool, stopped: bool) -> TokenEvent:
         """The last event: on EOS or a stop token (``ended``), that token is not part of the reply; what the
         detokenizer and the stop strings held back is flushed unless a stop string ended it."""
         finish = "stop" if ended or stopped else "length"
         if not stopped and self.detok is not None:
             tail, stopped = self.stops.feed(self.detok.flush())
             text += tail + ("" if stopped else self.stops.flush())
-        return TokenEvent(token, text, logprob, finish, self._stats(n - ended, t_first, discarded, finish))
+        return TokenEvent(token, text, logprob, finish, self._stats(self.n - ended, finish))
 
 
 class Engine:
@@ -342,69 +356,53 @@ class Engine:
         wrote only the row past the slot's last token."""
         if self._fetch is None:
             self._fetch = _TokenFetch()   # pinned host memory: allocated once per engine
-        fetch, sampler, stops, detok, end_ids = self._fetch, reply.sampler, reply.stops, reply.detok, reply.end_ids
-        limit, sinks = reply.limit, sink_tokens is not None
-        n, t_first, discarded = 0, 0.0, reply.discarded
-        ended = stopped = False
+        fetch, sampler, limit, sinks = self._fetch, reply.sampler, reply.limit, sink_tokens is not None
         try:
             while True:
                 token_t, logprob_t = sampler.pick(logits)
                 fetch.start(token_t, logprob_t)
-                more = n + 1 < limit and (sinks or slot.length < slot.capacity)
+                more = reply.n + 1 < limit and (sinks or slot.length < slot.capacity)
                 if more:
                     if slot.length >= slot.capacity:
-                        discarded += self.make_room(slot, 1, sink_tokens)
+                        reply.discarded += self.make_room(slot, 1, sink_tokens)
                     logits = graph.launch(token_t)[-1]
                 token, logprob = fetch.result()
-                n += 1
-                if n == 1:
-                    t_first = time.perf_counter()
-                sampler.accept(token)
-                if token in end_ids:
-                    text, ended = "", True
+                ended, text, stopped = reply.take(token)
+                if ended:
                     break
                 if more:
                     slot.commit([token])   # the queued step ran on this token: its keys/values are in the slot
-                text, stopped = stops.feed(detok.push(token)) if detok is not None else ("", False)
                 if stopped or not more:
                     break
                 yield TokenEvent(token, text, logprob)
         except GeneratorExit:
-            reply.cancelled(n, t_first, discarded)
+            reply.cancelled()
             raise
-        yield reply.last(token, text, logprob, ended, stopped, n, t_first, discarded)
+        yield reply.last(token, text, logprob, ended, stopped)
 
     def _decode_eager(self, reply: _Reply, logits: torch.Tensor, slot: KVCache,
                       sink_tokens: int | None) -> Iterator[TokenEvent]:
         """Decode step by step: sample, read the token, run the step on it (the slot's CUDA graph where it has
         one, else a forward pass)."""
-        sampler, stops, detok, end_ids = reply.sampler, reply.stops, reply.detok, reply.end_ids
-        limit, sinks = reply.limit, sink_tokens is not None
-        n, t_first, discarded = 0, 0.0, reply.discarded
-        ended = stopped = False
+        sampler, limit, sinks = reply.sampler, reply.limit, sink_tokens is not None
         try:
             while True:
                 token, logprob = sampler.sample(logits)
-                n += 1
-                if n == 1:
-                    t_first = time.perf_counter()
-                sampler.accept(token)
-                if token in end_ids:
-                    text, ended = "", True
+                ended, text, stopped = reply.take(token)
+                if ended:
                     break
-                more = n < limit and (sinks or slot.length < slot.capacity)
+                more = reply.n < limit and (sinks or slot.length < slot.capacity)
                 if more:
                     if slot.length >= slot.capacity:
-                        discarded += self.make_room(slot, 1, sink_tokens)
+                        reply.discarded += self.make_room(slot, 1, sink_tokens)
                     logits = self._step(token, slot)
-                text, stopped = stops.feed(detok.push(token)) if detok is not None else ("", False)
                 if stopped or not more:
                     break
                 yield TokenEvent(token, text, logprob)
         except GeneratorExit:
-            reply.cancelled(n, t_first, discarded)
+            reply.cancelled()
             raise
-        yield reply.last(token, text, logprob, ended, stopped, n, t_first, discarded)
+        yield reply.last(token, text, logprob, ended, stopped)
 
     # -- scoring -----------------------------------------------------------------------------------
     @torch.inference_mode()
