@@ -17,6 +17,20 @@ from _context_helpers import make_chat_model_dir  # noqa: E402
 from _shared_fixtures import _embedded, _one_torch_thread, store  # noqa: E402, F401  (fixtures)
 
 from storage import Store  # noqa: E402
+from tui.app import ChatApp  # noqa: E402
+
+
+class RecordingApp(ChatApp):
+    """ChatApp that also keeps the text of every notice it shows (through Textual's public ``notify``), so a
+    test reads them after they have timed out too."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.notices: list[str] = []
+
+    def notify(self, message: str, **kw: Any) -> None:
+        self.notices.append(message)
+        super().notify(message, **kw)
 
 
 @pytest.fixture(autouse=True)
@@ -41,15 +55,13 @@ def tui_engine(tui_model_dir: Path) -> Any:
 
 @pytest.fixture
 def make_app(tui_engine: Any, store: Store, tmp_path: Path) -> Callable[..., Any]:  # noqa: F811 (the fixture)
-    from tui.app import ChatApp
-
-    def make(**kw: Any) -> ChatApp:
+    def make(**kw: Any) -> RecordingApp:
         kw.setdefault("engine", tui_engine)
         kw.setdefault("store", store)
         kw.setdefault("timings", False)
         kw.setdefault("sampling", {"temperature": 0.0, "max_new_tokens": 12})
         kw.setdefault("export_dir", str(tmp_path))
-        return ChatApp(**kw)
+        return RecordingApp(**kw)
 
     return make
 
@@ -93,8 +105,8 @@ async def send(pilot: Any, text: str) -> None:
     await pilot.pause()
 
 
-def notices(app: Any) -> list[str]:
-    return [n.message for n in app._notifications]
+def notices(app: RecordingApp) -> list[str]:
+    return list(app.notices)
 
 
 class SlowEngine:

@@ -8,16 +8,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import aio, notices, ready, send, wait_for
+from conftest import RecordingApp, aio, notices, ready, send, wait_for
 
 from tui import keymap
 
 
 @aio
 async def test_bad_model_path_is_a_notice_and_keeps_typed_text(store: Any, tmp_path: Path) -> None:
-    from tui.app import ChatApp
-
-    app = ChatApp(str(tmp_path / "no-such-model"), store=store, timings=False)
+    app = RecordingApp(str(tmp_path / "no-such-model"), store=store, timings=False)
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_for(pilot, lambda: app.load_state == "failed")
         assert any("no-such-model" in n for n in notices(app))
@@ -30,9 +28,7 @@ async def test_bad_model_path_is_a_notice_and_keeps_typed_text(store: Any, tmp_p
 
 @aio
 async def test_dead_redis_is_a_notice_and_keeps_typed_text(tui_engine: Any) -> None:
-    from tui.app import ChatApp
-
-    app = ChatApp(engine=tui_engine, redis_url="redis://127.0.0.1:1", timings=False)
+    app = RecordingApp(engine=tui_engine, redis_url="redis://127.0.0.1:1", timings=False)
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_for(pilot, lambda: app.load_state == "ready" and notices(app), timeout=30)
         assert any("127.0.0.1:1" in n for n in notices(app)), notices(app)
@@ -57,9 +53,8 @@ async def test_prompt_too_large_is_refused_and_restored(make_app: Any, store: An
 
 @aio
 async def test_first_paint_fast_and_typing_while_the_model_loads(store: Any, tui_model_dir: Path) -> None:
-    from tui.app import ChatApp
-
-    app = ChatApp(str(tui_model_dir), store=store, timings=False, sampling={"temperature": 0.0, "max_new_tokens": 8})
+    app = RecordingApp(str(tui_model_dir), store=store, timings=False,
+                       sampling={"temperature": 0.0, "max_new_tokens": 8})
     t0 = time.perf_counter()
     async with app.run_test(size=(100, 30)) as pilot:
         painted = time.perf_counter() - t0
@@ -92,6 +87,8 @@ def test_keymap_parsing_and_sources(tmp_path: Path) -> None:
 
 @aio
 async def test_remapped_key_help_and_palette(make_app: Any) -> None:
+    from textual.widgets import Markdown
+
     from tui.screens import HelpScreen
 
     app = make_app(keys={"help": "f12", "regenerate": "f5"})
@@ -99,7 +96,7 @@ async def test_remapped_key_help_and_palette(make_app: Any) -> None:
         await ready(pilot)
         await pilot.press("f12")
         await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
-        assert "`f5` | Regenerate" in app.screen.query_one("Markdown")._markdown
+        assert "`f5` | Regenerate" in app.screen.query_one(Markdown).source
         await pilot.press("escape")
         await pilot.pause()
         titles = {c.title for c in app.get_system_commands(app.screen)}
