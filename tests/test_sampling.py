@@ -41,8 +41,12 @@ def assert_close(actual: list[float], expected: list[float], tol: float = 1e-5) 
         assert a == pytest.approx(e, abs=tol), (actual, expected)
 
 
-def test_hand_softmax_matches_the_comment() -> None:
-    assert_close(softmax(LOGITS), [0.5609, 0.2063, 0.1252, 0.0759, 0.0279, 0.0038], tol=1e-4)
+def test_plain_distribution_is_the_hand_softmax() -> None:
+    """Temperature 1 and no filter: the sampler's distribution is the softmax worked out in the comment (which
+    the softmax helper, the reference of the tests below, reproduces too)."""
+    hand = [0.5609, 0.2063, 0.1252, 0.0759, 0.0279, 0.0038]
+    assert_close(run_probs(SamplingParams(temperature=1.0)), hand, tol=1e-4)
+    assert_close(softmax(LOGITS), hand, tol=1e-4)
 
 
 # -- greedy --------------------------------------------------------------------------------
