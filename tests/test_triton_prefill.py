@@ -12,7 +12,7 @@ import torch
 
 import chatcore.layers.attention as attn
 from chatcore.layers.alibi import bloom_slopes
-from chatcore.layers.attention import _math, attend_chunk
+from chatcore.layers.attention import attend_chunk
 
 pytest.importorskip("triton")
 triton_prefill = pytest.importorskip("chatcore.layers.triton_prefill")
@@ -26,6 +26,12 @@ def inputs(t: int, before: int, hq: int, hkv: int, d: int, dtype: torch.dtype, d
     kc = torch.randn(hkv, before + t + spare, d, generator=g, device=device).to(dtype)
     vc = torch.randn(hkv, before + t + spare, d, generator=g, device=device).to(dtype)
     return q, kc, vc
+
+
+def math_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window: int | None,
+                   slopes: torch.Tensor | None) -> torch.Tensor:
+    """The plain-math backend, through the attention entry point."""
+    return attend_chunk(q, k, v, start=start, backend="math", sliding_window=window, alibi=slopes)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -50,7 +56,7 @@ def test_float32_matches_math(case: tuple) -> None:
     s = before + t
     q, kc, vc = inputs(t, before, hq, hkv, d, torch.float32, "cpu", seed=CASES.index(case), spare=7)
     slopes = bloom_slopes(hq) if alibi else None
-    ref = _math(q, kc[:, :s], vc[:, :s], before, window, slopes)
+    ref = math_reference(q, kc[:, :s], vc[:, :s], before, window, slopes)
     kc[:, s:], vc[:, s:] = float("nan"), float("nan")   # past the sequence: never read
     if window is not None:   # key tiles older than every query's window: never read
         skipped = max(0, before - window + 1) // (bn or 64) * (bn or 64)
@@ -72,7 +78,7 @@ def test_split_kv_matches_math(case: tuple, splits: int) -> None:
     slopes = bloom_slopes(hq) if alibi else None
     out = triton_prefill.prefill_attention(q, k, v, before, sliding_window=window, alibi=slopes, block_m=bm, block_n=bn,
                                            splits=splits)
-    assert (out - _math(q, k, v, before, window, slopes)).abs().max().item() < 1e-5
+    assert (out - math_reference(q, k, v, before, window, slopes)).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -83,7 +89,7 @@ def test_half_precision_matches_math(case: tuple, dtype: torch.dtype) -> None:
     slopes = bloom_slopes(hq) if alibi else None
     out = triton_prefill.prefill_attention(q, k, v, before, sliding_window=window, alibi=slopes, block_m=bm, block_n=bn)
     assert out.dtype == dtype
-    assert rel_err(out, _math(q.float(), k.float(), v.float(), before, window, slopes)) < 1e-2
+    assert rel_err(out, math_reference(q.float(), k.float(), v.float(), before, window, slopes)) < 1e-2
 
 
 def test_strided_query_rows() -> None:
@@ -93,7 +99,7 @@ def test_strided_query_rows() -> None:
     k = torch.randn(2, 30, 32, generator=torch.Generator().manual_seed(4))
     v = torch.randn(2, 30, 32, generator=torch.Generator().manual_seed(5))
     out = triton_prefill.prefill_attention(q, k, v, 9, sliding_window=12, block_m=16, block_n=16)
-    assert (out - _math(q, k, v, 9, 12, None)).abs().max().item() < 1e-5
+    assert (out - math_reference(q, k, v, 9, 12, None)).abs().max().item() < 1e-5
 
 
 def test_bad_shapes_are_refused() -> None:
@@ -140,7 +146,7 @@ def test_gpu_matches_math(case: tuple, dtype: torch.dtype) -> None:
     q, kc, vc = inputs(t, before, hq, hkv, d, dtype, "cuda", seed=GPU_CASES.index(case), spare=64)
     slopes = bloom_slopes(hq).cuda() if alibi else None
     k, v = kc[:, :s], vc[:, :s]
-    ref = _math(q.float(), k.float(), v.float(), before, window, slopes)
+    ref = math_reference(q.float(), k.float(), v.float(), before, window, slopes)
     for splits in (None, 1, 3):   # the default split-KV factor, none, and three
         out = triton_prefill.prefill_attention(q, k, v, before, sliding_window=window, alibi=slopes, splits=splits)
         assert torch.isfinite(out).all()
@@ -155,7 +161,7 @@ def test_gpu_launch_shapes_agree(shape: tuple[int, int, int, int]) -> None:
     bm, bn, warps, stages = shape
     q, k, v = inputs(1111, 2222, 16, 4, 128, torch.bfloat16, "cuda", seed=1)
     slopes = bloom_slopes(16).cuda()
-    ref = _math(q.float(), k.float(), v.float(), 2222, 1500, slopes)
+    ref = math_reference(q.float(), k.float(), v.float(), 2222, 1500, slopes)
     out = triton_prefill.prefill_attention(q, k, v, 2222, sliding_window=1500, alibi=slopes, block_m=bm, block_n=bn,
                                            num_warps=warps, num_stages=stages)
     assert rel_err(out, ref) < 1e-2
@@ -166,4 +172,4 @@ def test_gpu_float32() -> None:
     q, k, v = inputs(700, 900, 8, 2, 64, torch.float32, "cuda", seed=2)
     slopes = bloom_slopes(8).cuda()
     out = triton_prefill.prefill_attention(q, k, v, 900, sliding_window=500, alibi=slopes)
-    assert (out - _math(q, k, v, 900, 500, slopes)).abs().max().item() < 1e-4
+    assert (out - math_reference(q, k, v, 900, 500, slopes)).abs().max().item() < 1e-4

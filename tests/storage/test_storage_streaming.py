@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -10,7 +11,6 @@ import time
 import pytest
 
 from storage import InvalidInput, NotFound, Store, StoreConfig, key
-from storage.base import _HOST
 
 pytestmark = pytest.mark.redis
 
@@ -105,7 +105,8 @@ def test_dead_writer_on_this_host_reads_incomplete_at_once(store: Store, backend
     w = store.begin_reply(s.id)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(gone.stdout)
-    backend.client.hset(key("live", s.id), w.id, f"{int(time.time() * 1000)} {dead_pid} {_HOST}")
+    here = socket.gethostname()
+    backend.client.hset(key("live", s.id), w.id, f"{int(time.time() * 1000)} {dead_pid} {here}")
     assert store.get_message(s.id, w.id).status == "incomplete"
     backend.client.hset(key("live", s.id), w.id, f"{int(time.time() * 1000)} {dead_pid} other-host")
     assert store.get_message(s.id, w.id).status == "streaming"  # elsewhere: trust the fresh heartbeat
