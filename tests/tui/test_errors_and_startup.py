@@ -45,6 +45,17 @@ async def test_dead_redis_is_a_notice_and_keeps_typed_text(tui_engine: Any) -> N
 
 
 @aio
+async def test_a_password_in_the_redis_url_is_not_shown(tui_engine: Any) -> None:
+    from tui.app import ChatApp
+
+    app = ChatApp(engine=tui_engine, redis_url="redis://127.0.0.1:1/0?username=al&password=hunter2-pw", timings=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.load_state == "ready" and notices(app), timeout=30)
+        assert any("password=***" in n for n in notices(app)), notices(app)
+        assert not any("hunter2" in n for n in notices(app)), notices(app)
+
+
+@aio
 async def test_prompt_too_large_is_refused_and_restored(make_app: Any, store: Any) -> None:
     app = make_app()
     async with app.run_test(size=(100, 30)) as pilot:
