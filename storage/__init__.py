@@ -12,7 +12,7 @@ Plain data in, plain data out: every result is a frozen dataclass; every error a
 """
 
 from .base import StoreConfig
-from .connect import data_dir, embedded_path, open_embedded, open_store, open_url, redact_url
+from .connect import data_dir, embedded_path, open_embedded, open_store, open_url
 from .errors import (
                      Conflict,
                      CorruptRecord,
@@ -29,6 +29,7 @@ from .outbox import Outbox
 from .records import Conversation, Message, SearchHit, Session, SessionPage, Summary
 from .sessions import UNSET
 from .store import Store
+from .urls import redact_url
 from .writer import ReplyWriter
 
 __all__ = [

@@ -16,6 +16,7 @@ from redis import exceptions as rx
 
 from .errors import Conflict, CorruptRecord, StorageError, StoreUnavailable
 from .keys import SESSION_KINDS, key
+from .urls import redact_url, scrub
 
 log = logging.getLogger("storage")
 T = TypeVar("T")
@@ -93,12 +94,13 @@ class StoreBase:
                  secrets: Sequence[str] = (), on_close: Callable[[], None] | None = None) -> None:
         self.connection = client
         self.config = config or StoreConfig()
-        self.where = where or describe_client(client)
+        self.where = redact_url(where) if where else describe_client(client)
         try:
             own = client.connection_pool.connection_kwargs.get("password")
         except AttributeError:
             own = None
-        self._secrets = tuple(s for s in (*secrets, own) if isinstance(s, str) and s)
+        found = (*secrets, own)  # a client handed in may hold a password no URL told us
+        self._secrets = tuple(sorted({s for s in found if isinstance(s, str) and s}, key=len, reverse=True))
         self._on_close = on_close
 
     def __repr__(self) -> str:
@@ -126,9 +128,7 @@ class StoreBase:
             self.connection.ping()
 
     def _scrub(self, text: str) -> str:
-        for s in self._secrets:
-            text = text.replace(s, "***")
-        return text
+        return scrub(text, self._secrets)
 
     @contextmanager
     def _guard(self, session_id: str | None = None) -> Iterator[None]:

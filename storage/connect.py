@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -20,6 +20,7 @@ from redis.retry import Retry
 from .base import StoreConfig
 from .errors import InvalidInput, StorageError, StoreUnavailable
 from .store import Store
+from .urls import redact_url, scrub, url_secrets
 
 try:
     import fcntl
@@ -48,22 +49,6 @@ def embedded_path(base: Path | None = None) -> Path:
     return (base or data_dir()) / "redis" / "sessions.rdb"
 
 
-def redact_url(url: str) -> str:
-    """The URL with its password (if any) replaced by `***`; never raises."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    except ValueError:
-        return "<a Redis URL that could not be parsed>"
-
-
 def open_store(url: str | None = None, *, config: StoreConfig | None = None, check: bool = True) -> Store:
     """The store: at `url`, else at $REDIS_URL, else in an embedded Redis under the data directory.
 
@@ -79,7 +64,6 @@ def open_url(url: str, *, config: StoreConfig | None = None, check: bool = True)
     shown = redact_url(url)
     try:
         parts = urlsplit(url)
-        password = parts.password
         parts.port  # noqa: B018 - validates the port now
     except ValueError:
         raise InvalidInput(f"{shown} is not a valid Redis URL; use redis://[:password@]host[:port][/db]") \
@@ -87,14 +71,15 @@ def open_url(url: str, *, config: StoreConfig | None = None, check: bool = True)
     if parts.scheme not in SCHEMES:
         raise InvalidInput(f"unsupported Redis URL scheme {parts.scheme!r} in {shown}; use redis://, "
                            "rediss:// (TLS) or unix://")
-    secrets = [password, unquote(password)] if password else []
-    scrub = _scrubber(secrets)
+    secrets = url_secrets(url)
     try:
         client = redis.Redis.from_url(
             url, decode_responses=False, socket_connect_timeout=5, socket_timeout=30,
             health_check_interval=30, retry=_retry())
+        pool = client.connection_pool
+        pool.connection_class(**pool.connection_kwargs)  # an unknown ?name= fails here, not at first use
     except (ValueError, TypeError) as exc:
-        raise InvalidInput(f"{shown} is not a valid Redis URL ({scrub(str(exc))})") from None
+        raise InvalidInput(f"{shown} is not a valid Redis URL ({scrub(str(exc), secrets)})") from None
     store = Store(client, config, where=shown, secrets=secrets)
     if check:
         _check_server(store)
@@ -204,12 +189,3 @@ def _check_server(store: Store) -> None:
     if version < MIN_REDIS:
         raise StorageError(f"{store.where} runs Redis {found}; chatcore needs Redis "
                            f"{MIN_REDIS[0]}.{MIN_REDIS[1]} or newer, upgrade it")
-
-
-def _scrubber(secrets: list[str]) -> Any:
-    def scrub(text: str) -> str:
-        for s in secrets:
-            if s:
-                text = text.replace(s, "***")
-        return text
-    return scrub

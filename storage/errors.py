@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .urls import redact_url
+
 
 class StorageError(Exception):
     """Base class of every error raised by `storage`."""
@@ -11,7 +13,7 @@ class StoreUnavailable(StorageError):
     """Redis cannot be reached (down, refused, timed out, wrong password) or failed to start."""
 
     def __init__(self, where: str, reason: str, hint: str = "") -> None:
-        self.where = where
+        self.where = where = redact_url(where)
         self.reason = reason
         hint = hint or "start it, or point REDIS_URL (or --redis-url) at a running Redis"
         super().__init__(f"cannot reach Redis at {where}: {reason.rstrip('.')}; {hint}")
