@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from chatcore.tokenizer import chat_template
@@ -38,7 +39,7 @@ class SpecialSafeChat:
     special_tokens: dict[str, str | None]
     _special_re: re.Pattern[str] | None
     _special_ids: dict[str, int]
-    _special_fragments: tuple[frozenset[str], frozenset[str]] | None = None
+    _hiding: _Hiding | None = None
 
     def encode(self, text: str, *, add_bos: bool = False, allow_special: bool = False) -> list[int]:
         raise NotImplementedError
@@ -67,7 +68,7 @@ class SpecialSafeChat:
         taken = set(extra) & set(self.special_tokens)
         if taken:
             raise ChatTemplateError(f"{', '.join(sorted(taken))}: set by the tokenizer, not a template input")
-        hider = _Hider(self._special_re, self._fragments())
+        hider = _Hider(self._special_re, self._hiding_for())
         safe = hider.copy(list(messages), "messages")
         safe_extra = {name: hider.copy(value, name) for name, value in extra.items()}
         text = self.render_chat_template(safe, add_generation_prompt=add_generation_prompt, **safe_extra)
@@ -84,13 +85,29 @@ class SpecialSafeChat:
             ids += self.encode(hider.restore(text[pos:]))
         return ids
 
-    def _fragments(self) -> tuple[frozenset[str], frozenset[str]]:
-        """Proper prefixes and proper suffixes of the special-token strings (built once per tokenizer)."""
-        if self._special_fragments is None:
+    def _hiding_for(self) -> _Hiding:
+        """What hiding needs of this tokenizer's special tokens (built once per tokenizer)."""
+        if self._hiding is None:
             names = list(self._special_ids) if self._special_re is not None else []
-            self._special_fragments = (frozenset(t[:i] for t in names for i in range(1, len(t))),
-                                       frozenset(t[i:] for t in names for i in range(1, len(t))))
-        return self._special_fragments
+            nonce = "1" + "".join(secrets.choice("023456789") for _ in range(23))
+            self._hiding = _Hiding(frozenset(t[:i] for t in names for i in range(1, len(t))),
+                                   frozenset(t[i:] for t in names for i in range(1, len(t))),
+                                   max(map(len, names), default=1) - 1, nonce, re.compile(nonce + "([0-9]{8})"))
+        return self._hiding
+
+
+@dataclass(frozen=True)
+class _Hiding:
+    """Proper prefixes (``heads``) and suffixes (``tails``) of the special-token strings, the longest such
+    piece, and the marker: a random 24-digit nonce (its only ``1`` first, so two markers never overlap) and
+    an 8-digit index. Digits pass through ``tojson``, ``repr``, case filters and escaping unchanged; the
+    nonce never reaches the output, so a caller cannot forge a marker."""
+
+    heads: frozenset[str]
+    tails: frozenset[str]
+    longest: int
+    nonce: str
+    mark: re.Pattern[str]
 
 
 MAX_DEPTH = 64  # nesting of a template input (a tool's JSON schema is a handful of levels)
@@ -106,17 +123,11 @@ class _Unfit(Exception):
 
 
 class _Hider:
-    """Copies template inputs with special-token strings swapped for markers, and restores rendered text.
+    """Copies template inputs with special-token strings swapped for markers, and restores rendered text."""
 
-    A marker is a random 24-digit nonce (starting with the only ``1`` in it, so two markers never overlap)
-    and an 8-digit index: digits pass through ``tojson``, ``repr``, case filters and escaping unchanged."""
-
-    def __init__(self, special: re.Pattern[str] | None, fragments: tuple[frozenset[str], frozenset[str]]) -> None:
+    def __init__(self, special: re.Pattern[str] | None, hiding: _Hiding) -> None:
         self._special = special
-        self._heads, self._tails = fragments
-        self._longest = max(map(len, self._heads), default=0)
-        self._nonce = "1" + "".join(secrets.choice("023456789") for _ in range(23))
-        self._mark = re.compile(self._nonce + "([0-9]{8})")
+        self._h = hiding
         self.hidden: list[str] = []
 
     def copy(self, value: Any, where: str) -> Any:
@@ -128,11 +139,11 @@ class _Hider:
 
     def restore(self, text: str) -> str:
         hidden = self.hidden
-        return self._mark.sub(lambda m: hidden[int(m.group(1))], text)
+        return self._h.mark.sub(lambda m: hidden[int(m.group(1))], text)
 
     def _swap(self, piece: str) -> str:
         self.hidden.append(piece)
-        return f"{self._nonce}{len(self.hidden) - 1:08d}"
+        return f"{self._h.nonce}{len(self.hidden) - 1:08d}"
 
     def _text(self, s: str) -> str:
         if self._special is None:
@@ -141,13 +152,13 @@ class _Hider:
         # A special token's first part at the end of the string (whitespace aside), or its last part at the
         # start, would join with what the template writes next to it.
         body = s.rstrip()
-        for k in range(min(self._longest, len(body)), 0, -1):
-            if body[-k:] in self._heads:
+        for k in range(min(self._h.longest, len(body)), 0, -1):
+            if body[-k:] in self._h.heads:
                 s = body[:-k] + self._swap(body[-k:]) + s[len(body):]
                 break
         lead = len(s) - len(s.lstrip())
-        for k in range(min(self._longest, len(s) - lead), 0, -1):
-            if s[lead : lead + k] in self._tails:
+        for k in range(min(self._h.longest, len(s) - lead), 0, -1):
+            if s[lead : lead + k] in self._h.tails:
                 s = s[:lead] + self._swap(s[lead : lead + k]) + s[lead + k:]
                 break
         return s
