@@ -100,3 +100,15 @@ def test_inputs_that_cannot_be_checked_are_refused(tok: HFTokenizer) -> None:
         tok.apply_chat_template(USER, tools=deep)
     with pytest.raises(ChatTemplateError, match="eos_token: set by the tokenizer"):
         tok.apply_chat_template(USER, eos_token=HOSTILE)
+
+
+def test_plain_words_stay_as_they_are_for_the_template_to_compare() -> None:
+    vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    raw.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.add_special_tokens(["<|im_end|>", "rusty"])  # "user" ends with "r", the start of "rusty"
+    template = "{% for m in messages %}{% if m.role == 'user' %}U: {% endif %}{{ m.content }}<|im_end|>{% endfor %}"
+    plain = HFTokenizer(raw, {"chat_template": template})
+    ids = plain.apply_chat_template([{"role": "user", "content": "ru"}, {"role": "user", "content": "sty"}])
+    assert plain.decode(ids) == "U: ru<|im_end|>U: sty<|im_end|>" and ids.count(plain.token_to_id("rusty")) == 0

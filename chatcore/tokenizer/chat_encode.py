@@ -59,8 +59,9 @@ class SpecialSafeChat:
 
         Those values must be strings, numbers, booleans, None, mappings and lists/tuples, nested at most
         ``MAX_DEPTH`` deep (anything else is a :class:`ChatTemplateError`): the template sees a copy in which
-        each special-token string, and each piece of one at either end of a string (so that two strings the
-        template writes side by side cannot join into one), is swapped for a digit marker. The rendered text
+        each special-token string, and each piece of one at either end of a string that is not a plain word
+        (so that two strings the template writes side by side cannot join into one), is swapped for a digit
+        marker. The rendered text
         is split at the special tokens the template wrote, and every other stretch is encoded as plain text
         with the markers restored. With no special strings in the inputs this is exactly how transformers
         encodes the rendered prompt.
@@ -110,6 +111,7 @@ class _Hiding:
     mark: re.Pattern[str]
 
 
+_WORD = re.compile(r"[\w-]*")
 MAX_DEPTH = 64  # nesting of a template input (a tool's JSON schema is a handful of levels)
 
 
@@ -149,6 +151,8 @@ class _Hider:
         if self._special is None:
             return s
         s = self._special.sub(lambda m: self._swap(m.group()), s)
+        if _WORD.fullmatch(s):  # "user", "function", "string": compared by templates, kept as they are
+            return s
         # A special token's first part at the end of the string (whitespace aside), or its last part at the
         # start, would join with what the template writes next to it.
         body = s.rstrip()
