@@ -156,13 +156,16 @@ def parse_located(data: str, source: str = "<input>") -> list[tuple[str, Convers
         whole, deep = None, True
     except ValueError:
         whole = None
+    # A document on one line (a JSONL file of one record) is reported as that line.
+    first_line = data[: len(data) - len(data.lstrip())].count("\n") + 1
+    doc = source if "\n" in stripped else f"{source}:{first_line}"
     if isinstance(whole, (dict, list)):
         try:
             check_plain(whole)
         except InvalidInput as exc:
-            raise InvalidInput(f"{source}: {exc}") from None
+            raise InvalidInput(f"{doc}: {exc}") from None
     if isinstance(whole, dict):
-        return [(source, parse_record(whole, source))]
+        return [(doc, parse_record(whole, doc))]
     if isinstance(whole, list):
         return [(f"{source}: record {i + 1}", parse_record(r, f"{source}: record {i + 1}"))
                 for i, r in enumerate(whole)]

@@ -171,3 +171,12 @@ def test_a_utf8_bom_and_a_deep_document(store: Store, cli_env, capsys: pytest.Ca
     code, _, err = run(capsys, "import", str(deep))
     assert code == 1 and err == f"chatcore sessions: {deep}: nested more than 64 deep\n"
     assert store.count_sessions() == 2
+
+
+def test_a_file_of_one_bad_line_names_the_line(store: Store, cli_env, capsys: pytest.CaptureFixture[str],
+                                               tmp_path: Path) -> None:
+    src = tmp_path / "one.jsonl"
+    src.write_text('\n{"messages": [{"role": "user", "content": "hi\\udfff"}]}\n')
+    code, _, err = run(capsys, "import", str(src))
+    assert code == 1 and err.startswith(f"chatcore sessions: {src}:2: a string holds a lone surrogate")
+    assert cli_env.client.dbsize() == 0
