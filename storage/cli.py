@@ -14,7 +14,7 @@ from typing import Any, NoReturn, TextIO
 
 from .connect import ENV_URL, open_store
 from .errors import InvalidInput, NotFound, StorageError
-from .export import import_text, to_json_text, to_markdown
+from .export import decode_text, import_text, to_json_text, to_markdown
 from .records import Session
 from .store import Store
 
@@ -164,11 +164,11 @@ def _export(store: Store, args: Any, out: TextIO) -> int:
 
 def _import(store: Store, args: Any, out: TextIO) -> int:
     if args.file == "-":
-        data, source = sys.stdin.read(), "<stdin>"
+        raw, source = sys.stdin.buffer.read(), "<stdin>"
     else:
-        with open(args.file, encoding="utf-8") as fh:
-            data, source = fh.read(), args.file
-    done = import_text(store, data, source)
+        with open(args.file, "rb") as fh:
+            raw, source = fh.read(), args.file
+    done = import_text(store, decode_text(raw, source), source)
     for s in done:
         print(f"imported {s.id}  {s.message_count:>5} messages  {s.title[:60]}", file=out)
     return 0

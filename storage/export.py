@@ -4,12 +4,13 @@ and OpenAI-style JSONL). Pure functions on dataclasses; `import_text` is the one
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from .codec import RESERVED, SCHEMA
-from .errors import InvalidInput, StorageError
+from .errors import InvalidInput, MessageTooLarge, StorageError
 from .keys import new_id
 from .records import ROLES, STATUSES, Conversation, Message, Session, Summary
 
@@ -85,29 +86,103 @@ def to_markdown(conv: Conversation) -> str:
 
 # ----------------------------------------------------------------------------- import
 
+MAX_DEPTH = 64  # nesting of an imported JSON value (what a chat template accepts, with room for the record)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def decode_text(raw: bytes, source: str = "<input>") -> str:
+    """An import file's bytes as text: UTF-8, a leading BOM dropped; bytes that are not UTF-8 are reported
+    as ``source:line: ...``."""
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        line_start = raw.rfind(b"\n", 0, exc.start) + 1
+        raise InvalidInput(f"{source}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte "
+                           f"{exc.start - line_start + 1} of the line)") from None
+
+
+def load_json(text: str) -> Any:
+    """One JSON value for import or replay: ``ValueError`` (with ``msg``/``colno``) if it is not JSON,
+    InvalidInput if it nests more than ``MAX_DEPTH`` deep or holds a lone surrogate (``"\\ud800"``: not
+    text, it cannot be stored or tokenized)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise InvalidInput(f"nested more than {MAX_DEPTH} deep") from None
+    check_plain(value)
+    return value
+
+
+def check_plain(value: Any) -> None:
+    """Raise InvalidInput if a decoded JSON value nests more than ``MAX_DEPTH`` deep or has a string (or
+    key) with a lone surrogate. Iterative: any depth is checked without recursion."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, str):
+            bad = _SURROGATE.search(v)
+            if bad:
+                raise InvalidInput(f"a string holds a lone surrogate (\\u{ord(bad.group()):04x} at character "
+                                   f"{bad.start() + 1}), which is not text")
+        elif isinstance(v, (dict, list, tuple)):
+            if depth >= MAX_DEPTH:
+                raise InvalidInput(f"nested more than {MAX_DEPTH} deep")
+            if isinstance(v, dict):
+                stack.extend((k, depth) for k in v)
+                stack.extend((x, depth + 1) for x in v.values())
+            else:
+                stack.extend((x, depth + 1) for x in v)
+
+
 def parse_text(data: str, source: str = "<input>") -> list[Conversation]:
     """Parse an import file: one JSON document (our export, or a list of records) or JSONL with one
     record per line (our export, ShareGPT `conversations`, or OpenAI-style `messages`)."""
+    return [conv for _, conv in parse_located(data, source)]
+
+
+def parse_located(data: str, source: str = "<input>") -> list[tuple[str, Conversation]]:
+    """`parse_text`, each conversation with where it came from (``source``, ``source: record N`` or
+    ``source:line``), for reporting what is wrong with it later."""
+    data = data.removeprefix("\ufeff")
     stripped = data.strip()
     if not stripped:
         raise InvalidInput(f"{source}: the file is empty")
+    deep = False
     try:
         whole = json.loads(stripped)
+    except RecursionError:
+        whole, deep = None, True
     except ValueError:
         whole = None
+    # A document on one line (a JSONL file of one record) is reported as that line.
+    first_line = data[: len(data) - len(data.lstrip())].count("\n") + 1
+    doc = source if "\n" in stripped else f"{source}:{first_line}"
+    if isinstance(whole, (dict, list)):
+        try:
+            check_plain(whole)
+        except InvalidInput as exc:
+            raise InvalidInput(f"{doc}: {exc}") from None
     if isinstance(whole, dict):
-        return [parse_record(whole, source)]
+        return [(doc, parse_record(whole, doc))]
     if isinstance(whole, list):
-        return [parse_record(r, f"{source}: record {i + 1}") for i, r in enumerate(whole)]
+        return [(f"{source}: record {i + 1}", parse_record(r, f"{source}: record {i + 1}"))
+                for i, r in enumerate(whole)]
     out = []
     for n, line in enumerate(data.splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{source}:{n}"
         try:
-            rec = json.loads(line)
+            rec = load_json(line)
+        except InvalidInput as exc:
+            raise InvalidInput(f"{where}: {exc}") from None
         except ValueError as exc:
-            raise InvalidInput(f"{source}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        out.append(parse_record(rec, f"{source}:{n}"))
+            if deep:  # one document over several lines, too deep to parse
+                raise InvalidInput(f"{source}: nested more than {MAX_DEPTH} deep") from None
+            raise InvalidInput(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        out.append((where, parse_record(rec, where)))
     return out
 
 
@@ -235,10 +310,18 @@ def _from_openai(rec: dict[str, Any]) -> Conversation:
 
 
 def import_text(store: Store, data: str, source: str = "<input>") -> list[Session]:
-    """Parse everything first (nothing is written if any record is bad), then store each session."""
-    convs = parse_text(data, source)
+    """Parse and check everything first (nothing is written if any record is bad: not JSON, too deep, a
+    lone surrogate, a message over the size limit, a value the store would refuse), then store each
+    session."""
+    located = parse_located(data, source)
+    for where, conv in located:
+        try:
+            store.check_import(conv)
+        except (InvalidInput, MessageTooLarge) as exc:
+            exc.args = (f"{where}: {exc}",)
+            raise
     done: list[Session] = []
-    for conv in convs:
+    for _, conv in located:
         try:
             done.append(store.import_conversation(conv))
         except StorageError as exc:
@@ -249,5 +332,6 @@ def import_text(store: Store, data: str, source: str = "<input>") -> list[Sessio
     return done
 
 
-__all__ = ["FORMAT", "from_json", "import_text", "parse_text", "to_json", "to_json_text",
+__all__ = ["FORMAT", "MAX_DEPTH", "check_plain", "decode_text", "from_json", "import_text", "load_json",
+           "parse_located", "parse_text", "to_json", "to_json_text",
            "to_markdown"]

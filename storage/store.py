@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -13,6 +14,8 @@ from .messages import TIP, MessagesMixin
 from .records import ROLES, STATUSES, Conversation, SearchHit, Session
 from .search import search as _search
 from .writer import ReplyWriter
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Store(MessagesMixin):
@@ -52,7 +55,7 @@ class Store(MessagesMixin):
         """Write a whole conversation exactly as given (ids, branches, times, statuses, tokens,
         pins, summary). Keeps its session id unless taken (then a fresh one) or `session_id` is given.
         A reply that was still streaming is stored as incomplete."""
-        _validate(conv, self.config.max_message_bytes)
+        self.check_import(conv)
         wanted = check_id(session_id, "session") if session_id is not None else conv.session.id
         try:
             return self._import_as(conv, wanted)
@@ -60,6 +63,14 @@ class Store(MessagesMixin):
             if session_id is not None:
                 raise
             return self._import_as(conv, new_id())
+
+    def check_import(self, conv: Conversation) -> None:
+        """Raise what `import_conversation` would refuse `conv` for (InvalidInput, MessageTooLarge), writing
+        nothing: its structure, message sizes, and every field encoded as it would be stored."""
+        _validate(conv, self.config.max_message_bytes)
+        for field in [*encode_session(conv.session).values(), *map(encode_message, conv.messages)]:
+            if _SURROGATE.search(field):
+                raise InvalidInput("a string holds a lone surrogate, which is not text")
 
     def _import_as(self, conv: Conversation, sid: str) -> Session:
         session = replace(conv.session, id=sid, message_count=len(conv.messages))

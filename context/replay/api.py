@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .formats import InputError, RecordedConversation, load_file, parse_lines
+from .formats import InputError, RecordedConversation, load_file, parse_lines, parse_records
 from .policy import context_config, normalize
 from .report import header, records
 from .runner import ConversationResult, Replayer, ReplayOptions, TurnResult
@@ -60,13 +59,13 @@ def as_conversations(source: Source) -> tuple[list[RecordedConversation], list[I
     if isinstance(source, str):
         return parse_lines(source.splitlines(), "<text>")
     if isinstance(source, dict):
-        return parse_lines([json.dumps(source)], "<record>")
+        return parse_records([source], "<record>")
     items = list(source)
     if items and all(isinstance(c, RecordedConversation) for c in items):
         return list(items), []
     if items and all(isinstance(m, dict) and "role" in m for m in items):
-        return parse_lines([json.dumps({"id": "conversation", "messages": items})], "<messages>")
-    return parse_lines([json.dumps(r) for r in items], "<records>")
+        return parse_records([{"id": "conversation", "messages": items}], "<messages>")
+    return parse_records(items, "<records>")
 
 
 def model_name(engine: Any | None, model: str | Path | None) -> str:

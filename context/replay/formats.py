@@ -13,13 +13,13 @@ still replay. Message ids are positional (`m0`, `m1`, ...), so reports never dep
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from storage.errors import InvalidInput
-from storage.export import content_text
+from storage.export import check_plain, content_text, load_json
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "model": "assistant", "bard": "assistant", "bing": "assistant",
@@ -140,23 +140,65 @@ def parse_record(rec: Any, line: int) -> RecordedConversation:
     return RecordedConversation(str(name), line, system or None, messages)
 
 
-def parse_lines(lines: Iterable[str], source: str = "<input>") -> tuple[list[RecordedConversation], list[InputError]]:
+def parse_lines(lines: Iterable[str | bytes],
+                source: str = "<input>") -> tuple[list[RecordedConversation], list[InputError]]:
     """Parse JSONL: the conversations that parsed, and an error for each line that did not (blank lines
-    and lines starting with '//' are skipped). Conversation ids must be unique."""
-    convs: list[RecordedConversation] = []
-    errors: list[InputError] = []
-    seen: dict[str, int] = {}
+    and lines starting with '//' are skipped). Conversation ids must be unique. Lines may be bytes (then a
+    line that is not UTF-8 is an error of its own); a UTF-8 BOM before line 1 is dropped. A value nested
+    more than ``storage.export.MAX_DEPTH`` deep or a string with a lone surrogate is an error of its line."""
+    return _parse(_decoded(lines), source)
+
+
+def parse_records(records: Iterable[Any],
+                  source: str = "<records>") -> tuple[list[RecordedConversation], list[InputError]]:
+    """Already decoded records (dicts), numbered from 1 as lines are, checked as `parse_lines` checks them."""
+    def checked() -> Iterator[tuple[int, Any]]:
+        for n, rec in enumerate(records, 1):
+            try:
+                check_plain(rec)
+                yield n, _Record(json.loads(json.dumps(rec)))  # a copy, as the same record read from a file
+            except InvalidInput as exc:
+                yield n, str(exc)
+            except (TypeError, ValueError) as exc:
+                yield n, f"not JSON data ({exc})"
+    return _parse(checked(), source)
+
+
+@dataclass(frozen=True)
+class _Record:
+    value: Any
+
+
+def _decoded(lines: Iterable[str | bytes]) -> Iterator[tuple[int, Any]]:
+    """(line number, a _Record or the reason the line is not one) for each line that is not blank."""
     for n, raw in enumerate(lines, 1):
-        text = raw.strip()
+        try:
+            line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError as exc:
+            yield n, f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at byte {exc.start + 1} of the line)"
+            continue
+        text = (line.removeprefix("\ufeff") if n == 1 else line).strip()
         if not text or text.startswith("//"):
             continue
         try:
-            rec = json.loads(text)
+            yield n, _Record(load_json(text))
+        except InvalidInput as exc:  # too deep, or a lone surrogate
+            yield n, str(exc)
         except ValueError as exc:
             col = getattr(exc, "colno", None)
             msg = getattr(exc, "msg", str(exc))
-            errors.append(InputError(source, n, f"not valid JSON ({msg}{f' at column {col}' if col else ''})"))
+            yield n, f"not valid JSON ({msg}{f' at column {col}' if col else ''})"
+
+
+def _parse(items: Iterable[tuple[int, Any]], source: str) -> tuple[list[RecordedConversation], list[InputError]]:
+    convs: list[RecordedConversation] = []
+    errors: list[InputError] = []
+    seen: dict[str, int] = {}
+    for n, item in items:
+        if not isinstance(item, _Record):
+            errors.append(InputError(source, n, item))
             continue
+        rec = item.value
         try:
             conv = parse_record(rec, n)
         except FormatError as exc:
@@ -175,5 +217,5 @@ def parse_lines(lines: Iterable[str], source: str = "<input>") -> tuple[list[Rec
 def load_file(path: str | Path) -> tuple[list[RecordedConversation], list[InputError]]:
     """Parse a JSONL file (see parse_lines). A missing or unreadable file raises OSError."""
     p = Path(path)
-    with p.open(encoding="utf-8") as f:
+    with p.open("rb") as f:
         return parse_lines(f, str(p))

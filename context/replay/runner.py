@@ -26,8 +26,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatcore.errors import ChatcoreError
+
 from ..budget import TokenBudget
-from ..errors import ContextError
 from ..layout import ContextConfig
 from ..manager import ContextManager
 from ..plan import Plan
@@ -170,7 +171,8 @@ class Replayer:
     # -- conversations --------------------------------------------------------------------------------
     def replay(self, conv: RecordedConversation,
                on_turn: Callable[[TurnResult], None] | None = None) -> ConversationResult:
-        """Replay one conversation. A context error (a message that cannot fit) stops it, recorded."""
+        """Replay one conversation. A chatcore error (a message that cannot fit, a chat template that refuses
+        it) stops it, recorded; the other conversations still replay."""
         m = ContextManager(self.budget, self.engine_window, self.options.config)
         m.set_system(conv.system)
         m.pinned = tuple(msg.id for msg in conv.messages if msg.pinned)
@@ -194,7 +196,7 @@ class Replayer:
                 turns.append(result)
                 if on_turn is not None:
                     on_turn(result)
-        except ContextError as exc:
+        except ChatcoreError as exc:  # a message that cannot fit, a template that refuses the conversation
             return ConversationResult(conv.id, conv.line, tuple(turns), f"turn {len(turns) + 1}: {exc}")
         return ConversationResult(conv.id, conv.line, tuple(turns))
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _replay_data import DATA
 
+from context.replay.api import as_conversations
 from context.replay.formats import load_file, parse_lines
 from context.replay.golden import compare
 from context.replay.policy import PolicyError, context_config, parse_policy
@@ -141,3 +143,35 @@ def test_golden_diff_is_readable_per_turn() -> None:
         "conversation c turn 4 (step 4): new in this replay (not in the golden file)",
         "golden mismatch: 2 record(s) differ, 1 missing, 1 new",
     ]
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_bom_deep_values_lone_surrogates_and_bad_bytes_are_errors_of_their_line(tmp_path: Path) -> None:
+    src = tmp_path / "c.jsonl"
+    src.write_bytes(b"\n".join([
+        b"\xef\xbb\xbf" + GOOD_OPENAI.encode(),
+        b'{"messages": [{"role": "user", "content": "a\\udc80"}]}',
+        b'{"messages": [{"role": "user", "content": "x", "name": ' + DEEP.encode() + b"}]}",
+        b'{"messages": [{"role": "user", "content": "caf\xe9"}]}',
+        GOOD_SHAREGPT.encode()]) + b"\n")
+    convs, errors = load_file(src)
+    assert [c.line for c in convs] == [1, 5] and convs[0].id == "a"
+    assert [str(e) for e in errors] == [
+        f"{src}:2: a string holds a lone surrogate (\\udc80 at character 2), which is not text",
+        f"{src}:3: nested more than 64 deep",
+        f"{src}:4: not UTF-8 text (byte 0xe9 at byte 47 of the line)"]
+
+
+def test_records_given_as_values_are_checked_the_same_way() -> None:
+    deep: list[Any] = []
+    for _ in range(100_000):
+        deep = [deep]
+    good = json.loads(GOOD_OPENAI)
+    convs, errors = as_conversations([good, {"messages": [{"role": "user", "content": "x", "name": deep}]},
+                                      {"messages": [{"role": "user", "content": "\ud800"}]}])
+    assert [c.id for c in convs] == ["a"]
+    assert [str(e) for e in errors] == [
+        "<records>:2: nested more than 64 deep",
+        "<records>:3: a string holds a lone surrogate (\\ud800 at character 1), which is not text"]

@@ -209,3 +209,55 @@ def test_summarize_needs_the_model(replay_tokenizer: tuple[Any, int]) -> None:
     with pytest.raises(ValueError, match="summarize policy needs the model"):
         replay(counting(2), tokenizer=tok, engine_window=window, mode="plan", window=128,
                policy={"reserve": 32, "summarize": "on"})
+
+
+def test_cli_bad_text_deep_values_and_a_bom_reported_the_rest_replayed(demo_gguf: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    lines = (DATA / "conversations.jsonl").read_text(encoding="utf-8").splitlines()[:3]
+    src = tmp_path / "hostile.jsonl"
+    src.write_bytes(b"\n".join([
+        b"\xef\xbb\xbf" + lines[0].encode(),
+        b'{"id": "s", "messages": [{"role": "user", "content": "hi \\ud83d there"}]}',
+        lines[1].encode(),
+        b'{"id": "d", "messages": [{"role": "user", "content": "x", "name": ' + b"[" * 100_000 + b"]" * 100_000
+        + b"}]}",
+        lines[2].encode()]) + b"\n")
+    out = tmp_path / "report.jsonl"
+    rc = main([str(src), "--model", str(demo_gguf), "--plan-only", "--window", "256", "-n", "16",
+               "--report", str(out), "-q"])
+    cap = capsys.readouterr()
+    assert rc == 1 and "Traceback" not in cap.err
+    assert f"chatcore replay: error: {src}:2: a string holds a lone surrogate (\\ud83d at character 4)" in cap.err
+    assert f"chatcore replay: error: {src}:4: nested more than 64 deep" in cap.err
+    recs = read_report(out)
+    assert [(r["line"], r["type"]) for r in recs[1:] if r["type"] == "error"] == [(2, "error"), (4, "error")]
+    assert sorted({r["conversation"] for r in recs if r["type"] == "turn"}) == ["capitals", "greeting",
+                                                                                 "sharegpt-math"]
+
+
+class _Refusing:
+    """The demo tokenizer, with a chat template that refuses one message (as templates raise_exception)."""
+
+    def __init__(self, tok: Any) -> None:
+        self._tok = tok
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tok, name)
+
+    def apply_chat_template(self, messages: Any, **kw: Any) -> list[int]:
+        from chatcore.tokenizer.chat_template import ChatTemplateError
+
+        if any(m.get("content") == "refuse me" for m in messages):
+            raise ChatTemplateError("chat template: roles must alternate")
+        return self._tok.apply_chat_template(messages, **kw)
+
+
+def test_a_template_error_stops_only_its_conversation(replay_tokenizer: tuple[Any, int]) -> None:
+    tok, window = replay_tokenizer
+    bad = {"id": "bad", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                                     {"role": "user", "content": "refuse me"}]}
+    run = replay([bad, counting(2)], tokenizer=_Refusing(tok), engine_window=window, mode="plan", window=256,
+                 policy={"reserve": 32})
+    first, second = run.results
+    assert first.error == "turn 2: chat template: roles must alternate" and len(first.turns) == 1
+    assert second.error is None and len(second.turns) == 2

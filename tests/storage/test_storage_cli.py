@@ -137,3 +137,46 @@ def test_python_dash_m(store: Store, backend) -> None:
 
 def backend_cwd() -> Path:
     return Path(__file__).resolve().parents[2]
+
+
+GOOD_LINE = json.dumps({"messages": [{"role": "user", "content": "first"}, {"role": "assistant", "content": "ok"}]})
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    (b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "lone surrogate (\\ud800 at character 2)"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "tags": ' + DEEP.encode() + b"}", "nested more than 64"),
+    (b'{"messages": [{"role": "user", "content": "' + b"x" * (9 << 20) + b'"}]}', "over the 8,388,608-byte"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', "not plain JSON data"),
+    (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "not UTF-8 text (byte 0xe9 at byte 47 of the line)"),
+], ids=["surrogate", "deep", "oversize", "nan", "not-utf8"])
+def test_a_bad_line_imports_nothing(store: Store, cli_env, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                    line: bytes, reason: str) -> None:
+    src = tmp_path / "mixed.jsonl"
+    src.write_bytes(b"\n".join([GOOD_LINE.encode(), line, GOOD_LINE.encode()]) + b"\n")
+    code, out, err = run(capsys, "import", str(src))
+    assert code == 1 and out == "" and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith(f"chatcore sessions: {src}:2: ") and reason in err
+    assert cli_env.client.dbsize() == 0  # nothing written, not even the first line's session
+
+
+def test_a_utf8_bom_and_a_deep_document(store: Store, cli_env, capsys: pytest.CaptureFixture[str],
+                                        tmp_path: Path) -> None:
+    src = tmp_path / "bom.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + f"{GOOD_LINE}\n{GOOD_LINE}\n".encode())
+    code, out, err = run(capsys, "import", str(src))
+    assert code == 0 and err == "" and out.count("imported ") == 2 and store.count_sessions() == 2
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"format": "chatcore.session",\n "session":\n' + DEEP + "\n}\n")
+    code, _, err = run(capsys, "import", str(deep))
+    assert code == 1 and err == f"chatcore sessions: {deep}: nested more than 64 deep\n"
+    assert store.count_sessions() == 2
+
+
+def test_a_file_of_one_bad_line_names_the_line(store: Store, cli_env, capsys: pytest.CaptureFixture[str],
+                                               tmp_path: Path) -> None:
+    src = tmp_path / "one.jsonl"
+    src.write_text('\n{"messages": [{"role": "user", "content": "hi\\udfff"}]}\n')
+    code, _, err = run(capsys, "import", str(src))
+    assert code == 1 and err.startswith(f"chatcore sessions: {src}:2: a string holds a lone surrogate")
+    assert cli_env.client.dbsize() == 0
