@@ -74,6 +74,9 @@ def _generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ChatcoreError(str(exc)) from None
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        where = "on stdin" if args.prompt == "-" else "with --prompt"
+        raise ChatcoreError(f"the prompt is empty; give the message {where}")
     engine = chatcore.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                            tensor_parallel=args.tensor_parallel)
     with engine:
