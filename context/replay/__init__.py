@@ -20,15 +20,15 @@ from typing import Any
 
 from chatcore.errors import ChatcoreError
 
-from .api import ReplayRun, replay
+from .api import ReplayRun, UnknownConversation, replay, select
 from .formats import InputError, RecordedConversation, ReplayMessage, load_file, parse_lines
 from .golden import compare
 from .policy import PolicyError, parse_policy
 from .runner import MODES, ConversationResult, Replayer, ReplayOptions, TurnResult, prompt_hash
 
 __all__ = ["MODES", "ConversationResult", "InputError", "RecordedConversation", "ReplayMessage", "ReplayOptions",
-           "ReplayRun", "Replayer", "TurnResult", "compare", "load_file", "main", "parse_lines", "prompt_hash",
-           "replay"]
+           "ReplayRun", "Replayer", "TurnResult", "UnknownConversation", "compare", "load_file", "main", "parse_lines",
+           "prompt_hash", "replay"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.golden and not args.update_golden and not Path(args.golden).is_file():
             _err(f"golden file {args.golden} does not exist; create it with --update-golden")
             return 2
+        if args.conversation:  # a name the file lacks fails before a model loads
+            select(*load_file(args.file), args.conversation, args.file)
         loaded = _load(args, mode)
         run = replay(Path(args.file), mode=mode, window=args.window, policy=policy, seed=args.seed,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, only=args.conversation,
