@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="import a JSON export, or JSONL of ShareGPT / OpenAI-style records")
     im.add_argument("file", help="file to read ('-' for stdin)")
     rm = sub.add_parser("delete", parents=[url], help="delete a session and all its messages")
-    rm.add_argument("id", help="session id (the full id)")
+    rm.add_argument("id", help="session id (a unique prefix is enough)")
     return p
 
 
@@ -175,9 +175,13 @@ def _import(store: Store, args: Any, out: TextIO) -> int:
 
 
 def _delete(store: Store, args: Any, out: TextIO) -> int:
-    if not store.delete_session(args.id):
-        raise NotFound("session", args.id, f"give the full id shown by `{PROG} list`")
-    print(f"deleted {args.id}", file=out)
+    try:
+        session_id = _resolve(store, args.id)
+    except NotFound:  # a full id still removes what is left of a session that is no longer listed
+        session_id = args.id
+    if not store.delete_session(session_id):
+        raise NotFound("session", args.id, f"see `{PROG} list`")
+    print(f"deleted {session_id}", file=out)
     return 0
 
 

@@ -103,6 +103,20 @@ def test_bad_import_file_and_ambiguous_prefix(store: Store, cli_env, capsys: pyt
     store.create_session(session_id="dup-2")
     code, _, err = run(capsys, "show", "dup")
     assert code == 1 and "ambiguous" in err
+    code, _, err = run(capsys, "delete", "dup")
+    assert code == 1 and "ambiguous" in err and err.count("\n") == 1
+    assert store.session_exists("dup-1") and store.session_exists("dup-2")
+
+
+def test_delete_takes_a_unique_prefix(store: Store, cli_env, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = seed(store)
+    code, out, err = run(capsys, "delete", a[:-3])  # as show takes it
+    assert (code, out, err) == (0, f"deleted {a}\n", "")
+    assert not store.session_exists(a) and store.session_exists(b)
+    store.create_session(session_id="dup-1")
+    store.create_session(session_id="dup-10")
+    code, out, _ = run(capsys, "delete", "dup-1")  # a full id that is also a prefix of another
+    assert (code, out) == (0, "deleted dup-1\n") and store.session_exists("dup-10")
 
 
 def test_corrupt_session_is_a_warning_in_list(store: Store, cli_env, backend,
