@@ -7,7 +7,9 @@ module name, so the generation core never imports the layers built on top of it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -114,6 +116,26 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status. A reader that stops reading stdout (``chatcore ... | head``) ends it
+    quietly: no "Broken pipe", no traceback, status 0 unless the command had already chosen another."""
+    code = 0
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a pipe closed under the last buffered output fails here, not at exit
+    except BrokenPipeError:
+        drop_stdout()
+    return code
+
+
+def drop_stdout() -> None:
+    """Point stdout at /dev/null, so nothing written or flushed after its reader went away raises again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _EXTERNAL:
         module = importlib.import_module(_EXTERNAL[argv[0]][0])
@@ -130,8 +152,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nchatcore: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
 
 
 if __name__ == "__main__":

@@ -151,3 +151,18 @@ def test_python_dash_m(store: Store, backend) -> None:
 
 def backend_cwd() -> Path:
     return Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("command", [["storage.cli"], ["chatcore", "sessions"]])
+def test_reader_that_stops_early_is_no_error(store: Store, backend, command: list[str]) -> None:
+    """`show ID | head -1`: the pipe closes while output (far more than a pipe buffer) is still coming."""
+    s = store.create_session("Long")
+    for k in range(40):
+        store.append_message(s.id, "user" if k % 2 == 0 else "assistant", f"line {k}\n" * 500)
+    proc = subprocess.Popen([sys.executable, "-m", *command, "show", s.id], env=backend.env, cwd=backend_cwd(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline() == f"id:        {s.id}\n"
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0 and err == ""
