@@ -184,3 +184,21 @@ def test_chat_refuses_a_window_below_one(monkeypatch: pytest.MonkeyPatch, capsys
     code, err = chat_main(monkeypatch, capsys, "--max-seq-len", value)
     assert code == 2 and err == (f"chatcore: error: max_seq_len must be a positive number of tokens, got {value} "
                                  "(leave it out for the default)\n")
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask-022", "umask-027"])
+def test_convert_writes_files_with_the_usual_mode(tiny_llama_dir: Path, tmp_path: Path, umask: int,
+                                                  mode: int) -> None:
+    import os
+    import stat
+
+    from gguf_convert import write_gguf
+
+    gguf = write_gguf(tiny_llama_dir, tmp_path / "model.gguf")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "chatcore", "convert", str(gguf), str(out)], capture_output=True,
+                          text=True, timeout=300, preexec_fn=lambda: os.umask(umask))
+    assert done.returncode == 0, done.stderr
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()}
+    assert "model.safetensors" in modes and "config.json" in modes
+    assert modes == dict.fromkeys(modes, mode)
