@@ -202,3 +202,12 @@ def test_convert_writes_files_with_the_usual_mode(tiny_llama_dir: Path, tmp_path
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()}
     assert "model.safetensors" in modes and "config.json" in modes
     assert modes == dict.fromkeys(modes, mode)
+
+
+def test_chat_refuses_a_missing_keymap_file(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                            tmp_path: Path) -> None:
+    missing = tmp_path / "nokeys.toml"
+    code, err = chat_main(monkeypatch, capsys, "--keymap", str(missing))
+    assert code == 2 and err == f"chatcore: error: no keymap file at {missing}\n"
+    code, err = chat_main(monkeypatch, capsys, "--keymap", str(tmp_path))   # a directory is no keymap either
+    assert code == 2 and err == f"chatcore: error: no keymap file at {tmp_path}\n"

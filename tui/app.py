@@ -466,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatcore: error: max_seq_len must be a positive number of tokens, got {args.max_seq_len} "
               "(leave it out for the default)", file=sys.stderr)
         return 2
+    if args.keymap is not None and not args.keymap.is_file():  # the default file may be absent; a named one not
+        print(f"chatcore: error: no keymap file at {args.keymap}", file=sys.stderr)
+        return 2
     try:
         keys = keymap.load_keymap(args.keymap)
     except (OSError, ValueError) as exc:
