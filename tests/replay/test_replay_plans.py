@@ -162,6 +162,19 @@ def test_cli_bad_device_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(DATA / "conversations.jsonl"), "--device", "tpu", "-q"]) == 2
     err = capsys.readouterr().err
     assert err == "chatcore replay: error: unknown device 'tpu'; use cpu, cuda or cuda:N\n"
+    for threads in ("0", "-1"):   # 0 was torch's default, -1 a RuntimeError traceback
+        assert main([str(DATA / "conversations.jsonl"), "--threads", threads, "-q"]) == 2
+        assert capsys.readouterr().err == (f"chatcore replay: error: --threads must be at least 1, got {threads} "
+                                           "(leave it out for torch's default)\n")
+
+
+def test_cli_window_above_the_models_is_cut_with_a_notice(demo_gguf: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(DATA / "conversations.jsonl"), "--model", str(demo_gguf), "--plan-only", "-c", "greeting",
+                 "--window", "99999", "-q"]) == 0
+    cap = capsys.readouterr()
+    assert cap.err == "chatcore replay: --window 99999 is above the model's window of 8192 tokens; using 8192\n"
+    assert "/8192" in cap.out
 
 
 def test_cli_golden_update_then_mismatch(demo_gguf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
