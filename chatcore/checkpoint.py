@@ -20,7 +20,7 @@ import torch
 from chatcore.checkpoint_config import config_from_gguf, config_from_hf_file
 from chatcore.config import ModelConfig, RopeScaling
 from chatcore.engine import Engine
-from chatcore.errors import ModelFormatError
+from chatcore.errors import LoadOptionError, ModelFormatError
 from chatcore.layers.attention import pick_backend
 from chatcore.models import FAMILIES
 from chatcore.models.base import CausalLM
@@ -127,6 +127,13 @@ class LoadOptions:
     prefill_chunk: int | None = None
     attention: str = "auto"
     cuda_graphs: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_seq_len", "prefill_chunk"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise LoadOptionError(f"{name} must be a positive number of tokens, got {value} "
+                                      "(leave it out for the default)")
 
 
 def make_runtime(cfg: ModelConfig, dev: torch.device, dt: torch.dtype, options: LoadOptions) -> Runtime:

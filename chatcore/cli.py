@@ -7,7 +7,9 @@ module name, so the generation core never imports the layers built on top of it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -74,6 +76,9 @@ def _generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ChatcoreError(str(exc)) from None
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        where = "on stdin" if args.prompt == "-" else "with --prompt"
+        raise ChatcoreError(f"the prompt is empty; give the message {where}")
     engine = chatcore.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                            tensor_parallel=args.tensor_parallel)
     with engine:
@@ -111,6 +116,26 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status. A reader that stops reading stdout (``chatcore ... | head``) ends it
+    quietly: no "Broken pipe", no traceback, status 0 unless the command had already chosen another."""
+    code = 0
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a pipe closed under the last buffered output fails here, not at exit
+    except BrokenPipeError:
+        drop_stdout()
+    return code
+
+
+def drop_stdout() -> None:
+    """Point stdout at /dev/null, so nothing written or flushed after its reader went away raises again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _EXTERNAL:
         module = importlib.import_module(_EXTERNAL[argv[0]][0])
@@ -127,8 +152,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nchatcore: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
 
 
 if __name__ == "__main__":

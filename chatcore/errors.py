@@ -19,6 +19,16 @@ class UnsupportedArchitecture(ModelFormatError):
     """The model's architecture is not one chatcore implements."""
 
 
+class LoadOptionError(ChatcoreError, ValueError):
+    """An option of ``chatcore.load`` that cannot work: an unsupported dtype, a window or prefill chunk that
+    is not positive (a ``ValueError`` too, as these were before they had a class of their own)."""
+
+
+class DeviceUnavailable(LoadOptionError):
+    """The device asked for does not exist or is not available here (CUDA on a CPU-only torch, a GPU index
+    past the visible ones)."""
+
+
 class PromptTooLong(ChatcoreError):
     """A prompt does not fit the context window."""
 

@@ -74,8 +74,11 @@ def load(path: str | Path | None = "demo", device: str | torch.device | None = N
     """Load a model for generation.
 
     ``path``: a Hugging Face directory, a ``.gguf`` file, or ``"demo"`` / None for SmolLM2-135M-Instruct.
-    ``device`` / ``dtype``: None picks CUDA + bfloat16 when available, else CPU + float32.
-    ``max_seq_len``: the context window to serve (default: the model's own).
+    ``device`` / ``dtype``: None picks CUDA + bfloat16 when available, else CPU + float32; a device that does
+    not exist or is not available raises :class:`DeviceUnavailable`, a dtype other than float32 / bfloat16 /
+    float16 or a ``max_seq_len`` / ``prefill_chunk`` below 1 :class:`LoadOptionError`, before anything loads.
+    ``max_seq_len``: the context window to serve (default: the model's own; a larger value is cut to the
+    model's, with a notice through ``status``).
     ``prefill_chunk``: prompt tokens per forward pass (default 512 on the CPU; on a GPU 32768, lowered at each
     prompt to what half the free memory holds).
     ``attention``: auto, flash, triton, torch or math; ``cuda_graphs``: capture each slot's decode step.
@@ -84,14 +87,22 @@ def load(path: str | Path | None = "demo", device: str | torch.device | None = N
     ``tensor_parallel``: split the model over this many ranks (processes; on CUDA one GPU each, cuda:0..N-1
     from the device's index), each loading only its shard; see :mod:`chatcore.parallel`.
     """
-    p = resolve(path, status)
+    # the options first: a device or dtype that cannot work fails before the demo model is fetched
     options = LoadOptions(max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, attention=attention,
                           cuda_graphs=cuda_graphs)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    p = resolve(path, status)
     report = progress or _bar(p.name)
     if tensor_parallel != 1:
         from chatcore.parallel.launch import load_parallel  # torch.distributed: for tensor parallel only
 
-        return load_parallel(p, tensor_parallel, device, dtype, options, progress=report)
-    with _gc_paused():
-        dev = pick_device(device)
-        return load_engine(p, open_checked(p), dev, pick_dtype(dtype, dev), options, report)
+        engine = load_parallel(p, tensor_parallel, dev, dt, options, progress=report)
+    else:
+        with _gc_paused():
+            engine = load_engine(p, open_checked(p), dev, dt, options, report)
+    if max_seq_len is not None and max_seq_len > engine.config.max_window:
+        say = status or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        say(f"chatcore: max_seq_len {max_seq_len} is above the model's window of {engine.config.max_window} "
+            f"tokens; using {engine.window}")
+    return engine

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from chatcore.errors import DeviceUnavailable, LoadOptionError
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -29,9 +31,27 @@ class Runtime:
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch device (None: CUDA when available, else the CPU). chatcore runs on ``cpu`` and
+    ``cuda[:N]``; anything else, or a GPU this process cannot use, raises :class:`DeviceUnavailable`."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceUnavailable(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise DeviceUnavailable(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise DeviceUnavailable(f"device {device!r} is not available: torch {torch.__version__} sees no CUDA GPU; "
+                                "use cpu")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        visible = "cuda:0" if count == 1 else f"cuda:0..cuda:{count - 1}"
+        raise DeviceUnavailable(f"device {device!r} is not available: {count} CUDA GPU{'s' * (count != 1)} "
+                                f"visible ({visible})")
+    return dev
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -39,14 +59,16 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``dtype`` as a torch dtype (None: bfloat16 on CUDA, else float32); anything but float32, float16 and
+    bfloat16 (or their short names) raises :class:`LoadOptionError`."""
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
+        if dtype in _DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str) and dtype in _DTYPES:
         return _DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}") from None
+    raise LoadOptionError(f"unsupported dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
 
 
 def activation_bytes_per_token(hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> int:

@@ -6,6 +6,7 @@ User mistakes print one line to stderr and return a non-zero status; never a tra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -50,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="import a JSON export, or JSONL of ShareGPT / OpenAI-style records")
     im.add_argument("file", help="file to read ('-' for stdin)")
     rm = sub.add_parser("delete", parents=[url], help="delete a session and all its messages")
-    rm.add_argument("id", help="session id (the full id)")
+    rm.add_argument("id", help="session id (a unique prefix is enough)")
     return p
 
 
@@ -67,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     store = None
     try:
         store = open_store(getattr(args, "redis_url", None))
-        return _COMMANDS[args.command](store, args, sys.stdout)
+        code = _COMMANDS[args.command](store, args, sys.stdout)
+        sys.stdout.flush()  # a pipe closed under the last buffered output fails here, not at exit
+        return code
+    except BrokenPipeError:  # the reader went away (`show ID | head`): stop quietly
+        _drop_stdout()
+        return 0
     except StorageError as exc:
         return _fail(str(exc), 1)
     except OSError as exc:
@@ -77,6 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if store is not None:
             store.close()
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the exit's flush does not raise again (storage does not import chatcore,
+    whose CLI does the same)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _fail(message: str, code: int) -> int:
@@ -175,9 +190,13 @@ def _import(store: Store, args: Any, out: TextIO) -> int:
 
 
 def _delete(store: Store, args: Any, out: TextIO) -> int:
-    if not store.delete_session(args.id):
-        raise NotFound("session", args.id, f"give the full id shown by `{PROG} list`")
-    print(f"deleted {args.id}", file=out)
+    try:
+        session_id = _resolve(store, args.id)
+    except NotFound:  # a full id still removes what is left of a session that is no longer listed
+        session_id = args.id
+    if not store.delete_session(session_id):
+        raise NotFound("session", args.id, f"see `{PROG} list`")
+    print(f"deleted {session_id}", file=out)
     return 0
 
 

@@ -26,7 +26,7 @@ import chatcore
 from chatcore import SamplingParams
 from chatcore.cli import main as cli_main
 from chatcore.config import ModelConfig
-from chatcore.errors import RankFailed, TensorParallelError
+from chatcore.errors import DeviceUnavailable, RankFailed, TensorParallelError
 from chatcore.models.base import CausalLM, CausalModel
 from chatcore.parallel.shard import RankShard, check_divides, valid_sizes
 
@@ -159,8 +159,13 @@ def test_sizes_that_do_not_divide_are_refused(models: dict) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has the GPUs")
-def test_fewer_gpus_than_ranks(models: dict) -> None:
+def test_fewer_gpus_than_ranks(models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     path, _ = models["llama"]
+    if not torch.cuda.is_available():  # no GPU at all: the device itself is refused first
+        with pytest.raises(DeviceUnavailable, match="'cuda' is not available"):
+            chatcore.load(path, tensor_parallel=2, device="cuda")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # one GPU pretended (nothing reaches it)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(TensorParallelError, match=r"needs 2 GPUs \(cuda:0..cuda:1\) but \d+ are visible"):
         chatcore.load(path, tensor_parallel=2, device="cuda")
 

@@ -462,6 +462,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.max_seq_len is not None and args.max_seq_len < 1:  # before the UI starts, as chatcore.load words it
+        print(f"chatcore: error: max_seq_len must be a positive number of tokens, got {args.max_seq_len} "
+              "(leave it out for the default)", file=sys.stderr)
+        return 2
+    if args.keymap is not None and not args.keymap.is_file():  # the default file may be absent; a named one not
+        print(f"chatcore: error: no keymap file at {args.keymap}", file=sys.stderr)
+        return 2
     try:
         keys = keymap.load_keymap(args.keymap)
     except (OSError, ValueError) as exc:

@@ -20,15 +20,15 @@ from typing import Any
 
 from chatcore.errors import ChatcoreError
 
-from .api import ReplayRun, replay
+from .api import ReplayRun, UnknownConversation, replay, select
 from .formats import InputError, RecordedConversation, ReplayMessage, load_file, parse_lines
 from .golden import compare
 from .policy import PolicyError, parse_policy
 from .runner import MODES, ConversationResult, Replayer, ReplayOptions, TurnResult, prompt_hash
 
 __all__ = ["MODES", "ConversationResult", "InputError", "RecordedConversation", "ReplayMessage", "ReplayOptions",
-           "ReplayRun", "Replayer", "TurnResult", "compare", "load_file", "main", "parse_lines", "prompt_hash",
-           "replay"]
+           "ReplayRun", "Replayer", "TurnResult", "UnknownConversation", "compare", "load_file", "main", "parse_lines",
+           "prompt_hash", "replay"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.update_golden and not args.golden:
         _err("--update-golden needs --golden GOLDEN.jsonl (the file to write)")
         return 2
+    if args.threads is not None and args.threads < 1:
+        _err(f"--threads must be at least 1, got {args.threads} (leave it out for torch's default)")
+        return 2
     mode = "plan" if args.plan_only else ("forced" if args.forced else "generate")
     try:
         policy = parse_policy(args.policy)
@@ -111,7 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.golden and not args.update_golden and not Path(args.golden).is_file():
             _err(f"golden file {args.golden} does not exist; create it with --update-golden")
             return 2
+        if args.conversation:  # a name the file lacks fails before a model loads
+            select(*load_file(args.file), args.conversation, args.file)
         loaded = _load(args, mode)
+        model_window = loaded["engine"].window if "engine" in loaded else loaded["engine_window"]
+        if args.window is not None and args.window > model_window:  # the context manager cuts it to the model's
+            print(f"chatcore replay: --window {args.window} is above the model's window of {model_window} "
+                  f"tokens; using {model_window}", file=sys.stderr)
         run = replay(Path(args.file), mode=mode, window=args.window, policy=policy, seed=args.seed,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, only=args.conversation,
                      on_turn=None if args.quiet else _progress, **loaded)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
+
+from chatcore.errors import ChatcoreError
 
 from .formats import InputError, RecordedConversation, load_file, parse_lines, parse_records
 from .policy import context_config, normalize
@@ -50,11 +52,15 @@ class ReplayRun:
 Source = str | Path | dict[str, Any] | Sequence[Any]
 
 
+def _is_path(source: Source) -> TypeGuard[str | Path]:
+    return isinstance(source, Path) or (isinstance(source, str) and "\n" not in source
+                                        and not source.lstrip().startswith("{"))
+
+
 def as_conversations(source: Source) -> tuple[list[RecordedConversation], list[InputError]]:
     """A path to a JSONL file; JSONL text (containing a newline or starting with '{'); one record
     (dict); a list of records; a list of messages (`{"role", "content"}` dicts); or Conversations."""
-    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source
-                                    and not source.lstrip().startswith("{")):
+    if _is_path(source):
         return load_file(source)
     if isinstance(source, str):
         return parse_lines(source.splitlines(), "<text>")
@@ -66,6 +72,26 @@ def as_conversations(source: Source) -> tuple[list[RecordedConversation], list[I
     if items and all(isinstance(m, dict) and "role" in m for m in items):
         return parse_records([{"id": "conversation", "messages": items}], "<messages>")
     return parse_records(items, "<records>")
+
+
+class UnknownConversation(ChatcoreError):
+    """``only`` names a conversation the input does not hold."""
+
+
+def select(convs: list[RecordedConversation], errors: list[InputError], only: Sequence[str],
+           source: str | Path) -> tuple[list[RecordedConversation], list[InputError]]:
+    """The conversations named in ``only`` and their input errors; :class:`UnknownConversation` (naming the
+    ids there are) if a name is in neither."""
+    present = list(dict.fromkeys([c.id for c in convs] + [e.conversation for e in errors if e.conversation]))
+    missing = [name for name in dict.fromkeys(only) if name not in present]
+    if missing:
+        names = ", ".join(repr(name) for name in missing)
+        ids = ", ".join(present[:8]) + (f", ... ({len(present)} in all)" if len(present) > 8 else "")
+        held = f"its conversations: {ids}" if present else "it holds no conversation"
+        raise UnknownConversation(f"no conversation {names} in {source}; {held}")
+    wanted = set(only)
+    return ([c for c in convs if c.id in wanted],
+            [e for e in errors if e.conversation is None or e.conversation in wanted])
 
 
 def model_name(engine: Any | None, model: str | Path | None) -> str:
@@ -85,9 +111,7 @@ def replay(source: Source, engine: Any | None = None, *, tokenizer: Any | None =
                          temperature=temperature, seed=seed)
     convs, errors = as_conversations(source)
     if only:
-        wanted = set(only)
-        convs = [c for c in convs if c.id in wanted]
-        errors = [e for e in errors if e.conversation is None or e.conversation in wanted]
+        convs, errors = select(convs, errors, only, str(source) if _is_path(source) else "the input")
     replayer = Replayer(engine, opts, tokenizer=tokenizer, engine_window=engine_window)
     results = replayer.replay_all(convs, on_turn)
     head = header(model_name(engine, model), mode, window, pol, seed, max_new_tokens, temperature)

@@ -14,7 +14,7 @@ import pytest
 from _replay_data import DATA
 
 from context import TokenBudget
-from context.replay import main, replay
+from context.replay import UnknownConversation, main, replay
 from context.replay.report import read_report, records, write_report
 
 SYSTEM = "Count with me."
@@ -142,6 +142,39 @@ def test_cli_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "unknown policy key 'colour'" in capsys.readouterr().err
     assert main([str(DATA / "conversations.jsonl"), "--golden", str(tmp_path / "g.jsonl")]) == 2
     assert "create it with --update-golden" in capsys.readouterr().err
+
+
+def test_cli_unknown_conversation_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = DATA / "conversations.jsonl"
+    assert main([str(src), "--plan-only", "--conversation", "nosuch", "-c", "greeting"]) == 1
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.count("\n") == 1
+    assert cap.err.startswith(f"chatcore replay: error: no conversation 'nosuch' in {src}; its conversations: ")
+    assert "greeting" in cap.err and "in all)" in cap.err   # 22 conversations: the first 8 named, and the count
+    two = tmp_path / "two.jsonl"
+    two.write_text(json.dumps(counting(1)) + "\n" + json.dumps({**counting(1), "id": "other"}) + "\n")
+    with pytest.raises(UnknownConversation, match=r"no conversation 'a', 'b' in the input; its conversations: "
+                                                  r"count, other$"):
+        replay(two.read_text(), mode="plan", only=["a", "count", "b"])
+
+
+def test_cli_bad_device_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(DATA / "conversations.jsonl"), "--device", "tpu", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err == "chatcore replay: error: unknown device 'tpu'; use cpu, cuda or cuda:N\n"
+    for threads in ("0", "-1"):   # 0 was torch's default, -1 a RuntimeError traceback
+        assert main([str(DATA / "conversations.jsonl"), "--threads", threads, "-q"]) == 2
+        assert capsys.readouterr().err == (f"chatcore replay: error: --threads must be at least 1, got {threads} "
+                                           "(leave it out for torch's default)\n")
+
+
+def test_cli_window_above_the_models_is_cut_with_a_notice(demo_gguf: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(DATA / "conversations.jsonl"), "--model", str(demo_gguf), "--plan-only", "-c", "greeting",
+                 "--window", "99999", "-q"]) == 0
+    cap = capsys.readouterr()
+    assert cap.err == "chatcore replay: --window 99999 is above the model's window of 8192 tokens; using 8192\n"
+    assert "/8192" in cap.out
 
 
 def test_cli_golden_update_then_mismatch(demo_gguf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

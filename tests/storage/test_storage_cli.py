@@ -103,6 +103,20 @@ def test_bad_import_file_and_ambiguous_prefix(store: Store, cli_env, capsys: pyt
     store.create_session(session_id="dup-2")
     code, _, err = run(capsys, "show", "dup")
     assert code == 1 and "ambiguous" in err
+    code, _, err = run(capsys, "delete", "dup")
+    assert code == 1 and "ambiguous" in err and err.count("\n") == 1
+    assert store.session_exists("dup-1") and store.session_exists("dup-2")
+
+
+def test_delete_takes_a_unique_prefix(store: Store, cli_env, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = seed(store)
+    code, out, err = run(capsys, "delete", a[:-3])  # as show takes it
+    assert (code, out, err) == (0, f"deleted {a}\n", "")
+    assert not store.session_exists(a) and store.session_exists(b)
+    store.create_session(session_id="dup-1")
+    store.create_session(session_id="dup-10")
+    code, out, _ = run(capsys, "delete", "dup-1")  # a full id that is also a prefix of another
+    assert (code, out) == (0, "deleted dup-1\n") and store.session_exists("dup-10")
 
 
 def test_corrupt_session_is_a_warning_in_list(store: Store, cli_env, backend,
@@ -180,3 +194,18 @@ def test_a_file_of_one_bad_line_names_the_line(store: Store, cli_env, capsys: py
     code, _, err = run(capsys, "import", str(src))
     assert code == 1 and err.startswith(f"chatcore sessions: {src}:2: a string holds a lone surrogate")
     assert cli_env.client.dbsize() == 0
+
+
+@pytest.mark.parametrize("command", [["storage.cli"], ["chatcore", "sessions"]])
+def test_reader_that_stops_early_is_no_error(store: Store, backend, command: list[str]) -> None:
+    """`show ID | head -1`: the pipe closes while output (far more than a pipe buffer) is still coming."""
+    s = store.create_session("Long")
+    for k in range(40):
+        store.append_message(s.id, "user" if k % 2 == 0 else "assistant", f"line {k}\n" * 500)
+    proc = subprocess.Popen([sys.executable, "-m", *command, "show", s.id], env=backend.env, cwd=backend_cwd(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline() == f"id:        {s.id}\n"
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0 and err == ""
