@@ -33,6 +33,12 @@ class StoreConfig:
     checkpoint_interval: float = 1.0  # ...and at least this often (seconds) while tokens arrive
     stale_after: float = 60.0  # a streaming reply with no heartbeat for this long reads as incomplete
     keepalive: float | None = 10.0  # heartbeat period of a writer's background thread (None: off)
+    timeout: float = 2.0  # seconds one socket connect / read / write may take; a command fails within ~2x this
+
+    @property
+    def bound(self) -> float:
+        """The longest one storage call blocks on a hung or dead Redis: one try and one retry."""
+        return 2 * self.timeout + 0.5
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1:
@@ -43,6 +49,8 @@ class StoreConfig:
             raise ValueError("stale_after must be > 0")
         if self.keepalive is not None and not 0 < self.keepalive < self.stale_after:
             raise ValueError("keepalive must be > 0 and shorter than stale_after")
+        if not 0 < self.timeout <= 300:
+            raise ValueError("timeout must be > 0 and at most 300 seconds")
 
 
 def describe_client(client: Any) -> str:

