@@ -42,7 +42,10 @@ return 'ok'
 """)
 
 #: KEYS meta msgs live. ARGV schema, updated, n, then per message: id, mode (tip|root|id), parent,
-#: record-without-parent-and-seq, live value ('' when not streaming). Returns per message
+#: record-without-parent-and-seq, live value ('' when not streaming). A user message never attaches
+#: to a stored user message (another writer's turn still waiting for its reply, or one whose reply
+#: failed): it goes to that message's parent instead, a sibling branch, so a turn is never split.
+#: Messages added by the same batch chain as given. Returns per message
 #: ('new', parent id or '', seq) or ('dup', stored record, -1). Validates before writing anything,
 #: so a refused batch leaves nothing behind.
 APPEND = Lua("""
@@ -64,6 +67,7 @@ local tip = redis.call('HGET', meta, 'tip')
 local chain = ''
 if tip and tip ~= 'null' then chain = string.sub(tip, 2, -2) end
 local newtip = nil
+local fresh = {}
 local added = 0
 local out = {}
 for i = 0, n - 1 do
@@ -77,10 +81,16 @@ for i = 0, n - 1 do
   else
     local pj = ''
     if mode == 'tip' then pj = chain elseif mode == 'id' then pj = parent end
+    if pj ~= '' and not fresh[pj] and string.match(rest, '^[^\\t]*\\t[^\\t]*\\t([^\\t]*)') == 'user' then
+      local prec = redis.call('HGET', msgs, pj)
+      local pp, prole = string.match(prec or '', '^([^\\t]*)\\t[^\\t]*\\t[^\\t]*\\t[^\\t]*\\t([^\\t]*)')
+      if prole == 'user' then pj = pp end
+    end
     local seq = redis.call('HINCRBY', meta, 'seq', 1) - 1
     redis.call('HSET', msgs, id, pj .. '\\t' .. seq .. '\\t' .. rest)
     if lv ~= '' then redis.call('HSET', live, id, lv) end
     newtip = id
+    fresh[id] = true
     added = added + 1
     out[#out + 1] = 'new'
     out[#out + 1] = pj

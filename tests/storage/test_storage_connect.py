@@ -130,7 +130,8 @@ def test_outbox_keeps_the_turn_while_redis_is_down(tmp_path: Path) -> None:
     server = RedisServer(tmp_path).start()
     store = open_store(server.url)
     s = store.create_session()
-    first = store.append_message(s.id, "user", "before the outage")
+    store.append_message(s.id, "user", "before the outage")
+    first = store.append_message(s.id, "assistant", "answered")
     server.stop()
 
     outbox = Outbox(store)
@@ -150,11 +151,11 @@ def test_outbox_keeps_the_turn_while_redis_is_down(tmp_path: Path) -> None:
     assert outbox.flush() == 0
     thread = store.thread(s.id)
     assert [(m.content, m.status) for m in thread] == [
-        ("before the outage", "complete"), ("typed during the outage", "complete"),
+        ("before the outage", "complete"), ("answered", "complete"), ("typed during the outage", "complete"),
         ("still generating", "complete")]
-    assert thread[1].id == u.id and thread[1].created_at == u.created_at
+    assert thread[2].id == u.id and thread[2].created_at == u.created_at
     assert w.finish().status == "complete"  # finishing again is harmless
-    assert len(store.load(s.id).messages) == 3  # replays did not duplicate anything
+    assert len(store.load(s.id).messages) == 4  # replays did not duplicate anything
     store.close()
     server.stop()
 

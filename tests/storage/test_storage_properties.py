@@ -24,6 +24,8 @@ class Model:
         self.tip: str | None = None
 
     def add(self, mid: str, parent: str | None, role: str, content: str) -> None:
+        if role == "user" and parent is not None and self.msgs[parent][1] == "user":
+            parent = self.msgs[parent][0]  # a user message never goes under another: a sibling instead
         self.msgs[mid] = (parent, role, content)
         self.tip = mid
 
