@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,7 +49,8 @@ def _budget_for(tokenizer: Any) -> TokenBudget:
 class ChatMessage:
     """A message of the current branch. `in_context`: the model saw it in the last planned turn
     (False once its turn was pruned; it stays in storage and in the UI). `status`: complete,
-    streaming, incomplete or cancelled."""
+    streaming, incomplete or cancelled. `pending`: not yet in storage (Redis was unreachable); it is
+    written, whole, at the next call that reaches Redis."""
 
     id: str
     role: str
@@ -58,6 +60,7 @@ class ChatMessage:
     pinned: bool
     parent_id: str | None
     created_at: float
+    pending: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ class ChatSession:
         self.last_report: TurnReport | None = None
         self._cancel = threading.Event()
         self._busy = False
+        self._unsaved: list[tuple[str, Callable[[], Any]]] = []  # (message id, idempotent write), oldest first
+        self._saving = False
         self._refresh()
 
     # -- create / open ------------------------------------------------------------------------------
@@ -151,7 +156,9 @@ class ChatSession:
     def messages(self) -> list[ChatMessage]:
         """The current branch, root first."""
         pinned = set(self.manager.pinned)
-        return [ChatMessage(m.id, m.role, m.content, m.status, ctx, m.id in pinned, m.parent_id, m.created_at)
+        waiting = {mid for mid, _ in self._unsaved}
+        return [ChatMessage(m.id, m.role, m.content, m.status, ctx, m.id in pinned, m.parent_id, m.created_at,
+                            m.id in waiting)
                 for m, ctx in zip(self.manager.thread, self.manager.in_context(), strict=True)]
 
     def plan(self, text: str | None = None) -> Plan:
@@ -238,9 +245,9 @@ class ChatSession:
         params = self._params(sampling)
         self.manager.plan([Pending("user", text)])  # refuse a message that cannot fit before storing it
         parent = self.manager.thread[-1].id if self.manager.thread else None
-        msg = self.store.append_message(self.id, "user", text, parent_id=parent)
+        msg, before = self._store_user(text, parent)
         self.manager.append(msg)
-        return self._reply(params, lambda: self.store.begin_reply(self.id, parent_id=msg.id))
+        return self._reply(params, lambda: self.store.begin_reply(self.id, parent_id=msg.id, before=before))
 
     def regenerate(self, **sampling: Any) -> Iterator[ChatEvent]:
         """A new reply to the last user message, as a sibling of the last reply (kept as a branch)."""
@@ -290,6 +297,40 @@ class ChatSession:
     def _idle(self) -> None:
         if self._busy:
             raise SessionBusy("a reply is still streaming in this session; finish or cancel it first")
+
+    def _save_unsaved(self) -> None:
+        """Write what an unreachable Redis kept in memory, oldest first; raises StoreUnavailable
+        (keeping the rest) while it is still down. Re-entry (a reply's writer storing its user
+        message first, from inside this loop) is a no-op."""
+        if self._saving:
+            return
+        self._saving = True
+        try:
+            while self._unsaved:
+                self._unsaved[0][1]()
+                self._unsaved.pop(0)
+        finally:
+            self._saving = False
+
+    def _store_user(self, text: str, parent: str | None) -> tuple[Any, Callable[[], Any] | None]:
+        """Store the user's message (after anything still unsaved). With Redis down, the message is
+        kept (pending) and returned with the write its reply must make first."""
+        from storage.errors import StoreUnavailable
+        from storage.keys import new_id
+        from storage.records import Message
+
+        mid = new_id()
+
+        def append() -> Any:
+            return self.store.append_message(self.id, "user", text, parent_id=parent, message_id=mid)
+        try:
+            self._save_unsaved()
+            return append(), None
+        except StoreUnavailable:
+            now = time.time()
+            self._unsaved.append((mid, append))
+            return Message(mid, self.id, "user", text, parent, "complete", now, now, None, -1, {}), \
+                self._save_unsaved
 
     def _params(self, overrides: dict[str, Any]) -> Any:
         return sampling_params({**self._record.sampling, **overrides})
@@ -363,7 +404,13 @@ class ChatSession:
         return self.last_report
 
     def _finish(self, writer: Any, status: str, tokens: int) -> None:
+        from storage.errors import StoreUnavailable
+
         if writer.gone:
             return
-        msg = writer.finish(status, tokens=tokens)
+        try:
+            msg = writer.finish(status, tokens=tokens)
+        except StoreUnavailable:  # kept whole in memory (pending), written at the next call that reaches Redis
+            msg = writer.draft(status, tokens)
+            self._unsaved.append((writer.id, lambda: writer.finish(status, tokens=tokens)))
         self.manager.append(msg)

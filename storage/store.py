@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -26,15 +26,17 @@ class Store(MessagesMixin):
     """
 
     def begin_reply(self, session_id: str, *, parent_id: Any = TIP, message_id: str | None = None,
-                    role: str = "assistant", extra: Mapping[str, Any] | None = None) -> ReplyWriter:
+                    role: str = "assistant", extra: Mapping[str, Any] | None = None,
+                    before: Callable[[], Any] | None = None) -> ReplyWriter:
         """Start a streaming reply under `parent_id` (default: the tip) and save it at once as
-        `streaming`. If Redis is unreachable the writer still works in memory (see its `error`)."""
+        `streaming`. If Redis is unreachable the writer still works in memory (see its `error`).
+        `before`: an idempotent write that must land before the reply's first (the parent itself)."""
         if role not in ROLES:
             raise InvalidInput(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         writer = ReplyWriter(self, session_id, parent_id if parent_id is TIP else
                              (None if parent_id is None else check_id(parent_id)),
                              check_id(message_id) if message_id is not None else new_id(),
-                             role=role, extra=extra)
+                             role=role, extra=extra, before=before)
         writer.start()
         return writer
 

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .base import live_value
@@ -38,8 +38,10 @@ class ReplyWriter:
     """
 
     def __init__(self, store: MessagesMixin, session_id: str, parent: Any, message_id: str, *,
-                 role: str = "assistant", extra: Mapping[str, Any] | None = None) -> None:
+                 role: str = "assistant", extra: Mapping[str, Any] | None = None,
+                 before: Callable[[], Any] | None = None) -> None:
         self.store = store
+        self.before = before  # a write that must land first (e.g. the user message it answers)
         self.session_id = session_id
         self.id = message_id
         self.role = role
@@ -183,7 +185,18 @@ class ReplyWriter:
         return Message(self.id, self.session_id, self.role, self.text, self.parent_id, status,  # type: ignore[arg-type]
                        self.created_at, time.time(), tokens, self.seq, self.extra)
 
+    def draft(self, status: str = "streaming", tokens: int | None = None) -> Message:
+        """The reply as it stands (or would be stored with `status`), saved or not."""
+        return self._message(status, tokens)
+
     def _begin(self) -> None:
+        if self.before is not None:
+            before, self.before = self.before, None
+            try:
+                before()
+            except BaseException:
+                self.before = before  # StoreUnavailable while Redis is down: tried again next time
+                raise
         m = self.store.append_message(self.session_id, self.role, self.text, parent_id=self._parent_ref,
                                       message_id=self.id, status="streaming", extra=self.extra)
         self.parent_id = m.parent_id

@@ -193,3 +193,58 @@ def test_slot_pool_with_plain_fakes() -> None:
         pool.get(k, 8)
     pool.get("a", 8)
     assert pool.trim(keep="a") == ["b"] and pool.resident() == ["c", "a"]
+
+
+def _redis_server(workdir: Any, port: int) -> Any:
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
+                             "127.0.0.1", "--save", "", "--dir", str(workdir), "--appendonly", "yes",
+                             "--appendfsync", "always"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc
+        except OSError:
+            time.sleep(0.02)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+def test_a_turn_sent_while_redis_is_down_is_kept_and_written_when_it_returns(chat_engine: Any,
+                                                                             tmp_path: Any) -> None:
+    """Redis stops before send(): the user's message and the whole reply stay in messages(), marked
+    pending; the next send() after Redis returns writes them, each reply under its own message."""
+    from storage.connect import open_url
+
+    port = 6424
+    server = _redis_server(tmp_path, port)
+    store = open_url(f"redis://127.0.0.1:{port}/0", config=StoreConfig(timeout=0.5, keepalive=None))
+    try:
+        s = ChatSession.create(chat_engine, store, max_new_tokens=6)
+        drain(s.send("one"))
+        server.terminate()
+        server.wait(10)
+        drain(s.send("two"))  # no error: the turn is kept in memory
+        shown = s.messages()
+        assert [(m.role, m.pending) for m in shown] == [("user", False), ("assistant", False),
+                                                         ("user", True), ("assistant", True)]
+        assert shown[3].parent_id == shown[2].id and shown[3].status == "complete"
+        reply = shown[3].content
+        assert reply
+        server = _redis_server(tmp_path, port)
+        drain(s.send("three"))
+        stored = store.thread(s.id)
+        assert [m.content for m in stored][:4] == ["one", shown[1].content, "two", reply]
+        assert [m.id for m in stored][:4] == [m.id for m in shown]
+        assert stored[3].parent_id == stored[2].id and stored[4].parent_id == stored[3].id
+        assert [m.role for m in stored] == ["user", "assistant"] * 3
+        assert not any(m.pending for m in s.messages())
+    finally:
+        store.close()
+        server.terminate()
+        server.wait(10)
