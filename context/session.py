@@ -252,6 +252,7 @@ class ChatSession:
     def regenerate(self, **sampling: Any) -> Iterator[ChatEvent]:
         """A new reply to the last user message, as a sibling of the last reply (kept as a branch)."""
         self._idle()
+        self._try_save()
         params = self._params(sampling)
         thread = self.manager.thread
         if not thread:
@@ -269,6 +270,7 @@ class ChatSession:
         """Store an edited copy of `message_id` as a new branch (the original stays). Editing a user
         message returns the stream of a new reply to it; editing a reply returns an empty stream."""
         self._idle()
+        self._try_save()
         params = self._params(sampling)
         pos = self.manager.position(message_id)
         new = self.store.edit_message(self.id, message_id, text)
@@ -311,6 +313,13 @@ class ChatSession:
                 self._unsaved.pop(0)
         finally:
             self._saving = False
+
+    def _try_save(self) -> None:
+        """Write what is pending if Redis is back; if not, the call goes on (and says so if it must)."""
+        from storage.errors import StoreUnavailable
+
+        with contextlib.suppress(StoreUnavailable):
+            self._save_unsaved()
 
     def _store_user(self, text: str, parent: str | None) -> tuple[Any, Callable[[], Any] | None]:
         """Store the user's message (after anything still unsaved). With Redis down, the message is

@@ -236,13 +236,17 @@ def test_a_turn_sent_while_redis_is_down_is_kept_and_written_when_it_returns(cha
         assert shown[3].parent_id == shown[2].id and shown[3].status == "complete"
         reply = shown[3].content
         assert reply
+        drain(s.send("still down"))  # Redis is still down at the next call: that turn waits too
+        shown = s.messages()
+        assert [m.pending for m in shown] == [False, False, True, True, True, True]
+        assert shown[4].parent_id == shown[3].id and shown[5].parent_id == shown[4].id
         server = _redis_server(tmp_path, port)
         drain(s.send("three"))
         stored = store.thread(s.id)
-        assert [m.content for m in stored][:4] == ["one", shown[1].content, "two", reply]
-        assert [m.id for m in stored][:4] == [m.id for m in shown]
-        assert stored[3].parent_id == stored[2].id and stored[4].parent_id == stored[3].id
-        assert [m.role for m in stored] == ["user", "assistant"] * 3
+        assert [m.content for m in stored][:5] == ["one", shown[1].content, "two", reply, "still down"]
+        assert [m.id for m in stored][:6] == [m.id for m in shown]
+        assert all(stored[i].parent_id == stored[i - 1].id for i in range(1, 8))
+        assert [m.role for m in stored] == ["user", "assistant"] * 4
         assert not any(m.pending for m in s.messages())
     finally:
         store.close()
