@@ -179,7 +179,9 @@ def _stop_if_last(client: Any) -> None:
     client.connection_pool.disconnect()  # so that the count below sees only other processes + this one
     pid = client.pid
     if pid and client._connection_count() <= 1:
-        once = redis.Redis(unix_socket_path=client.socket_file, retry=Retry(NoBackoff(), 0))
+        registry = client.settingregistryfile
+        found = registered_socket(Path(registry)) if registry else None  # it may have been restarted elsewhere
+        once = redis.Redis(unix_socket_path=found or client.socket_file, retry=Retry(NoBackoff(), 0))
         once.shutdown(save=True)  # synchronous: the snapshot is on disk when Redis exits
         _wait_gone(pid)
         for leftover in (client.redis_dir, client.settingregistryfile if client.cleanupregistry else None):

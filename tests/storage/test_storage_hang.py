@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -116,13 +118,35 @@ def test_the_store_follows_an_embedded_server_restarted_elsewhere(tmp_path: Path
         other = subprocess.Popen([sys.executable, "-c", HOLD], env=env, stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert other.stdout.readline().strip() == "ready", other.stderr.read()
-        assert registered_socket(embedded_path(home).with_name("sessions.rdb.settings")) != old_socket
+        registry = embedded_path(home).with_name("sessions.rdb.settings")
+        assert registered_socket(registry) != old_socket
         m = w.finish()
         assert m.content == "first " + "".join(f"t{i} " for i in range(20)) and m.parent_id == u2.id
         u3 = store.append_message(s.id, "user", "after the restart")
         assert u3.parent_id == m.id
         assert [x.content for x in store.thread(s.id)][-2:] == [m.content, "after the restart"]
+        new_pid = int(Path(json.loads(registry.read_text())["pidfile"]).read_text())
+        other.communicate("bye\n", timeout=30)  # it leaves the server running: this store still uses it
+        assert store.get_session(s.id).tip_id == u3.id
+        other = None
+        store.close()  # the last user: the restarted server stops too
+        with pytest.raises(ProcessLookupError):
+            for _ in range(200):
+                os.kill(new_pid, 0)
+                time.sleep(0.05)
     finally:
         if other is not None:
             other.communicate("bye\n", timeout=30)
         store.close()
+        _kill_registered(embedded_path(home).with_name("sessions.rdb.settings"))
+
+
+def _kill_registered(registry: Path) -> None:
+    """Leave no server behind when the test failed half way."""
+    try:
+        pid = int(Path(json.loads(registry.read_text())["pidfile"]).read_text())
+    except (OSError, ValueError, KeyError):
+        return
+    with contextlib.suppress(OSError):
+        if b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes():  # not a pid reused since
+            os.kill(pid, signal.SIGKILL)
