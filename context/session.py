@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import threading
 import time
 import weakref
@@ -31,6 +32,7 @@ from .slots import SlotPool
 from .summarize import SummaryResult
 from .turn import Turn, begin_turn
 
+log = logging.getLogger("context")
 _BUDGETS: weakref.WeakKeyDictionary[Any, TokenBudget] = weakref.WeakKeyDictionary()
 
 
@@ -304,12 +306,20 @@ class ChatSession:
         """Write what an unreachable Redis kept in memory, oldest first; raises StoreUnavailable
         (keeping the rest) while it is still down. Re-entry (a reply's writer storing its user
         message first, from inside this loop) is a no-op."""
+        from storage.errors import StorageError, StoreUnavailable
+
         if self._saving:
             return
         self._saving = True
         try:
             while self._unsaved:
-                self._unsaved[0][1]()
+                mid, write = self._unsaved[0]
+                try:
+                    write()
+                except StoreUnavailable:
+                    raise
+                except StorageError as exc:  # e.g. the session was deleted meanwhile: drop it, do not block
+                    log.warning("message %s could not be stored and is dropped: %s", mid, exc)
                 self._unsaved.pop(0)
         finally:
             self._saving = False
