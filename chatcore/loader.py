@@ -94,15 +94,15 @@ def load(path: str | Path | None = "demo", device: str | torch.device | None = N
     dt = pick_dtype(dtype, dev)
     p = resolve(path, status)
     report = progress or _bar(p.name)
+    say = status or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if tensor_parallel != 1:
         from chatcore.parallel.launch import load_parallel  # torch.distributed: for tensor parallel only
 
         engine = load_parallel(p, tensor_parallel, dev, dt, options, progress=report)
     else:
         with _gc_paused():
-            engine = load_engine(p, open_checked(p), dev, dt, options, report)
+            engine = load_engine(p, open_checked(p), dev, dt, options, report, say)
     if max_seq_len is not None and max_seq_len > engine.config.max_window:
-        say = status or (lambda msg: print(msg, file=sys.stderr, flush=True))
         say(f"chatcore: max_seq_len {max_seq_len} is above the model's window of {engine.config.max_window} "
             f"tokens; using {engine.window}")
     return engine
