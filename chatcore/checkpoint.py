@@ -92,10 +92,13 @@ def _open_gguf(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | None]:
         factor, params = llama3_scaling(divisors, cfg.rope_theta, cfg.head_dim)
         cfg = dataclasses.replace(cfg, rope_scaling=RopeScaling("llama3", factor, params))
     cfg = _settings_from_tensors(cfg, source.names())
-    tok_cfg = tokenizer_config_from_gguf(meta)
-    # ensure_ascii=False: byte-level vocabularies are mostly non-ASCII, and unescaped JSON parses faster
-    tok_json = json.dumps(tokenizer_json_from_gguf(meta), ensure_ascii=False)
-    tok = HFTokenizer(HFTok.from_str(tok_json), tok_cfg, extra_eos_ids=cfg.eos_token_ids)
+    try:
+        tok_cfg = tokenizer_config_from_gguf(meta)
+        # ensure_ascii=False: byte-level vocabularies are mostly non-ASCII, and unescaped JSON parses faster
+        tok_json = json.dumps(tokenizer_json_from_gguf(meta), ensure_ascii=False)
+        tok = HFTokenizer(HFTok.from_str(tok_json), tok_cfg, extra_eos_ids=cfg.eos_token_ids)
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ModelFormatError(f"{p}: its tokenizer cannot be built ({exc}); the file is incomplete") from None
     return cfg, source, tok
 
 
@@ -139,7 +142,22 @@ def open_checked(p: Path) -> Opened:
     """:func:`open_checkpoint`, then :func:`check_tensors`."""
     cfg, source, tokenizer = open_checkpoint(p)
     check_tensors(p, cfg, source)
+    check_special_ids(p, cfg, tokenizer)
     return cfg, source, tokenizer
+
+
+def check_special_ids(p: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -> None:
+    """The BOS id (config's or tokenizer's) and the tokenizer's EOS ids must be rows of the embedding: a
+    tokenizer whose special tokens lie past the vocabulary would fail every prompt or never end a reply. (A
+    tokenizer shorter than the vocabulary is common and fine: ids it lacks decode to nothing.)"""
+    ids = [("bos_token_id in config.json", cfg.bos_token_id)]
+    if tokenizer is not None:
+        ids += [("the tokenizer's BOS token", tokenizer.bos_token_id),
+                *(("the tokenizer's EOS token", i) for i in tokenizer.eos_token_ids)]
+    for what, i in ids:
+        if i is not None and not 0 <= i < cfg.vocab_size:
+            raise ModelFormatError(f"{p}: {what} is id {i}, outside the model's vocabulary of {cfg.vocab_size}; "
+                                   "the tokenizer does not belong to these weights")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from model_factory import make_llama_dir
 
 import chatcore
 import chatcore.checkpoint as checkpoint
-from chatcore.checkpoint import fit_window, open_checked, window_bytes_per_token
+from chatcore.checkpoint import check_special_ids, fit_window, open_checked, window_bytes_per_token
 from chatcore.errors import ModelFormatError
 from chatcore.sampling import SamplingParams
 
@@ -112,6 +113,34 @@ def test_an_index_whose_weight_map_is_not_an_object(base: Path, tmp_path: Path) 
     _fails_fast(path, "malformed")
 
 
+def test_special_ids_past_the_vocabulary(base: Path, tmp_path: Path) -> None:
+    path = _copy(base, tmp_path / "m", bos_token_id=10**6)
+    assert "bos_token_id in config.json is id 1000000, outside the model's vocabulary of 320" in _fails_fast(
+        path, "does not belong")
+    cfg = open_checked(base)[0]
+    tok = SimpleNamespace(bos_token_id=1, eos_token_ids=(2, 320))
+    with pytest.raises(ModelFormatError, match="the tokenizer's EOS token is id 320, outside"):
+        check_special_ids(base, cfg, tok)  # type: ignore[arg-type]
+
+
+def test_a_tokenizer_shorter_than_the_vocabulary_loads(gguf_file: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch, base: Path) -> None:
+    """Common (embeddings padded past the tokenizer) and harmless: ids the tokenizer lacks decode to nothing."""
+    import gguf_convert
+
+    full = gguf_convert._vocab
+    def short(n: int) -> tuple[list[str], list[str]]:
+        tokens, merges = full(n)
+        kept = set(tokens[:100])
+        return tokens[:100], [m for m in merges if all(part in kept for part in m.split(" "))]
+
+    monkeypatch.setattr(gguf_convert, "_vocab", short)
+    engine = chatcore.load(gguf_convert.write_gguf(base, tmp_path / "short.gguf"), device="cpu")
+    assert engine.config.vocab_size == 320 and engine.tokenizer.vocab_size == 100
+    assert engine.tokenizer.decode([150, 319]) == ""
+    assert len(list(engine.generate([1, 2, 3], SamplingParams(max_new_tokens=3, ignore_eos=True)))) == 3
+
+
 # --- GGUF: the same checks, the metadata patched in place ---------------------------------------------------
 @pytest.fixture(scope="module")
 def gguf_file(base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -139,6 +168,14 @@ def _patch(src: Path, dest: Path, key: str, fmt: str, value: float) -> Path:
 def test_gguf_metadata_that_disagrees(gguf_file: Path, tmp_path: Path, key: str, fmt: str, value: float,
                                       match: str) -> None:
     _fails_fast(_patch(gguf_file, tmp_path / "m.gguf", key, fmt, value), match)
+
+
+def test_a_gguf_tokenizer_that_cannot_be_built(base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gguf_convert
+
+    full = gguf_convert._vocab
+    monkeypatch.setattr(gguf_convert, "_vocab", lambda n: (full(n)[0], []))   # a gpt2 vocabulary without merges
+    _fails_fast(gguf_convert.write_gguf(base, tmp_path / "m.gguf"), "its tokenizer cannot be built")
 
 
 # --- the window: capped to what memory holds ----------------------------------------------------------------
