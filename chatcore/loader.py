@@ -78,7 +78,8 @@ def load(path: str | Path | None = "demo", device: str | torch.device | None = N
     not exist or is not available raises :class:`DeviceUnavailable`, a dtype other than float32 / bfloat16 /
     float16 or a ``max_seq_len`` / ``prefill_chunk`` below 1 :class:`LoadOptionError`, before anything loads.
     ``max_seq_len``: the context window to serve (default: the model's own; a larger value is cut to the
-    model's, with a notice through ``status``).
+    model's, with a notice through ``status``; so is a window whose KV cache would not fit in the memory left
+    after the weights: :func:`chatcore.checkpoint.fit_window`).
     ``prefill_chunk``: prompt tokens per forward pass (default 512 on the CPU; on a GPU 32768, lowered at each
     prompt to what half the free memory holds).
     ``attention``: auto, flash, triton, torch or math; ``cuda_graphs``: capture each slot's decode step.
