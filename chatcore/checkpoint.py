@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,10 +92,13 @@ def _open_gguf(p: Path) -> tuple[ModelConfig, TensorSource, HFTokenizer | None]:
         factor, params = llama3_scaling(divisors, cfg.rope_theta, cfg.head_dim)
         cfg = dataclasses.replace(cfg, rope_scaling=RopeScaling("llama3", factor, params))
     cfg = _settings_from_tensors(cfg, source.names())
-    tok_cfg = tokenizer_config_from_gguf(meta)
-    # ensure_ascii=False: byte-level vocabularies are mostly non-ASCII, and unescaped JSON parses faster
-    tok_json = json.dumps(tokenizer_json_from_gguf(meta), ensure_ascii=False)
-    tok = HFTokenizer(HFTok.from_str(tok_json), tok_cfg, extra_eos_ids=cfg.eos_token_ids)
+    try:
+        tok_cfg = tokenizer_config_from_gguf(meta)
+        # ensure_ascii=False: byte-level vocabularies are mostly non-ASCII, and unescaped JSON parses faster
+        tok_json = json.dumps(tokenizer_json_from_gguf(meta), ensure_ascii=False)
+        tok = HFTokenizer(HFTok.from_str(tok_json), tok_cfg, extra_eos_ids=cfg.eos_token_ids)
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ModelFormatError(f"{p}: its tokenizer cannot be built ({exc}); the file is incomplete") from None
     return cfg, source, tok
 
 
@@ -103,20 +108,56 @@ def _settings_from_tensors(cfg: ModelConfig, names: set[str]) -> ModelConfig:
 
 
 def check_tensors(p: Path, cfg: ModelConfig, source: TensorSource) -> list[str]:
-    """The tensor names the model's family reads; raise :class:`ModelFormatError` if any is missing."""
-    names = FAMILIES[cfg.family].tensor_names(cfg)
-    missing = [n for n in names if n not in source.names()]
+    """The tensor names the model's family reads; raise :class:`ModelFormatError` if any is missing or its shape
+    (from the file's header: no data is read) is not the one the config implies. Runs before anything is
+    allocated for the model, so a config claiming more layers, a wider vocabulary or longer rows than the
+    tensors hold is one error, never a huge allocation."""
+    present = source.names()
+    layers = _layers_present(present)
+    if cfg.num_layers > max(layers, 1) or cfg.num_layers > len(present):
+        raise ModelFormatError(f"{p}: the config says {cfg.num_layers} layers but the tensors hold {layers}; "
+                               "the config does not belong to these weights")
+    shapes = FAMILIES[cfg.family].shapes(cfg)
+    missing = [n for n in shapes if n not in present]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ModelFormatError(f"{p} lacks the tensor {missing[0]!r}{more}; the checkpoint is incomplete")
-    return names
+    for name, want in shapes.items():
+        have = source.shape(name)
+        if have != tuple(want):
+            raise ModelFormatError(f"{p}: tensor {name!r} has shape {list(have)} but the config implies "
+                                   f"{list(want)}; the config does not belong to these weights")
+    return list(shapes)
+
+
+def _layers_present(names: set[str]) -> int:
+    """How many layers the tensors hold: distinct indices in names like ``model.layers.7.mlp...``."""
+    return len({m.group(1) for n in names if (m := _LAYER.search(n))})
+
+
+_LAYER = re.compile(r"\.(\d+)\.")
 
 
 def open_checked(p: Path) -> Opened:
     """:func:`open_checkpoint`, then :func:`check_tensors`."""
     cfg, source, tokenizer = open_checkpoint(p)
     check_tensors(p, cfg, source)
+    check_special_ids(p, cfg, tokenizer)
     return cfg, source, tokenizer
+
+
+def check_special_ids(p: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -> None:
+    """The BOS id (config's or tokenizer's) and the tokenizer's EOS ids must be rows of the embedding: a
+    tokenizer whose special tokens lie past the vocabulary would fail every prompt or never end a reply. (A
+    tokenizer shorter than the vocabulary is common and fine: ids it lacks decode to nothing.)"""
+    ids = [("bos_token_id in config.json", cfg.bos_token_id)]
+    if tokenizer is not None:
+        ids += [("the tokenizer's BOS token", tokenizer.bos_token_id),
+                *(("the tokenizer's EOS token", i) for i in tokenizer.eos_token_ids)]
+    for what, i in ids:
+        if i is not None and not 0 <= i < cfg.vocab_size:
+            raise ModelFormatError(f"{p}: {what} is id {i}, outside the model's vocabulary of {cfg.vocab_size}; "
+                                   "the tokenizer does not belong to these weights")
 
 
 @dataclass(frozen=True)
@@ -165,8 +206,73 @@ def build_model(cfg: ModelConfig, runtime: Runtime, get: Callable[[str], torch.T
 
 
 def load_engine(p: Path, opened: Opened, dev: torch.device, dt: torch.dtype, options: LoadOptions,
-                progress: Progress | None = None) -> Engine:
-    """The whole model of a checked checkpoint (:func:`open_checked`) in this process, as an :class:`Engine`."""
+                progress: Progress | None = None, status: Callable[[str], None] | None = None) -> Engine:
+    """The whole model of a checked checkpoint (:func:`open_checked`) in this process, as an :class:`Engine`.
+
+    The window is capped to what memory holds (:func:`fit_window`); ``status`` gets the notice when it is."""
     cfg, source, tokenizer = opened
     runtime = make_runtime(cfg, dev, dt, options)
+    window, notice = fit_window(cfg, dev, dt, runtime.max_seq_len, free_memory(dev))
+    if notice is not None:
+        runtime = dataclasses.replace(runtime, max_seq_len=window)
+        if status is not None:
+            status(notice)
     return Engine(build_model(cfg, runtime, source.get, progress), cfg, runtime, tokenizer, source=str(p))
+
+
+def window_bytes_per_token(cfg: ModelConfig, dt: torch.dtype) -> int:
+    """Memory a token of the window takes: a slot's keys and values in every layer, and the RoPE tables
+    (float32 cos / sin and a copy in ``dt``; two tables for models with a local RoPE base)."""
+    size = torch.tensor([], dtype=dt).element_size()
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * size
+    return kv + 2 * cfg.head_dim * (4 + size)
+
+
+def weight_bytes(cfg: ModelConfig, dt: torch.dtype) -> int:
+    """Memory the model's weights take in ``dt``."""
+    size = torch.tensor([], dtype=dt).element_size()
+    return size * sum(math.prod(shape) for shape in FAMILIES[cfg.family].shapes(cfg).values())
+
+
+def free_memory(dev: torch.device) -> int | None:
+    """Bytes free for the model on ``dev``: the GPU's free memory, or the host's available memory
+    (``MemAvailable`` of /proc/meminfo); None where that cannot be read."""
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+# the share of the memory left after the weights that a window's cache may take (the rest: activations)
+WINDOW_SHARE = 0.8
+MIN_WINDOW = 512   # never capped below this (or the model's own window, when smaller)
+
+
+def fit_window(cfg: ModelConfig, dev: torch.device, dt: torch.dtype, window: int,
+               free: int | None) -> tuple[int, str | None]:
+    """``window``, or the longest one whose cache fits ``free`` bytes after the weights, with a notice saying so
+    (None: it fits, or ``free`` is unknown)."""
+    per_token = window_bytes_per_token(cfg, dt)
+    if free is None:
+        return window, None
+    budget = max(int((free - weight_bytes(cfg, dt)) * WINDOW_SHARE), 0)
+    if window * per_token <= budget:
+        return window, None
+    fit = max(budget // per_token, min(MIN_WINDOW, window))
+    if fit >= window:
+        return window, None
+    fit = fit // 256 * 256 if fit >= 256 else fit
+    where = "on the GPU" if dev.type == "cuda" else "in RAM"
+    return fit, (f"chatcore: a {window}-token window needs {_gb(window * per_token)} for its KV cache; "
+                 f"{_gb(free)} is free {where} (weights {_gb(weight_bytes(cfg, dt))}), so the window is "
+                 f"{fit} tokens; choose it with max_seq_len (--max-seq-len)")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"

@@ -7,6 +7,7 @@ cache sizes) live in :class:`chatcore.runtime.Runtime`, never here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,16 @@ class ModelConfig:
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ModelFormatError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        for name in ("rope_theta", "rope_local_theta", "rms_norm_eps", "softmax_scale", "clip_qkv",
+                     "final_logit_softcap", "alibi_bias_max"):
+            value = getattr(self, name)
+            floor_ok = value == 0 and name == "rms_norm_eps"
+            if value is not None and not (math.isfinite(value) and (value > 0 or floor_ok)):
+                raise ModelFormatError(f"model config: {name} must be a positive finite number, got {value}")
+        scaling = (self.rope_scaling.factor, *(v for _, v in self.rope_scaling.params if isinstance(v, float)))
+        if not all(math.isfinite(v) for v in scaling) or self.rope_scaling.factor <= 0:
+            raise ModelFormatError(f"model config: RoPE scaling {self.rope_scaling.kind} has a factor or parameter "
+                                   f"that is not a positive finite number ({self.rope_scaling.factor})")
         if self.num_heads % self.num_kv_heads:
             raise ModelFormatError(
                 f"model config: num_attention_heads ({self.num_heads}) is not a multiple of "

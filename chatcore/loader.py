@@ -78,7 +78,8 @@ def load(path: str | Path | None = "demo", device: str | torch.device | None = N
     not exist or is not available raises :class:`DeviceUnavailable`, a dtype other than float32 / bfloat16 /
     float16 or a ``max_seq_len`` / ``prefill_chunk`` below 1 :class:`LoadOptionError`, before anything loads.
     ``max_seq_len``: the context window to serve (default: the model's own; a larger value is cut to the
-    model's, with a notice through ``status``).
+    model's, with a notice through ``status``; so is a window whose KV cache would not fit in the memory left
+    after the weights: :func:`chatcore.checkpoint.fit_window`).
     ``prefill_chunk``: prompt tokens per forward pass (default 512 on the CPU; on a GPU 32768, lowered at each
     prompt to what half the free memory holds).
     ``attention``: auto, flash, triton, torch or math; ``cuda_graphs``: capture each slot's decode step.
@@ -94,15 +95,15 @@ def load(path: str | Path | None = "demo", device: str | torch.device | None = N
     dt = pick_dtype(dtype, dev)
     p = resolve(path, status)
     report = progress or _bar(p.name)
+    say = status or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if tensor_parallel != 1:
         from chatcore.parallel.launch import load_parallel  # torch.distributed: for tensor parallel only
 
         engine = load_parallel(p, tensor_parallel, dev, dt, options, progress=report)
     else:
         with _gc_paused():
-            engine = load_engine(p, open_checked(p), dev, dt, options, report)
+            engine = load_engine(p, open_checked(p), dev, dt, options, report, say)
     if max_seq_len is not None and max_seq_len > engine.config.max_window:
-        say = status or (lambda msg: print(msg, file=sys.stderr, flush=True))
         say(f"chatcore: max_seq_len {max_seq_len} is above the model's window of {engine.config.max_window} "
             f"tokens; using {engine.window}")
     return engine

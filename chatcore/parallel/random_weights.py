@@ -26,6 +26,9 @@ class RandomWeights:
     def names(self) -> set[str]:
         return set(self.shapes)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
     def get(self, name: str) -> torch.Tensor:
         return self.get_part(name, (slice(None),))
 

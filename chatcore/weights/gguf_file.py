@@ -37,6 +37,9 @@ class GGUFTensors:
     def names(self) -> set[str]:
         return set(self._tensors)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self._tensors[name][0].shape))
+
     def get(self, name: str) -> torch.Tensor:
         entry = self._tensors.get(name)
         if entry is None:

@@ -24,7 +24,14 @@ class SafetensorsDir:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
                 raise ModelFormatError(f"{index} is malformed ({exc}); re-download the model") from None
+            if not isinstance(weight_map, dict):
+                raise ModelFormatError(f"{index} is malformed (its weight_map is not an object); re-download the model")
+            inside = directory.resolve()
             for name, file in weight_map.items():
+                where = (directory / str(file)).resolve()
+                if not isinstance(file, str) or not where.is_relative_to(inside):
+                    raise ModelFormatError(f"{index} names {str(file)!r} for {name!r}, outside the model directory; "
+                                           "a shard must be a file of the directory")
                 self._where[name] = directory / file
             missing = sorted({p.name for p in self._where.values() if not p.exists()})
             if missing:
@@ -51,6 +58,13 @@ class SafetensorsDir:
 
     def names(self) -> set[str]:
         return set(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        file = self._where[name]
+        try:
+            return tuple(self._handle(file).get_slice(name).get_shape())
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise ModelFormatError(f"{file}: tensor {name!r} cannot be read ({exc}); re-download it") from None
 
     def get(self, name: str) -> torch.Tensor:
         file = self._where.get(name)
