@@ -39,7 +39,7 @@ def _copy(base: Path, dest: Path, **config: object) -> Path:
 
 
 def _fails_fast(path: Path, match: str, opener: Callable[[Path], object] = open_checked) -> str:
-    """Opening ``path`` raises one ModelFormatError line matching ``match`` within seconds, having allocated
+    """Opening ``path`` raises one ModelFormatError line matching ``match`` (no hang), having allocated
     under 20 MB of Python memory on the way."""
     tracemalloc.start()
     t0 = time.perf_counter()
@@ -49,7 +49,7 @@ def _fails_fast(path: Path, match: str, opener: Callable[[Path], object] = open_
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert time.perf_counter() - t0 < 5.0
+    assert time.perf_counter() - t0 < 60   # a hang bound only; what it allocated is the counted property
     assert peak < 20 * 2**20
     message = str(info.value)
     assert "\n" not in message
