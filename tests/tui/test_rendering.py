@@ -1,0 +1,50 @@
+"""What a message looks like on screen: line breaks kept, flags in the header (branches, context)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from conftest import aio, ready
+
+
+def screen_lines(widget: Any) -> list[str]:
+    """The widget's lines as painted (its own rendering, at its size), right-stripped."""
+    from textual.geometry import Region
+
+    return [s.text.rstrip() for s in widget.render_lines(Region(0, 0, widget.size.width, widget.size.height))]
+
+
+@aio
+async def test_line_breaks_inside_a_paragraph_are_shown(make_app: Any, store: Any) -> None:
+    """A single newline is a line break on screen (stored text keeps it); code blocks are untouched."""
+    s = store.create_session("Breaks")
+    u = store.append_message(s.id, "user", "first line\nsecond line")
+    store.append_message(s.id, "assistant", "roses\nviolets\n\n```\na = 1\nb = 2\n```", parent_id=u.id)
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        user, reply = app.view.boxes()
+        lines = screen_lines(user)
+        assert any(line.endswith("first line") for line in lines), lines
+        assert any(line.endswith("second line") for line in lines), lines
+        lines = [line.strip(" █") for line in screen_lines(reply)]
+        assert "roses" in lines and "violets" in lines, lines
+        assert any(line.startswith("a = 1") for line in lines) and any(line.startswith("b = 2") for line in lines)
+        assert app.view.rows[0].content == "first line\nsecond line"
+
+
+@aio
+async def test_line_breaks_show_while_a_reply_streams(make_app: Any) -> None:
+    """The streamed reply's Markdown widget breaks lines the same way."""
+    from textual.widgets import Markdown
+
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        await app.view.start_reply()
+        await app.view.write_reply("m1", "one\ntwo\n\nthree")
+        await pilot.pause(0.2)
+        md = app.view.boxes()[-1].query_one(Markdown)
+        lines = [line.strip() for block in md.children for line in screen_lines(block)]
+        assert "one" in lines and "two" in lines and "three" in lines, lines
+        await app.view.end_stream()
