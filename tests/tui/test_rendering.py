@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conftest import aio, ready
+from conftest import SlowEngine, aio, ready, send, wait_for
 
 
 def screen_lines(widget: Any) -> list[str]:
@@ -48,3 +48,26 @@ async def test_line_breaks_show_while_a_reply_streams(make_app: Any) -> None:
         lines = [line.strip() for block in md.children for line in screen_lines(block)]
         assert "one" in lines and "two" in lines and "three" in lines, lines
         await app.view.end_stream()
+
+
+@aio
+async def test_an_edited_message_is_in_context_while_its_reply_streams(make_app: Any, tui_engine: Any) -> None:
+    from textual.widgets import TextArea
+
+    app = make_app(engine=SlowEngine(tui_engine))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        await send(pilot, "first question")
+        app.sampling.update(max_new_tokens=400, ignore_eos=True)
+        app.session.set_params(max_new_tokens=400, ignore_eos=True)
+        await pilot.press("f4")
+        await wait_for(pilot, lambda: app.screen.query(TextArea))
+        app.screen.query_one(TextArea).text = "edited question"
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: len(app.view.streaming_text) > 3)
+        edited = app.view.boxes()[0]
+        assert edited.row.content == "edited question"
+        assert edited.row.in_context and "out of context" not in edited.header and not edited.has_class("-out")
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: app.turns == 2)
+        assert app.view.rows[0].in_context
