@@ -94,7 +94,8 @@ class ChatApp(Actions, App[None]):
                 yield ChatView(id="view")
                 with Horizontal(id="status"):
                     yield Label("loading model…", id="load-label")
-                    yield ProgressBar(id="load-bar", show_eta=False)
+                    # A total from the start: 0% until the loader reports its tensor count, never "--%"
+                    yield ProgressBar(total=1, id="load-bar", show_eta=False)
                 yield ContextMeter(timings=self.timings, id="meter")
                 yield PromptInput("Message (Enter to send · ctrl+j new line · F1 help · ctrl+p commands)", id="prompt")
         yield Footer()

@@ -140,3 +140,40 @@ def test_model_progress_is_throttled_but_ends_complete() -> None:
     for i in range(1, 273):
         hook(i, 272)
     assert seen == [(1, 272), (272, 272)]  # the first step, then nothing until the last one
+
+
+@aio
+async def test_the_load_progress_bar_shows_a_percentage(store: Any, tui_model_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar shows how far the load is from the start (0% before the first tensor), never `--%`."""
+    import time
+
+    from textual.widgets import ProgressBar
+
+    import tui.app
+    started, halfway, release, load = threading.Event(), threading.Event(), threading.Event(), tui.app.load_engine
+
+    def held(model: Any, progress: Any = None, *args: Any, **kw: Any) -> Any:
+        started.wait(timeout=120)
+        progress(1, 10)
+        time.sleep(0.1)  # past the throttle
+        progress(5, 10)
+        halfway.set()
+        release.wait(timeout=120)
+        return load(model, progress, *args, **kw)
+
+    monkeypatch.setattr(tui.app, "load_engine", held)
+    app = RecordingApp(str(tui_model_dir), store=store, timings=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        try:
+            bar = app.query_one("#load-bar", ProgressBar)
+            await pilot.pause(0.1)
+            assert str(bar.query_one("#percentage").render()).strip() == "0%"
+            started.set()
+            await wait_for(pilot, lambda: halfway.is_set() and bar.progress == 5)
+            await pilot.pause(0.1)
+            assert str(bar.query_one("#percentage").render()).strip() == "50%"
+        finally:
+            started.set()
+            release.set()
+        await wait_for(pilot, lambda: app.load_state == "ready", timeout=60)
