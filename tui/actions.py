@@ -20,7 +20,7 @@ from textual.widgets import Input
 from context.session import sampling_params
 
 from . import keymap
-from .display import MeterInfo, Row, export_name, meter_info, rows
+from .display import MeterInfo, Row, export_name, meter_info, session_rows
 from .screens import ConfirmScreen, HelpScreen, ParamsScreen, TextEditScreen
 from .screens.params import FIELDS as PARAM_FIELDS
 from .widgets.chat_view import code_blocks
@@ -107,7 +107,7 @@ class Actions:
 
         def work() -> tuple[list[Row], MeterInfo, Any]:
             result = fn(session)
-            return rows(session.messages()), meter_info(session), result
+            return session_rows(session), meter_info(session), result
 
         async def show(result: tuple[list[Row], MeterInfo, Any]) -> None:
             shown, info, said = result

@@ -26,7 +26,7 @@ from context import ChatSession, SessionLibrary, SlotPool, load_engine
 
 from . import keymap
 from .actions import STREAMING, Actions
-from .display import MeterInfo, Row, describe, meter_info, rows
+from .display import MeterInfo, Row, describe, meter_info, rows, session_rows
 from .messages import LoadFailed, ModelProgress, ModelReady, StoreReady, throttled
 from .styles import CSS
 from .widgets.chat_view import ChatView
@@ -296,10 +296,11 @@ class ChatApp(Actions, App[None]):
         """Thread: the session as stored (no engine yet) or live, handed to `_session_read`."""
         try:
             if engine is None:
-                session, shown, info = None, rows(library.messages(session_id)), MeterInfo()
+                shown = rows(library.messages(session_id), library.branches(session_id))
+                session, info = None, MeterInfo()
             else:
                 session = self._live_session(library, engine, session_id)
-                shown, info = rows(session.messages()), meter_info(session)
+                shown, info = session_rows(session), meter_info(session)
         except Exception as exc:  # noqa: BLE001
             self.call_from_thread(self._session_failed, exc, after)
             return
@@ -396,7 +397,7 @@ class ChatApp(Actions, App[None]):
                 gen = session.edit(message_id or "", text or "")
             else:
                 gen = session.regenerate()
-            shown = rows(session.messages())
+            shown = session_rows(session)
             if op == "regenerate" and shown and shown[-1].role == "assistant":
                 shown = shown[:-1]
         except Exception as exc:  # noqa: BLE001
@@ -412,7 +413,7 @@ class ChatApp(Actions, App[None]):
         except Exception as exc:  # noqa: BLE001
             self.call_from_thread(self.show_error, exc, "Generation failed")
         info = meter_info(session, last.report if last is not None else None)
-        self.call_from_thread(self._turn_done, session.id, rows(session.messages()), info,
+        self.call_from_thread(self._turn_done, session.id, session_rows(session), info,
                               last.finish_reason if last else None)
 
     def _new_session(self, title: str = "", system: str | None = None) -> ChatSession:

@@ -71,3 +71,34 @@ async def test_an_edited_message_is_in_context_while_its_reply_streams(make_app:
         await pilot.press("escape")
         await wait_for(pilot, lambda: app.turns == 2)
         assert app.view.rows[0].in_context
+
+
+@aio
+async def test_a_message_with_branches_shows_its_position_in_the_header(make_app: Any, store: Any) -> None:
+    """‹2/2› on an edited message and on a regenerated reply; alt+left shows ‹1/2›; a message without
+    alternatives has no marker. The stored view (before the model is used) shows them too."""
+    from textual.widgets import TextArea
+
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        await send(pilot, "first question")
+        assert "‹" not in app.view.boxes()[0].header
+        await pilot.press("f4")
+        await wait_for(pilot, lambda: app.screen.query(TextArea))
+        app.screen.query_one(TextArea).text = "edited question"
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: app.turns == 2)
+        user, reply = app.view.boxes()
+        assert user.header.startswith("user ‹2/2›") and "‹" not in reply.header
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: app.turns == 3)
+        await wait_for(pilot, lambda: len(app.view.boxes()) == 2 and "‹" in app.view.boxes()[1].header)
+        assert app.view.boxes()[1].header.startswith("assistant ‹2/2›")
+        await pilot.press("alt+left")
+        await wait_for(pilot, lambda: app.view.boxes()[-1].header.startswith("assistant ‹1/2›"))
+        sid = app.session_id
+    assert app.library is not None
+    shown = app.library.branches(sid)
+    thread = store.thread(sid)
+    assert shown == {thread[0].id: (2, 2), thread[1].id: (1, 2)}

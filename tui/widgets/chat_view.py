@@ -68,7 +68,8 @@ def header_text(row: Row, streaming: bool = False) -> str:
         flags.append(row.status)
     if streaming:
         flags.append("…")
-    return row.role + (" · " + " · ".join(flags) if flags else "")
+    branch = f" ‹{row.branch[0]}/{row.branch[1]}›" if row.branch is not None else ""
+    return row.role + branch + (" · " + " · ".join(flags) if flags else "")
 
 
 def _classes(row: Row) -> str:
