@@ -22,7 +22,7 @@ from textual.containers import Horizontal, Vertical
 from textual.reactive import reactive
 from textual.widgets import Footer, Header, Label, ProgressBar
 
-from context import ChatSession, SessionLibrary, SlotPool, load_engine
+from context import ChatSession, MessageTooLong, SessionLibrary, SlotPool, load_engine
 
 from . import keymap
 from .actions import STREAMING, Actions
@@ -386,11 +386,10 @@ class ChatApp(Actions, App[None]):
     @work(thread=True, group="turn", exit_on_error=False)
     def _turn(self, op: str, text: str | None, message_id: str | None) -> None:
         """Thread: store the message, then drain the reply stream into the view."""
-        session = self.session
+        session, fresh = self.session, self.session is None
         try:
             if session is None:
                 session = self._new_session(title=(text or "")[:48])
-                self.call_from_thread(self._adopt, session)
             if op == "send":
                 gen = session.send(text or "")
             elif op == "edit":
@@ -401,8 +400,12 @@ class ChatApp(Actions, App[None]):
             if op == "regenerate" and shown and shown[-1].role == "assistant":
                 shown = shown[:-1]
         except Exception as exc:  # noqa: BLE001
+            if fresh and session is not None:
+                self._drop_new_session(session)  # refused before anything was stored: no empty session left
             self.call_from_thread(self._turn_failed, op, text, exc)
             return
+        if fresh:
+            self.call_from_thread(self._adopt, session)
         self.call_from_thread(self._turn_started, shown)
         last = None
         try:
@@ -424,11 +427,31 @@ class ChatApp(Actions, App[None]):
         self.sessions[s.id] = s
         return s
 
+    def _drop_new_session(self, session: ChatSession) -> None:
+        """Thread: delete a session made for a first message that was then refused (it holds nothing)."""
+        self.sessions.pop(session.id, None)
+        if self.pool is not None:
+            self.pool.discard(session.id)
+        try:
+            assert self.library is not None
+            self.library.delete(session.id)
+        except Exception:  # noqa: BLE001 - the refusal is what the user is told about
+            pass
+
     def _turn_failed(self, op: str, text: str | None, exc: BaseException) -> None:
         self.streaming = False
         self.turns += 1
         if op == "send" and text:
             self._restore(text)
+        if isinstance(exc, MessageTooLong):  # its hint names a library option; say what can be done here
+            reason = describe(exc).partition(";")[0]
+            engine = self.engine
+            wider = engine is not None and engine.window < getattr(engine.config, "max_window", engine.window)
+            more = f", or restart with a larger --max-seq-len (the model takes {engine.config.max_window:,})" \
+                if wider else ""
+            self.notify(f"{reason}; shorten it or send it in parts{more}. Your text stays in the input.",
+                        title="Message not sent", severity="error", timeout=10)
+            return
         self.show_error(exc, "Message not sent" if op == "send" else "Failed")
 
     async def _turn_started(self, shown: list[Row]) -> None:

@@ -177,3 +177,22 @@ async def test_the_load_progress_bar_shows_a_percentage(store: Any, tui_model_di
             started.set()
             release.set()
         await wait_for(pilot, lambda: app.load_state == "ready", timeout=60)
+
+
+@aio
+async def test_a_refused_first_message_leaves_no_session_and_a_hint_for_the_tui(make_app: Any, store: Any) -> None:
+    """Too long for the window as the first message of a new session: no session is stored (none opens next
+    time), and the notice says what a TUI user can do (no library option named)."""
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        big = "word " * 400
+        await send(pilot, big)
+        assert not store.list_sessions(0, 10).sessions
+        assert app.session is None and app.session_id is None and app.prompt.value == big.strip()
+        said = [n for n in notices(app) if "fit" in n or "tokens" in n]
+        assert said and not any("oversize" in n or "truncate" in n for n in said), said
+        assert "shorten it or send it in parts" in said[-1] and "stays in the input" in said[-1], said
+        assert "--max-seq-len" not in said[-1]  # the window is the model's whole one already
+        await send(pilot, "small")  # the app still works, in one new session
+        assert len(store.list_sessions(0, 10).sessions) == 1 and app.session_id is not None
