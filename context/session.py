@@ -251,7 +251,12 @@ class ChatSession:
 
     # -- turns --------------------------------------------------------------------------------------
     def send(self, text: str, **sampling: Any) -> Iterator[ChatEvent]:
-        """Store `text` as the user's message now, and return the reply's event stream."""
+        """Store `text` as the user's message now, and return the reply's event stream. Empty or
+        whitespace-only text is refused (`ContextError`), nothing stored."""
+        if not isinstance(text, str):
+            raise ContextError(f"the message must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise ContextError("the message is empty (nothing but whitespace); send some text")
         self._idle()
         params = self._params(sampling)
         self.manager.plan([Pending("user", text)])  # refuse a message that cannot fit before storing it
