@@ -7,6 +7,7 @@ stored sessions, a `ChatSession` for the open one."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import threading
@@ -432,11 +433,9 @@ class ChatApp(Actions, App[None]):
         self.sessions.pop(session.id, None)
         if self.pool is not None:
             self.pool.discard(session.id)
-        try:
-            assert self.library is not None
-            self.library.delete(session.id)
-        except Exception:  # noqa: BLE001 - the refusal is what the user is told about
-            pass
+        if self.library is not None:
+            with contextlib.suppress(Exception):  # the refusal is what the user is told about
+                self.library.delete(session.id)
 
     def _turn_failed(self, op: str, text: str | None, exc: BaseException) -> None:
         self.streaming = False
@@ -445,10 +444,9 @@ class ChatApp(Actions, App[None]):
             self._restore(text)
         if isinstance(exc, MessageTooLong):  # its hint names a library option; say what can be done here
             reason = describe(exc).partition(";")[0]
-            engine = self.engine
-            wider = engine is not None and engine.window < getattr(engine.config, "max_window", engine.window)
-            more = f", or restart with a larger --max-seq-len (the model takes {engine.config.max_window:,})" \
-                if wider else ""
+            window = self.engine.window if self.engine is not None else 0
+            most = getattr(getattr(self.engine, "config", None), "max_window", window)
+            more = f", or restart with a larger --max-seq-len (the model takes {most:,})" if most > window else ""
             self.notify(f"{reason}; shorten it or send it in parts{more}. Your text stays in the input.",
                         title="Message not sent", severity="error", timeout=10)
             return
