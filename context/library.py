@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .session import ChatMessage, ChatSession
+from .session import ChatMessage, ChatSession, branch_positions
 from .slots import SlotPool
 
 
@@ -68,6 +68,12 @@ class SessionLibrary:
         pinned = set(conv.session.pinned)
         return [ChatMessage(m.id, m.role, m.content, m.status, True, m.id in pinned, m.parent_id, m.created_at)
                 for m in conv.thread()]
+
+    def branches(self, session_id: str) -> dict[str, tuple[int, int]]:
+        """(position, count) of each message of the current branch that has alternatives, as
+        `ChatSession.branches` gives them."""
+        conv = self._store.load(session_id)
+        return branch_positions(conv, conv.thread())
 
     # -- managing sessions ----------------------------------------------------------------------------
     def rename(self, session_id: str, title: str) -> None:

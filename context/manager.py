@@ -92,6 +92,7 @@ class ContextManager:
         for m in self.thread[n_messages:]:
             self._pos.pop(m.id, None)
         del self.thread[n_messages:], self._dicts[n_messages:]
+        self._planned = min(self._planned, n_messages)  # what is appended from here on is new, not pruned
         self.index.truncate(n_messages, [m.role for m in self.thread], self._pinned_positions())
         complete = len(self.index) - (1 if mid_turn else 0)
         if self.summary is not None and self.summary.turns > complete:

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +76,19 @@ class ChatEvent:
     finish_reason: str | None = None
     report: TurnReport | None = None
     summary: SummaryResult | None = None
+
+
+def branch_positions(conv: Any, thread: Iterable[Any]) -> dict[str, tuple[int, int]]:
+    """For each message of `thread` that has alternatives in `conv` (a storage.Conversation): its
+    (position, count) among them, oldest first, the position counted from 1 (as `switch_branch` returns)."""
+    out: dict[str, tuple[int, int]] = {}
+    for m in thread:
+        if m.id not in conv.by_id:
+            continue
+        ids = [s.id for s in conv.siblings(m.id)]
+        if len(ids) > 1:
+            out[m.id] = (ids.index(m.id) + 1, len(ids))
+    return out
 
 
 def sampling_params(values: dict[str, Any]) -> Any:
@@ -190,6 +203,11 @@ class ChatSession:
         """The summary of pruned turns the model sees, if one is in use."""
         return self.manager.summary.text if self.manager.summary is not None else None
 
+    def branches(self) -> dict[str, tuple[int, int]]:
+        """Read-only: (position, count) of each message of the current branch that has alternatives (edits,
+        regenerations), keyed by message id; the position counted from 1, as `switch_branch` returns it."""
+        return branch_positions(self.store.load(self.id), self.manager.thread)
+
     def switch_branch(self, message_id: str, step: int = 1) -> tuple[int, int]:
         """Show another branch through `message_id`'s alternatives (edits, regenerations): `step` siblings
         on, wrapping. The thread becomes that sibling's latest branch, as `open` would load it. Returns
@@ -242,7 +260,12 @@ class ChatSession:
 
     # -- turns --------------------------------------------------------------------------------------
     def send(self, text: str, **sampling: Any) -> Iterator[ChatEvent]:
-        """Store `text` as the user's message now, and return the reply's event stream."""
+        """Store `text` as the user's message now, and return the reply's event stream. Empty or
+        whitespace-only text is refused (`ContextError`), nothing stored."""
+        if not isinstance(text, str):
+            raise ContextError(f"the message must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise ContextError("the message is empty (nothing but whitespace); send some text")
         self._idle()
         params = self._params(sampling)
         self.manager.plan([Pending("user", text)])  # refuse a message that cannot fit before storing it

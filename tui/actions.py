@@ -17,9 +17,12 @@ from textual.app import SystemCommand
 from textual.screen import Screen
 from textual.widgets import Input
 
+from context.session import sampling_params
+
 from . import keymap
-from .display import MeterInfo, Row, export_name, meter_info, rows
+from .display import MeterInfo, Row, export_name, meter_info, session_rows
 from .screens import ConfirmScreen, HelpScreen, ParamsScreen, TextEditScreen
+from .screens.params import FIELDS as PARAM_FIELDS
 from .widgets.chat_view import code_blocks
 from .widgets.meter import ContextMeter
 from .widgets.session_list import SessionList
@@ -104,7 +107,7 @@ class Actions:
 
         def work() -> tuple[list[Row], MeterInfo, Any]:
             result = fn(session)
-            return rows(session.messages()), meter_info(session), result
+            return session_rows(session), meter_info(session), result
 
         async def show(result: tuple[list[Row], MeterInfo, Any]) -> None:
             shown, info, said = result
@@ -142,11 +145,18 @@ class Actions:
         self.push_screen(TextEditScreen("System prompt", self.session.system or ""), done)
 
     def action_params(self) -> None:
+        stored = self.session.params
+
+        def check(changed: dict[str, Any]) -> None:  # what set_params would refuse, refused in the form
+            sampling_params({k: v for k, v in {**stored, **changed}.items() if v is not None})
+
         def done(values: dict[str, Any] | None) -> None:
             if values is not None:
                 self._apply(lambda s: s.set_params(**values), "Parameters saved.")
 
-        self.push_screen(ParamsScreen(self.session.params), done)
+        in_use = sampling_params(stored)
+        current = {name: getattr(in_use, name) for name, _, _ in PARAM_FIELDS}
+        self.push_screen(ParamsScreen(current, check), done)
 
     def action_export(self, fmt: str) -> None:
         session, library, directory = self.session, self.library, self.export_dir

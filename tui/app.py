@@ -7,6 +7,7 @@ stored sessions, a `ChatSession` for the open one."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import threading
@@ -22,11 +23,11 @@ from textual.containers import Horizontal, Vertical
 from textual.reactive import reactive
 from textual.widgets import Footer, Header, Label, ProgressBar
 
-from context import ChatSession, SessionLibrary, SlotPool, load_engine
+from context import ChatSession, MessageTooLong, SessionLibrary, SlotPool, load_engine
 
 from . import keymap
 from .actions import STREAMING, Actions
-from .display import MeterInfo, Row, describe, meter_info, rows
+from .display import MeterInfo, Row, describe, meter_info, rows, session_rows
 from .messages import LoadFailed, ModelProgress, ModelReady, StoreReady, throttled
 from .styles import CSS
 from .widgets.chat_view import ChatView
@@ -94,7 +95,8 @@ class ChatApp(Actions, App[None]):
                 yield ChatView(id="view")
                 with Horizontal(id="status"):
                     yield Label("loading model…", id="load-label")
-                    yield ProgressBar(id="load-bar", show_eta=False)
+                    # A total from the start: 0% until the loader reports its tensor count, never "--%"
+                    yield ProgressBar(total=1, id="load-bar", show_eta=False)
                 yield ContextMeter(timings=self.timings, id="meter")
                 yield PromptInput("Message (Enter to send · ctrl+j new line · F1 help · ctrl+p commands)", id="prompt")
         yield Footer()
@@ -295,10 +297,11 @@ class ChatApp(Actions, App[None]):
         """Thread: the session as stored (no engine yet) or live, handed to `_session_read`."""
         try:
             if engine is None:
-                session, shown, info = None, rows(library.messages(session_id)), MeterInfo()
+                shown = rows(library.messages(session_id), library.branches(session_id))
+                session, info = None, MeterInfo()
             else:
                 session = self._live_session(library, engine, session_id)
-                shown, info = rows(session.messages()), meter_info(session)
+                shown, info = session_rows(session), meter_info(session)
         except Exception as exc:  # noqa: BLE001
             self.call_from_thread(self._session_failed, exc, after)
             return
@@ -384,23 +387,26 @@ class ChatApp(Actions, App[None]):
     @work(thread=True, group="turn", exit_on_error=False)
     def _turn(self, op: str, text: str | None, message_id: str | None) -> None:
         """Thread: store the message, then drain the reply stream into the view."""
-        session = self.session
+        session, fresh = self.session, self.session is None
         try:
             if session is None:
                 session = self._new_session(title=(text or "")[:48])
-                self.call_from_thread(self._adopt, session)
             if op == "send":
                 gen = session.send(text or "")
             elif op == "edit":
                 gen = session.edit(message_id or "", text or "")
             else:
                 gen = session.regenerate()
-            shown = rows(session.messages())
+            shown = session_rows(session)
             if op == "regenerate" and shown and shown[-1].role == "assistant":
                 shown = shown[:-1]
         except Exception as exc:  # noqa: BLE001
+            if fresh and session is not None:
+                self._drop_new_session(session)  # refused before anything was stored: no empty session left
             self.call_from_thread(self._turn_failed, op, text, exc)
             return
+        if fresh:
+            self.call_from_thread(self._adopt, session)
         self.call_from_thread(self._turn_started, shown)
         last = None
         try:
@@ -411,7 +417,7 @@ class ChatApp(Actions, App[None]):
         except Exception as exc:  # noqa: BLE001
             self.call_from_thread(self.show_error, exc, "Generation failed")
         info = meter_info(session, last.report if last is not None else None)
-        self.call_from_thread(self._turn_done, session.id, rows(session.messages()), info,
+        self.call_from_thread(self._turn_done, session.id, session_rows(session), info,
                               last.finish_reason if last else None)
 
     def _new_session(self, title: str = "", system: str | None = None) -> ChatSession:
@@ -422,11 +428,28 @@ class ChatApp(Actions, App[None]):
         self.sessions[s.id] = s
         return s
 
+    def _drop_new_session(self, session: ChatSession) -> None:
+        """Thread: delete a session made for a first message that was then refused (it holds nothing)."""
+        self.sessions.pop(session.id, None)
+        if self.pool is not None:
+            self.pool.discard(session.id)
+        if self.library is not None:
+            with contextlib.suppress(Exception):  # the refusal is what the user is told about
+                self.library.delete(session.id)
+
     def _turn_failed(self, op: str, text: str | None, exc: BaseException) -> None:
         self.streaming = False
         self.turns += 1
         if op == "send" and text:
             self._restore(text)
+        if isinstance(exc, MessageTooLong):  # its hint names a library option; say what can be done here
+            reason = describe(exc).partition(";")[0]
+            window = self.engine.window if self.engine is not None else 0
+            most = getattr(getattr(self.engine, "config", None), "max_window", window)
+            more = f", or restart with a larger --max-seq-len (the model takes {most:,})" if most > window else ""
+            self.notify(f"{reason}; shorten it or send it in parts{more}. Your text stays in the input.",
+                        title="Message not sent", severity="error", timeout=10)
+            return
         self.show_error(exc, "Message not sent" if op == "send" else "Failed")
 
     async def _turn_started(self, shown: list[Row]) -> None:

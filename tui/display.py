@@ -4,7 +4,7 @@ chat view) and `MeterInfo` (the context meter); and the one-line text of an erro
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ class Row:
     status: str = "complete"
     in_context: bool = True
     pinned: bool = False
+    branch: tuple[int, int] | None = None  # (position, count) among its alternatives, when it has any
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,16 @@ class MeterInfo:
     tok_s: float | None = None
 
 
-def rows(messages: Iterable[Any]) -> list[Row]:
-    """Rows for `context.ChatMessage`s (a live session's `messages()` or a stored one's)."""
-    return [Row(m.id, m.role, m.content, m.status, m.in_context, m.pinned) for m in messages]
+def rows(messages: Iterable[Any], branches: Mapping[str, tuple[int, int]] | None = None) -> list[Row]:
+    """Rows for `context.ChatMessage`s (a live session's `messages()` or a stored one's), with `branches`
+    (`ChatSession.branches()` / `SessionLibrary.branches(id)`) marking the messages that have alternatives."""
+    at = branches or {}
+    return [Row(m.id, m.role, m.content, m.status, m.in_context, m.pinned, at.get(m.id)) for m in messages]
+
+
+def session_rows(session: Any) -> list[Row]:
+    """The rows of a live `ChatSession`'s current branch."""
+    return rows(session.messages(), session.branches())
 
 
 def meter_info(session: Any, report: Any = None) -> MeterInfo:

@@ -29,7 +29,8 @@ ConfirmScreen, TextEditScreen, ParamsScreen, HelpScreen { align: center middle; 
 .buttons { height: auto; margin-top: 1; }
 .buttons Button { margin-right: 2; }
 .field { height: auto; }
-.field .name { width: 16; padding: 1 0; }
+.field { margin: 0 0 1 0; }
+.field .name { width: 20; }
 .field Input { width: 1fr; }
 #text { height: 12; }
 #error { color: $error; }

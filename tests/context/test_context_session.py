@@ -135,6 +135,19 @@ def test_too_long_message_is_refused_before_storing(chat_engine: Any, store: Sto
     assert ev.report.tokens_used <= 512 - 64 and store.thread(t.id)[0].content == "x" * 2000
 
 
+def test_an_empty_message_is_refused_before_storing(chat_engine: Any, store: Store) -> None:
+    from context import ContextError
+
+    s = ChatSession.create(chat_engine, store, max_new_tokens=4)
+    for text in ("", "   ", "\n\t \n"):
+        with pytest.raises(ContextError) as exc:
+            s.send(text)
+        assert "\n" not in str(exc.value) and "empty" in str(exc.value)
+    assert store.thread(s.id) == [] and s.messages() == []
+    assert drain(s.send("  hi  ")).finish_reason is not None  # text with words goes as it is
+    assert store.thread(s.id)[0].content == "  hi  "
+
+
 def test_pruned_turns_are_marked_out_of_context(chat_engine: Any, store: Store) -> None:
     s = ChatSession.create(chat_engine, store, window=300, config=ContextConfig(reply_reserve=40),
                            max_new_tokens=8)

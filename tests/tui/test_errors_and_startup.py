@@ -140,3 +140,59 @@ def test_model_progress_is_throttled_but_ends_complete() -> None:
     for i in range(1, 273):
         hook(i, 272)
     assert seen == [(1, 272), (272, 272)]  # the first step, then nothing until the last one
+
+
+@aio
+async def test_the_load_progress_bar_shows_a_percentage(store: Any, tui_model_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar shows how far the load is from the start (0% before the first tensor), never `--%`."""
+    import time
+
+    from textual.widgets import ProgressBar
+
+    import tui.app
+    started, halfway, release, load = threading.Event(), threading.Event(), threading.Event(), tui.app.load_engine
+
+    def held(model: Any, progress: Any = None, *args: Any, **kw: Any) -> Any:
+        started.wait(timeout=120)
+        progress(1, 10)
+        time.sleep(0.1)  # past the throttle
+        progress(5, 10)
+        halfway.set()
+        release.wait(timeout=120)
+        return load(model, progress, *args, **kw)
+
+    monkeypatch.setattr(tui.app, "load_engine", held)
+    app = RecordingApp(str(tui_model_dir), store=store, timings=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        try:
+            bar = app.query_one("#load-bar", ProgressBar)
+            await pilot.pause(0.1)
+            assert str(bar.query_one("#percentage").render()).strip() == "0%"
+            started.set()
+            await wait_for(pilot, lambda: halfway.is_set() and bar.progress == 5)
+            await pilot.pause(0.1)
+            assert str(bar.query_one("#percentage").render()).strip() == "50%"
+        finally:
+            started.set()
+            release.set()
+        await wait_for(pilot, lambda: app.load_state == "ready", timeout=60)
+
+
+@aio
+async def test_a_refused_first_message_leaves_no_session_and_a_hint_for_the_tui(make_app: Any, store: Any) -> None:
+    """Too long for the window as the first message of a new session: no session is stored (none opens next
+    time), and the notice says what a TUI user can do (no library option named)."""
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        big = "word " * 400
+        await send(pilot, big)
+        assert not store.list_sessions(0, 10).sessions
+        assert app.session is None and app.session_id is None and app.prompt.value == big.strip()
+        said = [n for n in notices(app) if "fit" in n or "tokens" in n]
+        assert said and not any("oversize" in n or "truncate" in n for n in said), said
+        assert "shorten it or send it in parts" in said[-1] and "stays in the input" in said[-1], said
+        assert "--max-seq-len" not in said[-1]  # the window is the model's whole one already
+        await send(pilot, "small")  # the app still works, in one new session
+        assert len(store.list_sessions(0, 10).sessions) == 1 and app.session_id is not None

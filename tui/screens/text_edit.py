@@ -33,7 +33,13 @@ class TextEditScreen(ModalScreen[str | None]):
         self.action_save() if event.button.id == "save" else self.action_cancel()
 
     def action_save(self) -> None:
-        self.dismiss(self.query_one(TextArea).text)
+        # ctrl+s is a priority binding: it runs before the keys typed just ahead of it reach the text area.
+        # Read the text once the text area has handled them (a call queued behind them).
+        self.query_one(TextArea).call_later(self._save)
+
+    def _save(self) -> None:
+        if self.is_active:
+            self.dismiss(self.query_one(TextArea).text)
 
     def action_cancel(self) -> None:
         self.dismiss(None)

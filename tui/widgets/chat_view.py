@@ -11,7 +11,9 @@ selection moves past the first mounted message.
 from __future__ import annotations
 
 import re
+from typing import Any
 
+from markdown_it import MarkdownIt
 from rich.console import Group, RenderableType
 from rich.markdown import Markdown as RichMarkdown
 from rich.text import Text
@@ -28,6 +30,30 @@ PAGE = 24  # messages mounted when a session opens, and per "earlier" page
 _CODE = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 
 
+def keep_breaks(tokens: list[Any]) -> None:
+    """Turn every line break inside a paragraph into a hard break (Markdown joins a single newline into a
+    space; a chat shows it as typed). Code blocks are not inline text, so they are untouched."""
+    for token in tokens:
+        for child in token.children or ():
+            if child.type == "softbreak":
+                child.type = "hardbreak"
+
+
+class Body(RichMarkdown):
+    """A message body as Rich Markdown, its line breaks kept (`keep_breaks`)."""
+
+    def __init__(self, markup: str) -> None:
+        super().__init__(markup)
+        keep_breaks(self.parsed)
+
+
+def stream_parser() -> MarkdownIt:
+    """The streamed reply's parser: Textual's default ("gfm-like"), its line breaks kept as in `Body`."""
+    parser = MarkdownIt("gfm-like")
+    parser.core.ruler.push("keep_breaks", lambda state: keep_breaks(state.tokens))
+    return parser
+
+
 def code_blocks(text: str) -> list[str]:
     return [m.group(1).rstrip("\n") for m in _CODE.finditer(text)]
 
@@ -42,7 +68,8 @@ def header_text(row: Row, streaming: bool = False) -> str:
         flags.append(row.status)
     if streaming:
         flags.append("…")
-    return row.role + (" · " + " · ".join(flags) if flags else "")
+    branch = f" ‹{row.branch[0]}/{row.branch[1]}›" if row.branch is not None else ""
+    return row.role + branch + (" · " + " · ".join(flags) if flags else "")
 
 
 def _classes(row: Row) -> str:
@@ -58,7 +85,7 @@ class MessageView(Widget):
     def __init__(self, row: Row) -> None:
         super().__init__(classes=_classes(row))
         self.row = row
-        self._body = RichMarkdown(row.content)
+        self._body = Body(row.content)
 
     @property
     def message_id(self) -> str:
@@ -77,7 +104,7 @@ class MessageView(Widget):
         self.set_class(not row.in_context, "-out")
         self.set_class(row.pinned, "-pinned")
         if row.content != old.content:
-            self._body = RichMarkdown(row.content)
+            self._body = Body(row.content)
         if row != old:
             self.refresh(layout=True)
 
@@ -100,7 +127,7 @@ class MessageBox(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Static(self.header, classes="header")
-        yield Markdown(self.row.content, classes="body")
+        yield Markdown(self.row.content, classes="body", parser_factory=stream_parser)
 
 
 class ChatView(VerticalScroll):
