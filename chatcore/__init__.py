@@ -9,17 +9,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from chatcore.engine import Engine, GenerationStats, TokenEvent
+    from chatcore.engine import Engine
     from chatcore.errors import ChatcoreError
+    from chatcore.generation import GenerationStats, TokenEvent
     from chatcore.loader import load
     from chatcore.sampling import SamplingParams
 
 _EXPORTS = {
     "ChatcoreError": "chatcore.errors",
     "Engine": "chatcore.engine",
-    "GenerationStats": "chatcore.engine",
+    "GenerationStats": "chatcore.generation",
     "SamplingParams": "chatcore.sampling",
-    "TokenEvent": "chatcore.engine",
+    "TokenEvent": "chatcore.generation",
     "load": "chatcore.loader",
 }
 __all__ = ["ChatcoreError", "Engine", "GenerationStats", "SamplingParams", "TokenEvent", "load"]

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import array
-import inspect
 import time
-from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from chatcore.config import ModelConfig
-from chatcore.detokenize import IncrementalDetokenizer
 from chatcore.errors import PromptTooLong, TokenizerMissing
+from chatcore.generation import Generation, ReplyState, ScoreResult, TokenEvent
 from chatcore.kv_cache import KVCache
 from chatcore.models.base import CausalModel
 from chatcore.prefix import reused_prefix
 from chatcore.runtime import Runtime, activation_bytes_per_token, fit_chunk
-from chatcore.sampling import Sampler, SamplingParams
-from chatcore.stopping import StopStrings
+from chatcore.sampling import SamplingParams
 from chatcore.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -46,148 +43,6 @@ class _TokenFetch:
     def result(self) -> tuple[int, float | None]:
         self.event.synchronize()
         return int(self.token[0]), (float(self.logprob[0]) if self.with_logprob else None)
-
-
-@dataclass(frozen=True)
-class GenerationStats:
-    prompt_tokens: int
-    cached_tokens: int          # prompt tokens the slot already held (not recomputed)
-    prefill_tokens: int         # prompt tokens computed by this call
-    generated_tokens: int
-    prefill_s: float
-    ttft_s: float               # call start to the first sampled token
-    decode_s: float
-    finish_reason: str          # "stop" (EOS, stop token or stop string), "length", or "cancelled" (closed early)
-    discarded_tokens: int = 0   # tokens the sink window shifted out of the cache during this call
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        steps = self.generated_tokens - 1
-        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token. ``text`` is what to show now (may be empty while text is held back).
-
-    The last event of a generation carries ``finish_reason`` and ``stats``; when it ends on EOS or a
-    stop token, that token is not part of the reply and its ``text`` only flushes what was held back.
-    """
-
-    token_id: int
-    text: str
-    logprob: float | None = None
-    finish_reason: str | None = None
-    stats: GenerationStats | None = None
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    """What :meth:`Engine.score` found: ``tokens`` continuation tokens scored, their mean negative
-    log-likelihood ``nll`` and the fraction ``top1`` that are the greedy choice (both None when there were none);
-    the prompt's cache figures as in :class:`GenerationStats`, and ``ttft_s``, the call start to the logits."""
-
-    tokens: int
-    nll: float | None
-    top1: float | None
-    prompt_tokens: int
-    cached_tokens: int
-    prefill_tokens: int
-    ttft_s: float
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return 0.0   # nothing is decoded
-
-
-class Generation:
-    """The stream of one :meth:`Engine.generate` call: iterate it for :class:`TokenEvent`s.
-
-    ``stats`` is None until it ends, then the :class:`GenerationStats` of every end: those of its last event,
-    or, when the caller closes it before that (``close()``), stats with finish_reason "cancelled" counting the
-    tokens it yielded. The slot then holds the prompt and those tokens. Iterating it is iterating a plain
-    generator: no work per token beside it.
-    """
-
-    def __init__(self, reply: _Reply, events: Generator[TokenEvent, None, None]) -> None:
-        self._reply = reply
-        self._events = events
-
-    @property
-    def stats(self) -> GenerationStats | None:
-        return self._reply.stats
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        return self._events
-
-    def __next__(self) -> TokenEvent:
-        return next(self._events)
-
-    def close(self) -> None:
-        """End it now (nothing when it has ended)."""
-        unstarted = inspect.getgeneratorstate(self._events) == inspect.GEN_CREATED
-        self._events.close()
-        if unstarted:
-            self._reply.cancelled()
-
-
-class _Reply:
-    """One generation's state beside its decode loop: sampling, stop strings, the detokenizer, the prefill's
-    cost, and the end (held-back text flushed, final stats)."""
-
-    def __init__(self, engine: Engine, ids: list[int], params: SamplingParams, cached: int, t0: float,
-                 discarded: int) -> None:
-        self.prefill_s = time.perf_counter() - t0
-        self.t0, self.prompt_tokens, self.cached, self.discarded = t0, len(ids), cached, discarded
-        self.sampler = Sampler(params, engine.config.vocab_size, engine.runtime.device)
-        self.sampler.start(ids)
-        self.stops = StopStrings(params.stop)
-        tok = engine.tokenizer
-        self.detok = IncrementalDetokenizer(tok.decode, prefix_ids=ids[-6:]) if tok is not None else None
-        self.end_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(engine.eos_token_ids))
-        self.limit = params.max_new_tokens
-        self.stats: GenerationStats | None = None   # set at the end (not a reference to the Generation: no cycle)
-
-        self.n, self.t_first = 0, 0.0   # tokens read so far; when the first was read (0.0 before any)
-
-    def take(self, token: int) -> tuple[bool, str, bool]:
-        """Count a sampled token: (ended: an end token, text to show now, stopped: a stop string ended it)."""
-        self.n += 1
-        if self.n == 1:
-            self.t_first = time.perf_counter()
-        self.sampler.accept(token)
-        if token in self.end_ids:
-            return True, "", False
-        if self.detok is None:
-            return False, "", False
-        text, stopped = self.stops.feed(self.detok.push(token))
-        return False, text, stopped
-
-    def _stats(self, generated: int, finish: str) -> GenerationStats:
-        t_first = self.t_first
-        self.stats = GenerationStats(
-            prompt_tokens=self.prompt_tokens, cached_tokens=self.cached,
-            prefill_tokens=self.prompt_tokens - self.cached, generated_tokens=generated, prefill_s=self.prefill_s,
-            ttft_s=t_first - self.t0 if t_first else 0.0, decode_s=time.perf_counter() - t_first if t_first else 0.0,
-            finish_reason=finish, discarded_tokens=self.discarded)
-        return self.stats
-
-    def cancelled(self) -> None:
-        """The caller closed the stream after the tokens it was given."""
-        self._stats(self.n, "cancelled")
-
-    def last(self, token: int, text: str, logprob: float | None, ended: bool, stopped: bool) -> TokenEvent:
-        """The last event: on EOS or a stop token (``ended``), that token is not part of the reply; what the
-        detokenizer and the stop strings held back is flushed unless a stop string ended it."""
-        finish = "stop" if ended or stopped else "length"
-        if not stopped and self.detok is not None:
-            tail, stopped = self.stops.feed(self.detok.flush())
-            text += tail + ("" if stopped else self.stops.flush())
-        return TokenEvent(token, text, logprob, finish, self._stats(self.n - ended, finish))
 
 
 class Engine:
@@ -340,7 +195,9 @@ class Engine:
         slot.truncate(keep)
         before = slot.length
         logits = self.prefill(ids[keep:], slot, sink_tokens=sink_tokens)[-1]
-        reply = _Reply(self, ids, params, keep, t0, discarded=before + len(ids) - keep - slot.length)
+        reply = ReplyState(ids, params, keep, t0, before + len(ids) - keep - slot.length,
+                           vocab_size=self.config.vocab_size, device=self.runtime.device, tokenizer=self.tokenizer,
+                           eos_ids=self.eos_token_ids)
         graph = self._graph(slot) if slot.length < slot.capacity else None
         if graph is not None:
             events = self._decode_graph(reply, logits, slot, graph, sink_tokens)
@@ -348,7 +205,7 @@ class Engine:
             events = self._decode_eager(reply, logits, slot, sink_tokens)
         return Generation(reply, events)
 
-    def _decode_graph(self, reply: _Reply, logits: torch.Tensor, slot: KVCache, graph: DecodeGraph,
+    def _decode_graph(self, reply: ReplyState, logits: torch.Tensor, slot: KVCache, graph: DecodeGraph,
                       sink_tokens: int | None) -> Iterator[TokenEvent]:
         """Decode on the GPU with the slot's CUDA graph. The next step is queued on the sampled token before the
         host reads it (through pinned memory), so the host's work per token (reading it, detokenizing, stop
@@ -380,7 +237,7 @@ class Engine:
             raise
         yield reply.last(token, text, logprob, ended, stopped)
 
-    def _decode_eager(self, reply: _Reply, logits: torch.Tensor, slot: KVCache,
+    def _decode_eager(self, reply: ReplyState, logits: torch.Tensor, slot: KVCache,
                       sink_tokens: int | None) -> Iterator[TokenEvent]:
         """Decode step by step: sample, read the token, run the step on it (the slot's CUDA graph where it has
         one, else a forward pass)."""

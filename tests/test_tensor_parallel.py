@@ -118,7 +118,7 @@ def test_rank_killed_closes_the_engine(models: dict) -> None:
     t0 = time.monotonic()
     with pytest.raises(RankFailed, match=r"rank 1 exited \(killed by signal 9\)"):
         list(engine.generate(ids(12, seed=5), GREEDY, slot=slot))
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < 60   # hang bound: seen from the pipe, not after the 120 s collective timeout
     with pytest.raises(RankFailed, match="engine is closed"):
         engine.logits([3, 4, 5])
     engine.close()
@@ -134,7 +134,7 @@ def test_rank_stuck_times_out(models: dict, monkeypatch: pytest.MonkeyPatch) -> 
         t0 = time.monotonic()
         with pytest.raises(RankFailed, match="waited past its timeout"):
             engine.logits(ids(8, seed=6))
-        assert time.monotonic() - t0 < 20
+        assert time.monotonic() - t0 < 60   # hang bound: the 3 s timeout applied, not the default 120 s
         assert worker.poll() is not None, "the stuck rank was not stopped"
     finally:
         if worker.poll() is None:
