@@ -64,16 +64,21 @@ class SessionLibrary:
     def messages(self, session_id: str) -> list[ChatMessage]:
         """The session's current branch, root first, straight from storage. No turn has been planned, so
         every message counts as in context."""
-        conv = self._store.load(session_id)
-        pinned = set(conv.session.pinned)
-        return [ChatMessage(m.id, m.role, m.content, m.status, True, m.id in pinned, m.parent_id, m.created_at)
-                for m in conv.thread()]
+        return self.view(session_id)[0]
 
     def branches(self, session_id: str) -> dict[str, tuple[int, int]]:
         """(position, count) of each message of the current branch that has alternatives, as
         `ChatSession.branches` gives them."""
+        return self.view(session_id)[1]
+
+    def view(self, session_id: str) -> tuple[list[ChatMessage], dict[str, tuple[int, int]]]:
+        """`messages(id)` and `branches(id)` from one read of the session."""
         conv = self._store.load(session_id)
-        return branch_positions(conv, conv.thread())
+        thread = conv.thread()
+        pinned = set(conv.session.pinned)
+        shown = [ChatMessage(m.id, m.role, m.content, m.status, True, m.id in pinned, m.parent_id, m.created_at)
+                 for m in thread]
+        return shown, branch_positions(conv, thread)
 
     # -- managing sessions ----------------------------------------------------------------------------
     def rename(self, session_id: str, title: str) -> None:

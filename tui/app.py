@@ -297,7 +297,7 @@ class ChatApp(Actions, App[None]):
         """Thread: the session as stored (no engine yet) or live, handed to `_session_read`."""
         try:
             if engine is None:
-                shown = rows(library.messages(session_id), library.branches(session_id))
+                shown = rows(*library.view(session_id))
                 session, info = None, MeterInfo()
             else:
                 session = self._live_session(library, engine, session_id)
