@@ -2,7 +2,8 @@
 shape, against bf16 cuBLAS (F.linear) and PyTorch's int4 tinygemm, plus dequantize_to (the prefill path).
 
 Usage (on the GPU machine): python bench/quant_kernels.py --out DIR [--models 8b 70b 1b]
-    [--formats q4_k q6_k q4_0 q8_0 int4_g64 int4_g128 int8 fp8] [--budget 150] [--no-sweep]
+    [--formats q4_k q6_k q4_0 q8_0 int4_g64 int4_g128 int8 fp8] [--budget 140] [--no-sweep]
+    [--sweep-formats q4_k q8_0 q6_k int4_g128]
 
 Weights are random planes at the real shapes (the speed of these kernels does not depend on the values). The
 linear shapes of a layer are the ones a decode step runs: fused q/k/v, o, fused gate/up (through
@@ -17,8 +18,8 @@ Parts, in order, each skipped once ``--budget`` seconds have passed (the run sti
    of the whole layer stack (layers x (qkv + o + gate/up + down) + head) -> ms/token and its tok/s ceiling;
 2. dequantize_to (8B shapes, bf16 out): GB/s of bytes read + written;
 3. prefill: dequantize_to + cuBLAS vs bf16 cuBLAS for prompt chunks of 256 and 2048 tokens (8B shapes);
-4. a sweep of launch shapes (block_n, block_k, warps, stages) per 8B shape and format, each output checked
-   against the default's: the fastest per (shape, format), to fill ``launch_config``'s table.
+4. a sweep of launch shapes (block_n, block_k, warps, stages) per 8B shape and ``--sweep-formats``, each checked
+   against the default's output: the fastest per (shape, format), to fill ``launch_config``'s table.
 Writes DIR/quant_kernels.json (after each part) and DIR/quant_kernels.png (when matplotlib imports), then
 prints a short table.
 """
@@ -63,10 +64,14 @@ FORMATS: dict[str, Callable[[int], QuantFormat]] = {
     "fp8": lambda k: QuantFormat("fp8", 8, k, k, float_codes=True),
 }
 DEFAULT_FORMATS = ["q4_k", "q6_k", "q4_0", "q8_0", "int4_g64", "int4_g128", "int8", "fp8"]
-SWEEP_LOW = [QConfig(1, 2048, 4, 3), QConfig(2, 1024, 4, 3), QConfig(2, 2048, 4, 2), QConfig(4, 512, 4, 3),
-             QConfig(4, 2048, 8, 3), QConfig(8, 512, 4, 3), QConfig(8, 1024, 8, 3)]
-SWEEP_BYTE = [QConfig(1, 1024, 4, 3), QConfig(2, 512, 4, 3), QConfig(2, 1024, 4, 3), QConfig(4, 256, 4, 3),
-              QConfig(4, 1024, 8, 3), QConfig(8, 256, 4, 3), QConfig(8, 512, 8, 3)]
+SWEEP_FORMATS = ["q4_k", "q8_0", "q6_k", "int4_g128"]
+# ptxas (sm_90) counts ~9 SASS instructions per weight in the loop with 4 warps over 4 rows (x's load, norm and
+# sums repeated per row, x through shared memory), ~6 with one or two warps over 8-16 rows (the default): the
+# sweep tries both kinds.
+SWEEP_LOW = [QConfig(4, 1024, 4, 3), QConfig(16, 1024, 1, 3), QConfig(8, 2048, 2, 3), QConfig(4, 1024, 1, 3),
+             QConfig(4, 2048, 2, 3), QConfig(16, 2048, 4, 3), QConfig(2, 1024, 4, 3)]
+SWEEP_BYTE = [QConfig(4, 512, 4, 3), QConfig(8, 512, 1, 3), QConfig(4, 1024, 1, 3), QConfig(8, 1024, 2, 3),
+              QConfig(16, 512, 2, 3), QConfig(2, 512, 4, 3), QConfig(8, 256, 1, 3)]
 
 
 def layer_shapes(model: str) -> list[tuple[str, int, int, int]]:
@@ -212,7 +217,7 @@ class Run:
                 pb = random_packed(fmt, n, k).nbytes()
                 gate = proj == "gate_up"
                 tq = self.guarded(f"qgemv {name} {model} {proj}", qgemv_seconds, fmt, n, k, x, gate, pb)
-                cfg = launch_config(n // 2 if gate else n, k, fmt)
+                cfg = launch_config(n // 2 if gate else n, k, fmt, gate)
                 tg64 = row["tinygemm_g64_s"]
                 self.res["linears"].append({
                     "model": model, "proj": proj, "n": n, "k": k, "format": name, "bytes": pb, "qgemv_s": tq,
@@ -271,7 +276,7 @@ class Run:
 
     # -- 4. launch-shape sweep ----------------------------------------------------------------------------------
     def sweep(self) -> None:
-        for name in self.args.formats:
+        for name in self.args.sweep_formats:
             for proj, n, k, _ in layer_shapes("8b"):
                 if self.left() < 0:
                     self.res["skipped"].append(f"sweep {name} {proj}")
@@ -283,7 +288,7 @@ class Run:
                 pb = w0.nbytes()
                 want = (qgemv_gate_up_silu if gate else qgemv)(x, w0).float()
                 best: tuple[float, QConfig] | None = None
-                default = launch_config(n // 2 if gate else n, k, fmt)
+                default = launch_config(n // 2 if gate else n, k, fmt, gate)
                 sweep = [default] + [c for c in (SWEEP_BYTE if fmt.bits == 8 else SWEEP_LOW) if c != default]
                 for cfg in sweep:
                     if self.left() < 0:
@@ -370,6 +375,7 @@ def main() -> None:
     ap.add_argument("--formats", nargs="+", default=DEFAULT_FORMATS, choices=sorted(FORMATS))
     ap.add_argument("--budget", type=float, default=140.0, help="seconds after which remaining parts are skipped")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--sweep-formats", nargs="+", default=SWEEP_FORMATS, choices=sorted(FORMATS))
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/quant_kernels.py needs a CUDA GPU")
