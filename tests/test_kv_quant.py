@@ -267,6 +267,28 @@ def test_decode_step_on_a_quantized_cache(mode: str, backend: str, variant: str)
     assert rel(out[0], reference(qr, kf, vf, pos, window, sinks, slopes)) < FLOAT_TOL[mode]
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_flash_decode_on_a_quantized_cache_is_the_triton_kernel(mode: str) -> None:
+    """flash-attn 2 has no quantized cache: attend_decode sends the flash backend's step to the triton kernel
+    (which needs no flash-attn, so this runs here under the interpreter)."""
+    pytest.importorskip("triton")
+    dt = KV_DTYPES[mode]
+    g = torch.Generator().manual_seed(4)
+    hq, hkv, d, cap, pos = 4, 2, 32, 80, 50
+    tables = (torch.randn(cap, d // 2, generator=g), torch.randn(cap, d // 2, generator=g))
+    q = torch.randn(1, hq, d, generator=g)
+    k, v = torch.randn(1, hkv, d, generator=g), torch.randn(1, hkv, d, generator=g)
+    kc, ks = quantize(torch.randn(hkv, cap, d, generator=g), dt)
+    vc, vs = quantize(torch.randn(hkv, cap, d, generator=g), dt)
+    outs = []
+    for backend in ("flash", "triton"):
+        caches = [x.clone() for x in (kc, vc, ks, vs)]
+        outs.append(attend_decode(q, caches[0], caches[1], pos=torch.tensor([pos], dtype=torch.int32),
+                                  new_kv=(k, v), backend=backend, rotary=tables, sliding_window=16, sinks=2,
+                                  scales=(caches[2], caches[3])))
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_decode_kernel_refuses_codes_without_scales() -> None:
     pytest.importorskip("triton")
     from chatcore.layers.triton_decode import decode_attention
