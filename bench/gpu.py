@@ -2,7 +2,7 @@
 ``generate`` (eager, and static cache + torch.compile), same random weights, same run, one GPU.
 
 Usage (on the GPU machine): python bench/gpu.py --out DIR [--models llama-3.2-1b bloom-1b7 llama-3.1-8b]
-    [--contexts 512 4096 8192 32768] [--compile-contexts ...] [--deadline SECONDS]
+    [--contexts 512 4096 8192 32768] [--compile-contexts ...] [--deadline SECONDS] [--kv-dtype int8|fp8]
 
 Shapes are the real models' (bf16, random weights built by transformers from config classes; chatcore's
 model reads the very same tensors). For each model and context:
@@ -13,8 +13,11 @@ model reads the very same tensors). For each model and context:
 - warm turn: time to the first token of a reply to 256 new tokens after a 32k-token history in the cache;
 - a 128k-token prompt prefilled in chunks (first model only): peak memory beyond weights and KV cache.
 transformers: decode = (generate(N+1) - generate(1)) / N; prefill = generate(1); its warm turn is one
-forward of the 256 tokens over its DynamicCache. Results go to DIR/gpu.json as they come (a run cut short
-keeps what it measured) and a plot to DIR/gpu.png.
+forward of the 256 tokens over its DynamicCache. ``--kv-dtype``: each chatcore backend runs a second time with a
+quantized KV cache (decode and prefill, no warm turn; results under ``<backend>+kv-<dtype>``, with their own
+roofline, the KV cache's bytes and the speed-up over the same backend's bf16 cache, context by context; under
+flash its decode step takes the triton kernel). Results go to DIR/gpu.json as they come (a run cut short keeps
+what it measured) and a plot to DIR/gpu.png.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ def build_hf(name: str) -> torch.nn.Module:
     return model.eval()
 
 
-def build_engine(hf: torch.nn.Module, backend: str, window: int):  # noqa: ANN201
+def build_engine(hf: torch.nn.Module, backend: str, window: int, kv_dtype: str | None = None):  # noqa: ANN201
     from chatcore.checkpoint_config import config_from_hf
     from chatcore.engine import Engine
     from chatcore.models import FAMILIES
@@ -93,13 +96,14 @@ def build_engine(hf: torch.nn.Module, backend: str, window: int):  # noqa: ANN20
         cfg = dataclasses.replace(cfg, max_position_embeddings=max(window, cfg.max_position_embeddings))
     state = hf.state_dict()
     runtime = Runtime(device=torch.device("cuda"), dtype=torch.bfloat16, max_seq_len=window, prefill_chunk=32768,
-                      attention_backend=backend)
+                      attention_backend=backend, kv_dtype=kv_dtype)
     model = FAMILIES[cfg.family](cfg, runtime, lambda n: state[n], backend)
     return Engine(model, cfg, runtime, tokenizer=None, source="random")
 
 
-def roofline_bytes(hf: torch.nn.Module, ctx: int) -> tuple[int, int]:
-    """(weight bytes, KV bytes) one decode step must read at context ``ctx``."""
+def roofline_bytes(hf: torch.nn.Module, ctx: int, kv_dtype: str | None = None) -> tuple[int, int]:
+    """(weight bytes, KV bytes) one decode step must read at context ``ctx`` (``kv_dtype``: a quantized cache,
+    a byte per element and a float32 scale per token and head)."""
     c = hf.config
     total = sum(p.numel() * p.element_size() for p in hf.parameters())
     emb = hf.get_input_embeddings().weight
@@ -109,7 +113,8 @@ def roofline_bytes(hf: torch.nn.Module, ctx: int) -> tuple[int, int]:
     heads = getattr(c, "num_attention_heads", None) or c.n_head
     kv_heads = getattr(c, "num_key_value_heads", None) or heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    return total, 2 * layers * kv_heads * head_dim * ctx * 2
+    per_head = head_dim * 2 if kv_dtype is None else head_dim + 4
+    return total, 2 * layers * kv_heads * per_head * ctx
 
 
 def rand_ids(n: int, seed: int, vocab: int) -> list[int]:
@@ -122,6 +127,8 @@ def ours(engine, contexts: list[int], vocab: int, warm: bool) -> dict[str, Any]:
     params = chatcore.SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     slot = engine.new_slot()
     out: dict[str, Any] = {"decode": {}, "prefill": {}}
+    if slot.allocated:   # preallocated (CUDA graphs): the cache's bytes at the whole window
+        out["kv_cache_bytes"] = {"window": slot.allocated, "bytes": slot.nbytes()}
     for ctx in contexts:
         ids = rand_ids(ctx, ctx, vocab)
         slot.reset()
@@ -254,6 +261,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         m = results["models"][name]
         ctxs = sorted({int(c) for c in m.get("roofline_tokens_per_s", {})})
         series = {f"chatcore {b}": m.get("chatcore", {}).get(b, {}).get("decode", {}) for b in ("flash", "triton")}
+        series.update({f"chatcore {b}": r.get("decode", {}) for b, r in m.get("chatcore", {}).items() if "+kv-" in b})
         series["transformers eager"] = m.get("transformers_eager", {}).get("decode", {})
         series["transformers static+compile"] = m.get("transformers_static_compile", {}).get("decode", {})
         width = 0.8 / (len(series) + 1)
@@ -283,6 +291,8 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-eager", action="store_true", help="skip transformers eager (keep its stored rows)")
     ap.add_argument("--deadline", type=float, default=540.0, help="seconds; later peer runs are skipped")
+    ap.add_argument("--kv-dtype", choices=["int8", "fp8"], default=None,
+                    help="also run each chatcore backend with this quantized KV cache (default: bf16 cache only)")
     args = ap.parse_args()
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -309,13 +319,18 @@ def main() -> None:
         m["weight_bytes"] = w_bytes
         roof = m.setdefault("roofline_tokens_per_s", {})
         roof.update({str(c): bw / sum(roofline_bytes(hf, c)) for c in args.contexts})
+        if args.kv_dtype:
+            m.setdefault(f"roofline_tokens_per_s_kv_{args.kv_dtype}", {}).update(
+                {str(c): bw / sum(roofline_bytes(hf, c, args.kv_dtype)) for c in args.contexts})
         m["copy_bandwidth_gbs"] = bw / 1e9
         window = max(args.contexts) + WARM_NEW + 256
-        for backend in args.backends:
-            print(f"  chatcore {backend}", flush=True)
-            engine = build_engine(hf, backend, window)
-            merge(m.setdefault("chatcore", {}).setdefault(backend, {}),
-                  ours(engine, args.contexts, vocab, warm=32768 in args.contexts))
+        runs = [(b, None) for b in args.backends] + [(b, args.kv_dtype) for b in args.backends if args.kv_dtype]
+        for backend, kv_dtype in runs:
+            key = backend if kv_dtype is None else f"{backend}+kv-{kv_dtype}"
+            print(f"  chatcore {key}", flush=True)
+            engine = build_engine(hf, backend, window, kv_dtype)
+            merge(m.setdefault("chatcore", {}).setdefault(key, {}),
+                  ours(engine, args.contexts, vocab, warm=32768 in args.contexts and kv_dtype is None))
             del engine
             gc.collect()
             torch.cuda.empty_cache()
@@ -342,9 +357,14 @@ def main() -> None:
                 print("  transformers static+compile", flush=True)
                 merge(done, theirs(hf, [ctx], vocab, static=True, warm=False))
                 save()
-        for res in m.get("chatcore", {}).values():
+        for key, res in m.get("chatcore", {}).items():
+            backend, _, kv = key.partition("+kv-")
+            roofline = m[f"roofline_tokens_per_s_kv_{kv}"] if kv else m["roofline_tokens_per_s"]
             for ctx, d in res["decode"].items():
-                d["fraction_of_roofline"] = d["tokens_per_s"] / m["roofline_tokens_per_s"][ctx]
+                d["fraction_of_roofline"] = d["tokens_per_s"] / roofline[ctx]
+                bf16 = m["chatcore"].get(backend, {}).get("decode", {}).get(ctx, {})
+                if kv and "tokens_per_s" in bf16:
+                    d["speedup_vs_bf16_kv"] = d["tokens_per_s"] / bf16["tokens_per_s"]
                 for peer in ("transformers_eager", "transformers_static_compile"):
                     p = m.get(peer, {}).get("decode", {}).get(ctx, {})
                     if "tokens_per_s" in p:
@@ -363,19 +383,22 @@ def merge(res: dict[str, Any], new: dict[str, Any]) -> None:
     """Fold one run's results into the stored ones: per context, so a run over some contexts keeps the others'."""
     for key in ("decode", "prefill"):
         res.setdefault(key, {}).update(new.get(key, {}))
+    if "kv_cache_bytes" in new:
+        res["kv_cache_bytes"] = new["kv_cache_bytes"]
     if "warm_turn_ttft_s" in new:
         res["warm_turn_ttft_s"] = new["warm_turn_ttft_s"]
 
 
 def print_table(results: dict[str, Any]) -> None:
-    print("\nmodel          ctx    backend  tok/s   roof%  vs-eager vs-compile")
+    print("\nmodel          ctx    backend  tok/s   roof%  vs-eager vs-compile  (quantized KV: vs-bf16-KV)")
     for name, m in results["models"].items():
         for backend, res in m.get("chatcore", {}).items():
             for ctx, d in res["decode"].items():
                 roof = 100 * d.get("fraction_of_roofline", 0)
                 print(f"{name:<14} {ctx:>6} {backend:<7} {d['tokens_per_s']:7.1f} {roof:5.1f}"
                       f"  {d.get('speedup_vs_transformers_eager', 0):6.2f}x  "
-                      f"{d.get('speedup_vs_transformers_static_compile', 0):6.2f}x")
+                      f"{d.get('speedup_vs_transformers_static_compile', 0):6.2f}x"
+                      + (f"  {d['speedup_vs_bf16_kv']:5.2f}x" if "speedup_vs_bf16_kv" in d else ""))
             for ctx, p in res.get("prefill", {}).items():
                 print(f"{name:<14} {ctx:>6} {backend:<7} prefill {p['tokens_per_s']:9.0f} tok/s ({p['ttft_s']:.3f} s)")
             if "warm_turn_ttft_s" in res:

@@ -212,7 +212,7 @@ def load_engine(p: Path, opened: Opened, dev: torch.device, dt: torch.dtype, opt
     The window is capped to what memory holds (:func:`fit_window`); ``status`` gets the notice when it is."""
     cfg, source, tokenizer = opened
     runtime = make_runtime(cfg, dev, dt, options)
-    window, notice = fit_window(cfg, dev, dt, runtime.max_seq_len, free_memory(dev))
+    window, notice = fit_window(cfg, dev, dt, runtime.max_seq_len, free_memory(dev), kv_dtype=runtime.kv_dtype)
     if notice is not None:
         runtime = dataclasses.replace(runtime, max_seq_len=window)
         if status is not None:
@@ -220,11 +220,13 @@ def load_engine(p: Path, opened: Opened, dev: torch.device, dt: torch.dtype, opt
     return Engine(build_model(cfg, runtime, source.get, progress), cfg, runtime, tokenizer, source=str(p))
 
 
-def window_bytes_per_token(cfg: ModelConfig, dt: torch.dtype) -> int:
-    """Memory a token of the window takes: a slot's keys and values in every layer, and the RoPE tables
-    (float32 cos / sin and a copy in ``dt``; two tables for models with a local RoPE base)."""
+def window_bytes_per_token(cfg: ModelConfig, dt: torch.dtype, kv_dtype: str | None = None) -> int:
+    """Memory a token of the window takes: a slot's keys and values in every layer (``kv_dtype`` int8 / fp8:
+    a byte per element and a float32 scale per head), and the RoPE tables (float32 cos / sin and a copy in
+    ``dt``; two tables for models with a local RoPE base)."""
     size = torch.tensor([], dtype=dt).element_size()
-    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * size
+    per_head = cfg.head_dim * size if kv_dtype is None else cfg.head_dim + 4
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * per_head
     return kv + 2 * cfg.head_dim * (4 + size)
 
 
@@ -255,10 +257,10 @@ MIN_WINDOW = 512   # never capped below this (or the model's own window, when sm
 
 
 def fit_window(cfg: ModelConfig, dev: torch.device, dt: torch.dtype, window: int,
-               free: int | None) -> tuple[int, str | None]:
+               free: int | None, kv_dtype: str | None = None) -> tuple[int, str | None]:
     """``window``, or the longest one whose cache fits ``free`` bytes after the weights, with a notice saying so
-    (None: it fits, or ``free`` is unknown)."""
-    per_token = window_bytes_per_token(cfg, dt)
+    (None: it fits, or ``free`` is unknown); ``kv_dtype``: the cache's storage (:func:`window_bytes_per_token`)."""
+    per_token = window_bytes_per_token(cfg, dt, kv_dtype)
     if free is None:
         return window, None
     budget = max(int((free - weight_bytes(cfg, dt)) * WINDOW_SHARE), 0)

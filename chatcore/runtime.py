@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from chatcore.errors import DeviceUnavailable, LoadOptionError
+from chatcore.layers.kv_quant import check_kv_dtype
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class Runtime:
     attention_backend: str = "auto"
     cuda_graphs: bool = True    # on CUDA: each slot's decode step is captured once and replayed per token
     chunk_by_memory: bool = False   # on CUDA: lower the chunk to what free memory holds (see fit_chunk)
+    kv_dtype: str | None = None   # KV cache storage: None (the compute dtype), "int8" or "fp8"
 
     @property
     def uses_cuda_graphs(self) -> bool:
@@ -28,6 +30,9 @@ class Runtime:
             raise ValueError(f"max_seq_len must be positive, got {self.max_seq_len}")
         if self.prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
+        if self.kv_dtype not in (None, "int8", "fp8"):
+            raise LoadOptionError(f"unsupported kv_dtype {self.kv_dtype!r}; use int8 or fp8 (or leave it out)")
+        check_kv_dtype(self.kv_dtype, self.device)   # fp8: a GPU that converts e4m3 in hardware, or the CPU
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:

@@ -9,6 +9,9 @@ one per mode, so the same model code serves:
 - :class:`DeviceStep`: one token at a position held in device memory (an int32 tensor) over a slot
   allocated to its full capacity: nothing in it reads a value back to the host, so a CUDA graph can capture
   it once and replay it at every length: :func:`~chatcore.layers.attention.attend_decode`.
+
+On a quantized slot the eager step attends over the dequantized keys and values the slot's write returns; the
+device step hands the codes and their scales to the backend.
 """
 
 from __future__ import annotations
@@ -56,12 +59,15 @@ class DeviceStep:
                sliding_window: int | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
         """q [1, Hq, D], k/v [1, Hkv, D] of the new token (k not yet rotated) -> attention output [1, Hq, D]."""
         tables = None
+        scales = self.slot.scales(layer, self.span)   # a quantized slot: codes and their scales
         if rotary is not None:
-            # flash-attn's in-kernel rotary takes tables in the query's dtype (as transformers rounds them)
-            tables = rotary.full_tables(q.dtype if self.backend == "flash" else torch.float32)
+            # flash-attn's in-kernel rotary takes tables in the query's dtype (as transformers rounds them); a
+            # quantized slot's decode takes the triton kernel under flash too
+            flash = self.backend == "flash" and scales is None
+            tables = rotary.full_tables(q.dtype if flash else torch.float32)
         keys, values = self.slot.k[layer, :, : self.span], self.slot.v[layer, :, : self.span]
         return attend_decode(q, keys, values, pos=self.pos, new_kv=(k, v), backend=self.backend,
-                             sliding_window=sliding_window, alibi=alibi, rotary=tables)
+                             sliding_window=sliding_window, alibi=alibi, rotary=tables, scales=scales)
 
 
 Step = EagerStep | DeviceStep

@@ -14,6 +14,8 @@ Modes:
   ``new_kv`` the new token's key and value [1, Hkv, D]. It rotates q and the new key at that position
   (``rotary``: full cos/sin tables [positions, D/2]), writes key and value into the cache there, and attends
   over keys 0 .. position. Nothing reads the position on the host, so the step can be replayed at any length.
+  A quantized cache (``scales``: float32 key and value scales [Hkv, capacity], the caches then int8 or
+  float8_e4m3fn codes; :mod:`chatcore.layers.kv_quant`) gets the new key and value quantized.
 
 Options, honoured by every backend in both modes:
 - ``window``: sliding-window attention (Mistral): the query at p sees only keys p - window < j <= p
@@ -33,6 +35,13 @@ Backends:
 - ``math``: plain float32 softmax attention, the reference the others are tested against.
 On a GPU, the first chunk of a prompt without ALiBi or a window takes cuDNN's SDPA kernel under flash and
 triton too, where cuDNN takes the shape (faster there than either: ``bench/README.md``, "chatcore/layers").
+
+A quantized KV cache (``kv_dtype`` int8 / fp8): prompt chunks get the dequantized keys and values from the
+cache's write (every backend's chunk path, the triton prefill kernel included, runs as on a float cache). In
+decode mode the triton kernel reads the codes and scales directly (half the bytes of bf16: the bandwidth a
+long context's decode step is bound by) and quantizes the new token's key and value in the same launch;
+torch and math quantize the new rows, then dequantize the cache and attend as before. flash-attn 2 has no
+quantized cache, so under ``flash`` a quantized cache's decode step takes the triton kernel.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from chatcore.layers.kv_quant import copy_rows, dequantize, quantize
 from chatcore.layers.rope import Rotary
 
 BACKENDS = ("flash", "triton", "torch", "math")
@@ -111,17 +121,22 @@ def attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start: in
 
 def attend_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, pos: torch.Tensor,
                   new_kv: tuple[torch.Tensor, torch.Tensor], backend: str, sliding_window: int | None = None,
-                  alibi: torch.Tensor | None = None, sinks: int = 0, rotary: Tables | None = None) -> torch.Tensor:
+                  alibi: torch.Tensor | None = None, sinks: int = 0, rotary: Tables | None = None,
+                  scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One new query q [1, Hq, D] at position ``pos`` (int32 [1], on the device) over a static cache
     ``k_cache``/``v_cache`` [Hkv, capacity, D] that holds keys 0 .. pos - 1: rotates q and the new key
     (``new_kv``: key and value [1, Hkv, D], the key not rotated) with ``rotary`` (None: no RoPE), writes key
     and value into the cache at ``pos`` and attends over keys 0 .. pos; returns [1, Hq, D].
-    ``window``, ``alibi`` as for :func:`attend_chunk`; ``sinks``: keys kept visible beside the window."""
+    ``window``, ``alibi`` as for :func:`attend_chunk`; ``sinks``: keys kept visible beside the window;
+    ``scales``: a quantized cache's key and value scales [Hkv, capacity] (the caches hold the codes).
+    ``rotary`` tables are float32, or in q's dtype for ``flash`` on a float cache (its in-kernel rotary)."""
     _check_window(sliding_window)
     if q.shape[0] != 1:
         raise ValueError(f"decode on a static cache takes one query, got {q.shape[0]}")
     slopes = None if alibi is None else alibi.to(device=q.device, dtype=torch.float32)
-    return _DECODE[backend](q, k_cache, v_cache, pos, new_kv, rotary, sliding_window, slopes, sinks)
+    if scales is not None and backend == "flash":
+        backend = "triton"   # flash-attn has no quantized cache: the triton kernel reads codes and scales
+    return _DECODE[backend](q, k_cache, v_cache, pos, new_kv, rotary, sliding_window, slopes, sinks, scales)
 
 
 def _check_window(sliding_window: int | None) -> None:
@@ -277,8 +292,8 @@ def _chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
 _CHUNK = {"flash": _chunk_flash, "triton": _chunk_triton, "torch": _chunk_torch, "math": _math}
 
 
-# ---- decode mode: one function per backend, (q, k_cache, v_cache, pos, new_kv, rotary, window, slopes, sinks)
-# -> [1, Hq, D]; ``slopes`` already float32 on q's device
+# ---- decode mode: one function per backend, (q, k_cache, v_cache, pos, new_kv, rotary, window, slopes, sinks,
+# scales) -> [1, Hq, D]; ``slopes`` already float32 on q's device; ``scales`` None or a quantized cache's
 
 def _rotary_at(rotary: Tables, pos: torch.Tensor, dtype: torch.dtype) -> Tables:
     cos, sin = (x.index_select(0, pos)[:, None, :].to(dtype) for x in rotary)
@@ -286,23 +301,36 @@ def _rotary_at(rotary: Tables, pos: torch.Tensor, dtype: torch.dtype) -> Tables:
 
 
 def _append(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-            new_kv: tuple[torch.Tensor, torch.Tensor], rotary: Tables | None) -> torch.Tensor:
-    """Rotates q and the new key at ``pos``, writes key and value into the caches there; returns q rotated."""
+            new_kv: tuple[torch.Tensor, torch.Tensor], rotary: Tables | None,
+            scales: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotates q and the new key at ``pos``, writes key and value into the caches there (quantized, with
+    ``scales``); returns q rotated and the keys and values to attend over (dequantized copies when quantized)."""
     k_new, v_new = new_kv
     if rotary is not None:
         cos, sin = _rotary_at(rotary, pos, q.dtype)
         q, k_new = Rotary.apply(q, cos, sin), Rotary.apply(k_new, cos, sin)
     index = pos.long()
-    k_cache.index_copy_(1, index, k_new.transpose(0, 1))
-    v_cache.index_copy_(1, index, v_new.transpose(0, 1))
-    return q
+    if scales is None:
+        k_cache.index_copy_(1, index, k_new.transpose(0, 1))
+        v_cache.index_copy_(1, index, v_new.transpose(0, 1))
+        return q, k_cache, v_cache
+    out = []
+    for cache, scale, x in ((k_cache, scales[0], k_new), (v_cache, scales[1], v_new)):
+        codes, sc = quantize(x.transpose(0, 1), cache.dtype)
+        copy_rows(cache, 1, index, codes)
+        scale.index_copy_(1, index, sc)
+        out.append(dequantize(cache, scale, q.dtype))
+    return q, out[0], out[1]
 
 
 def _decode_flash(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                   new_kv: tuple[torch.Tensor, torch.Tensor], rotary: Tables | None, sliding_window: int | None,
-                  slopes: torch.Tensor | None, sinks: int) -> torch.Tensor:
+                  slopes: torch.Tensor | None, sinks: int,
+                  scales: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     from flash_attn import flash_attn_with_kvcache
 
+    if scales is not None:   # attend_decode sends a quantized cache to the triton kernel
+        raise ValueError("flash-attn has no quantized KV cache")
     if sinks:
         raise ValueError("flash-attn has no attention sinks; use the triton or torch backend")
     k_new, v_new = new_kv
@@ -318,19 +346,22 @@ def _decode_flash(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 def _decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                    new_kv: tuple[torch.Tensor, torch.Tensor], rotary: Tables | None, sliding_window: int | None,
-                   slopes: torch.Tensor | None, sinks: int) -> torch.Tensor:
+                   slopes: torch.Tensor | None, sinks: int,
+                   scales: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     from chatcore.layers.triton_decode import decode_attention
 
-    # one launch rotates q and the new key, appends key and value, and attends (then the splits' merge)
+    # one launch rotates q and the new key, appends key and value (quantized, on a quantized cache), and
+    # attends (then the splits' merge)
     k_new, v_new = new_kv
     return decode_attention(q[0], k_cache, v_cache, pos, new_kv=(k_new[0], v_new[0]), rotary=rotary,
-                            sliding_window=sliding_window, sinks=sinks, alibi=slopes)[None]
+                            sliding_window=sliding_window, sinks=sinks, alibi=slopes, scales=scales)[None]
 
 
 def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                   new_kv: tuple[torch.Tensor, torch.Tensor], rotary: Tables | None, sliding_window: int | None,
-                  slopes: torch.Tensor | None, sinks: int) -> torch.Tensor:
-    q = _append(q, k_cache, v_cache, pos, new_kv, rotary)
+                  slopes: torch.Tensor | None, sinks: int,
+                  scales: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    q, k_cache, v_cache = _append(q, k_cache, v_cache, pos, new_kv, rotary, scales)
     s = k_cache.shape[1]
     mask = _causal_mask(1, s, pos, q.device, sliding_window, sinks)[None]
     bias = mask if slopes is None else _alibi_bias(slopes, 1, s, pos, q.device).masked_fill(
@@ -342,8 +373,9 @@ def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 def _decode_math(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                  new_kv: tuple[torch.Tensor, torch.Tensor], rotary: Tables | None, sliding_window: int | None,
-                 slopes: torch.Tensor | None, sinks: int) -> torch.Tensor:
-    q = _append(q, k_cache, v_cache, pos, new_kv, rotary)
+                 slopes: torch.Tensor | None, sinks: int,
+                 scales: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    q, k_cache, v_cache = _append(q, k_cache, v_cache, pos, new_kv, rotary, scales)
     return _math(q, k_cache, v_cache, pos, sliding_window, slopes, sinks)
 
 

@@ -83,7 +83,7 @@ class CausalLM:
         """What every KV cache slot of this model shares (all but its capacity)."""
         c, rt = self.cfg, self.runtime
         return dict(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=rt.dtype,
-                    device=rt.device, rotary=self.rotary)
+                    device=rt.device, rotary=self.rotary, kv_dtype=rt.kv_dtype)
 
     def new_slot(self, capacity: int, *, preallocate: bool = False) -> KVCache:
         return KVCache(**self.slot_args(), capacity=capacity, preallocate=preallocate)
