@@ -18,6 +18,7 @@ class Runtime:
     attention_backend: str = "auto"
     cuda_graphs: bool = True    # on CUDA: each slot's decode step is captured once and replayed per token
     chunk_by_memory: bool = False   # on CUDA: lower the chunk to what free memory holds (see fit_chunk)
+    kv_dtype: str | None = None   # KV cache storage: None (the compute dtype), "int8" or "fp8"
 
     @property
     def uses_cuda_graphs(self) -> bool:
@@ -28,6 +29,8 @@ class Runtime:
             raise ValueError(f"max_seq_len must be positive, got {self.max_seq_len}")
         if self.prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
+        if self.kv_dtype not in (None, "int8", "fp8"):
+            raise ValueError(f"kv_dtype must be None, 'int8' or 'fp8', got {self.kv_dtype!r}")
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
