@@ -364,3 +364,31 @@ def test_the_demo_model_packs_bit_exactly(demo_gguf: Path) -> None:
         assert t.tensor_type in (Q.Q4_1, Q.Q8_0)            # the file's projections are Q4_1, its embedding Q8_0
         ref = theirs(np.asarray(t.data), t.tensor_type).reshape(got.shape)
         assert same_bits(dequantize(got), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_packing_on_the_gpu_gives_the_same_planes(qtype: Q) -> None:
+    raw = torch.from_numpy(random_blocks(qtype, 64, 1024, np.random.default_rng(5)))
+    cpu, gpu = pack_gguf(raw, qtype, (64, 1024)), pack_gguf(raw.cuda(), qtype, (64, 1024))
+    assert gpu.device.type == "cuda"
+    for name, plane in cpu.planes().items():
+        assert torch.equal(plane.view(torch.uint8), gpu.planes()[name].cpu().view(torch.uint8)), name
+    assert same_bits(dequantize(gpu).cpu(), dequantize(cpu))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp8"])
+def test_quantize_on_the_gpu_keeps_its_bounds(mode: str) -> None:
+    if mode == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no fp8 on this GPU")
+    w = weights().cuda()
+    v = dequantize(quantize(w, mode, 64)).cpu()
+    w = w.cpu()
+    if mode == "int4":
+        step, _ = rtn(w, 64)
+        assert bool(((v - w).reshape(w.shape[0], -1, 64).abs().amax(-1) <= step * (1 + 1e-6)).all())
+    else:
+        amax = w.abs().amax(dim=1, keepdim=True)
+        bound = amax / 254 if mode == "int8" else torch.maximum(w.abs() / 16, amax / 448 * 2.0**-10)
+        assert bool(((v - w).abs() <= bound * (1 + 1e-5) + 1e-30).all())
