@@ -88,16 +88,32 @@ def quantize(w: torch.Tensor, mode: str, group: int = 64) -> PackedWeight:
     return PackedWeight(fmt, (n, k), q=q, d=d)
 
 
+def _f16_next(h: torch.Tensor, up: bool) -> torch.Tensor:
+    """The float16 next to finite ``h`` towards +inf (``up``) or -inf, from its bits (sign and magnitude)."""
+    bits = h.view(torch.int16).to(torch.int32) & 0xFFFF
+    mag, neg = bits & 0x7FFF, bits >= 0x8000
+    away = neg != up                                  # the step grows the magnitude
+    step = torch.where(away, mag + 1, mag - 1)
+    zero = mag == 0                                   # +-0: the smallest subnormal of the step's sign
+    out = torch.where(zero, torch.full_like(bits, 1 if up else 0x8001), step | (bits & 0x8000))
+    return _as_f16(out)
+
+
+def _as_f16(bits: torch.Tensor) -> torch.Tensor:
+    """int32 holding float16 bit patterns 0..0xFFFF -> those float16 values."""
+    return torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16).view(torch.float16)
+
+
 def _f16_down(t: torch.Tensor) -> torch.Tensor:
     """float32 -> the largest float16 <= it."""
     h = t.to(torch.float16)
-    return torch.where(h.float() > t, torch.nextafter(h, torch.full_like(h, -float("inf"))), h)
+    return torch.where(h.float() > t, _f16_next(h, up=False), h)
 
 
 def _f16_up(t: torch.Tensor) -> torch.Tensor:
     """float32 -> the smallest float16 >= it."""
     h = t.to(torch.float16)
-    return torch.where(h.float() < t, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+    return torch.where(h.float() < t, _f16_next(h, up=True), h)
 
 
 def _codes(x: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
