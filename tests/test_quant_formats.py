@@ -279,6 +279,19 @@ def test_a_gguf_served_packed(q8_gguf: Path) -> None:
     assert len(notices) == 1 and "slower than float32" in notices[0]
 
 
+def test_types_without_a_layout_are_dequantized_with_one_notice(q8_gguf: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from chatcore.weights import gguf_file
+
+    monkeypatch.setattr(gguf_file, "PACKABLE", PACKABLE - {Q.Q8_0})   # as if Q8_0 had no packed layout
+    cfg, plain, _ = open_checkpoint(q8_gguf)
+    notices: list[str] = []
+    served = serve_source(plain, cfg, torch.device("cpu"), LoadOptions(packed=True), notices.append)
+    assert len(notices) == 1 and notices[0].startswith("chatcore: tensors of type Q8_0 have no packed layout")
+    got = served.get("model.layers.0.mlp.up_proj.weight")
+    assert isinstance(got, torch.Tensor) and torch.equal(got, plain.get("model.layers.0.mlp.up_proj.weight"))
+
+
 def test_packed_default_by_device(q8_gguf: Path) -> None:
     cfg, plain, _ = open_checkpoint(q8_gguf)
     name = "model.layers.0.self_attn.q_proj.weight"
@@ -392,3 +405,12 @@ def test_quantize_on_the_gpu_keeps_its_bounds(mode: str) -> None:
         amax = w.abs().amax(dim=1, keepdim=True)
         bound = amax / 254 if mode == "int8" else torch.maximum(w.abs() / 16, amax / 448 * 2.0**-10)
         assert bool(((v - w).abs() <= bound * (1 + 1e-5) + 1e-30).all())
+
+
+def test_cli_refuses_quantize_on_a_quantized_gguf(q8_gguf: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from chatcore.cli import main
+
+    assert main(["generate", "--model", str(q8_gguf), "--prompt", "hi", "--quantize", "int4"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("chatcore: error: quantize='int4': tiny-q8_0.gguf is already quantized (Q8_0)")
+    assert "\n" not in err
