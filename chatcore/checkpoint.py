@@ -26,10 +26,13 @@ from chatcore.errors import LoadOptionError, ModelFormatError
 from chatcore.layers.attention import pick_backend
 from chatcore.models import FAMILIES
 from chatcore.models.base import CausalLM
+from chatcore.quant.names import quantized_names
+from chatcore.quant.quantize import GROUPS, MODES, check_device, quantized_nbytes
 from chatcore.runtime import Runtime
 from chatcore.tokenizer import Tokenizer
 from chatcore.tokenizer.hf import HFTokenizer
 from chatcore.weights import TensorSource
+from chatcore.weights.quantizing import QuantizingSource
 
 # progress(done, total) while tensors load
 Progress = Callable[[int, int], None]
@@ -168,6 +171,10 @@ class LoadOptions:
     prefill_chunk: int | None = None
     attention: str = "auto"
     cuda_graphs: bool = True
+    packed: bool | None = None      # GGUF quantized tensors kept packed (None: on CUDA yes, on the CPU no)
+    quantize: str | None = None     # "int8", "int4" or "fp8": float projections quantized on load
+    quant_group: int = 64           # int4's group: 32, 64 or 128 columns
+    kv_dtype: str | None = None     # KV cache storage: None (the compute dtype), "int8" or "fp8"
 
     def __post_init__(self) -> None:
         for name in ("max_seq_len", "prefill_chunk"):
@@ -175,6 +182,76 @@ class LoadOptions:
             if value is not None and value < 1:
                 raise LoadOptionError(f"{name} must be a positive number of tokens, got {value} "
                                       "(leave it out for the default)")
+        if self.packed not in (None, True, False):
+            raise LoadOptionError(f"packed must be True, False or None (by device), got {self.packed!r}")
+        if self.quantize is not None and self.quantize not in MODES:
+            raise LoadOptionError(f"unknown quantize {self.quantize!r}; use one of {', '.join(MODES)}")
+        if self.quant_group not in GROUPS:
+            raise LoadOptionError(f"quant_group must be {', '.join(map(str, GROUPS))} columns, "
+                                  f"got {self.quant_group!r}")
+        if self.kv_dtype not in (None, "int8", "fp8"):
+            raise LoadOptionError(f"unknown kv_dtype {self.kv_dtype!r}; use int8 or fp8 (or leave it out for "
+                                  "the compute dtype)")
+        if self.quantize is not None and self.packed is False:
+            raise LoadOptionError(f"quantize={self.quantize!r} keeps the weights packed; it cannot be combined "
+                                  "with packed=False (--dequantize)")
+
+
+def serve_source(source: TensorSource, cfg: ModelConfig, dev: torch.device, options: LoadOptions,
+                 status: Callable[[str], None] | None = None) -> TensorSource:
+    """``source`` as ``options`` ask the weights served on ``dev``: a GGUF file's quantized 2-D tensors kept
+    packed (``packed``; by default on CUDA), the projections quantized on load (``quantize``); ``status`` gets a
+    notice for what cannot be kept packed and for packed weights on the CPU. Raises :class:`LoadOptionError`
+    for ``quantize`` on already-quantized GGUF tensors or fp8 on a GPU without it."""
+    from chatcore.quant.gguf_pack import PACKABLE
+    from chatcore.weights.gguf_file import FLOAT_TYPES, GGUFTensors
+
+    say = status or (lambda _msg: None)
+    family = FAMILIES[cfg.family]
+    names = family.tensor_names(cfg)
+    packs = False
+    if options.quantize is not None:
+        check_device(options.quantize, dev)
+        chosen = quantized_names(family.split_rules, names)
+        if isinstance(source, GGUFTensors):
+            typed = sorted({source.type_of(n).name for n in chosen if source.type_of(n) not in FLOAT_TYPES})
+            if typed:
+                raise LoadOptionError(f"quantize={options.quantize!r}: {source.path.name} is already quantized "
+                                      f"({', '.join(typed)}); quantize a float checkpoint (safetensors, or a "
+                                      "GGUF of F16/BF16/F32 tensors), or load this file as it is")
+        fits = [n for n in chosen if _quantizable(source.shape(n), options)]
+        if len(fits) < len(chosen):
+            say(f"chatcore: {len(chosen) - len(fits)} projection(s) have a width that {options.quantize} "
+                "cannot pack (not a multiple of 32 or of the group); they stay float")
+        source, packs = QuantizingSource(source, fits, options.quantize, options.quant_group, dev), bool(fits)
+    gguf = source.base if isinstance(source, QuantizingSource) else source
+    if isinstance(gguf, GGUFTensors) and (options.packed or (options.packed is None and dev.type == "cuda")):
+        packed = gguf.packed_on(dev)
+        mats = [n for n in names if len(gguf.shape(n)) == 2 and gguf.type_of(n) not in FLOAT_TYPES]
+        left = sorted({gguf.type_of(n).name for n in mats if not packed.packs(n)})
+        if left:
+            say(f"chatcore: tensors of type {', '.join(left)} have no packed layout; they are dequantized to "
+                f"the compute dtype (packed: {', '.join(sorted(t.name for t in PACKABLE))})")
+        packs = packs or len(left) < len({gguf.type_of(n).name for n in mats})
+        if isinstance(source, QuantizingSource):
+            source.base = packed
+        else:
+            source = packed
+    if packs and dev.type == "cpu":
+        say("chatcore: weights are kept packed on the CPU, which saves memory but runs slower than float32 "
+            "there (for memory and testing); leave packed / --packed and --quantize out for speed")
+    return source
+
+
+def _quantizable(shape: tuple[int, ...], options: LoadOptions) -> bool:
+    """Whether a tensor of ``shape`` fits ``options.quantize``'s layout (2-D, its width on the blocks)."""
+    if len(shape) != 2:
+        return False
+    try:
+        quantized_nbytes((shape[0], shape[1]), options.quantize, options.quant_group)  # type: ignore[arg-type]
+    except ValueError:
+        return False
+    return True
 
 
 def make_runtime(cfg: ModelConfig, dev: torch.device, dt: torch.dtype, options: LoadOptions) -> Runtime:
@@ -184,7 +261,7 @@ def make_runtime(cfg: ModelConfig, dev: torch.device, dt: torch.dtype, options: 
     return Runtime(device=dev, dtype=dt, max_seq_len=window,
                    prefill_chunk=chunk or (32768 if dev.type == "cuda" else 512),
                    attention_backend=pick_backend(options.attention, dev, dt), cuda_graphs=options.cuda_graphs,
-                   chunk_by_memory=chunk is None and dev.type == "cuda")
+                   chunk_by_memory=chunk is None and dev.type == "cuda", kv_dtype=options.kv_dtype)
 
 
 def build_model(cfg: ModelConfig, runtime: Runtime, get: Callable[[str], torch.Tensor],
@@ -211,8 +288,10 @@ def load_engine(p: Path, opened: Opened, dev: torch.device, dt: torch.dtype, opt
 
     The window is capped to what memory holds (:func:`fit_window`); ``status`` gets the notice when it is."""
     cfg, source, tokenizer = opened
+    source = serve_source(source, cfg, dev, options, status)
     runtime = make_runtime(cfg, dev, dt, options)
-    window, notice = fit_window(cfg, dev, dt, runtime.max_seq_len, free_memory(dev), kv_dtype=runtime.kv_dtype)
+    window, notice = fit_window(cfg, dev, dt, runtime.max_seq_len, free_memory(dev), source=source,
+                                kv_dtype=options.kv_dtype)
     if notice is not None:
         runtime = dataclasses.replace(runtime, max_seq_len=window)
         if status is not None:
@@ -221,19 +300,25 @@ def load_engine(p: Path, opened: Opened, dev: torch.device, dt: torch.dtype, opt
 
 
 def window_bytes_per_token(cfg: ModelConfig, dt: torch.dtype, kv_dtype: str | None = None) -> int:
-    """Memory a token of the window takes: a slot's keys and values in every layer (``kv_dtype`` int8 / fp8:
-    a byte per element and a float32 scale per head), and the RoPE tables (float32 cos / sin and a copy in
-    ``dt``; two tables for models with a local RoPE base)."""
+    """Memory a token of the window takes: a slot's keys and values in every layer (one byte an element for an
+    int8 / fp8 cache, and a float32 scale per head, an upper bound for per-head scales), and the RoPE tables
+    (float32 cos / sin and a copy in ``dt``; two tables for models with a local RoPE base)."""
     size = torch.tensor([], dtype=dt).element_size()
-    per_head = cfg.head_dim * size if kv_dtype is None else cfg.head_dim + 4
-    kv = 2 * cfg.num_layers * cfg.num_kv_heads * per_head
+    heads = 2 * cfg.num_layers * cfg.num_kv_heads
+    kv = heads * cfg.head_dim * size if kv_dtype is None else heads * (cfg.head_dim + 4)
     return kv + 2 * cfg.head_dim * (4 + size)
 
 
-def weight_bytes(cfg: ModelConfig, dt: torch.dtype) -> int:
-    """Memory the model's weights take in ``dt``."""
+def weight_bytes(cfg: ModelConfig, dt: torch.dtype, source: TensorSource | None = None) -> int:
+    """Memory the model's weights take in ``dt``; with ``source``, a tensor it serves packed counts its packed
+    bytes (``source.packed_nbytes(name)``, from the header: nothing is read)."""
     size = torch.tensor([], dtype=dt).element_size()
-    return size * sum(math.prod(shape) for shape in FAMILIES[cfg.family].shapes(cfg).values())
+    packed = getattr(source, "packed_nbytes", None)
+    total = 0
+    for name, shape in FAMILIES[cfg.family].shapes(cfg).items():
+        nbytes = packed(name) if packed is not None else None
+        total += size * math.prod(shape) if nbytes is None else nbytes
+    return total
 
 
 def free_memory(dev: torch.device) -> int | None:
@@ -256,14 +341,16 @@ WINDOW_SHARE = 0.8
 MIN_WINDOW = 512   # never capped below this (or the model's own window, when smaller)
 
 
-def fit_window(cfg: ModelConfig, dev: torch.device, dt: torch.dtype, window: int,
-               free: int | None, kv_dtype: str | None = None) -> tuple[int, str | None]:
+def fit_window(cfg: ModelConfig, dev: torch.device, dt: torch.dtype, window: int, free: int | None, *,
+               source: TensorSource | None = None, kv_dtype: str | None = None) -> tuple[int, str | None]:
     """``window``, or the longest one whose cache fits ``free`` bytes after the weights, with a notice saying so
-    (None: it fits, or ``free`` is unknown); ``kv_dtype``: the cache's storage (:func:`window_bytes_per_token`)."""
+    (None: it fits, or ``free`` is unknown). ``source``: the weights as served (packed ones count packed,
+    :func:`weight_bytes`); ``kv_dtype``: the cache's storage (:func:`window_bytes_per_token`)."""
     per_token = window_bytes_per_token(cfg, dt, kv_dtype)
     if free is None:
         return window, None
-    budget = max(int((free - weight_bytes(cfg, dt)) * WINDOW_SHARE), 0)
+    weights = weight_bytes(cfg, dt, source)
+    budget = max(int((free - weights) * WINDOW_SHARE), 0)
     if window * per_token <= budget:
         return window, None
     fit = max(budget // per_token, min(MIN_WINDOW, window))
@@ -272,7 +359,7 @@ def fit_window(cfg: ModelConfig, dev: torch.device, dt: torch.dtype, window: int
     fit = fit // 256 * 256 if fit >= 256 else fit
     where = "on the GPU" if dev.type == "cuda" else "in RAM"
     return fit, (f"chatcore: a {window}-token window needs {_gb(window * per_token)} for its KV cache; "
-                 f"{_gb(free)} is free {where} (weights {_gb(weight_bytes(cfg, dt))}), so the window is "
+                 f"{_gb(free)} is free {where} (weights {_gb(weights)}), so the window is "
                  f"{fit} tokens; choose it with max_seq_len (--max-seq-len)")
 
 

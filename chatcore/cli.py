@@ -34,6 +34,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: best available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: by device)")
     p.add_argument("--max-seq-len", type=int, default=None, help="context window to use (default: the model's)")
+    packing = p.add_mutually_exclusive_group()
+    packing.add_argument("--dequantize", dest="packed", action="store_const", const=False, default=None,
+                         help="dequantize a quantized GGUF to --dtype (the default on the CPU; on CUDA the "
+                              "Q4_0..Q8_0 / Q4_K / Q5_K / Q6_K tensors stay packed)")
+    packing.add_argument("--packed", dest="packed", action="store_const", const=True,
+                         help="keep a quantized GGUF packed on any device (on the CPU: less memory, slower)")
+    p.add_argument("--quantize", choices=("int8", "int4", "fp8"), default=None,
+                   help="quantize a float checkpoint's projections on load (weight-only; fp8 needs an Ada / "
+                        "Hopper GPU or the CPU)")
+    p.add_argument("--quant-group", type=int, choices=(32, 64, 128), default=64,
+                   help="columns per int4 scale and min (default 64)")
+    p.add_argument("--kv-dtype", choices=("int8", "fp8"), default=None,
+                   help="store the KV cache quantized (default: in --dtype)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,7 +93,8 @@ def _generate(args: argparse.Namespace) -> int:
         where = "on stdin" if args.prompt == "-" else "with --prompt"
         raise ChatcoreError(f"the prompt is empty; give the message {where}")
     engine = chatcore.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                           tensor_parallel=args.tensor_parallel)
+                           tensor_parallel=args.tensor_parallel, packed=args.packed, quantize=args.quantize,
+                           quant_group=args.quant_group, kv_dtype=args.kv_dtype)
     with engine:
         return _stream(engine, args, prompt, params)
 

@@ -18,6 +18,7 @@ from chatcore.checkpoint import LoadOptions, Progress, load_engine, open_checked
 from chatcore.checkpoint import open_checkpoint as open_checkpoint  # callers read a checkpoint's config here
 from chatcore.engine import Engine
 from chatcore.errors import ModelNotFound
+from chatcore.quant.quantize import check_device
 from chatcore.runtime import pick_device, pick_dtype
 
 
@@ -70,7 +71,8 @@ def load(path: str | Path | None = "demo", device: str | torch.device | None = N
          dtype: str | torch.dtype | None = None, *, max_seq_len: int | None = None,
          prefill_chunk: int | None = None, attention: str = "auto", cuda_graphs: bool = True,
          progress: Progress | None = None, status: Callable[[str], None] | None = None,
-         tensor_parallel: int = 1) -> Engine:
+         tensor_parallel: int = 1, packed: bool | None = None, quantize: str | None = None,
+         quant_group: int = 64, kv_dtype: str | None = None) -> Engine:
     """Load a model for generation.
 
     ``path``: a Hugging Face directory, a ``.gguf`` file, or ``"demo"`` / None for SmolLM2-135M-Instruct.
@@ -87,12 +89,25 @@ def load(path: str | Path | None = "demo", device: str | torch.device | None = N
     model's first download (both default to stderr).
     ``tensor_parallel``: split the model over this many ranks (processes; on CUDA one GPU each, cuda:0..N-1
     from the device's index), each loading only its shard; see :mod:`chatcore.parallel`.
+    ``packed``: keep a GGUF file's quantized tensors (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K; 2-D ones:
+    projections, embedding, head) packed in memory and compute with them. None (default): packed on CUDA,
+    dequantized to ``dtype`` on the CPU; False: always dequantized; True: packed on any device (on the CPU
+    that saves memory but runs slower than float32: for memory and testing, said through ``status``).
+    Other quantized types are dequantized, with a notice.
+    ``quantize``: "int8" (per output channel), "int4" (groups of ``quant_group`` = 32, 64 or 128 columns) or
+    "fp8" (e4m3, GPUs of compute capability 8.9+ and the CPU): quantize a float checkpoint's projections and
+    untied head on load (weight-only; embeddings and norms stay float); a GGUF whose projections are already
+    quantized raises :class:`LoadOptionError`. See :mod:`chatcore.quant.quantize` for the error bounds.
+    ``kv_dtype``: "int8" or "fp8" stores the KV cache quantized (None: in ``dtype``).
     """
     # the options first: a device or dtype that cannot work fails before the demo model is fetched
     options = LoadOptions(max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, attention=attention,
-                          cuda_graphs=cuda_graphs)
+                          cuda_graphs=cuda_graphs, packed=packed, quantize=quantize, quant_group=quant_group,
+                          kv_dtype=kv_dtype)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    if quantize is not None:
+        check_device(quantize, dev)   # fp8 on a GPU without it: before the model is fetched
     p = resolve(path, status)
     report = progress or _bar(p.name)
     say = status or (lambda msg: print(msg, file=sys.stderr, flush=True))

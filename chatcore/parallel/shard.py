@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from chatcore.checkpoint import Opened, Progress, build_model, make_runtime, open_checked
+from chatcore.checkpoint import Opened, Progress, build_model, make_runtime, open_checked, serve_source
 from chatcore.checkpoint_config import config_from_hf_file
 from chatcore.config import ModelConfig
 from chatcore.errors import TensorParallelError
@@ -192,6 +192,7 @@ def load_shard(spec: LaunchSpec, rank: int, opened: Opened | None = None,
     dev = spec.rank_device(rank)
     dtype = pick_dtype(spec.dtype, dev)
     cfg, source, _ = opened or open_source(Path(spec.path), spec.random_seed, dev, dtype)
+    source = serve_source(source, cfg, dev, spec.options)   # packed / quantized as the caller's options ask
     plan = RankShard(cfg, spec.world, rank)
     read = reader(source)
 

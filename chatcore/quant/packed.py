@@ -89,23 +89,8 @@ class PackedWeight:
     mn: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        n, k = self.shape
+        want = plane_shapes(self.fmt, self.shape)
         f = self.fmt
-        if k % f.block or k % 32:
-            raise ValueError(f"{f.name}: {k} columns are not a multiple of {max(f.block, 32)}")
-        want: dict[str, tuple[int, int]] = {"d": (n, k // f.block)}
-        if f.bits == 8:
-            want["q"] = (n, k)
-        else:
-            want["ql"] = (n, k // 2)
-            if f.bits > 4:
-                want["qh"] = (n, k * (f.bits - 4) // 8)
-        if f.sub_scale:
-            want["sc"] = (n, k // f.group)
-        if f.offset == "min":
-            want["m"] = (n, k // f.group)
-        elif f.offset == "dmin":
-            want |= {"dmin": (n, k // f.block), "mn": (n, k // f.group)}
         for name in PLANES:
             t = getattr(self, name)
             if (t is None) != (name not in want):
@@ -144,6 +129,71 @@ class PackedWeight:
         k = self.shape[1]
         cut = {name: t[:, start * t.shape[1] // k : stop * t.shape[1] // k] for name, t in self.planes().items()}
         return dataclasses.replace(self, shape=(self.shape[0], stop - start), **cut)
+
+    def __getitem__(self, index: slice | tuple[slice, ...]) -> PackedWeight:
+        """``w[rows]`` or ``w[rows, columns]`` with plain slices (no step), as a float matrix is sliced by a
+        tensor-parallel rank: rows are :meth:`rows`, columns :meth:`columns` (on block boundaries)."""
+        parts = index if isinstance(index, tuple) else (index,)
+        if len(parts) > 2 or any(not isinstance(p, slice) or p.step not in (None, 1) for p in parts):
+            raise IndexError(f"{self.fmt.name}: a packed weight takes [rows] or [rows, columns] slices, got {index!r}")
+        w = self
+        for dim, part in enumerate(parts):
+            start, stop, _ = part.indices(w.shape[dim])
+            stop = max(stop, start)
+            if (start, stop) != (0, w.shape[dim]):
+                w = w.rows(start, stop) if dim == 0 else w.columns(start, stop)
+        return w
+
+    def clone(self) -> PackedWeight:
+        """A copy owning its planes (a slice of a bigger weight no longer holds that weight's memory)."""
+        return dataclasses.replace(self, **{k: v.clone() for k, v in self.planes().items()})
+
+    def take_rows(self, index: torch.Tensor | Sequence[int]) -> PackedWeight:
+        """Rows ``index`` (any order, repeats allowed), as ``matrix[index]`` takes them."""
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        return dataclasses.replace(self, shape=(int(idx.numel()), self.shape[1]),
+                                   **{k: v.index_select(0, idx) for k, v in self.planes().items()})
+
+    def pad_rows(self, n: int) -> PackedWeight:
+        """``n`` all-zero rows appended (every plane zero: they dequantize to zeros), as a vocab-parallel rank
+        pads its last rows."""
+        if n < 0:
+            raise ValueError(f"cannot pad {n} rows")
+        planes = {k: torch.cat([v, v.new_zeros((n, v.shape[1]))]) for k, v in self.planes().items()}
+        return dataclasses.replace(self, shape=(self.shape[0] + n, self.shape[1]), **planes)
+
+
+def plane_shapes(fmt: QuantFormat, shape: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """The planes a weight of ``fmt`` and ``shape`` [N, K] has, and their shapes (ValueError: K does not fit)."""
+    n, k = shape
+    f = fmt
+    if k % f.block or k % 32:
+        raise ValueError(f"{f.name}: {k} columns are not a multiple of {max(f.block, 32)}")
+    want: dict[str, tuple[int, int]] = {"d": (n, k // f.block)}
+    if f.bits == 8:
+        want["q"] = (n, k)
+    else:
+        want["ql"] = (n, k // 2)
+        if f.bits > 4:
+            want["qh"] = (n, k * (f.bits - 4) // 8)
+    if f.sub_scale:
+        want["sc"] = (n, k // f.group)
+    if f.offset == "min":
+        want["m"] = (n, k // f.group)
+    elif f.offset == "dmin":
+        want |= {"dmin": (n, k // f.block), "mn": (n, k // f.group)}
+    return want
+
+
+# bytes per element of each plane; d is float16 (GGUF, int4) or float32 (int8, fp8): see packed_nbytes
+_PLANE_SIZE = {"ql": 1, "qh": 1, "q": 1, "sc": 1, "m": 2, "dmin": 2, "mn": 1}
+
+
+def packed_nbytes(fmt: QuantFormat, shape: tuple[int, int], d_size: int = 2) -> int:
+    """Bytes a weight of ``fmt`` and ``shape`` takes packed (``d_size``: bytes of a ``d`` scale), from the shapes
+    alone: what :meth:`PackedWeight.nbytes` gives once it is made."""
+    return sum(a * b * (d_size if name == "d" else _PLANE_SIZE[name])
+               for name, (a, b) in plane_shapes(fmt, shape).items())
 
 
 def cat_rows(weights: Sequence[PackedWeight]) -> PackedWeight:

@@ -1,4 +1,6 @@
-"""Read a GGUF file's tensors under Hugging Face names, dequantized to float32 (the loader casts them).
+"""Read a GGUF file's tensors under Hugging Face names, dequantized to float32 (the loader casts them), or,
+served packed (:meth:`GGUFTensors.packed_on`), the 2-D tensors of the types with a packed layout as
+:class:`~chatcore.quant.packed.PackedWeight` (lossless: :mod:`chatcore.quant.gguf_pack`).
 
 The names and row layouts are the family's (its :class:`~chatcore.weights.gguf_names.GGUFNames`, which
 follows llama.cpp's converter ``convert_hf_to_gguf.py`` with ``gguf``'s tensor map for that architecture).
@@ -6,19 +8,30 @@ follows llama.cpp's converter ``convert_hf_to_gguf.py`` with ``gguf``'s tensor m
 
 from __future__ import annotations
 
+import copy
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
 from chatcore.errors import ModelFormatError
+from chatcore.quant.gguf_pack import PACKABLE, pack_gguf, packed_size
+from chatcore.quant.packed import PackedWeight
 from chatcore.weights.dequant import dequantize
 from chatcore.weights.gguf_names import GGUFNames, Reorder
 from chatcore.weights.gguf_reader import GGUFFile, GGUFTensorInfo
+
+FLOAT_TYPES = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
+                         GGMLQuantizationType.F64})
 
 
 class GGUFTensors:
     """Tensors of an open GGUF file (:class:`GGUFFile`; a ``gguf.GGUFReader`` works too) under the HF names
     ``names`` gives them, with llama.cpp's row reorders undone."""
+
+    _pack_on: torch.device | None = None   # packed_on's device: where packed tensors are made (None: never)
 
     def __init__(self, reader: GGUFFile, path: Path, num_heads: int, num_kv_heads: int, names: GGUFNames) -> None:
         self.path = path
@@ -40,7 +53,27 @@ class GGUFTensors:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(int(d) for d in reversed(self._tensors[name][0].shape))
 
-    def get(self, name: str) -> torch.Tensor:
+    def type_of(self, name: str) -> GGMLQuantizationType:
+        return self._tensors[name][0].tensor_type
+
+    def packed_on(self, device: torch.device | str) -> GGUFTensors:
+        """This file served packed: :meth:`get` gives a :class:`PackedWeight`, made on ``device``, for every
+        2-D tensor of a type in :data:`~chatcore.quant.gguf_pack.PACKABLE` (projections, embedding, output
+        head); other types, 1-D tensors and float tensors come dequantized as before."""
+        view = copy.copy(self)
+        view._pack_on = torch.device(device)
+        return view
+
+    def packs(self, name: str) -> bool:
+        """Whether :meth:`get` serves ``name`` packed."""
+        t = self._tensors[name][0]
+        return self._pack_on is not None and t.tensor_type in PACKABLE and len(t.shape) == 2
+
+    def packed_nbytes(self, name: str) -> int | None:
+        """Bytes ``get(name)`` takes when it is packed (None: a float tensor)."""
+        return packed_size(self.type_of(name), self.shape(name)) if self.packs(name) else None  # type: ignore[arg-type]
+
+    def get(self, name: str) -> torch.Tensor | PackedWeight:  # type: ignore[override]
         entry = self._tensors.get(name)
         if entry is None:
             raise ModelFormatError(f"{self.path} lacks the tensor for {name!r}; the file is incomplete")
@@ -50,6 +83,8 @@ class GGUFTensors:
             # Rows are independent in every GGUF type, so the reorder moves the packed rows (a few bytes each)
             # before dequantizing instead of the float rows after.
             data, reorder = reorder(data, *self._heads), None
+        if self.packs(name):
+            return pack_gguf(self._raw(data), t.tensor_type, self.shape(name))  # type: ignore[arg-type]
         try:
             w = dequantize(data, t.tensor_type)
         except (NotImplementedError, ValueError) as exc:
@@ -61,3 +96,10 @@ class GGUFTensors:
         if self._norms_plus_one and name.endswith("norm.weight"):
             w = w - 1.0
         return w
+
+    def _raw(self, data: np.ndarray) -> torch.Tensor:
+        """A tensor's GGUF bytes on the packing device (the packed planes are copies: nothing keeps the map)."""
+        arr = np.ascontiguousarray(data)
+        with warnings.catch_warnings():   # a read-only map is only read: the copy to the device takes the bytes
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(arr).to(self._pack_on)  # type: ignore[arg-type]
