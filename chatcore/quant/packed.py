@@ -135,12 +135,6 @@ class PackedWeight:
         return dataclasses.replace(self, shape=(stop - start, self.shape[1]),
                                    **{k: v[start:stop] for k, v in self.planes().items()})
 
-    def take_rows(self, index: torch.Tensor) -> PackedWeight:
-        """The rows ``index`` (int64 [R], on the planes' device), in that order: an embedding lookup's rows, or a
-        row permutation (each plane's rows gathered; no value changes)."""
-        return dataclasses.replace(self, shape=(index.shape[0], self.shape[1]),
-                                   **{k: v.index_select(0, index) for k, v in self.planes().items()})
-
     def columns(self, start: int, stop: int) -> PackedWeight:
         """Input columns ``start .. stop - 1`` (a row-parallel shard); both must lie on a block boundary."""
         f = self.fmt

@@ -9,6 +9,7 @@ projection; nothing it returns is kept).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -115,10 +116,14 @@ def fuse_rows(ws: Sequence[Weight]) -> Weight:
 
 
 def take_rows(w: Weight, index: torch.Tensor) -> Weight:
-    """Rows ``index`` (int64 [R]) of ``w`` in that order (a packed weight stays packed)."""
+    """Rows ``index`` (int64 [R]) of ``w`` in that order (a packed weight stays packed: each plane's rows)."""
     if isinstance(w, torch.Tensor):
         return w.index_select(0, index)
-    return w.take_rows(index.to(w.device))
+    index = index.to(w.device)
+    if isinstance(w, RowParts):
+        return w.take_rows(index)
+    return dataclasses.replace(w, shape=(index.shape[0], w.shape[1]),
+                               **{k: v.index_select(0, index) for k, v in w.planes().items()})
 
 
 def reorder_rows(w: Weight, reorder: Callable[[torch.Tensor], torch.Tensor]) -> Weight:
