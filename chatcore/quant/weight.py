@@ -84,7 +84,8 @@ def _columns(w: torch.Tensor | PackedWeight, start: int, stop: int) -> torch.Ten
     unit = max(w.fmt.block, 32)
     if start % unit or stop % unit:
         raise BlockCutError(w.fmt.name, unit, start, stop)
-    return w.columns(start, stop)
+    cut = w.columns(start, stop)   # views of the whole weight's planes: copied, so the shard holds only its part
+    return dataclasses.replace(cut, **{k: v.clone() for k, v in cut.planes().items()})
 
 
 def _same_layout(ws: Sequence[PackedWeight]) -> bool:
