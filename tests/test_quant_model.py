@@ -27,7 +27,7 @@ from quant_factory import FORMATS, every_matrix, opened_packed, quantize
 
 from chatcore import SamplingParams
 from chatcore.checkpoint import LoadOptions, build_model, load_engine, make_runtime
-from chatcore.errors import TensorParallelError
+from chatcore.errors import ChatcoreError, TensorParallelError
 from chatcore.layers.activation import gate_up_silu, silu_mul
 from chatcore.layers.linear import for_linear, linear
 from chatcore.parallel.shard import RankShard, reader, shard_tensor
@@ -348,3 +348,52 @@ def test_cuda_decode_with_packed_weights_matches_dequantized_bf16(fmt: str, tmp_
     assert tokens[False] == tokens[True]
     logits = {d: e._step(tokens[d][-1], slots[d]).float() for d, e in engines.items()}
     torch.testing.assert_close(logits[False], logits[True], rtol=0.05, atol=0.05)
+
+
+# -- end to end: a GGUF file loaded packed -------------------------------------------------------------------
+
+@pytest.mark.parametrize(("family", "qtype"), [("llama", "Q8_0"), ("llama", "Q4_0"), ("bloom", "Q4_1"),
+                                              ("qwen2", "Q5_0")])
+def test_gguf_loaded_packed_gives_the_tokens_of_the_dequantized_file(family: str, qtype: str,
+                                                                     tmp_path: Path) -> None:
+    pytest.importorskip("chatcore.quant.gguf_pack")   # the GGUF repack (qfmt's part of #15)
+    import gguf
+    from gguf_convert import write_gguf
+
+    import chatcore
+
+    overrides = {"hidden_size": 64, "n_head": 4} if family == "bloom" else {}
+    hf = getattr(model_factory, f"make_{family}_dir")(tmp_path / family, seed=7, **overrides)
+    path = write_gguf(hf, tmp_path / f"{family}.gguf", qtype=getattr(gguf.GGMLQuantizationType, qtype))
+    packed = chatcore.load(path, device="cpu", dtype="float32", prefill_chunk=16, packed=True)
+    dense = chatcore.load(path, device="cpu", dtype="float32", prefill_chunk=16, packed=False)
+    weights = _weights(packed.model)
+    assert all(isinstance(w, PackedWeight) for w in weights)
+    assert not any(isinstance(w, PackedWeight | RowParts) for w in _weights(dense.model))
+    ids = prompt(40, seed=1)
+    torch.testing.assert_close(packed.logits(ids), dense.logits(ids), rtol=1e-5, atol=1e-5)
+    assert _tokens(packed, ids) == _tokens(dense, ids)
+
+
+def test_gguf_packed_tensor_parallel_matches_one_process(tmp_path: Path) -> None:
+    """The whole launch path (worker ranks open the file, serve it packed, cut their shards packed)."""
+    pytest.importorskip("chatcore.quant.gguf_pack")
+    import gguf
+    from gguf_convert import write_gguf
+
+    import chatcore
+
+    hf = model_factory.make_llama_dir(tmp_path / "l", vocab_size=321, intermediate_size=128)
+    path = write_gguf(hf, tmp_path / "l.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
+    ids = prompt(40, seed=1, vocab=321)
+    load = dict(device="cpu", dtype="float32", prefill_chunk=16, packed=True)
+    one = chatcore.load(path, **load)
+    want_logits, want = one.logits(ids), _tokens(one, ids)
+    with chatcore.load(path, tensor_parallel=2, **load) as tp:
+        assert isinstance(tp.model.runner.model.layers[0].w_down, PackedWeight)
+        torch.testing.assert_close(tp.logits(ids), want_logits, rtol=1e-4, atol=1e-4)
+        assert _tokens(tp, ids) == want
+    bad = write_gguf(model_factory.make_llama_dir(tmp_path / "b"), tmp_path / "b.gguf",
+                     qtype=gguf.GGMLQuantizationType.Q8_0)   # MLP width 160: halves of 80 cut 32-column blocks
+    with pytest.raises(ChatcoreError, match=r"would cut \S*down_proj\S* \(q8_0\) inside a 32-column block"):
+        chatcore.load(bad, tensor_parallel=2, **load)
