@@ -27,6 +27,7 @@ from chatcore.layers.attention import pick_backend
 from chatcore.models import FAMILIES
 from chatcore.models.base import CausalLM
 from chatcore.quant.names import quantized_names
+from chatcore.quant.packed import PackedWeight
 from chatcore.quant.quantize import GROUPS, MODES, check_device, quantized_nbytes
 from chatcore.runtime import Runtime
 from chatcore.tokenizer import Tokenizer
@@ -273,7 +274,9 @@ def build_model(cfg: ModelConfig, runtime: Runtime, get: Callable[[str], torch.T
 
     def fetch(name: str) -> torch.Tensor:
         nonlocal done
-        t = get(name).to(device=runtime.device, dtype=runtime.dtype)
+        got = get(name)   # a packed weight keeps its planes' dtypes
+        dev = runtime.device
+        t = got.to(device=dev) if isinstance(got, PackedWeight) else got.to(device=dev, dtype=runtime.dtype)
         done += 1
         if progress is not None:
             progress(done, total)

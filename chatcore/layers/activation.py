@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from chatcore.layers.linear import linear
 from chatcore.layers.norm import use_fused
 from chatcore.layers.timing import graph_seconds
+from chatcore.quant.packed import PackedWeight
+from chatcore.quant.weight import Weight
 
 _BLOCKS = (2, 4, 8)   # gate rows per program tried for the fused kernel
 _FUSED_CHOICE: dict[tuple[int, int, torch.dtype, bool], int] = {}   # shape -> the fused kernel's rows, 0: unfused
@@ -30,10 +32,18 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def gate_up_silu(x: torch.Tensor, w_gate_up: torch.Tensor, b_gate_up: torch.Tensor | None = None, *,
+def gate_up_silu(x: torch.Tensor, w_gate_up: Weight, b_gate_up: torch.Tensor | None = None, *,
                  norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """``silu_mul(linear(x, w_gate_up, b_gate_up, norm=norm))``: ``w_gate_up`` [2N, K] holds the gate rows, then
-    the up rows; ``norm``: the RMSNorm (weight, eps) of ``x`` before the projection, or None."""
+    the up rows; ``norm``: the RMSNorm (weight, eps) of ``x`` before the projection, or None. A packed
+    ``w_gate_up``: for one token on a GPU the fused dequantize GEMV with the activation in its epilogue
+    (:func:`chatcore.layers.triton_qgemv.qgemv_gate_up_silu`); otherwise as :func:`linear` runs it."""
+    if not isinstance(w_gate_up, torch.Tensor):
+        if isinstance(w_gate_up, PackedWeight) and x.dim() == 2 and x.shape[0] == 1 and use_fused(x):
+            from chatcore.layers.triton_qgemv import qgemv_gate_up_silu
+
+            return qgemv_gate_up_silu(x, w_gate_up, b_gate_up, norm=norm)
+        return silu_mul(linear(x, w_gate_up, b_gate_up, norm=norm))
     if x.dim() != 2 or x.shape[0] != 1 or not use_fused(x) or not w_gate_up.is_contiguous():
         return silu_mul(linear(x, w_gate_up, b_gate_up, norm=norm))
     key = (w_gate_up.shape[0], w_gate_up.shape[1], w_gate_up.dtype, b_gate_up is not None)

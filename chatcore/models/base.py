@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 
 from chatcore.config import ModelConfig
 from chatcore.kv_cache import KVCache
 from chatcore.layers.attention import sized_by_buffer
 from chatcore.layers.linear import linear
 from chatcore.layers.rope import Rotary
+from chatcore.quant.weight import embedding
 from chatcore.runtime import Runtime
 from chatcore.step import DeviceStep, EagerStep, Step
 
@@ -75,7 +75,7 @@ class CausalLM:
     # -- the three layers where a tensor-parallel shard differs ----------------------------------------------
     # Plain functions here, so one process runs exactly these (the residual add in the projection's epilogue);
     # a shard's instance gets its own (chatcore.parallel.comm.ParallelLayers), where the collectives live.
-    embed_ids = staticmethod(F.embedding)   # (ids, weight) -> the embedding rows of ids [T, hidden]
+    embed_ids = staticmethod(embedding)     # (ids, weight, dtype) -> the embedding rows of ids [T, hidden]
     row_linear = staticmethod(linear)       # (x, w, b=None, *, residual=None) -> residual + x @ w.T + b
     head = staticmethod(linear)             # (h, weight) -> logits [T, vocab]
 

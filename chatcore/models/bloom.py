@@ -23,6 +23,7 @@ from chatcore.layers.linear import for_linear, linear
 from chatcore.layers.norm import layer_norm
 from chatcore.models.base import CausalLM
 from chatcore.models.family import Family, Fields, GetTensor
+from chatcore.quant.weight import reorder_rows
 from chatcore.runtime import Runtime
 from chatcore.step import Step
 from chatcore.weights.gguf_names import GGUFNames, Rows
@@ -44,7 +45,8 @@ class Block:
     def __init__(self, get: GetTensor, p: str, cfg: ModelConfig) -> None:
         h = cfg.num_heads
         self.ln1_w, self.ln1_b = get(f"{p}.input_layernorm.weight"), get(f"{p}.input_layernorm.bias")
-        self.wqkv = for_linear(_per_head_to_qkv(get(f"{p}.self_attention.query_key_value.weight"), h))
+        self.wqkv = for_linear(reorder_rows(get(f"{p}.self_attention.query_key_value.weight"),
+                                            lambda rows: _per_head_to_qkv(rows, h)))
         self.bqkv = _per_head_to_qkv(get(f"{p}.self_attention.query_key_value.bias"), h)
         self.wo, self.bo = for_linear(get(f"{p}.self_attention.dense.weight")), get(f"{p}.self_attention.dense.bias")
         self.ln2_w, self.ln2_b = get(f"{p}.post_attention_layernorm.weight"), get(f"{p}.post_attention_layernorm.bias")
@@ -70,7 +72,7 @@ class BloomModel(CausalLM):
         c, eps = self.cfg, self.cfg.rms_norm_eps
         t = ids.shape[0]
         row_linear = self.row_linear
-        x = layer_norm(self.embed_ids(ids, self.embed), self.embed_ln_w, self.embed_ln_b, eps)
+        x = layer_norm(self.embed_ids(ids, self.embed, self.runtime.dtype), self.embed_ln_w, self.embed_ln_b, eps)
         for i, layer in enumerate(self.layers):
             h = layer_norm(x, layer.ln1_w, layer.ln1_b, eps)
             residual = h if c.residual_post_norm else x

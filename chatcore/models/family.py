@@ -15,11 +15,12 @@ from chatcore.config import ModelConfig
 from chatcore.config_gguf import GGUFKeys
 from chatcore.errors import UnsupportedArchitecture
 from chatcore.models.base import CausalLM
+from chatcore.quant.weight import Weight
 from chatcore.runtime import Runtime
 from chatcore.weights.gguf_names import GGUFNames
 
 Fields = dict[str, Any]                         # ModelConfig keyword arguments
-GetTensor = Callable[[str], torch.Tensor]
+GetTensor = Callable[[str], Weight]   # a tensor, or a packed weight (chatcore.quant.packed)
 ModelClass = Callable[[ModelConfig, Runtime, GetTensor, str], CausalLM]   # (cfg, runtime, get, backend)
 
 

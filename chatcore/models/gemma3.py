@@ -32,6 +32,7 @@ from chatcore.layers.rope import Rotary
 from chatcore.models import llama
 from chatcore.models.base import CausalLM
 from chatcore.models.family import Family, Fields, GetTensor, RefusedVariant
+from chatcore.quant.weight import fuse_rows
 from chatcore.runtime import Runtime
 from chatcore.step import Step
 
@@ -71,12 +72,12 @@ class Block:
         self.post_mlp_norm = gemma_norm_weight(get(f"{p}.post_feedforward_layernorm.weight"))
         self.q_norm = gemma_norm_weight(get(f"{a}.q_norm.weight"))
         self.k_norm = gemma_norm_weight(get(f"{a}.k_norm.weight"))
-        self.wqkv = for_linear(torch.cat([get(f"{a}.{x}_proj.weight") for x in "qkv"]))
+        self.wqkv = for_linear(fuse_rows([get(f"{a}.{x}_proj.weight") for x in "qkv"]))
         self.wo = for_linear(get(f"{a}.o_proj.weight"))
         self.bqkv = torch.cat([get(f"{a}.{x}_proj.bias") for x in "qkv"]) if cfg.attention_bias else None
         self.bo = get(f"{a}.o_proj.bias") if cfg.attention_bias else None
         self.sliding_window = cfg.sliding_window(layer)
-        self.w_gate_up = for_linear(torch.cat([get(f"{m}.gate_proj.weight"), get(f"{m}.up_proj.weight")]))
+        self.w_gate_up = for_linear(fuse_rows([get(f"{m}.gate_proj.weight"), get(f"{m}.up_proj.weight")]))
         self.w_down = for_linear(get(f"{m}.down_proj.weight"))
 
 
@@ -105,7 +106,7 @@ class Gemma3Model(CausalLM):
         c, eps = self.cfg, self.cfg.rms_norm_eps
         t = ids.shape[0]
         row_linear = self.row_linear
-        x = self.embed_ids(ids, self.embed) * self.embed_scale
+        x = self.embed_ids(ids, self.embed, self.runtime.dtype) * self.embed_scale
         for i, layer in enumerate(self.layers):
             h = gemma_rms_norm(x, layer.attn_norm, eps)
             q, k, v = linear(h, layer.wqkv, layer.bqkv).split((self.q_size, self.kv_size, self.kv_size), dim=-1)

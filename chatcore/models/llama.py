@@ -3,7 +3,8 @@ SwiGLU MLP, RMSNorm. Options switched on by the config (so Mistral, Qwen2 and Qw
 biases on q/k/v/o (``attention_bias``) or on q/k/v only (``qkv_bias``, Qwen2), RMSNorm of each q and k
 head before RoPE (``qk_norm``, Qwen3), per-layer sliding windows (``sliding_windows``, Mistral / Qwen).
 
-Weights arrive under their Hugging Face names; q/k/v and gate/up are fused at load for fewer kernels.
+Weights arrive under their Hugging Face names; q/k/v and gate/up are fused at load for fewer kernels (packed
+weights stay packed: :func:`chatcore.quant.weight.fuse_rows`).
 
 Also the declarations those families share (config.json fields, tensor shapes, GGUF names, tensor-parallel
 splits). GGUF ``llama`` files have their q and k rows reordered by llama.cpp so each head's rotary pairs are
@@ -26,6 +27,7 @@ from chatcore.layers.norm import rms_norm
 from chatcore.layers.rope import Rotary
 from chatcore.models.base import CausalLM
 from chatcore.models.family import Family, Fields, GetTensor, tied_head
+from chatcore.quant.weight import fuse_rows
 from chatcore.runtime import Runtime
 from chatcore.step import Step
 from chatcore.weights.gguf_names import GGUFNames, Rows
@@ -39,7 +41,7 @@ class Block:
         a, m = f"{prefix}.self_attn", f"{prefix}.mlp"
         self.attn_norm = get(f"{prefix}.input_layernorm.weight")
         self.mlp_norm = get(f"{prefix}.post_attention_layernorm.weight")
-        self.wqkv = for_linear(torch.cat([get(f"{a}.q_proj.weight"), get(f"{a}.k_proj.weight"),
+        self.wqkv = for_linear(fuse_rows([get(f"{a}.q_proj.weight"), get(f"{a}.k_proj.weight"),
                                           get(f"{a}.v_proj.weight")]))
         self.wo = for_linear(get(f"{a}.o_proj.weight"))
         self.bqkv = self.bo = None
@@ -51,7 +53,7 @@ class Block:
         if cfg.qk_norm:
             self.q_norm, self.k_norm = get(f"{a}.q_norm.weight"), get(f"{a}.k_norm.weight")
         self.sliding_window = cfg.sliding_window(layer)
-        self.w_gate_up = for_linear(torch.cat([get(f"{m}.gate_proj.weight"), get(f"{m}.up_proj.weight")]))
+        self.w_gate_up = for_linear(fuse_rows([get(f"{m}.gate_proj.weight"), get(f"{m}.up_proj.weight")]))
         self.w_down = for_linear(get(f"{m}.down_proj.weight"))
         self.b_gate_up = self.b_down = None
         if cfg.mlp_bias:
@@ -76,7 +78,7 @@ class LlamaModel(CausalLM):
         c, eps = self.cfg, self.cfg.rms_norm_eps
         t = ids.shape[0]
         row_linear = self.row_linear
-        x = self.embed_ids(ids, self.embed)
+        x = self.embed_ids(ids, self.embed, self.runtime.dtype)
         for i, layer in enumerate(self.layers):
             # the attention input's RMSNorm runs inside the qkv projection (for one token on a GPU: one GEMV)
             qkv = linear(x, layer.wqkv, layer.bqkv, norm=(layer.attn_norm, eps))

@@ -60,7 +60,7 @@ class MptModel(CausalLM):
         c, eps = self.cfg, self.cfg.rms_norm_eps
         t = ids.shape[0]
         row_linear = self.row_linear
-        x = self.embed_ids(ids, self.embed)
+        x = self.embed_ids(ids, self.embed, self.runtime.dtype)
         for i, layer in enumerate(self.layers):
             qkv = linear(layer_norm(x, layer.norm_1, None, eps), layer.wqkv)
             if c.clip_qkv is not None:

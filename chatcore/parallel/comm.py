@@ -15,12 +15,12 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from chatcore.kv_cache import KVCache
 from chatcore.layers.linear import linear
 from chatcore.models.base import CausalLM
 from chatcore.parallel.spec import LaunchSpec
+from chatcore.quant.weight import Weight, embedding
 
 # torch 2.13 renamed all_gather_into_tensor (the older name still works there, with a warning)
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -40,16 +40,17 @@ class ParallelLayers:
         model.embed_ids, model.row_linear, model.head = self.embed_ids, self.row_linear, self.head
         return model
 
-    def embed_ids(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Vocab-parallel lookup: this rank's rows (zeros for ids it does not hold), summed over ranks."""
+    def embed_ids(self, ids: torch.Tensor, weight: Weight, dtype: torch.dtype) -> torch.Tensor:
+        """Vocab-parallel lookup: this rank's rows (zeros for ids it does not hold), summed over ranks (a packed
+        table: only the looked-up rows dequantized, to ``dtype``)."""
         local = ids - self.lo
         outside = (local < 0) | (local >= self.rows)
-        x = F.embedding(local.masked_fill(outside, 0), weight)
+        x = embedding(local.masked_fill(outside, 0), weight, dtype)
         x.masked_fill_(outside.unsqueeze(-1), 0)
         dist.all_reduce(x)
         return x
 
-    def row_linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *,
+    def row_linear(self, x: torch.Tensor, w: Weight, b: torch.Tensor | None = None, *,
                    residual: torch.Tensor | None = None) -> torch.Tensor:
         """Row-parallel projection: each rank's partial product of its input columns, summed over ranks. Rank 0
         alone adds the residual (in its projection's epilogue), as it alone holds the bias: the sum has each once."""
@@ -57,7 +58,7 @@ class ParallelLayers:
         dist.all_reduce(out)
         return out
 
-    def head(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def head(self, h: torch.Tensor, weight: Weight) -> torch.Tensor:
         """Vocab-parallel head: this rank's logits [T, rows], gathered from every rank -> [T, vocab] (the padding
         rows cut off)."""
         logits = linear(h, weight)

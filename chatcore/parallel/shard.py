@@ -9,6 +9,10 @@ Megatron-style splits over N ranks, rank r:
 - norms: replicated; the biases of row-parallel projections are kept by rank 0 alone (zeros elsewhere),
   so the all-reduce adds them once.
 
+Packed (quantized) weights are split packed: output rows are rows of each plane, input columns whole blocks of
+the format (a split that would cut a block is refused with :class:`TensorParallelError`), the vocab padding
+all-zero planes (zero values).
+
 KV heads: with ``kv_heads >= N`` each rank holds ``kv_heads / N`` of them; with fewer, each holds the one
 its query heads share (replicated on ``N / kv_heads`` ranks), so ``N`` must divide ``kv_heads`` or be a
 multiple of it.
@@ -31,7 +35,8 @@ from chatcore.models.base import CausalLM
 from chatcore.parallel.comm import ParallelLayers
 from chatcore.parallel.random_weights import RandomWeights
 from chatcore.parallel.spec import LaunchSpec
-from chatcore.runtime import pick_dtype
+from chatcore.quant.weight import BlockCutError, Weight, fuse_rows, pad_rows, slice_weight
+from chatcore.runtime import Runtime, pick_dtype
 from chatcore.weights import TensorSource
 
 
@@ -120,19 +125,32 @@ def split_kind(family: str, name: str) -> str | None:
     return None
 
 
-Read = Callable[[str, tuple[slice, ...]], torch.Tensor]
+Read = Callable[[str, tuple[slice, ...]], Weight]
 
 
 def reader(source: TensorSource) -> Read:
-    """Read part of a tensor: only those bytes where the source can (safetensors), else whole then cut (GGUF)."""
+    """Read part of a tensor: only those bytes where the source can (safetensors), else whole then cut (GGUF;
+    a packed weight cut packed)."""
     part = getattr(source, "get_part", None)
     if part is not None:
         return part
-    return lambda name, index: source.get(name)[index].clone()
+    return lambda name, index: slice_weight(source.get(name), index)
 
 
-def shard_tensor(shard: RankShard, family: str, name: str, read: Read) -> torch.Tensor | None:
+def shard_tensor(shard: RankShard, family: str, name: str, read: Read) -> Weight | None:
     """This rank's part of ``name`` (None: read it whole, it is replicated)."""
+    try:
+        return _shard_tensor(shard, family, name, read)
+    except BlockCutError as exc:
+        c, n = shard.cfg, shard.world
+        width = c.num_heads * c.head_dim if split_kind(family, name) == "out" else c.intermediate_size
+        fits = ", ".join(str(s) for s in valid_sizes(c) if (width // s) % exc.unit == 0)
+        raise TensorParallelError(
+            f"tensor_parallel={n} would cut {name} ({exc.fmt}) inside a {exc.unit}-column block of its "
+            f"{width} input columns; use one of {fits or '1'}") from None
+
+
+def _shard_tensor(shard: RankShard, family: str, name: str, read: Read) -> Weight | None:
     kind = split_kind(family, name)
     c, all_ = shard.cfg, slice(None)
     d = c.head_dim
@@ -141,11 +159,7 @@ def shard_tensor(shard: RankShard, family: str, name: str, read: Read) -> torch.
         return None
     if kind == "vocab":
         lo, hi = shard.vocab
-        rows = read(name, (slice(lo, hi),))
-        if hi - lo < shard.vocab_rows:
-            pad = rows.new_zeros((shard.vocab_rows - (hi - lo), *rows.shape[1:]))
-            rows = torch.cat([rows, pad])
-        return rows
+        return pad_rows(read(name, (slice(lo, hi),)), shard.vocab_rows)
     if kind == "q":
         return read(name, (slice(h0 * d, h1 * d),))
     if kind == "kv":
@@ -155,7 +169,7 @@ def shard_tensor(shard: RankShard, family: str, name: str, read: Read) -> torch.
         return read(name, (slice(h0 * 3 * d, h1 * 3 * d),))
     if kind == "qkv":
         width = c.num_heads * d
-        return torch.cat([read(name, (slice(i * width + h0 * d, i * width + h1 * d),)) for i in range(3)])
+        return fuse_rows([read(name, (slice(i * width + h0 * d, i * width + h1 * d),)) for i in range(3)])
     if kind == "out":
         return read(name, (all_, slice(h0 * d, h1 * d)))
     i0, i1 = shard.columns
@@ -193,17 +207,24 @@ def load_shard(spec: LaunchSpec, rank: int, opened: Opened | None = None,
     dtype = pick_dtype(spec.dtype, dev)
     cfg, source, _ = opened or open_source(Path(spec.path), spec.random_seed, dev, dtype)
     source = serve_source(source, cfg, dev, spec.options)   # packed / quantized as the caller's options ask
-    plan = RankShard(cfg, spec.world, rank)
+    return build_shard(cfg, source, RankShard(cfg, spec.world, rank), make_runtime(cfg, dev, dtype, spec.options),
+                       progress)
+
+
+def build_shard(cfg: ModelConfig, source: TensorSource, plan: RankShard, runtime: Runtime,
+                progress: Progress | None = None) -> CausalLM:
+    """The shard ``plan`` of the model ``cfg`` from ``source`` (whole-model tensors under Hugging Face names,
+    dense or packed), on ``runtime``, with its :class:`ParallelLayers` installed (the process group joined)."""
     read = reader(source)
 
-    def get(name: str) -> torch.Tensor:
+    def get(name: str) -> Weight:
         part = shard_tensor(plan, cfg.family, name, read)
         return source.get(name) if part is None else part
 
-    model = build_model(plan.local_config(), make_runtime(cfg, dev, dtype, spec.options), get, progress)
+    model = build_model(plan.local_config(), runtime, get, progress)
     if cfg.position == "alibi":
-        model.slopes = alibi_slopes(cfg, plan).to(dev)
-    return ParallelLayers(rank, spec.world, plan.vocab[0], plan.vocab_rows, cfg.vocab_size).install(model)
+        model.slopes = alibi_slopes(cfg, plan).to(runtime.device)
+    return ParallelLayers(plan.rank, plan.world, plan.vocab[0], plan.vocab_rows, cfg.vocab_size).install(model)
 
 
 def open_source(path: Path, random_seed: int | None, device: torch.device | str = "cpu",
