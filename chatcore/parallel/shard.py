@@ -31,6 +31,7 @@ from chatcore.models.base import CausalLM
 from chatcore.parallel.comm import ParallelLayers
 from chatcore.parallel.random_weights import RandomWeights
 from chatcore.parallel.spec import LaunchSpec
+from chatcore.parallel.window import agree_window
 from chatcore.runtime import pick_dtype
 from chatcore.weights import TensorSource
 
@@ -182,12 +183,14 @@ def alibi_slopes(cfg: ModelConfig, layout: RankShard) -> torch.Tensor:
 
 
 def load_shard(spec: LaunchSpec, rank: int, opened: Opened | None = None,
-               progress: Progress | None = None) -> CausalLM:
+               progress: Progress | None = None, status: Callable[[str], None] | None = None) -> CausalLM:
     """Rank ``rank``'s shard of the model ``spec`` names, reading only its part of each weight, with the
     parallel layers (:class:`ParallelLayers`) that join it to the other ranks.
 
     ``opened``: the checkpoint as the caller opened and checked it on this rank's device (rank 0 does so
     before it starts the other ranks). ``progress(done, total)``: called as tensors load.
+    The window is capped to what every rank's memory holds for its share (:func:`.window.agree_window`, a
+    collective, before any weight loads); ``status`` gets the notice when it is (rank 0 passes one).
     """
     dev = spec.rank_device(rank)
     dtype = pick_dtype(spec.dtype, dev)
@@ -199,7 +202,14 @@ def load_shard(spec: LaunchSpec, rank: int, opened: Opened | None = None,
         part = shard_tensor(plan, cfg.family, name, read)
         return source.get(name) if part is None else part
 
-    model = build_model(plan.local_config(), make_runtime(cfg, dev, dtype, spec.options), get, progress)
+    runtime = make_runtime(cfg, dev, dtype, spec.options)
+    local = [RankShard(cfg, spec.world, r).local_config() for r in range(spec.world)]
+    window, notice = agree_window(spec, rank, local, dtype, runtime.max_seq_len)
+    if window < runtime.max_seq_len:
+        runtime = dataclasses.replace(runtime, max_seq_len=window)
+        if status is not None and notice is not None:
+            status(notice)
+    model = build_model(local[rank], runtime, get, progress)
     if cfg.position == "alibi":
         model.slopes = alibi_slopes(cfg, plan).to(dev)
     return ParallelLayers(rank, spec.world, plan.vocab[0], plan.vocab_rows, cfg.vocab_size).install(model)

