@@ -54,6 +54,7 @@ class Outbox:
         self.where = where
         self.first_retry, self.max_retry = first_retry, max_retry
         self._items: list[tuple[str, Callable[[], Any]]] = []
+        self._ids: tuple[str, ...] = ()  # the items' ids, replaced (never changed) under the lock: read without it
         self._lock = threading.RLock()
         self._flushing = False
         self._stop = threading.Event()
@@ -65,12 +66,11 @@ class Outbox:
     # -- reading --------------------------------------------------------------------------------------
     @property
     def pending(self) -> tuple[str, ...]:
-        """Ids of the messages waiting, oldest first."""
-        with self._lock:
-            return tuple(mid for mid, _ in self._items)
+        """Ids of the messages waiting, oldest first. Never waits for a flush in progress (a UI may ask)."""
+        return self._ids
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._ids)
 
     @property
     def retrying(self) -> bool:
@@ -89,6 +89,7 @@ class Outbox:
         thread if it is not running. After `close()` it is kept but not retried (a later flush writes it)."""
         with self._lock:
             self._items.append((message_id, write))
+            self._ids = (*self._ids, message_id)
             if error is not None:
                 self.error = _one_line(error)
             event = SaveEvent(pending=self.pending, error=self.error)
@@ -158,6 +159,7 @@ class Outbox:
             else:
                 saved.append(mid)
             self._items.pop(0)
+            self._ids = self._ids[1:]
         self.error = None
 
     def _attempt(self) -> bool:
