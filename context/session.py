@@ -7,7 +7,9 @@
 
 The user's message is stored before generation starts; the reply is checkpointed while it streams
 (storage's ReplyWriter); cancelling keeps the partial text, marked cancelled. Edits and
-regenerations are branches, never overwrites.
+regenerations are branches, never overwrites. While Redis is unreachable a turn's messages are kept in
+memory (`pending`) and a background retry (context/outbox.py) writes them once it answers; `on_save` says
+when, `close()` stops it.
 """
 
 from __future__ import annotations
