@@ -72,8 +72,9 @@ _F16_FIELDS: dict[str, list[tuple[int, float]]] = {
 
 
 def random_gguf(qtype_name: str, n: int, k: int, gen: torch.Generator) -> Any:
-    from chatcore.quant.gguf_pack import pack_gguf
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from chatcore.quant.gguf_pack import pack_gguf
 
     qtype = GGMLQuantizationType[qtype_name]
     block, size = GGML_QUANT_SIZES[qtype]

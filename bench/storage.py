@@ -3,6 +3,9 @@ page among 10,000 sessions, on the embedded Redis and on a redis-server over TCP
 
     python bench/storage.py                     # writes bench/storage.json (+ bench/storage.png)
 
+Also (redis-server on PATH): how soon a session's turns kept in memory while Redis was down reach it once
+it is back, with no further call (context's Outbox, its background retry backing off 0.5 s -> 10 s).
+
 Targets (issue 3): load a 10,000-message session < 100 ms; list a page < 10 ms with 10,000 sessions.
 """
 
@@ -132,6 +135,74 @@ def with_redis_server(workdir: Path, fn: Any) -> tuple[str, dict[str, Any]] | No
         proc.wait(10)
 
 
+def _start_server(binary: str, port: int, workdir: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+                             "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(500):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.1).close()
+            return proc
+        except OSError:
+            time.sleep(0.02)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+def recovery(workdir: Path, outages: tuple[float, ...] = (1.0, 3.0, 10.0), n: int = 20) -> list[dict[str, Any]] | None:
+    """Per outage length: `n` appends made while redis-server is down (kept by an Outbox), then the seconds
+    from its restart until the last of them is stored by the background retry, and the attempts it made."""
+    import logging
+
+    from context.outbox import Outbox
+    from storage import StoreConfig, StoreUnavailable, new_id
+
+    binary = shutil.which("redis-server", path="/usr/bin:/usr/local/bin") or shutil.which("redis-server")
+    if binary is None:
+        return None
+    logging.getLogger("context").setLevel(logging.ERROR)  # one "kept in memory" line per message otherwise
+    out = []
+    for k, outage in enumerate(outages):
+        port, data = free_port(), workdir / f"recovery{k}"
+        data.mkdir()
+        proc = _start_server(binary, port, data)
+        store = open_url(f"redis://127.0.0.1:{port}/0", config=StoreConfig(timeout=0.5, keepalive=None))
+        try:
+            sid = store.create_session("recovery").id
+            proc.terminate()
+            proc.wait(10)
+            box = Outbox(store.where)
+            parent: str | None = None
+            for i in range(n):
+                mid = new_id()
+
+                def write(mid: str = mid, parent: str | None = parent, i: int = i, sid: str = sid,
+                          store: Store = store) -> Any:
+                    role = "user" if i % 2 == 0 else "assistant"  # turns (a user message never follows a user's)
+                    return store.append_message(sid, role, text_of(i), parent_id=parent, message_id=mid)
+                try:
+                    write()
+                except StoreUnavailable as exc:
+                    box.add(mid, write, exc)
+                parent = mid
+            time.sleep(outage)
+            proc = _start_server(binary, port, data)
+            t = time.perf_counter()
+            while box.pending and time.perf_counter() - t < 120:
+                time.sleep(0.005)
+            took = time.perf_counter() - t
+            stored = store.thread(sid)
+            assert not box.pending and len(stored) == n
+            out.append({"outage_s": outage, "messages": n, "stored_after_restart_s": round(took, 3),
+                        "background_attempts": box.attempts})
+            box.close()
+        finally:
+            store.close()
+            proc.terminate()
+            proc.wait(10)
+    return out
+
+
 def plot(results: dict[str, Any], path: Path) -> bool:
     try:
         import matplotlib
@@ -182,10 +253,12 @@ def main() -> int:
         served = with_redis_server(Path(tmp), lambda st: run_suite(st, **sizes))
         if served is not None:
             versions["redis-server"], results["redis-server"] = served
+        recovered = None if args.quick else recovery(Path(tmp))
     report = {
         "benchmark": "storage", "sizes": sizes, "targets": TARGETS,
         "meets_targets": {n: all(r[k] < v for k, v in TARGETS.items()) for n, r in results.items()},
         "results": results,
+        "background_flush_after_restart": recovered,
         "environment": {"python": platform.python_version(), "machine": platform.machine(),
                         "cpus": os.cpu_count(), "load_average_1m_before_after": [load_before, _load1()],
                         "redis_py": redis.__version__, "hiredis_parser": HIREDIS_AVAILABLE,

@@ -114,7 +114,7 @@ def load(path: str | Path | None = "demo", device: str | torch.device | None = N
     if tensor_parallel != 1:
         from chatcore.parallel.launch import load_parallel  # torch.distributed: for tensor parallel only
 
-        engine = load_parallel(p, tensor_parallel, dev, dt, options, progress=report)
+        engine = load_parallel(p, tensor_parallel, dev, dt, options, progress=report, status=say)
     else:
         with _gc_paused():
             engine = load_engine(p, open_checked(p), dev, dt, options, report, say)

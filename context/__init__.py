@@ -15,6 +15,7 @@ from .errors import ContextError, ContextOverflow, MessageTooLong, SessionBusy
 from .layout import REGIONS, ContextConfig, Layout
 from .library import SessionLibrary, load_engine
 from .manager import ContextManager, Pending, SummaryState
+from .outbox import Outbox, SaveEvent
 from .plan import KVPlan, Plan, plan_kv
 from .pruning import Turn, TurnIndex
 from .report import TurnReport
@@ -25,7 +26,8 @@ from .summarize import SummaryResult
 
 __all__ = [
     "REGIONS", "ChatEvent", "ChatMessage", "ChatSession", "ContextConfig", "ContextError", "ContextManager",
-    "ContextOverflow", "KVPlan", "Layout", "MessageTooLong", "Pending", "Plan", "SessionBusy", "SlotPool",
+    "ContextOverflow", "KVPlan", "Layout", "MessageTooLong", "Outbox", "Pending", "Plan", "SaveEvent", "SessionBusy",
+    "SlotPool",
     "SummaryResult", "SummaryState", "TokenBudget", "Turn", "TurnIndex", "TurnReport", "plan_kv",
     "stream_with_sinks",
 ]

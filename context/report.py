@@ -14,7 +14,9 @@ class TurnReport:
     generation prompt). turns_kept / turns_dropped: earlier turns in / out of context;
     turns_summarized: dropped turns the summary covers. cache_hit_tokens: prompt tokens the KV slot
     already held; prefill_tokens: prompt tokens computed. ttft_s: time to first token; decode_tok_s:
-    decode speed (0.0 when fewer than two tokens were generated).
+    decode speed (0.0 when fewer than two tokens were generated). unsaved: messages of the session
+    kept in memory when the turn ended because Redis was unreachable (this turn's and earlier ones); the
+    session writes them in the background once Redis answers (`ChatSession.on_save` says when).
     """
 
     window: int
@@ -27,3 +29,4 @@ class TurnReport:
     prefill_tokens: int = 0
     ttft_s: float = 0.0
     decode_tok_s: float = 0.0
+    unsaved: int = 0

@@ -7,7 +7,9 @@
 
 The user's message is stored before generation starts; the reply is checkpointed while it streams
 (storage's ReplyWriter); cancelling keeps the partial text, marked cancelled. Edits and
-regenerations are branches, never overwrites.
+regenerations are branches, never overwrites. While Redis is unreachable a turn's messages are kept in
+memory (`pending`) and a background retry (context/outbox.py) writes them once it answers; `on_save` says
+when, `close()` stops it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .budget import TokenBudget
 from .errors import ContextError, SessionBusy
 from .layout import ContextConfig
 from .manager import ContextManager, Pending
+from .outbox import Outbox, SaveEvent
 from .plan import Plan
 from .report import TurnReport
 from .slots import SlotPool
@@ -52,7 +55,8 @@ class ChatMessage:
     """A message of the current branch. `in_context`: the model saw it in the last planned turn
     (False once its turn was pruned; it stays in storage and in the UI). `status`: complete,
     streaming, incomplete or cancelled. `pending`: not yet in storage (Redis was unreachable); it is
-    written, whole, at the next call that reaches Redis."""
+    written, whole, by the session's background retry as soon as Redis answers (or by the next call that
+    reaches Redis, whichever comes first)."""
 
     id: str
     role: str
@@ -120,8 +124,7 @@ class ChatSession:
         self.last_report: TurnReport | None = None
         self._cancel = threading.Event()
         self._busy = False
-        self._unsaved: list[tuple[str, Callable[[], Any]]] = []  # (message id, idempotent write), oldest first
-        self._saving = False
+        self._outbox = Outbox(getattr(store, "where", "storage"))  # writes waiting for Redis, retried in the background
         self._refresh()
 
     # -- create / open ------------------------------------------------------------------------------
@@ -171,7 +174,7 @@ class ChatSession:
     def messages(self) -> list[ChatMessage]:
         """The current branch, root first."""
         pinned = set(self.manager.pinned)
-        waiting = {mid for mid, _ in self._unsaved}
+        waiting = set(self._outbox.pending)
         return [ChatMessage(m.id, m.role, m.content, m.status, ctx, m.id in pinned, m.parent_id, m.created_at,
                             m.id in waiting)
                 for m, ctx in zip(self.manager.thread, self.manager.in_context(), strict=True)]
@@ -227,6 +230,24 @@ class ChatSession:
                                  last_id=summary.last_id if summary is not None else None)
         self._refresh()
         return at + 1, len(siblings)
+
+    # -- what storage has not got yet ----------------------------------------------------------------
+    @property
+    def unsaved(self) -> tuple[str, ...]:
+        """Ids of the messages kept in memory because Redis was unreachable, oldest first (they are the
+        `pending` ones of `messages()`). A background thread writes them as soon as Redis answers."""
+        return self._outbox.pending
+
+    def on_save(self, listener: Callable[[SaveEvent], None]) -> None:
+        """Call `listener(SaveEvent)` when messages become pending and when pending ones are written (or
+        dropped), from the thread that did it (the background retry's, or the caller's): keep it short and
+        thread-safe (a Textual app posts a message)."""
+        self._outbox.subscribe(listener)
+
+    def close(self) -> tuple[str, ...]:
+        """Stop the background retry after one last attempt (bounded by the store's timeouts). Returns the
+        ids still unsaved: they are lost when the process ends. The store is the caller's to close."""
+        return self._outbox.close()
 
     # -- settings -----------------------------------------------------------------------------------
     def set_params(self, **sampling: Any) -> None:
@@ -326,26 +347,9 @@ class ChatSession:
             raise SessionBusy("a reply is still streaming in this session; finish or cancel it first")
 
     def _save_unsaved(self) -> None:
-        """Write what an unreachable Redis kept in memory, oldest first; raises StoreUnavailable
-        (keeping the rest) while it is still down. Re-entry (a reply's writer storing its user
-        message first, from inside this loop) is a no-op."""
-        from storage.errors import StorageError, StoreUnavailable
-
-        if self._saving:
-            return
-        self._saving = True
-        try:
-            while self._unsaved:
-                mid, write = self._unsaved[0]
-                try:
-                    write()
-                except StoreUnavailable:
-                    raise
-                except StorageError as exc:  # e.g. the session was deleted meanwhile: drop it, do not block
-                    log.warning("message %s could not be stored and is dropped: %s", mid, exc)
-                self._unsaved.pop(0)
-        finally:
-            self._saving = False
+        """Write what an unreachable Redis kept in memory, oldest first; raises StoreUnavailable (keeping
+        the rest) while it is still down."""
+        self._outbox.flush()
 
     def _try_save(self) -> None:
         """Write what is pending if Redis is back; if not, the call goes on (and says so if it must)."""
@@ -356,7 +360,8 @@ class ChatSession:
 
     def _store_user(self, text: str, parent: str | None) -> tuple[Any, Callable[[], Any] | None]:
         """Store the user's message (after anything still unsaved). With Redis down, the message is
-        kept (pending) and returned with the write its reply must make first."""
+        kept (pending, retried in the background) and returned with the write its reply must make first
+        (one that never waits for the retry thread: the token stream must not)."""
         from storage.errors import StoreUnavailable
         from storage.keys import new_id
         from storage.records import Message
@@ -368,11 +373,11 @@ class ChatSession:
         try:
             self._save_unsaved()
             return append(), None
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             now = time.time()
-            self._unsaved.append((mid, append))
+            self._outbox.add(mid, append, exc)
             return Message(mid, self.id, "user", text, parent, "complete", now, now, None, -1, {}), \
-                self._save_unsaved
+                lambda: self._outbox.flush(wait=False)
 
     def _params(self, overrides: dict[str, Any]) -> Any:
         return sampling_params({**self._record.sampling, **overrides})
@@ -441,7 +446,7 @@ class ChatSession:
         gen.close()
         stats = last.stats if last is not None else getattr(gen, "stats", None)
         self._finish(writer, status, stats.generated_tokens if stats is not None else n)
-        self.last_report = turn.report(stats)
+        self.last_report = dataclasses.replace(turn.report(stats), unsaved=len(self._outbox))
         self.pool.trim(keep=self.id)
         return self.last_report
 
@@ -452,7 +457,7 @@ class ChatSession:
             return
         try:
             msg = writer.finish(status, tokens=tokens)
-        except StoreUnavailable:  # kept whole in memory (pending), written at the next call that reaches Redis
+        except StoreUnavailable as exc:  # kept whole in memory (pending), written once Redis answers
             msg = writer.draft(status, tokens)
-            self._unsaved.append((writer.id, lambda: writer.finish(status, tokens=tokens)))
+            self._outbox.add(writer.id, lambda: writer.finish(status, tokens=tokens), exc)
         self.manager.append(msg)

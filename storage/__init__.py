@@ -12,7 +12,7 @@ Plain data in, plain data out: every result is a frozen dataclass; every error a
 """
 
 from .base import StoreConfig
-from .connect import data_dir, embedded_path, open_embedded, open_store, open_url
+from .connect import client_options, data_dir, embedded_path, open_embedded, open_store, open_url
 from .errors import (
                      Conflict,
                      CorruptRecord,
@@ -36,6 +36,6 @@ __all__ = [
     "TIP", "UNSET", "Conflict", "Conversation", "CorruptRecord", "InvalidInput", "Message",
     "MessageTooLarge", "NewMessage", "NotFound", "Outbox", "ReplyWriter", "SchemaVersionError",
     "SearchHit", "Session", "SessionPage", "StorageError", "Store", "StoreConfig", "StoreUnavailable",
-    "Summary", "data_dir", "embedded_path", "key", "new_id", "open_embedded", "open_store", "open_url",
-    "redact_url", "session_keys",
+    "Summary", "client_options", "data_dir", "embedded_path", "key", "new_id", "open_embedded", "open_store",
+    "open_url", "redact_url", "session_keys",
 ]

@@ -7,6 +7,7 @@ import os
 import random
 import socket
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ log = logging.getLogger("storage")
 T = TypeVar("T")
 _EXPECTED_TYPES = {"meta": "hash", "msgs": "hash", "live": "hash"}
 _HOST = socket.gethostname()
+_WARNED: weakref.WeakSet[Any] = weakref.WeakSet()  # connection pools already warned about (once each)
 
 
 @dataclass(frozen=True)
@@ -91,12 +93,44 @@ def writer_alive(raw: str | None, now: float, stale_after: float) -> bool:
     return True
 
 
+def unbounded_timeouts(client: Any) -> list[str]:
+    """The socket timeouts of `client`'s connections that are unbounded (None: a hung Redis blocks a call
+    for ever), as redis-py names them; [] when they are bounded or the client is not a redis-py one."""
+    try:
+        pool = client.connection_pool
+        conn = pool.connection_class(**pool.connection_kwargs)  # made, not connected
+    except Exception:  # noqa: BLE001 - not a redis-py client (a fake, a cluster): nothing to say
+        return []
+    return [name for name in ("socket_timeout", "socket_connect_timeout")
+            if hasattr(conn, name) and getattr(conn, name) is None]
+
+
+def warn_if_unbounded(client: Any, where: str) -> bool:
+    """Log one warning per connection pool whose timeouts are unbounded; True if it warned now."""
+    names = unbounded_timeouts(client)
+    pool = getattr(client, "connection_pool", None)
+    if not names or pool is None or pool in _WARNED:
+        return False
+    _WARNED.add(pool)
+    log.warning("storage: the Redis client handed to Store (%s) has no %s, so a hung Redis can block a "
+                "storage call (and a reply's stream) indefinitely; chatcore keeps a caller's client as it is: "
+                "make it with storage.client_options() (or set socket_timeout / socket_connect_timeout), or use "
+                "storage.open_store(url)", where, " or ".join(names))
+    return True
+
+
 class StoreBase:
     """Holds the client and translates every Redis failure into one of our errors.
 
     `connection` is the redis-py client the store was handed (public, as in rq's results): for a
     pipeline of one's own, server commands, or a test flushing its database. Writing our keys through
-    it bypasses the store's checks."""
+    it bypasses the store's checks.
+
+    A client handed in keeps its own settings (timeouts, retries, health check): the store never changes
+    a client it does not own, which may be shared with code that relies on them. So the bound on a hung
+    Redis (`StoreConfig.bound`) holds for the clients `open_store()` makes, and for a caller's client made
+    with `storage.client_options(config)`; for any other, the caller's own timeouts apply, and when they
+    are unbounded (socket_timeout=None) the store logs one warning per client saying so."""
 
     def __init__(self, client: Any, config: StoreConfig | None = None, *, where: str | None = None,
                  secrets: Sequence[str] = (), on_close: Callable[[], None] | None = None) -> None:
@@ -110,6 +144,7 @@ class StoreBase:
         found = (*secrets, own)  # a client handed in may hold a password no URL told us
         self._secrets = tuple(sorted({s for s in found if isinstance(s, str) and s}, key=len, reverse=True))
         self._on_close = on_close
+        warn_if_unbounded(client, self.where)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.where})"

@@ -207,10 +207,11 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def client_options(config: StoreConfig | None) -> dict[str, Any]:
+def client_options(config: StoreConfig | None = None) -> dict[str, Any]:
     """Connection options for every client the store makes: connect and socket timeouts, TCP
     keepalive, a health check of idle connections, and one quick retry. A hung Redis (SIGSTOP, a
-    TLS URL to a plain port) then fails within `config.bound` seconds instead of blocking."""
+    TLS URL to a plain port) then fails within `config.bound` seconds instead of blocking. For a client
+    of one's own that keeps this bound: `redis.Redis(host=..., **storage.client_options(config))`."""
     timeout = (config or StoreConfig()).timeout
     return {"socket_connect_timeout": timeout, "socket_timeout": timeout, "socket_keepalive": True,
             "health_check_interval": max(1.0, 5 * timeout), "retry": _retry()}

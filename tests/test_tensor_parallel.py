@@ -206,3 +206,46 @@ def test_bench_runs_its_cpu_path(tmp_path: Path) -> None:
     assert all(r["decode_tok_s"] > 0 and r["roofline_fraction"] > 0 for r in runs)
     assert runs[1]["all_reduce_us"] > 0 and runs[1]["step_bytes_per_gpu"] < runs[0]["step_bytes_per_gpu"]
     assert (tmp_path / "tp.png").stat().st_size > 0
+
+
+def test_the_window_cap_counts_each_ranks_share() -> None:
+    """fit_window per rank: its KV heads' cache and its part of the weights in its own free memory; all ranks
+    serve the smallest window any of them holds, and the notice names that rank."""
+    from chatcore.checkpoint import fit_window
+    from chatcore.parallel import window as tp_window
+
+    cfg = ModelConfig(family="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+                      num_heads=64, num_kv_heads=8, head_dim=128, max_position_embeddings=131072)
+    local = [RankShard(cfg, 8, r).local_config() for r in range(8)]
+    gpus = [torch.device("cuda", r) for r in range(8)]
+    gib = 2**30
+    # 140 GiB free on each GPU: the whole model's weights alone would not fit, each rank's share does
+    assert fit_window(cfg, gpus[0], torch.bfloat16, 131072, 140 * gib)[0] < 131072
+    assert tp_window.rank_windows(local, torch.bfloat16, 131072, [140 * gib] * 8, gpus) == (131072, None)
+    # one GPU with little free: its share sets the window of every rank, and the notice says which rank
+    frees = [140 * gib] * 8
+    frees[5] = 20 * gib
+    window, notice = tp_window.rank_windows(local, torch.bfloat16, 131072, frees, gpus)
+    assert window == fit_window(local[5], gpus[5], torch.bfloat16, 131072, 20 * gib)[0] < 131072
+    assert notice is not None and "tensor_parallel=8, rank 5" in notice and f"the window is {window} tokens" in notice
+    assert "max_seq_len" in notice and "\n" not in notice
+    # unknown free memory: no cap
+    assert tp_window.rank_windows(local, torch.bfloat16, 131072, [None] * 8, gpus) == (131072, None)
+
+
+def test_ranks_on_the_cpu_share_the_hosts_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chatcore.checkpoint import LoadOptions, fit_window
+    from chatcore.parallel import window as tp_window
+    from chatcore.parallel.spec import LaunchSpec
+
+    monkeypatch.setattr(tp_window, "free_memory", lambda dev: 8 * 2**30)
+    assert tp_window.rank_free(torch.device("cpu"), 4) == 2 * 2**30
+    assert tp_window.rank_free(torch.device("cuda", 1), 4) == 8 * 2**30
+    cfg = ModelConfig(family="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                      num_heads=32, num_kv_heads=32, head_dim=128, max_position_embeddings=32768)
+    spec = LaunchSpec(path="x", world=4, device_type="cpu", device_index=0, dtype="float32", options=LoadOptions(),
+                      store_port=0, timeout_s=10)
+    local = [RankShard(cfg, 4, r).local_config() for r in range(4)]
+    window, notice = tp_window.agree_window(spec, 0, local, torch.float32, 32768)  # no process group: this rank's
+    assert window == fit_window(local[0], torch.device("cpu"), torch.float32, 32768, 2 * 2**30)[0] < 32768
+    assert notice is not None and "its share of the host's memory" in notice

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 import threading
@@ -28,7 +29,7 @@ from context import ChatSession, MessageTooLong, SessionLibrary, SlotPool, load_
 from . import keymap
 from .actions import STREAMING, Actions
 from .display import MeterInfo, Row, describe, meter_info, rows, session_rows
-from .messages import LoadFailed, ModelProgress, ModelReady, StoreReady, throttled
+from .messages import LoadFailed, ModelProgress, ModelReady, SavesChanged, StoreReady, throttled
 from .styles import CSS
 from .widgets.chat_view import ChatView
 from .widgets.meter import ContextMeter
@@ -69,6 +70,7 @@ class ChatApp(Actions, App[None]):
         self.pending: list[str] = []
         self.load_seconds: float | None = None
         self.turns = 0  # turns finished or refused (tests wait on it)
+        self._reshow_after_turn = False  # a save changed while a reply streamed: show the thread again after it
         self.live_shown: str | None = None  # the session last shown live (KV-ready), meter included
         # Set once the first session and the sidebar are on screen (or there is nothing to show): the model
         # load waits for it (3 s at most), so torch's start-up does not compete with the first screen.
@@ -312,7 +314,36 @@ class ChatApp(Actions, App[None]):
         s = self.sessions.get(session_id)
         if s is None:
             s = self.sessions[session_id] = library.session(engine, session_id, window=self.window, pool=self.pool)
+            self._watch_saves(s)
         return s
+
+    def _watch_saves(self, session: ChatSession) -> None:
+        """Hear (from any thread) when the session's unsaved messages change: kept while storage is
+        unreachable, then written by its background retry."""
+        sid = session.id
+        session.on_save(lambda event: self.post_message(SavesChanged(sid, event)))
+
+    def on_saves_changed(self, msg: SavesChanged) -> None:
+        """Show the change: the "not saved yet" markers and the meter's count, and a notice once all is stored."""
+        event = msg.event
+        if event.dropped:
+            self.notify(f"{len(event.dropped)} message(s) could not be stored (the session changed meanwhile) "
+                        "and are shown until you leave it.", severity="warning", timeout=10)
+        if event.saved and not event.pending:
+            self.notify("Storage is back: the messages kept meanwhile are saved.")
+        session = self.session
+        if session is None or msg.session_id != session.id:
+            return
+        meter = self.query_one(ContextMeter)
+        meter.set_info(dataclasses.replace(meter.info, unsaved=len(event.pending)))
+        if self.streaming:
+            self._reshow_after_turn = True  # the turn's end shows the thread as it is then
+            return
+        self.bg(lambda: session_rows(session), partial(self._reshow, session.id), on_error=lambda exc: None)
+
+    async def _reshow(self, session_id: str, shown: list[Row]) -> None:
+        if session_id == self.session_id and not self.streaming:
+            await self.view.show(shown)
 
     async def _session_read(self, session_id: str, session: ChatSession | None, shown: list[Row], info: MeterInfo,
                             after: Callable[[], Any] | None) -> None:
@@ -426,6 +457,7 @@ class ChatApp(Actions, App[None]):
         s = self.library.new_session(self.engine, title=title, system=system, window=self.window, pool=self.pool,
                                      **self.sampling)
         self.sessions[s.id] = s
+        self._watch_saves(s)
         return s
 
     def _drop_new_session(self, session: ChatSession) -> None:
@@ -462,12 +494,20 @@ class ChatApp(Actions, App[None]):
         if session_id == self.session_id:
             await self.view.show(shown)
             self.query_one(ContextMeter).set_info(info)
+        session = self.session
+        if self._reshow_after_turn and session is not None:  # saved while it streamed: the rows may be stale
+            self._reshow_after_turn = False
+            meter = self.query_one(ContextMeter)
+            meter.set_info(dataclasses.replace(meter.info, unsaved=len(session.unsaved)))
+            self.bg(lambda: session_rows(session), partial(self._reshow, session.id), on_error=lambda exc: None)
         if finish == "cancelled":
             self.notify("Reply cancelled; the partial text is kept.")
         self.refresh_sessions()
         self._flush_pending()
 
     def on_unmount(self) -> None:
+        for session in self.sessions.values():  # stop their background retries (one last attempt each)
+            session.close()
         if self._own_library and self.library is not None:
             self.library.close()
 

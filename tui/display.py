@@ -20,6 +20,7 @@ class Row:
     in_context: bool = True
     pinned: bool = False
     branch: tuple[int, int] | None = None  # (position, count) among its alternatives, when it has any
+    pending: bool = False  # not in storage yet (Redis unreachable); the session retries in the background
 
 
 @dataclass(frozen=True)
@@ -31,32 +32,40 @@ class MeterInfo:
     turns_out: int = 0
     ttft_s: float | None = None
     tok_s: float | None = None
+    unsaved: int = 0  # messages of the session not in storage yet (retried in the background)
 
 
 def rows(messages: Iterable[Any], branches: Mapping[str, tuple[int, int]] | None = None) -> list[Row]:
     """Rows for `context.ChatMessage`s (a live session's `messages()` or a stored one's), with `branches`
     (`ChatSession.branches()` / `SessionLibrary.branches(id)`) marking the messages that have alternatives."""
     at = branches or {}
-    return [Row(m.id, m.role, m.content, m.status, m.in_context, m.pinned, at.get(m.id)) for m in messages]
+    return [Row(m.id, m.role, m.content, m.status, m.in_context, m.pinned, at.get(m.id), getattr(m, "pending", False))
+            for m in messages]
 
 
 def session_rows(session: Any) -> list[Row]:
-    """The rows of a live `ChatSession`'s current branch."""
-    return rows(session.messages(), session.branches())
+    """The rows of a live `ChatSession`'s current branch. While storage is unreachable the branch markers
+    (read from storage) are left out; the messages, pending ones included, are in memory."""
+    try:
+        branches = session.branches()
+    except Exception:  # noqa: BLE001 - e.g. StoreUnavailable: the thread is shown without its markers
+        branches = {}
+    return rows(session.messages(), branches)
 
 
 def meter_info(session: Any, report: Any = None) -> MeterInfo:
     """The meter for a live `ChatSession`: from the turn's report when there is one, else from a plan of
     the current thread."""
     pinned, summary = len(session.pinned), session.summary is not None
+    unsaved = len(getattr(session, "unsaved", ()))
     if report is not None:
         return MeterInfo(report.tokens_used, report.window, pinned, summary, report.turns_dropped,
-                         report.ttft_s, report.decode_tok_s)
+                         report.ttft_s, report.decode_tok_s, unsaved)
     try:
         plan = session.plan()
     except Exception:  # noqa: BLE001 - the meter is informative only
-        return MeterInfo(0, session.window, pinned, summary, 0)
-    return MeterInfo(plan.tokens, plan.window, pinned, summary, plan.turns_dropped)
+        return MeterInfo(0, session.window, pinned, summary, 0, unsaved=unsaved)
+    return MeterInfo(plan.tokens, plan.window, pinned, summary, plan.turns_dropped, unsaved=unsaved)
 
 
 def export_name(title: str, session_id: str, fmt: str) -> str:

@@ -30,6 +30,15 @@ class ModelReady(Message):
         self.engine, self.seconds = engine, seconds
 
 
+class SavesChanged(Message):
+    """A live session's unsaved messages changed (`event`: a `context.SaveEvent`), posted from the thread
+    that changed them (the session's background retry, or a turn's)."""
+
+    def __init__(self, session_id: str, event: Any) -> None:
+        super().__init__()
+        self.session_id, self.event = session_id, event
+
+
 class LoadFailed(Message):
     """`what` is "model" or "storage"."""
 

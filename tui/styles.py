@@ -19,6 +19,7 @@ CSS = """
 .message.-user { border-left: thick $accent; }
 .message.-out { opacity: 55%; color: $text-muted; }
 .message.-pinned { border-left: thick $warning; }
+#meter.-unsaved { color: $warning; }
 .message.-selected { background: $boost; }
 .message > .header { color: $text-muted; text-style: bold; }
 MessageView > .message--header { color: $text-muted; text-style: bold; }

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,7 +35,8 @@ from chatcore.runtime import pick_device, pick_dtype
 
 def load_parallel(path: Path, n: int, device: str | torch.device | None, dtype: str | torch.dtype | None,
                   options: LoadOptions = LoadOptions(), *, random_seed: int | None = None,  # noqa: B008 - frozen
-                  timeout_s: float | None = None, progress: Progress | None = None) -> Engine:
+                  timeout_s: float | None = None, progress: Progress | None = None,
+                  status: Callable[[str], None] | None = None) -> Engine:
     """:func:`chatcore.load` with ``tensor_parallel=n``: an :class:`Engine` on rank 0 driving n-1 worker ranks
     (n == 1: the whole model in this process, as :func:`chatcore.load` loads it).
 
@@ -41,20 +44,23 @@ def load_parallel(path: Path, n: int, device: str | torch.device | None, dtype: 
     of its shard's shapes (benchmarks). ``timeout_s``: how long a collective or a start-up step may wait
     for another rank (default ``CHATCORE_TP_TIMEOUT``, else 120 s; starting the ranks may take at least 120 s).
     ``progress(done, total)``: called as rank 0 loads its shard's tensors (the others load theirs alongside).
+    ``status(message)``: the notice when the window is capped to what each rank's memory holds for its share
+    (:mod:`.window`; default: stderr).
     """
     if n < 1:
         raise TensorParallelError(f"tensor_parallel must be at least 1, got {n}")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     opened = open_source(path, random_seed, dev, dt)
+    say = status or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if n == 1:
-        return load_engine(path, opened, dev, dt, options, progress)
+        return load_engine(path, opened, dev, dt, options, progress, say)
     check_divides(opened[0], n)
     _check_devices(dev, n)
     spec = LaunchSpec(path=str(path), world=n, device_type=dev.type, device_index=dev.index or 0,
                       dtype=str(dt).removeprefix("torch."), options=options, store_port=0,
                       timeout_s=timeout_s or default_timeout(), random_seed=random_seed)
-    model = start(spec, opened, progress)
+    model = start(spec, opened, progress, say)
     return Engine(model, opened[0], model.runtime, opened[2], source=str(path))
 
 
@@ -68,7 +74,8 @@ def _check_devices(dev: torch.device, n: int) -> None:
         raise TensorParallelError(f"tensor parallel runs on cpu (gloo) or cuda (NCCL), not {dev.type}")
 
 
-def start(spec: LaunchSpec, opened: Opened, progress: Progress | None = None) -> ParallelModel:
+def start(spec: LaunchSpec, opened: Opened, progress: Progress | None = None,
+          status: Callable[[str], None] | None = None) -> ParallelModel:
     """Start ranks 1..N-1, join them and load rank 0's shard of ``opened`` (see the module doc)."""
     if dist.is_initialized():
         gc.collect()   # an engine nobody holds any more may still own the group until it is collected
@@ -81,7 +88,7 @@ def start(spec: LaunchSpec, opened: Opened, progress: Progress | None = None) ->
     try:
         workers.wait("hello", spec.start_timeout_s)
         join(spec, 0, store)
-        shard = load_shard(spec, 0, opened, progress)
+        shard = load_shard(spec, 0, opened, progress, status)
         workers.wait("ready", spec.start_timeout_s)
     except BaseException as exc:
         why = None if isinstance(exc, RankFailed) else workers.diagnose(grace=1.0)

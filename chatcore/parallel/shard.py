@@ -35,6 +35,7 @@ from chatcore.models.base import CausalLM
 from chatcore.parallel.comm import ParallelLayers
 from chatcore.parallel.random_weights import RandomWeights
 from chatcore.parallel.spec import LaunchSpec
+from chatcore.parallel.window import agree_window
 from chatcore.quant.weight import BlockCutError, Weight, fuse_rows, pad_rows, slice_weight
 from chatcore.runtime import Runtime, pick_dtype
 from chatcore.weights import TensorSource
@@ -196,19 +197,27 @@ def alibi_slopes(cfg: ModelConfig, layout: RankShard) -> torch.Tensor:
 
 
 def load_shard(spec: LaunchSpec, rank: int, opened: Opened | None = None,
-               progress: Progress | None = None) -> CausalLM:
+               progress: Progress | None = None, status: Callable[[str], None] | None = None) -> CausalLM:
     """Rank ``rank``'s shard of the model ``spec`` names, reading only its part of each weight, with the
     parallel layers (:class:`ParallelLayers`) that join it to the other ranks.
 
     ``opened``: the checkpoint as the caller opened and checked it on this rank's device (rank 0 does so
     before it starts the other ranks). ``progress(done, total)``: called as tensors load.
+    The window is capped to what every rank's memory holds for its share (:func:`.window.agree_window`, a
+    collective, before any weight loads); ``status`` gets the notice when it is (rank 0 passes one).
     """
     dev = spec.rank_device(rank)
     dtype = pick_dtype(spec.dtype, dev)
     cfg, source, _ = opened or open_source(Path(spec.path), spec.random_seed, dev, dtype)
     source = serve_source(source, cfg, dev, spec.options)   # packed / quantized as the caller's options ask
-    return build_shard(cfg, source, RankShard(cfg, spec.world, rank), make_runtime(cfg, dev, dtype, spec.options),
-                       progress)
+    runtime = make_runtime(cfg, dev, dtype, spec.options)
+    local = [RankShard(cfg, spec.world, r).local_config() for r in range(spec.world)]
+    window, notice = agree_window(spec, rank, local, dtype, runtime.max_seq_len)
+    if window < runtime.max_seq_len:
+        runtime = dataclasses.replace(runtime, max_seq_len=window)
+        if status is not None and notice is not None:
+            status(notice)
+    return build_shard(cfg, source, RankShard(cfg, spec.world, rank), runtime, progress)
 
 
 def build_shard(cfg: ModelConfig, source: TensorSource, plan: RankShard, runtime: Runtime,

@@ -13,7 +13,7 @@ from context import ChatSession, ContextConfig, MessageTooLong, SessionBusy, Slo
 from storage import Store, StoreConfig
 
 REPORT_FIELDS = ["window", "tokens_used", "tokens_by_region", "turns_kept", "turns_dropped", "turns_summarized",
-                 "cache_hit_tokens", "prefill_tokens", "ttft_s", "decode_tok_s"]
+                 "cache_hit_tokens", "prefill_tokens", "ttft_s", "decode_tok_s", "unsaved"]
 
 
 def test_send_stores_first_checkpoints_and_reports(chat_engine: Any, store: Store) -> None:

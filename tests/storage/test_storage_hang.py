@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -150,3 +151,29 @@ def _kill_registered(registry: Path) -> None:
     with contextlib.suppress(OSError):
         if b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes():  # not a pid reused since
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_callers_client_keeps_its_timeouts_and_an_unbounded_one_is_warned_about_once(
+        server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Store(client) never changes a client it does not own: an unbounded one (socket_timeout=None) gets one
+    warning per client; one made with storage.client_options() keeps the documented bound on a hung Redis."""
+    import redis
+
+    from storage import Store, client_options
+
+    unbounded = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=None)
+    with caplog.at_level(logging.WARNING, logger="storage"):
+        Store(unbounded)
+        Store(unbounded)  # the same client again: no second warning
+        Store(redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=3.0))  # bounded by its owner
+    warned = [r.getMessage() for r in caplog.records if "handed to Store" in r.getMessage()]
+    assert len(warned) == 1 and "socket_timeout" in warned[0] and "client_options" in warned[0]
+    assert unbounded.connection_pool.connection_kwargs["socket_timeout"] is None  # left as the caller made it
+    caplog.clear()
+    bounded = redis.Redis(host="127.0.0.1", port=server.port, **client_options(CONFIG))
+    with caplog.at_level(logging.WARNING, logger="storage"):
+        store = Store(bounded, CONFIG)
+    assert not [r for r in caplog.records if "handed to Store" in r.getMessage()]
+    _stalled_calls(store, server.proc.pid)
+    unbounded.close()
+    bounded.close()

@@ -58,6 +58,9 @@ def code_blocks(text: str) -> list[str]:
     return [m.group(1).rstrip("\n") for m in _CODE.finditer(text)]
 
 
+NOT_SAVED = "not saved yet — retrying"  # a message kept in memory while storage is unreachable
+
+
 def header_text(row: Row, streaming: bool = False) -> str:
     flags = []
     if row.pinned:
@@ -66,6 +69,8 @@ def header_text(row: Row, streaming: bool = False) -> str:
         flags.append("out of context")
     if row.status not in ("complete", "streaming") and not streaming:
         flags.append(row.status)
+    if row.pending:
+        flags.append(NOT_SAVED)
     if streaming:
         flags.append("…")
     branch = f" ‹{row.branch[0]}/{row.branch[1]}›" if row.branch is not None else ""
@@ -74,7 +79,7 @@ def header_text(row: Row, streaming: bool = False) -> str:
 
 def _classes(row: Row) -> str:
     return " ".join(["message", f"-{row.role}", *(["-out"] if not row.in_context else []),
-                     *(["-pinned"] if row.pinned else [])])
+                     *(["-pinned"] if row.pinned else []), *(["-pending"] if row.pending else [])])
 
 
 class MessageView(Widget):
@@ -103,6 +108,7 @@ class MessageView(Widget):
         old, self.row = self.row, row
         self.set_class(not row.in_context, "-out")
         self.set_class(row.pinned, "-pinned")
+        self.set_class(row.pending, "-pending")
         if row.content != old.content:
             self._body = Body(row.content)
         if row != old:

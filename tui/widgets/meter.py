@@ -11,7 +11,7 @@ BAR = 20
 
 def render_meter(info: MeterInfo, timings: bool = True) -> str:
     if not info.window:
-        return "context: —"
+        return "context: —" + (f" · ⚠ {info.unsaved} not saved yet — retrying" if info.unsaved else "")
     frac = min(1.0, info.used / info.window)
     full = round(frac * BAR)
     bar = "█" * full + "░" * (BAR - full)
@@ -21,6 +21,8 @@ def render_meter(info: MeterInfo, timings: bool = True) -> str:
     parts.append(f"{info.turns_out} turn{'s' if info.turns_out != 1 else ''} out of context")
     if timings and info.ttft_s is not None:
         parts.append(f"ttft {info.ttft_s:.2f}s · {info.tok_s or 0.0:.1f} tok/s")
+    if info.unsaved:
+        parts.append(f"⚠ {info.unsaved} message{'s' if info.unsaved != 1 else ''} not saved yet — retrying")
     return " · ".join(parts)
 
 
@@ -34,3 +36,4 @@ class ContextMeter(Static):
         self.info = info
         self.update(render_meter(info, self.timings))
         self.set_class(info.window > 0 and info.used / info.window > 0.9, "-full")
+        self.set_class(info.unsaved > 0, "-unsaved")
