@@ -132,7 +132,6 @@ def main() -> None:
 
     rows = []
     prompts = {n: prompt_ids(engine, n) for n in (128, 2048)}
-    llama = bench_llama_cpp(args.llama_python, gguf, prompts, args.new_tokens, args.repeats)
     if not args.no_int8:
         sys.path.insert(0, str(Path(__file__).parent))
         from cpu_int8_shim import installed
@@ -150,12 +149,6 @@ def main() -> None:
                 int8 = [bench_ours(engine, ids, args.new_tokens, 1) for _ in range(args.repeats)]
             extra["chatcore_int8"] = {k: statistics.median(r[k] for r in int8) for k in int8[0]}
             extra["int8_decode_vs_float32"] = extra["chatcore_int8"]["decode_tok_s"] / ours["decode_tok_s"]
-        if llama is not None and "rows" in llama:
-            extra["llama_cpp"] = llama["rows"][str(n)]
-            extra["decode_vs_llama_cpp"] = ours["decode_tok_s"] / extra["llama_cpp"]["decode_tok_s"]
-            if "chatcore_int8" in extra:
-                extra["int8_decode_vs_llama_cpp"] = (extra["chatcore_int8"]["decode_tok_s"]
-                                                     / extra["llama_cpp"]["decode_tok_s"])
         rows.append({
             "prompt_tokens": n, "chatcore": ours, "transformers": theirs, **extra,
             "decode_speedup": ours["decode_tok_s"] / theirs["decode_tok_s"],
@@ -163,6 +156,13 @@ def main() -> None:
             "bandwidth_limit_tok_s": limit,
             "decode_fraction_of_bandwidth_limit": ours["decode_tok_s"] / limit,
         })
+    llama = bench_llama_cpp(args.llama_python, gguf, prompts, args.new_tokens, args.repeats)
+    for r in rows:
+        if llama is not None and "rows" in llama:
+            r["llama_cpp"] = llama["rows"][str(r["prompt_tokens"])]
+            r["decode_vs_llama_cpp"] = r["chatcore"]["decode_tok_s"] / r["llama_cpp"]["decode_tok_s"]
+            if "chatcore_int8" in r:
+                r["int8_decode_vs_llama_cpp"] = r["chatcore_int8"]["decode_tok_s"] / r["llama_cpp"]["decode_tok_s"]
     result = {
         "model": "SmolLM2-135M-Instruct (demo GGUF, float32 on the CPU)",
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 from llama_cpp import Llama
 
@@ -24,6 +25,12 @@ def main() -> None:
     longest = max(len(p) for p in spec["prompts"].values())
     llm = Llama(model_path=spec["model"], n_ctx=max(1024, longest + spec["new_tokens"] + 8), n_threads=spec["threads"],
                 n_threads_batch=spec["threads"], n_batch=512, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def last_argmax() -> int:   # the logits of the last token evaluated, straight from llama.cpp
+        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(n_vocab,))))
+
     out = {"llama_cpp_version": __import__("llama_cpp").__version__, "rows": {}}
     for n, ids in spec["prompts"].items():
         pre, dec = [], []
@@ -32,11 +39,11 @@ def main() -> None:
             t0 = time.perf_counter()
             llm.eval(ids)
             pre.append(len(ids) / (time.perf_counter() - t0))
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = last_argmax()
             t1 = time.perf_counter()
             for _ in range(spec["new_tokens"] - 1):
                 llm.eval([tok])
-                tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                tok = last_argmax()
             dec.append((spec["new_tokens"] - 1) / (time.perf_counter() - t1))
         out["rows"][n] = {"prefill_tok_s": statistics.median(pre), "decode_tok_s": statistics.median(dec)}
     print(json.dumps(out))
