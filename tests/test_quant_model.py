@@ -346,7 +346,7 @@ def test_cuda_decode_with_packed_weights_matches_dequantized_bf16(fmt: str, tmp_
     ids = prompt(40, seed=1)
     greedy = dataclasses.replace(GREEDY, max_new_tokens=24)
     forced = [ev.token_id for ev in engines[True].generate(ids, greedy)]
-    tol = 0.05
+    tol = 0.1   # same weight values in both: bf16 activations round apart, ~0.07 on a logit after the cascade
     slots = {d: e.new_slot(128) for d, e in engines.items()}
     steps = {d: [e.prefill(ids, slots[d])[-1].float()] for d, e in engines.items()}
     for token in forced[:-1]:

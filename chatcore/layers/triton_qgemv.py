@@ -76,11 +76,16 @@ def launch_config(n: int, k: int, fmt: QuantFormat, gate_up: bool = False) -> QC
     the same columns of those rows and loads, normalises and sums x once for them: ptxas for sm_90 counts ~6 SASS
     instructions per weight in the loop, against ~9 with 4 warps over 4 rows, whose x moves through shared memory
     every step. Rows: 8 (4 for 5-bit codes, whose high bits take more registers), halved for gate/up, where
-    ptxas spills no register. To be replaced by the fastest of bench/quant_kernels.py's sweep on the H200."""
-    rows = 4 if fmt.bits == 5 else 8
-    if gate_up:
-        rows //= 2
-    return QConfig(block_n=rows, block_k=512 if fmt.bits == 8 else 1024, num_warps=1, num_stages=3)
+    ptxas spills no register. Adjusted by the first H200 sweep of bench/quant_kernels.py (q4_k and q8_0 at the
+    8B shapes, bench/README.md): 4-6-bit codes 4 rows a program (2 for gate/up), four warps for the narrower
+    outputs (o, down, gate/up) and one for the wide ones (qkv, head); 8-bit codes 4 rows x 512 columns with four
+    warps for square shapes and gate/up, else 8 rows x 1024 with two."""
+    if fmt.bits == 8:
+        if gate_up or (n <= 4096 and k <= 4096):
+            return QConfig(block_n=4, block_k=512, num_warps=4, num_stages=3)
+        return QConfig(block_n=8, block_k=1024, num_warps=2, num_stages=3)
+    rows = 2 if gate_up else 4
+    return QConfig(block_n=rows, block_k=1024, num_warps=4 if gate_up or n <= 4096 else 1, num_stages=3)
 
 
 def plane_args(w: PackedWeight) -> tuple[list[torch.Tensor], list[int]]:
