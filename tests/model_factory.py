@@ -86,3 +86,18 @@ def make_gemma3_dir(path: Path, *, seed: int = 0, **overrides: object) -> Path:
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
         bos_token_id=2, eos_token_id=None, pad_token_id=0)  # no EOS: generate(min_new_tokens) would ban it
     return _save(Gemma3TextConfig, Gemma3ForCausalLM, path, seed, {**settings, **overrides})
+
+
+def randomize_biases(path: Path) -> Path:
+    """Random biases in a model directory (transformers makes them zero): a bias added twice, on every rank or
+    split wrongly across fused parts, then shows in the logits."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    g = torch.Generator().manual_seed(9)
+    for name, t in tensors.items():
+        if name.endswith(".bias"):
+            tensors[name] = torch.randn(t.shape, generator=g) * 0.1
+    save_file(tensors, file, metadata={"format": "pt"})
+    return path

@@ -12,12 +12,12 @@ and CUDA-graph decode, flash included.
 from __future__ import annotations
 
 import dataclasses
-import math
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
 import torch
+from attention_ref import reference
 
 import chatcore
 from chatcore.checkpoint import LoadOptions, build_model, make_runtime, open_checked, window_bytes_per_token
@@ -206,22 +206,6 @@ def test_triton_prefill_kernel_on_the_dequantized_cache(mode: str, case: tuple) 
 
 
 # ---- attention on a quantized cache: the static-cache decode step
-
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, window: int | None, sinks: int,
-              slopes: torch.Tensor | None) -> torch.Tensor:
-    """float64 attention of q [Hq, D] at ``pos`` over rows 0..pos of k/v [Hkv, capacity, D]."""
-    hq, d = q.shape
-    rep = hq // k.shape[0]
-    kk = k[:, : pos + 1].double().repeat_interleave(rep, 0)
-    vv = v[:, : pos + 1].double().repeat_interleave(rep, 0)
-    scores = torch.einsum("hd,hsd->hs", q.double(), kk) / math.sqrt(d)
-    j = torch.arange(pos + 1)
-    if slopes is not None:
-        scores = scores + slopes.double()[:, None] * (j - pos)[None, :]
-    if window is not None:
-        scores = scores.masked_fill(~((j > pos - window) | (j < sinks))[None, :], float("-inf"))
-    return torch.einsum("hs,hsd->hd", scores.softmax(-1), vv)
-
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", ["triton", "torch", "math"])

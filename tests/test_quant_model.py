@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from family_check import prompt
+from model_factory import randomize_biases
 from quant_factory import FORMATS, every_matrix, opened_packed, quantize
 
 from chatcore import SamplingParams
@@ -62,25 +63,11 @@ VARIANTS = {  # name: (family, transformers config overrides, default format, {n
 }
 
 
-def _randomize_biases(path: Path) -> Path:
-    """transformers makes biases zero; random ones make a bias split wrongly across RowParts show."""
-    from safetensors.torch import load_file, save_file
-
-    file = path / "model.safetensors"
-    tensors = load_file(file)
-    g = torch.Generator().manual_seed(9)
-    for name, t in tensors.items():
-        if name.endswith(".bias"):
-            tensors[name] = torch.randn(t.shape, generator=g) * 0.1
-    save_file(tensors, file, metadata={"format": "pt"})
-    return path
-
-
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def variant(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     family, overrides, fmt, by_part = VARIANTS[request.param]
     maker = getattr(model_factory, f"make_{family}_dir")
-    path = _randomize_biases(maker(tmp_path_factory.mktemp(request.param), seed=5, **overrides))
+    path = randomize_biases(maker(tmp_path_factory.mktemp(request.param), seed=5, **overrides))
     return path, every_matrix(fmt, **by_part), by_part
 
 
@@ -294,7 +281,7 @@ def test_tensor_parallel_packed_matches_one_process(family: str, tmp_path: Path)
 
     overrides = {"hidden_size": 64, "n_head": 4} if family == "bloom" else {"intermediate_size": 128}
     maker = getattr(model_factory, f"make_{family}_dir")
-    path = _randomize_biases(maker(tmp_path / family, vocab_size=321, **overrides))
+    path = randomize_biases(maker(tmp_path / family, vocab_size=321, **overrides))
     cfg, source, _ = opened_packed(path, every_matrix("q4_1", v_proj="q8_0"))
     runtime = make_runtime(cfg, CPU, torch.float32, LoadOptions(prefill_chunk=16))
     ref = _scenario(build_model(cfg, runtime, source.get), runtime)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_factory import make_bloom_dir, make_gemma3_dir, make_llama_dir
+from model_factory import make_bloom_dir, make_gemma3_dir, make_llama_dir, randomize_biases
 
 import chatcore
 from chatcore import SamplingParams
@@ -71,20 +71,6 @@ def assert_same(ours: dict[str, object], ref: dict[str, object]) -> None:
         else:
             assert got == want, f"{key}: {got} != {want}"
     assert ref["second_cached"] == 40 + 8 - 1 and ref["after_drop_cached"] > 0 and ref["discarded"] > 0
-
-
-def randomize_biases(path: Path) -> Path:
-    """transformers initialises biases to zero; random ones make a bias added on every rank (not once) show."""
-    from safetensors.torch import load_file, save_file
-
-    file = path / "model.safetensors"
-    tensors = load_file(file)
-    g = torch.Generator().manual_seed(9)
-    for name, t in tensors.items():
-        if name.endswith(".bias"):
-            tensors[name] = torch.randn(t.shape, generator=g) * 0.1
-    save_file(tensors, file, metadata={"format": "pt"})
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -7,32 +7,15 @@ TRITON_INTERPRET=1), so CI checks the kernels' arithmetic; the GPU machine runs 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from attention_ref import reference
 
 from chatcore.layers.attention import attend_chunk, attend_decode
 from chatcore.layers.rope import Rotary
 
 pytest.importorskip("triton")
 triton_decode = pytest.importorskip("chatcore.layers.triton_decode")
-
-
-def reference(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: int, window: int | None, sinks: int,
-              slopes: torch.Tensor | None) -> torch.Tensor:
-    """float64 attention of q [Hq, D] at ``pos`` over cache rows 0..pos, written out from the definitions."""
-    hq, d = q.shape
-    rep = hq // kc.shape[0]
-    k = kc[:, : pos + 1].double().repeat_interleave(rep, 0)
-    v = vc[:, : pos + 1].double().repeat_interleave(rep, 0)
-    scores = torch.einsum("hd,hsd->hs", q.double(), k) / math.sqrt(d)
-    j = torch.arange(pos + 1)
-    if slopes is not None:
-        scores = scores + slopes.double()[:, None] * (j - pos)[None, :]
-    if window is not None:
-        scores = scores.masked_fill(~((j > pos - window) | (j < sinks))[None, :], float("-inf"))
-    return torch.einsum("hs,hsd->hd", scores.softmax(-1), v)
 
 
 CASES = [  # (query heads, kv heads, head dim, capacity, position, window, sinks, alibi)
