@@ -217,15 +217,16 @@ class BatchEngine:
         if sink_tokens is not None:
             Engine._shift_size(inner, sink_tokens)   # a bad sink count raises now
         t0 = time.perf_counter()
+        chunk = self.prefill_chunk_size()
         self.scheduler.claim(inner)
         try:
-            with self.scheduler.lock:
+            with self.scheduler.lock:   # between two steps: no step evicts the slot before the request is queued
                 keep = reused_prefix(inner.tokens, ids)
                 inner.truncate(keep)
-            reply = ReplyState(ids, params, keep, t0, 0, vocab_size=self.config.vocab_size,
-                               device=self.runtime.device, tokenizer=self.tokenizer, eos_ids=self.eos_token_ids)
-            req = Request(inner, ids[keep:], reply, chunk=self.prefill_chunk_size(), sinks=sink_tokens, owned=owned)
-            self.scheduler.submit(req)
+                reply = ReplyState(ids, params, keep, t0, 0, vocab_size=self.config.vocab_size,
+                                   device=self.runtime.device, tokenizer=self.tokenizer, eos_ids=self.eos_token_ids)
+                req = Request(inner, ids[keep:], reply, chunk=chunk, sinks=sink_tokens, owned=owned)
+                self.scheduler.submit(req)
         except BaseException:
             self.scheduler.unclaim(inner)
             raise
@@ -246,9 +247,10 @@ class BatchEngine:
         if all_logits:
             return self._alone(inner, lambda: scoring.prefill_all(self.engine, self.runner, inner, ids,
                                                                   self.prefill_chunk_size(), sink_tokens))
+        chunk = self.prefill_chunk_size()
         self.scheduler.claim(inner)
         try:
-            req = Request(inner, list(ids), None, chunk=self.prefill_chunk_size(), sinks=sink_tokens)
+            req = Request(inner, list(ids), None, chunk=chunk, sinks=sink_tokens)
             self.scheduler.submit(req)
         except BaseException:
             self.scheduler.unclaim(inner)

@@ -135,6 +135,8 @@ class Scheduler:
         with self._cond:
             req.cancelled = True
             self._cond.notify()
+        if threading.current_thread() is self._thread:   # a stream collected in the step thread: no waiting
+            return
         if self._thread is None:   # stepped by hand: out of the batch now
             with self.lock:
                 if not req.done.is_set():
