@@ -145,6 +145,20 @@ def test_a_slot_reused_across_turns_caches_like_the_engine(engine: chatcore.Engi
     assert results[1][2][1] > 20   # the second turn reused the first one's tokens
 
 
+def test_a_dropped_span_is_reused_like_the_engine(engine: chatcore.Engine, batch: BatchEngine) -> None:
+    """The context manager's shift plan on a BatchEngine slot: drop a span, then the rest is a cached prefix."""
+    params = SamplingParams(max_new_tokens=6)
+    results = []
+    for eng in (engine, batch):
+        slot = eng.new_slot()
+        list(eng.generate(prompt(40, 24), params, slot=slot))
+        slot.drop(5, 21)
+        gen = eng.generate([*slot.tokens, *prompt(5, 25)], params, slot=slot)
+        results.append((events(gen), figures(gen.stats), list(slot.tokens)))
+    assert same(results[0][0], results[1][0]) and results[0][1:] == results[1][1:]
+    assert results[1][1][1] >= 40 - 16   # everything the drop left was reused
+
+
 def test_sink_window_generation_equals_the_engine(engine: chatcore.Engine, batch: BatchEngine) -> None:
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     ids = prompt(50, 10)
