@@ -310,3 +310,37 @@ def test_two_chat_sessions_stream_at_once_and_both_are_stored(engine: chatcore.E
         assert turns[1][2].cache_hit_tokens > 0   # the second turn reused the session's slot
     for s in sessions:
         s.close()
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_concurrent_generations_equal_the_engine(tmp_path: Path) -> None:
+    """float32 on CUDA: the paged runner (its GPU attention backend) against Engine's CUDA-graph decode."""
+    eng = chatcore.load(make_chat_model_dir(tmp_path), device="cuda", dtype="float32", max_seq_len=256)
+    todo = cases(eng)
+    want = [events(eng.generate(ids, p)) for ids, p in todo]
+    be = BatchEngine(eng, BatchConfig(max_batch=8, block_size=16))
+    try:
+        got = in_threads([lambda ids=ids, p=p: events(be.generate(ids, p, slot=be.new_slot())) for ids, p in todo])
+        assert all(same(g, w) for g, w in zip(got, want, strict=True))
+    finally:
+        be.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_on_the_gpu_the_demo_model_chats_in_a_batch_as_alone(demo_gguf: Path) -> None:
+    """bf16, the real demo model: 16 chats at once give the replies they give one at a time (bf16 rounding
+    differs between a batch of 16 and one sequence, so a reply may part late: most must not)."""
+    eng = chatcore.load(demo_gguf, device="cuda", max_seq_len=2048)
+    tok = eng.require_tokenizer()
+    asks = [f"Write one sentence about the number {i}." for i in range(16)]
+    ids = [tok.apply_chat_template([{"role": "user", "content": a}], add_generation_prompt=True) for a in asks]
+    params = SamplingParams(max_new_tokens=32)
+    want = [[e.token_id for e in eng.generate(i, params)] for i in ids]
+    be = BatchEngine(eng, BatchConfig(max_batch=16))
+    try:
+        got = in_threads([lambda i=i: [e.token_id for e in be.generate(i, params)] for i in ids])
+    finally:
+        be.close()
+    assert sum(g == w for g, w in zip(got, want, strict=True)) >= 12
+    assert all(g[:8] == w[:8] for g, w in zip(got, want, strict=True))
