@@ -278,8 +278,9 @@ class Scheduler:
         return Work(r.slot, piece)
 
     def _reserve(self, works: list[Work], reqs: list[Request]) -> tuple[list[Work], list[Request]]:
-        """Take the KV memory each work needs, oldest sequence first. Out of memory: a prompt chunk waits for a
-        later step; a decode step makes the newest decoding sequence give its memory back and wait."""
+        """Take the KV memory each work needs, in order (decodes by age, the prompt chunk last). Out of memory: a
+        prompt chunk waits for a later step; a decode step makes the newest sequence of the step (the prefilling
+        one included) give its memory back and wait."""
         out_w: list[Work] = []
         out_r: list[Request] = []
         todo = list(zip(works, reqs, strict=True))
@@ -288,12 +289,11 @@ class Scheduler:
             try:
                 r.slot.reserve(len(w.ids))
             except OutOfBlocks as exc:
-                decoding = [x for _, x in todo if x.decoding] + [x for x in out_r if x.decoding]
-                if not r.decoding:
-                    if not decoding and not out_r:
-                        self._fail(r, exc)   # nothing else holds memory that a later step would free
+                if not r.decoding:   # a prompt chunk (the last work) waits for memory a later step frees
+                    if not any(x.decoding for x in out_r):
+                        self._fail(r, exc)   # nothing else runs: no step would free any
                     continue
-                victim = max([*decoding, r], key=lambda x: x.order)
+                victim = max([*(x for _, x in todo), *out_r, r], key=lambda x: x.order)
                 self._preempt(victim)
                 if victim in out_r:
                     k = out_r.index(victim)
