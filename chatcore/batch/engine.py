@@ -123,15 +123,15 @@ class BatchSlot:
         return common_prefix(self.inner.tokens, ids)
 
     def truncate(self, n: int) -> None:
-        with self._owner.scheduler.lock:
+        with self._owner.scheduler.guard():
             self.inner.truncate(n)
 
     def drop(self, start: int, end: int) -> None:
-        with self._owner.scheduler.lock:
+        with self._owner.scheduler.guard():
             self.inner.drop(start, end)
 
     def reset(self) -> None:
-        with self._owner.scheduler.lock:
+        with self._owner.scheduler.guard():
             self.inner.reset()
 
     def __getattr__(self, name: str) -> Any:   # the rest (quantized, dtype, blocks, ...) read as they are
@@ -222,7 +222,7 @@ class BatchEngine:
         chunk = self.prefill_chunk_size()
         self.scheduler.claim(inner)
         try:
-            with self.scheduler.lock:   # between two steps: no step evicts the slot before the request is queued
+            with self.scheduler.guard():   # between two steps: no step evicts the slot before the request is queued
                 keep = reused_prefix(inner.tokens, ids)
                 inner.truncate(keep)
                 reply = ReplyState(ids, params, keep, t0, 0, vocab_size=self.config.vocab_size,

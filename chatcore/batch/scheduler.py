@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -205,7 +205,7 @@ class Scheduler:
 
     def step(self) -> bool:
         """Take new requests and calls, then one batched forward pass; returns whether one ran."""
-        with self.lock:
+        with self.guard():
             with self._cond:
                 self._waiting.extend(self._inbox)
                 self._inbox.clear()
@@ -220,8 +220,17 @@ class Scheduler:
                 self._remove(r)
                 self._let_go(r)
             self._admit()
-            with self.pin([r.slot for r in (*self._running, *self._waiting)]):
-                return self._forward()
+            return self._forward()
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Between two steps (the lock), every live request's slot kept from eviction (pinned): where slots
+        change, in the step and from other threads (a slot's drop may take a block, which may evict)."""
+        with self.lock:
+            with self._cond:
+                live = [r.slot for r in (*self._running, *self._waiting, *self._inbox)]
+            with self.pin(live):
+                yield
 
     def _admit(self) -> None:
         """One sequence prefills at a time; it joins while the batch has room."""
