@@ -159,6 +159,29 @@ def test_a_dropped_span_is_reused_like_the_engine(engine: chatcore.Engine, batch
     assert results[1][1][1] >= 40 - 16   # everything the drop left was reused
 
 
+def test_an_idle_slot_evicted_for_memory_prefills_again(engine: chatcore.Engine) -> None:
+    from chatcore.batch.paged import block_nbytes
+
+    per = block_nbytes(num_layers=3, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32)
+    be = BatchEngine(engine, BatchConfig(block_size=16, kv_memory=9 * per))   # 8 blocks besides the scratch one
+    try:
+        params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+        first = [prompt(60, 26), prompt(60, 27)]
+        slots, ref = [be.new_slot(), be.new_slot()], [engine.new_slot(), engine.new_slot()]
+        for i in range(2):   # 72 tokens each: 5 blocks, so the second evicts the first (idle by then)
+            want = events(engine.generate(first[i], params, slot=ref[i]))
+            assert same(events(be.generate(first[i], params, slot=slots[i])), want)
+        assert be.runner.pool.evictions == 1 and slots[0].length == 0
+        turn2 = [*ref[0].tokens, *prompt(4, 28)]
+        want_gen = engine.generate(turn2, params, slot=ref[0])
+        want = events(want_gen)
+        gen = be.generate(turn2, params, slot=slots[0])
+        assert same(events(gen), want)
+        assert gen.stats.cached_tokens == 0 and want_gen.stats.cached_tokens > 0   # computed again, same reply
+    finally:
+        be.scheduler.close()
+
+
 def test_sink_window_generation_equals_the_engine(engine: chatcore.Engine, batch: BatchEngine) -> None:
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     ids = prompt(50, 10)
