@@ -227,6 +227,16 @@ def test_closing_before_reading_anything(batch: BatchEngine) -> None:
     assert batch.scheduler.active == 0
 
 
+def test_a_stream_dropped_unread_leaves_the_batch(batch: BatchEngine) -> None:
+    import gc
+
+    gen = batch.generate(prompt(8, 29), SamplingParams(max_new_tokens=10**6, ignore_eos=True), sink_tokens=4)
+    req = gen._req
+    del gen
+    gc.collect()
+    assert req.done.wait(60) and batch.scheduler.active == 0
+
+
 def test_a_prompt_too_long_raises_before_anything_is_queued(batch: BatchEngine) -> None:
     slot = batch.new_slot(32)
     steps = batch.scheduler.steps

@@ -13,6 +13,7 @@ batched forward pass per step (:mod:`chatcore.batch.scheduler`), and each one's 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -322,6 +323,9 @@ class _Stream(Generation):
     def __init__(self, reply: ReplyState, req: Request, scheduler: Scheduler) -> None:
         super().__init__(reply, _pull(req, reply, scheduler))
         self._req, self._scheduler = req, scheduler
+        # the event stream dropped unfinished without close() (perhaps never started): the sequence leaves the
+        # batch at the next step, with no waiting (a finalizer may run in any thread)
+        weakref.finalize(self._events, _dropped, req)
 
     def close(self) -> None:
         _stop(self._req, self._reply, self._scheduler)
@@ -344,6 +348,11 @@ def _pull(req: Request, reply: ReplyState, scheduler: Scheduler) -> Iterator[Tok
     except GeneratorExit:
         _stop(req, reply, scheduler)
         raise
+
+
+def _dropped(req: Request) -> None:
+    if not req.ended:
+        req.cancelled = True
 
 
 def _stop(req: Request, reply: ReplyState, scheduler: Scheduler) -> None:

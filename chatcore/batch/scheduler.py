@@ -219,6 +219,7 @@ class Scheduler:
             for r in gone:
                 self._remove(r)
                 self._let_go(r)
+                r.events.put(Failure(SchedulerClosed("this stream was closed")))   # a reader never hangs on it
             self._admit()
             return self._forward()
 
