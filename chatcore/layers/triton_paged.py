@@ -1,0 +1,288 @@
+"""The project's own decode kernel over paged KV memory (Triton), and the paged chunk path.
+
+Layout (:mod:`chatcore.layers.paged_attention`): one layer's keys and values ``k_pool``/``v_pool``
+[num_blocks, block_size, Hkv, D]; sequence ``b``'s key ``j`` lies in block ``block_tables[b, j // block_size]``
+at offset ``j % block_size``. ``seq_lens[b]`` counts sequence b's keys, its new rows included (they are written
+before attention runs); queries ``q`` [N, Hq, D] are already rotated, grouped by sequence (``cu_q``).
+
+:func:`paged_decode`: B sequences x one query each (every sequence's last query row), in two launches, as
+:mod:`chatcore.layers.triton_decode` does for one contiguous cache:
+
+1. ``_split_k``: grid (sequences, KV heads, splits); each program takes one KV head's whole query group (the
+   GQA rows share every key load) over one slice of its sequence's keys, with an online softmax, ALiBi, a
+   sliding window and attention sinks (the first ``sinks`` keys stay visible beside the window). A key tile's
+   rows are found through the block table column by column, so any power-of-two block size works (the tests
+   use 16, flash-attn's layout wants 256);
+2. ``_merge``: combines the splits' partial results (log-sum-exp weights), one program per sequence and
+   query head.
+
+A quantized pool (int8 or float8 e4m3 codes, float32 scales [num_blocks, block_size, Hkv]:
+:mod:`chatcore.layers.kv_quant`) is read as codes and scales, as the contiguous kernel reads them: a tile's
+scores are ``q . codes`` times the keys' scales and the probabilities are multiplied by the values' scales
+before their product with the value codes.
+
+Each sequence's length is read from device memory and the grid depends only on the batch size and the table
+width, so a batched decode step made of these launches can be captured in a CUDA graph and replayed at any
+lengths (:mod:`chatcore.batch.graphs`). ``TRITON_INTERPRET=1`` runs the same kernels on the CPU (the tests do).
+
+:func:`paged_chunk`: prompt chunks (sequences with several new rows): the live blocks of each such sequence are
+gathered into a contiguous [Hkv, S, D] view and handed to the existing chunk attention
+(:func:`chatcore.layers.attention.attend_chunk`, whose triton backend runs the FlashAttention-2 prefill kernel
+on a GPU); a chunk's cost is its attention, the gather is a copy of its keys. Chunks read their lengths on the
+host (one synchronisation per call), so they are never part of a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from chatcore.layers.kv_quant import QMAX, dequantize
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+BLOCK_N = 64            # keys per inner step
+_TARGET_PROGRAMS = 132  # one wave of an H100's / H200's multiprocessors (triton_decode.py's choice)
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, kv_head, start, lo_visible, hi, last,
+                 slopes, scale, offs_n, offs_d, s_blk, s_tok, s_head, ss_blk, ss_tok, BS: tl.constexpr,
+                 D: tl.constexpr, HAS_ALIBI: tl.constexpr, PREC: tl.constexpr, QUANT: tl.constexpr):
+    """One BLOCK_N step of the online softmax over keys start .. start+BLOCK_N-1 of one sequence (visible:
+    lo_visible .. hi-1), each key's row found through the sequence's block table row ``table_row``."""
+    cols = start + offs_n
+    ok = (cols >= lo_visible) & (cols < hi)
+    blk = tl.load(table_row + cols // BS, mask=ok, other=0).to(tl.int64)
+    tok = blk * s_blk + (cols % BS) * s_tok + kv_head * s_head
+    dmask = offs_d[None, :] < D
+    base = tok[:, None] + offs_d[None, :]
+    k = tl.load(k_ptr + base, mask=ok[:, None] & dmask, other=0.0)
+    if QUANT:
+        sc_at = blk * ss_blk + (cols % BS) * ss_tok + kv_head
+        k_scale = tl.load(ks_ptr + sc_at, mask=ok, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * (k_scale * scale)[None, :]
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    if HAS_ALIBI:
+        s += slopes[:, None] * (cols - last).to(tl.float32)[None, :]
+    s = tl.where(ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    v = tl.load(v_ptr + base, mask=ok[:, None] & dmask, other=0.0)
+    if QUANT:   # sum_j p_j (c_j s_j) = sum_j (p_j s_j) c_j
+        v_scale = tl.load(vs_ptr + sc_at, mask=ok, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot((p * v_scale[None, :]).to(q.dtype), v.to(q.dtype), input_precision=PREC)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _split_k(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, lens_ptr, table_ptr, cu_ptr, slopes_ptr, part_ptr, ml_ptr, scale,
+             table_width, s_blk, s_tok, s_head, ss_blk, ss_tok, HQ: tl.constexpr, GROUP: tl.constexpr,
+             BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, SPLITS: tl.constexpr,
+             BLOCK: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+             HAS_CU: tl.constexpr, PREC: tl.constexpr, PIPELINE: tl.constexpr, QUANT: tl.constexpr):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seqlen = tl.load(lens_ptr + seq)
+    last = seqlen - 1                             # position of the query (the sequence's newest row)
+    q_row = seq
+    if HAS_CU:
+        q_row = tl.load(cu_ptr + seq + 1) - 1     # the sequence's last query row
+    lo = 0
+    if WINDOW > 0:
+        lo = tl.maximum(seqlen - WINDOW, 0)
+    per = tl.cdiv(tl.cdiv(seqlen - lo, SPLITS), BLOCK) * BLOCK
+    start = lo + split * per
+    end = tl.minimum(start + per, seqlen)
+    table_row = table_ptr + seq.to(tl.int64) * table_width
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK)
+    heads = kv_head * GROUP + offs_g
+    row_ok = offs_g < GROUP
+    q = tl.load(q_ptr + (q_row.to(tl.int64) * HQ + heads)[:, None] * D + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    slopes = tl.zeros([BLOCK_G], dtype=tl.float32)
+    if HAS_ALIBI:
+        slopes = tl.load(slopes_ptr + heads, mask=row_ok, other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    if SINKS > 0:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if split == 0:   # keys the window hides but the sinks keep: 0 .. min(SINKS, lo)-1
+            sink_end = tl.minimum(lo, SINKS)
+            s0 = 0
+            while s0 < sink_end:
+                acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, kv_head, s0,
+                                             0, sink_end, last, slopes, scale, offs_n, offs_d, s_blk, s_tok, s_head,
+                                             ss_blk, ss_tok, BS, D, HAS_ALIBI, PREC, QUANT)
+                s0 += BLOCK
+    if PIPELINE:   # compiled: a counted loop, which Triton software-pipelines
+        for it in tl.range(0, tl.cdiv(end - start, BLOCK)):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, kv_head,
+                                         start + it * BLOCK, start, end, last, slopes, scale, offs_n, offs_d, s_blk,
+                                         s_tok, s_head, ss_blk, ss_tok, BS, D, HAS_ALIBI, PREC, QUANT)
+    else:   # Triton's CPU interpreter cannot take a loop bound read from memory in range(): the same steps
+        s0 = start
+        while s0 < end:
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, kv_head, s0,
+                                         start, end, last, slopes, scale, offs_n, offs_d, s_blk, s_tok, s_head,
+                                         ss_blk, ss_tok, BS, D, HAS_ALIBI, PREC, QUANT)
+            s0 += BLOCK
+    slot = (seq * HQ + heads) * SPLITS + split
+    tl.store(part_ptr + slot[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(ml_ptr + slot * 2, m_i, mask=row_ok)
+    tl.store(ml_ptr + slot * 2 + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _merge(part_ptr, ml_ptr, out_ptr, cu_ptr, HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+           SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HAS_CU: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_row = seq
+    if HAS_CU:
+        q_row = tl.load(cu_ptr + seq + 1) - 1
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < SPLITS
+    slot = (seq * HQ + head) * SPLITS + offs_s
+    m = tl.load(ml_ptr + slot * 2, mask=s_ok, other=float("-inf"))
+    ll = tl.load(ml_ptr + slot * 2 + 1, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
+    part = tl.load(part_ptr + slot[:, None] * D + offs_d[None, :], mask=s_ok[:, None] & (offs_d[None, :] < D),
+                   other=0.0)
+    out = tl.sum(part * w[:, None], 0) / tl.sum(ll * w, 0)
+    tl.store(out_ptr + (q_row.to(tl.int64) * HQ + head) * D + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < D)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def num_splits(batch: int, num_kv_heads: int, max_keys: int) -> int:
+    """Splits of each sequence per KV head: enough programs to fill the GPU at the tables' full width."""
+    most = max(1, triton.cdiv(max_keys, BLOCK_N * 4))
+    return max(1, min(most, triton.cdiv(_TARGET_PROGRAMS, batch * num_kv_heads), 64))
+
+
+def _check_pool(k_pool: torch.Tensor, v_pool: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    if k_pool.dim() != 4 or v_pool.shape != k_pool.shape or v_pool.stride() != k_pool.stride():
+        raise ValueError(f"paged pools are [num_blocks, block_size, Hkv, D], alike; got {tuple(k_pool.shape)} and "
+                         f"{tuple(v_pool.shape)}")
+    if k_pool.stride(-1) != 1 or k_pool.stride(-2) != k_pool.shape[-1]:
+        raise ValueError(f"the paged kernel needs rows of contiguous elements, got strides {k_pool.stride()}")
+    bs = k_pool.shape[1]
+    if bs & (bs - 1):
+        raise ValueError(f"the block size must be a power of two, got {bs}")
+    if scales is None:
+        if k_pool.dtype in QMAX:
+            raise ValueError("a pool of int8 or float8 codes needs its scales")
+        return
+    if k_pool.dtype not in QMAX or v_pool.dtype != k_pool.dtype:
+        raise ValueError(f"a quantized pool holds int8 or float8_e4m3fn codes, got {k_pool.dtype}")
+    ks, vs = scales
+    if ks.shape != k_pool.shape[:3] or vs.shape != ks.shape or vs.stride() != ks.stride() or ks.stride(-1) != 1:
+        raise ValueError("the scales of a quantized pool are [num_blocks, block_size, Hkv], alike, contiguous heads")
+
+
+def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seq_lens: torch.Tensor,
+                 block_tables: torch.Tensor, *, cu_q: torch.Tensor | None = None, sliding_window: int | None = None,
+                 sinks: int = 0, alibi: torch.Tensor | None = None,
+                 scales: tuple[torch.Tensor, torch.Tensor] | None = None, out: torch.Tensor | None = None,
+                 splits: int | None = None, block_n: int = BLOCK_N, num_warps: int = 4,
+                 num_stages: int = 3) -> torch.Tensor:
+    """Attention of each sequence's last query over its keys 0 .. seq_lens[b] - 1.
+
+    ``q`` [N, Hq, D] (rotated, contiguous). Without ``cu_q``, N is the batch size B and row b is sequence b's
+    query; with ``cu_q`` (int32 [B+1], device: sequence b's rows are cu_q[b] .. cu_q[b+1]-1) only each
+    sequence's last row is computed, written into ``out`` (given, or a new [N, Hq, D] whose other rows are
+    left unset). ``seq_lens`` int32 [B] and ``block_tables`` int32 [B, W] on the device; ``alibi``: float32
+    slopes [Hq]; ``scales``: a quantized pool's float32 key and value scales [num_blocks, block_size, Hkv].
+    The grid depends on B and W only (graph-friendly). ``splits``, ``block_n``, ``num_warps``, ``num_stages``:
+    launch shape. Returns ``out`` in q's dtype.
+    """
+    n, hq, d = q.shape
+    nb, bs, hkv, _ = k_pool.shape
+    b, width = block_tables.shape
+    if cu_q is None and n != b:
+        raise ValueError(f"paged decode without cu_q takes one query per sequence: {n} rows for {b} sequences")
+    if hq % hkv or q.stride(-1) != 1 or q.stride(-2) != d or q.stride(0) != hq * d:
+        raise ValueError("queries are contiguous [N, Hq, D] with Hq a multiple of Hkv")
+    _check_pool(k_pool, v_pool, scales)
+    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32 or not block_tables.is_contiguous():
+        raise ValueError("seq_lens and block_tables are contiguous int32 tensors")
+    group = hq // hkv
+    splits = splits or num_splits(b, hkv, width * bs)
+    part = torch.empty((b, hq, splits, d), dtype=torch.float32, device=q.device)
+    ml = torch.empty((b, hq, splits, 2), dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty_like(q)
+    block_d = max(16, _pow2(d))   # tl.dot needs K >= 16
+    quant = scales is not None
+    ks, vs = scales if quant else (q, q)
+    cu = cu_q if cu_q is not None else seq_lens
+    _split_k[(b, hkv, splits)](q, k_pool, v_pool, ks, vs, seq_lens, block_tables, cu,
+                               alibi if alibi is not None else q, part, ml, d**-0.5, width, k_pool.stride(0),
+                               k_pool.stride(1), k_pool.stride(2), ks.stride(0) if quant else 0,
+                               ks.stride(1) if quant else 0, HQ=hq, GROUP=group, BLOCK_G=max(16, _pow2(group)), D=d,
+                               BLOCK_D=block_d, BS=bs, SPLITS=splits, BLOCK=block_n, WINDOW=sliding_window or 0,
+                               SINKS=sinks, HAS_ALIBI=alibi is not None, HAS_CU=cu_q is not None,
+                               PREC="ieee" if q.dtype == torch.float32 else "tf32", PIPELINE=not _INTERPRET,
+                               QUANT=quant, num_warps=num_warps, num_stages=num_stages)
+    _merge[(b, hq)](part, ml, out, cu, HQ=hq, D=d, BLOCK_D=block_d, SPLITS=splits, BLOCK_S=max(2, _pow2(splits)),
+                    HAS_CU=cu_q is not None)
+    return out
+
+
+def gather(pool: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
+    """One sequence's first ``length`` rows of a pool [num_blocks, block_size, Hkv, ...] through its block table
+    row ``table`` [W] (int, device), head-major: [Hkv, length, ...] (a copy)."""
+    bs = pool.shape[1]
+    blocks = table[: -(-length // bs)].long()
+    rows = pool.index_select(0, blocks).flatten(0, 1)[:length]   # [length, Hkv, ...]
+    return rows.transpose(0, 1)
+
+
+def paged_chunk(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, *, cu_q: torch.Tensor,
+                seq_lens: torch.Tensor, block_tables: torch.Tensor, chunk_backend: str,
+                sliding_window: int | None = None, alibi: torch.Tensor | None = None, sinks: int = 0,
+                scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+                out: torch.Tensor | None = None, only: list[int] | None = None) -> torch.Tensor:
+    """Causal attention of every query row of the sequences ``only`` (all: None) over their keys: each sequence's
+    live blocks gathered (dequantized on a quantized pool), then :func:`~chatcore.layers.attention.attend_chunk`
+    with ``chunk_backend`` (with sinks and a window: the plain-math reference, which alone takes sinks in chunk
+    mode). Rows are written into ``out`` (given, or new [N, Hq, D]); reads cu_q and seq_lens on the host."""
+    from chatcore.layers.attention import _math, attend_chunk
+
+    cu, lens = cu_q.tolist(), seq_lens.tolist()
+    if out is None:
+        out = torch.empty_like(q)
+    for b in range(len(lens)) if only is None else only:
+        r0, r1, s = cu[b], cu[b + 1], lens[b]
+        if r1 == r0:
+            continue
+        k, v = gather(k_pool, block_tables[b], s), gather(v_pool, block_tables[b], s)
+        if scales is not None:
+            k = dequantize(k, gather(scales[0], block_tables[b], s), q.dtype)
+            v = dequantize(v, gather(scales[1], block_tables[b], s), q.dtype)
+        start = s - (r1 - r0)
+        if sinks and sliding_window is not None and start + r1 - r0 > sliding_window:
+            out[r0:r1] = _math(q[r0:r1], k, v, start, sliding_window, alibi, sinks)
+        else:
+            out[r0:r1] = attend_chunk(q[r0:r1], k, v, start=start, backend=chunk_backend,
+                                      sliding_window=sliding_window, alibi=alibi)
+    return out
