@@ -11,8 +11,8 @@ import pytest
 import torch
 from attention_ref import reference
 
-from chatcore.layers.attention import _math
 from chatcore.layers.kv_quant import dequantize, quantize
+from chatcore.layers.paged_attention import attend_paged
 
 pytest.importorskip("triton")
 triton_paged = pytest.importorskip("chatcore.layers.triton_paged")
@@ -103,25 +103,46 @@ def test_last_rows_of_a_mixed_batch_and_any_split_count() -> None:
 
 
 @pytest.mark.parametrize("variant", ["plain", "window_sinks", "alibi_int8"])
-def test_paged_chunk_matches_math(variant: str) -> None:
-    lens, q_lens = [40, 29], [5, 1]
+def test_triton_backend_of_attend_paged_on_a_mixed_batch(variant: str) -> None:
+    """Decode rows and a prompt chunk in one batch: the decode kernel for every last row, the gather path for the
+    chunk's rows; equal to the math backend."""
+    lens, q_lens = [40, 29, 16], [1, 5, 1]
     window = 12 if variant == "window_sinks" else None
     sinks = 3 if variant == "window_sinks" else 0
     kv_dtype = torch.int8 if variant == "alibi_int8" else None
-    k, v, scales, tables, seqs = make_pool(lens, 2, 16, 16, seed=len(variant), kv_dtype=kv_dtype)
+    k, v, scales, tables, _ = make_pool(lens, 2, 16, 16, seed=len(variant), kv_dtype=kv_dtype)
+    if scales is not None:   # the math backend gathers whole blocks: no NaN scale inside an owned block
+        scales = tuple(torch.nan_to_num(s) for s in scales)
+    else:
+        k, v = torch.nan_to_num(k), torch.nan_to_num(v)
     g = torch.Generator().manual_seed(9)
     q = torch.randn(sum(q_lens), 4, 16, generator=g)
     slopes = torch.rand(4, generator=g) if variant == "alibi_int8" else None
-    cu = torch.tensor([0, 5, 6], dtype=torch.int32)
-    out = triton_paged.paged_chunk(q, k, v, cu_q=cu, seq_lens=torch.tensor(lens, dtype=torch.int32),
-                                   block_tables=tables, chunk_backend="torch", sliding_window=window, alibi=slopes,
-                                   sinks=sinks, scales=scales)
-    r = 0
-    for b, (n, t) in enumerate(zip(lens, q_lens, strict=True)):
-        ref = _math(q[r: r + t].double(), seqs[b][0].double(), seqs[b][1].double(), n - t, window,
-                    None if slopes is None else slopes.double(), sinks)
-        assert (out[r: r + t].double() - ref).abs().max().item() < 1e-5
-        r += t
+    args = dict(cu_q=torch.tensor([0, 1, 6, 7], dtype=torch.int32), seq_lens=torch.tensor(lens, dtype=torch.int32),
+                block_tables=tables, max_q=5, sliding_window=window, alibi=slopes, sinks=sinks, scales=scales)
+    got = attend_paged(q, k, v, backend="triton", **args)
+    want = attend_paged(q.double(), k if scales else k.double(), v if scales else v.double(), backend="math",
+                        **args)
+    assert (got.double() - want.double()).abs().max().item() < 1e-5
+    # decode-only: one row per sequence, no host read
+    one = q[[0, 5, 6]].contiguous()
+    args.update(cu_q=torch.tensor([0, 1, 2, 3], dtype=torch.int32), max_q=1)
+    got = attend_paged(one, k, v, backend="triton", **args)
+    assert (got - attend_paged(one, k, v, backend="math", **args)).abs().max().item() < 1e-5
+
+
+def test_flash_backend_off_the_gpu_takes_triton() -> None:
+    """flash_paged.takes refuses what flash-attn cannot run (here: a CPU tensor, block size 16) -> triton."""
+    from chatcore.layers.flash_paged import takes
+
+    k, v, _, tables, _ = make_pool([20, 3], 2, 16, 16, seed=2)
+    k, v = torch.nan_to_num(k), torch.nan_to_num(v)
+    q = torch.randn(2, 4, 16)
+    assert not takes(q, k, None, 0, None)
+    args = dict(cu_q=torch.tensor([0, 1, 2], dtype=torch.int32), seq_lens=torch.tensor([20, 3], dtype=torch.int32),
+                block_tables=tables, max_q=1)
+    got = attend_paged(q, k, v, backend="flash", **args)
+    assert (got - attend_paged(q, k, v, backend="math", **args)).abs().max().item() < 1e-5
 
 
 def test_rejects_misuse() -> None:

@@ -25,22 +25,28 @@ Each sequence's length is read from device memory and the grid depends only on t
 width, so a batched decode step made of these launches can be captured in a CUDA graph and replayed at any
 lengths (:mod:`chatcore.batch.graphs`). ``TRITON_INTERPRET=1`` runs the same kernels on the CPU (the tests do).
 
-:func:`paged_chunk`: prompt chunks (sequences with several new rows): the live blocks of each such sequence are
-gathered into a contiguous [Hkv, S, D] view and handed to the existing chunk attention
-(:func:`chatcore.layers.attention.attend_chunk`, whose triton backend runs the FlashAttention-2 prefill kernel
-on a GPU); a chunk's cost is its attention, the gather is a copy of its keys. Chunks read their lengths on the
-host (one synchronisation per call), so they are never part of a CUDA graph.
+:func:`attend_triton` (the ``triton`` backend of :func:`~chatcore.layers.paged_attention.attend_paged`): a
+decode-only batch is one :func:`paged_decode`. Prompt chunks (sequences with several new rows) take no kernel
+of their own: each such sequence's live blocks are gathered into contiguous keys and values (the gather path
+of :mod:`chatcore.layers.paged_attention`) and the existing chunk attention runs on them (its triton backend:
+the FlashAttention-2 prefill kernel of :mod:`chatcore.layers.triton_prefill`, or cuDNN for a whole prompt). A
+chunk's cost is its attention; the gather copies its keys once per layer. Mixed batches read ``cu_q`` on the
+host (one synchronisation per layer), so only decode-only batches are captured in CUDA graphs.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
-from chatcore.layers.kv_quant import QMAX, dequantize
+from chatcore.layers.kv_quant import QMAX
+
+# one sequence's prompt chunk over its paged keys: attend_paged's backend arguments, in order
+ChunkPath = Callable[..., torch.Tensor]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -248,41 +254,27 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, se
     return out
 
 
-def gather(pool: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
-    """One sequence's first ``length`` rows of a pool [num_blocks, block_size, Hkv, ...] through its block table
-    row ``table`` [W] (int, device), head-major: [Hkv, length, ...] (a copy)."""
-    bs = pool.shape[1]
-    blocks = table[: -(-length // bs)].long()
-    rows = pool.index_select(0, blocks).flatten(0, 1)[:length]   # [length, Hkv, ...]
-    return rows.transpose(0, 1)
+def attend_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, cu_q: torch.Tensor,
+                  seq_lens: torch.Tensor, block_tables: torch.Tensor, max_q: int, sliding_window: int | None,
+                  alibi: torch.Tensor | None, sinks: int, scales: tuple[torch.Tensor, torch.Tensor] | None, *,
+                  chunks: ChunkPath) -> torch.Tensor:
+    """The ``triton`` backend of :func:`~chatcore.layers.paged_attention.attend_paged` (its arguments, in order).
 
-
-def paged_chunk(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, *, cu_q: torch.Tensor,
-                seq_lens: torch.Tensor, block_tables: torch.Tensor, chunk_backend: str,
-                sliding_window: int | None = None, alibi: torch.Tensor | None = None, sinks: int = 0,
-                scales: tuple[torch.Tensor, torch.Tensor] | None = None,
-                out: torch.Tensor | None = None, only: list[int] | None = None) -> torch.Tensor:
-    """Causal attention of every query row of the sequences ``only`` (all: None) over their keys: each sequence's
-    live blocks gathered (dequantized on a quantized pool), then :func:`~chatcore.layers.attention.attend_chunk`
-    with ``chunk_backend`` (with sinks and a window: the plain-math reference, which alone takes sinks in chunk
-    mode). Rows are written into ``out`` (given, or new [N, Hq, D]); reads cu_q and seq_lens on the host."""
-    from chatcore.layers.attention import _math, attend_chunk
-
-    cu, lens = cu_q.tolist(), seq_lens.tolist()
-    if out is None:
-        out = torch.empty_like(q)
-    for b in range(len(lens)) if only is None else only:
-        r0, r1, s = cu[b], cu[b + 1], lens[b]
-        if r1 == r0:
-            continue
-        k, v = gather(k_pool, block_tables[b], s), gather(v_pool, block_tables[b], s)
-        if scales is not None:
-            k = dequantize(k, gather(scales[0], block_tables[b], s), q.dtype)
-            v = dequantize(v, gather(scales[1], block_tables[b], s), q.dtype)
-        start = s - (r1 - r0)
-        if sinks and sliding_window is not None and start + r1 - r0 > sliding_window:
-            out[r0:r1] = _math(q[r0:r1], k, v, start, sliding_window, alibi, sinks)
-        else:
-            out[r0:r1] = attend_chunk(q[r0:r1], k, v, start=start, backend=chunk_backend,
-                                      sliding_window=sliding_window, alibi=alibi)
+    A decode-only batch (``max_q == 1``: one row per sequence) is one :func:`paged_decode`, nothing read on the
+    host. Otherwise every sequence's last row goes through :func:`paged_decode` too, and each sequence with
+    several rows (a prompt chunk) is handed to ``chunks`` (the per-sequence gather path, called with that
+    sequence alone), which overwrites its rows; ``cu_q`` is read on the host once."""
+    slopes = None if alibi is None else alibi.to(device=q.device, dtype=torch.float32)
+    if max_q == 1 and q.shape[0] == block_tables.shape[0]:
+        return paged_decode(q, k_pool, v_pool, seq_lens, block_tables, sliding_window=sliding_window, sinks=sinks,
+                            alibi=slopes, scales=scales)
+    out = paged_decode(q, k_pool, v_pool, seq_lens, block_tables, cu_q=cu_q, sliding_window=sliding_window,
+                       sinks=sinks, alibi=slopes, scales=scales)
+    bounds = cu_q.tolist()
+    for b in range(block_tables.shape[0]):
+        lo, hi = bounds[b], bounds[b + 1]
+        if hi - lo > 1:
+            cu = torch.tensor([0, hi - lo], dtype=torch.int32, device=cu_q.device)
+            out[lo:hi] = chunks(q[lo:hi], k_pool, v_pool, cu, seq_lens[b: b + 1], block_tables[b: b + 1], hi - lo,
+                                sliding_window, slopes, sinks, scales)
     return out
