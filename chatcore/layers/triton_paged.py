@@ -68,8 +68,7 @@ def _attend_tile(acc, m_i, l_i, q, k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, kv_h
     base = tok[:, None] + offs_d[None, :]
     k = tl.load(k_ptr + base, mask=ok[:, None] & dmask, other=0.0)
     if QUANT:
-        sc_at = blk * ss_blk + (cols % BS) * ss_tok + kv_head
-        k_scale = tl.load(ks_ptr + sc_at, mask=ok, other=0.0)
+        k_scale = tl.load(ks_ptr + blk * ss_blk + (cols % BS) * ss_tok + kv_head, mask=ok, other=0.0)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * (k_scale * scale)[None, :]
     else:
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
@@ -82,7 +81,7 @@ def _attend_tile(acc, m_i, l_i, q, k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, kv_h
     alpha = tl.exp(m_i - m_safe)
     v = tl.load(v_ptr + base, mask=ok[:, None] & dmask, other=0.0)
     if QUANT:   # sum_j p_j (c_j s_j) = sum_j (p_j s_j) c_j
-        v_scale = tl.load(vs_ptr + sc_at, mask=ok, other=0.0)
+        v_scale = tl.load(vs_ptr + blk * ss_blk + (cols % BS) * ss_tok + kv_head, mask=ok, other=0.0)
         acc = acc * alpha[:, None] + tl.dot((p * v_scale[None, :]).to(q.dtype), v.to(q.dtype), input_precision=PREC)
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
