@@ -138,11 +138,19 @@ def _engine(path: Path, backend: str, dtype: str) -> chatcore.Engine:
 PROMPTS = [prompt(n, seed=30 + n) for n in (5, 17, 40, 64, 9)]
 
 
+FAMILIES = {"mistral": {"sliding_window": 24}, "bloom": {}, "gemma3": {}}   # a window, ALiBi, two rotaries
+
+
 @gpu
-@pytest.mark.parametrize(("backend", "dtype", "bs"), [("triton", "float32", 16), ("triton", "bfloat16", 16),
-                                                      pytest.param("flash", "bfloat16", 256, marks=needs_flash)])
-def test_graph_logits_equal_eager_batch_step(llama_dir: Path, backend: str, dtype: str, bs: int) -> None:
-    engine = _engine(llama_dir, backend, dtype)
+@pytest.mark.parametrize(("family", "backend", "dtype", "bs"), [
+    ("llama", "triton", "float32", 16), ("llama", "triton", "bfloat16", 16),
+    pytest.param("llama", "flash", "bfloat16", 256, marks=needs_flash),
+    *[(f, "triton", "float32", 16) for f in FAMILIES]])
+def test_graph_logits_equal_eager_batch_step(llama_dir: Path, tmp_path: Path, family: str, backend: str, dtype: str,
+                                             bs: int) -> None:
+    path = llama_dir if family == "llama" else \
+        getattr(model_factory, f"make_{family}_dir")(tmp_path / family, seed=5, **FAMILIES[family])
+    engine = _engine(path, backend, dtype)
     model = engine.model
     pool = PagedPool.for_model(model, num_blocks=64 if bs == 16 else 8, block_size=bs)
     runner = PagedRunner(model, pool)

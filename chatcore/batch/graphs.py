@@ -135,8 +135,8 @@ class BatchDecodeGraphs:
 
     def run(self, slots: Sequence[PagedSlot], tokens: Sequence[int]) -> torch.Tensor:
         """One decode step: token ``tokens[b]`` at position ``slots[b].length`` of each slot (each reserved for
-        it: :meth:`PagedSlot.reserve`). Returns the logits [B, vocab] (a view of the graph's output: read it
-        before the next step). Commits nothing (the caller does)."""
+        it: :meth:`PagedSlot.reserve`). Returns float32 logits [B, vocab] (a copy: the graph's own output is
+        overwritten by the next replay). Commits nothing (the caller does)."""
         n = len(slots)
         if len(tokens) != n:
             raise ValueError("one token per slot")
@@ -160,7 +160,7 @@ class BatchDecodeGraphs:
             for name in ("tokens", "positions", "seq_lens", "tables"):
                 getattr(self, name)[:size].copy_(h[name][:size], non_blocking=True)
             if graph is None:   # capture=False
-                return self._forward(size)[:n]
+                return self._forward(size)[:n].to(torch.float32, copy=True)
             self._copied.record()
             graph.replay()
-        return logits[:n]
+            return logits[:n].to(torch.float32, copy=True)
