@@ -67,9 +67,9 @@ DECODE = ([700, 1, 300, 513, 256], [1, 1, 1, 1, 1])
 
 
 @gpu
-@pytest.mark.parametrize("option", sorted(OPTIONS))
-@pytest.mark.parametrize("batch", ["decode", "mixed"])
-@pytest.mark.parametrize("bs", [16, 256])
+@pytest.mark.parametrize(("option", "batch", "bs"), [
+    *[(o, "decode", 256) for o in sorted(OPTIONS)], ("plain", "decode", 16), ("plain", "mixed", 16),
+    *[(o, "mixed", 256) for o in ("window", "alibi", "window_sinks")]])
 def test_triton_backend_compiled_bf16(option: str, batch: str, bs: int) -> None:
     lens, q_lens = DECODE if batch == "decode" else MIXED
     c = _pool(lens, q_lens, hq=8, hkv=2, d=128, bs=bs, dtype=torch.bfloat16, seed=bs + len(option))
