@@ -81,3 +81,16 @@ def test_decode_path_pads_and_equals_eager_and_serial(llama_dir: Path) -> None:
     assert [s.length for s in ps] == [s.length for s in ss]
     with pytest.raises(ValueError, match="1 .. 4 sequences"):
         graphs.bucket(5)
+
+
+def test_paged_runner_on_the_triton_backend(tmp_path: Path) -> None:
+    """BLOOM (ALiBi; its queries a view of the fused q/k/v projection) through the Triton paged kernel under the
+    interpreter: the paged runner's schedule (chunks, decode rows, a truncation, a sink drop, a shared prefix)
+    equals the serial runner's."""
+    pytest.importorskip("triton")
+    from model_factory import randomize_biases
+    from test_paged_runner import _check_equal
+
+    path = randomize_biases(model_factory.make_bloom_dir(tmp_path / "bloom", seed=3))
+    engine = chatcore.load(path, device="cpu", dtype="float32", attention="triton", progress=lambda *_: None)
+    _check_equal(engine, PagedPool.for_model(engine.model, num_blocks=40, block_size=16))

@@ -74,7 +74,7 @@ def test_paged_decode_matches_reference(case: tuple) -> None:
     k, v, scales, tables, seqs = make_pool(lens, hkv, d, bs, seed=len(lens) * 31 + hq + d, width=6,
                                            kv_dtype=kv_dtype)
     g = torch.Generator().manual_seed(7)
-    q = torch.randn(len(lens), hq, d, generator=g)
+    q = torch.randn(len(lens), hq + 2 * hkv, d, generator=g)[:, :hq]   # a view of a fused q/k/v projection
     slopes = torch.rand(hq, generator=g) if alibi else None
     out = triton_paged.paged_decode(q, k, v, torch.tensor(lens, dtype=torch.int32), tables, sliding_window=window,
                                     sinks=sinks, alibi=slopes, scales=scales, splits=2)

@@ -91,7 +91,7 @@ def _attend_tile(acc, m_i, l_i, q, k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, kv_h
 
 @triton.jit
 def _split_k(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, lens_ptr, table_ptr, cu_ptr, slopes_ptr, part_ptr, ml_ptr, scale,
-             table_width, s_blk, s_tok, s_head, ss_blk, ss_tok, HQ: tl.constexpr, GROUP: tl.constexpr,
+             table_width, sq_row, sq_head, s_blk, s_tok, s_head, ss_blk, ss_tok, HQ: tl.constexpr, GROUP: tl.constexpr,
              BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, SPLITS: tl.constexpr,
              BLOCK: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr,
              HAS_CU: tl.constexpr, PREC: tl.constexpr, PIPELINE: tl.constexpr, QUANT: tl.constexpr):
@@ -116,7 +116,7 @@ def _split_k(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, lens_ptr, table_ptr, cu_ptr, s
     offs_n = tl.arange(0, BLOCK)
     heads = kv_head * GROUP + offs_g
     row_ok = offs_g < GROUP
-    q = tl.load(q_ptr + (q_row.to(tl.int64) * HQ + heads)[:, None] * D + offs_d[None, :],
+    q = tl.load(q_ptr + (q_row.to(tl.int64) * sq_row + heads * sq_head)[:, None] + offs_d[None, :],
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     slopes = tl.zeros([BLOCK_G], dtype=tl.float32)
     if HAS_ALIBI:
@@ -212,21 +212,22 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, se
                  num_stages: int = 3) -> torch.Tensor:
     """Attention of each sequence's last query over its keys 0 .. seq_lens[b] - 1.
 
-    ``q`` [N, Hq, D] (rotated, contiguous). Without ``cu_q``, N is the batch size B and row b is sequence b's
-    query; with ``cu_q`` (int32 [B+1], device: sequence b's rows are cu_q[b] .. cu_q[b+1]-1) only each
-    sequence's last row is computed, written into ``out`` (given, or a new [N, Hq, D] whose other rows are
-    left unset). ``seq_lens`` int32 [B] and ``block_tables`` int32 [B, W] on the device; ``alibi``: float32
-    slopes [Hq]; ``scales``: a quantized pool's float32 key and value scales [num_blocks, block_size, Hkv].
-    The grid depends on B and W only (graph-friendly). ``splits``, ``block_n``, ``num_warps``, ``num_stages``:
-    launch shape. Returns ``out`` in q's dtype.
+    ``q`` [N, Hq, D] (rotated; rows of D contiguous elements, any row and head strides: e.g. a view of a fused
+    q/k/v projection). Without ``cu_q``, N is the batch size B and row b is sequence b's query; with ``cu_q``
+    (int32 [B+1], device: sequence b's rows are cu_q[b] .. cu_q[b+1]-1) only each sequence's last row is
+    computed, written into ``out`` (given, or a new contiguous [N, Hq, D] whose other rows are left unset).
+    ``seq_lens`` int32 [B] and ``block_tables`` int32 [B, W] on the device; ``alibi``: float32 slopes [Hq];
+    ``scales``: a quantized pool's float32 key and value scales [num_blocks, block_size, Hkv]. The grid depends
+    on B and W only (graph-friendly). ``splits``, ``block_n``, ``num_warps``, ``num_stages``: launch shape.
+    Returns ``out`` in q's dtype.
     """
     n, hq, d = q.shape
     nb, bs, hkv, _ = k_pool.shape
     b, width = block_tables.shape
     if cu_q is None and n != b:
         raise ValueError(f"paged decode without cu_q takes one query per sequence: {n} rows for {b} sequences")
-    if hq % hkv or q.stride(-1) != 1 or q.stride(-2) != d or q.stride(0) != hq * d:
-        raise ValueError("queries are contiguous [N, Hq, D] with Hq a multiple of Hkv")
+    if hq % hkv or q.stride(-1) != 1:
+        raise ValueError("queries are [N, Hq, D] with contiguous rows and Hq a multiple of Hkv")
     _check_pool(k_pool, v_pool, scales)
     if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32 or not block_tables.is_contiguous():
         raise ValueError("seq_lens and block_tables are contiguous int32 tensors")
@@ -235,14 +236,16 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, se
     part = torch.empty((b, hq, splits, d), dtype=torch.float32, device=q.device)
     ml = torch.empty((b, hq, splits, 2), dtype=torch.float32, device=q.device)
     if out is None:
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif not out.is_contiguous() or out.shape != q.shape:
+        raise ValueError("the output is a contiguous [N, Hq, D] tensor")
     block_d = max(16, _pow2(d))   # tl.dot needs K >= 16
     quant = scales is not None
     ks, vs = scales if quant else (q, q)
     cu = cu_q if cu_q is not None else seq_lens
     _split_k[(b, hkv, splits)](q, k_pool, v_pool, ks, vs, seq_lens, block_tables, cu,
-                               alibi if alibi is not None else q, part, ml, d**-0.5, width, k_pool.stride(0),
-                               k_pool.stride(1), k_pool.stride(2), ks.stride(0) if quant else 0,
+                               alibi if alibi is not None else q, part, ml, d**-0.5, width, q.stride(0), q.stride(1),
+                               k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), ks.stride(0) if quant else 0,
                                ks.stride(1) if quant else 0, HQ=hq, GROUP=group, BLOCK_G=max(16, _pow2(group)), D=d,
                                BLOCK_D=block_d, BS=bs, SPLITS=splits, BLOCK=block_n, WINDOW=sliding_window or 0,
                                SINKS=sinks, HAS_ALIBI=alibi is not None, HAS_CU=cu_q is not None,
