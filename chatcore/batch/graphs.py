@@ -18,8 +18,9 @@ each graph's grid is fixed; the attention kernels read each sequence's length fr
 loops by it (:mod:`chatcore.layers.triton_paged`, flash-attn's paged decode), so one graph serves every length.
 Only backends that read lengths on the device can be captured: ``triton`` and ``flash``.
 
-Per step the host writes the live rows into pinned staging buffers and copies them to the device in one copy
-per buffer, then replays; nothing is read back except by the caller (the logits).
+Per step the host writes the live rows into pinned staging buffers (each table row only up to its sequence's
+blocks, zeros kept behind them) and copies them to the device in one copy per buffer, then replays; nothing is
+read back except by the caller (the logits).
 """
 
 from __future__ import annotations
@@ -81,9 +82,10 @@ class BatchDecodeGraphs:
         self.cu_q = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
         self.capture = capture
         pin = capture and torch.cuda.is_available()
-        self._host = {name: torch.empty(buf.shape, dtype=buf.dtype, pin_memory=pin)
+        self._host = {name: torch.zeros(buf.shape, dtype=buf.dtype, pin_memory=pin)
                       for name, buf in (("tokens", self.tokens), ("positions", self.positions),
                                         ("tables", self.tables), ("seq_lens", self.seq_lens))}
+        self._filled = [0] * max_batch   # entries of each staging table row that may be nonzero
         self.graph_pool = graph_pool if graph_pool is not None or not capture else torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
         # the last step's host-to-device copies are done: the staging buffers can be written again
@@ -151,11 +153,20 @@ class BatchDecodeGraphs:
             h["tokens"][b] = int(token)
             h["positions"][b] = slot.length
             h["seq_lens"][b] = slot.length + 1
-            h["tables"][b] = torch.tensor(slot.table(self.width), dtype=torch.int32)
+            blocks = slot.blocks
+            if len(blocks) > self.width:
+                raise ValueError(f"slot {b} holds {len(blocks)} blocks, more than the tables' {self.width}")
+            h["tables"][b, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            if self._filled[b] > len(blocks):    # the row held a longer table: zeros past this one's end
+                h["tables"][b, len(blocks): self._filled[b]] = 0
+            self._filled[b] = len(blocks)
         h["tokens"][n:size] = 0
         h["positions"][n:size] = 0
         h["seq_lens"][n:size] = 1
-        h["tables"][n:size] = 0
+        for b in range(n, size):
+            if self._filled[b]:
+                h["tables"][b, : self._filled[b]] = 0
+                self._filled[b] = 0
         with torch.inference_mode():
             for name in ("tokens", "positions", "seq_lens", "tables"):
                 getattr(self, name)[:size].copy_(h[name][:size], non_blocking=True)
