@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import bad_request, not_found
-from .items import NewItem, input_items, item_list, output_item
+from .items import NewItem, input_items, item_list, join_users, output_item, store_items
 from .state import ServerState
 
 
@@ -25,14 +25,9 @@ def _load(state: ServerState, conversation_id: str) -> Any:
         raise not_found(f"no conversation {conversation_id!r}", "conversation_id") from None
 
 
-def _append(state: ServerState, session_id: str, parent: str | None, items: list[NewItem]) -> list[Any]:
-    out = []
-    for item in items:
-        msg = state.store.append_message(session_id, item.role, item.content, parent_id=parent,
-                                         extra=item.extra or None)
-        out.append(msg)
-        parent = msg.id
-    return out
+def _append(state: ServerState, session_id: str, tail: Any, items: list[NewItem]) -> list[Any]:
+    join, items = join_users(items, tail)
+    return store_items(state.store, session_id, tail, items, join)
 
 
 def create(state: ServerState, items: list[dict[str, Any]] | None, metadata: dict[str, str] | None) -> dict[str, Any]:
@@ -80,7 +75,8 @@ def add_items(state: ServerState, conversation_id: str, items: list[dict[str, An
     conv = _load(state, conversation_id)
     new = input_items(items, "items")
     with state.busy(conversation_id):
-        stored = _append(state, conversation_id, conv.session.tip_id, new)
+        thread = conv.thread()
+        stored = _append(state, conversation_id, thread[-1] if thread else None, new)
     return item_list([output_item(m) for m in stored])
 
 

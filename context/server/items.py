@@ -6,6 +6,7 @@ Text only: an image, audio or file part is refused with a 400 naming it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -131,3 +132,34 @@ def output_item(m: Any, status: str | None = None) -> dict[str, Any]:
 def item_list(items: list[dict[str, Any]], has_more: bool = False) -> dict[str, Any]:
     return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
             "last_id": items[-1]["id"] if items else None, "has_more": has_more}
+
+
+def join_users(items: list[NewItem], tail: Any = None) -> tuple[bool, list[NewItem]]:
+    """Consecutive user items as one message (joined by a blank line), as chatcore's sessions keep them: a user
+    message stored under a user message is an edit of it (a sibling). With `tail` (the message they go under) a
+    user message too, the first is joined onto it: (True, items) says so, and `store_items` stores that one as
+    an edit of `tail` (the original stays as a branch)."""
+    out: list[NewItem] = []
+    for item in items:
+        if out and item.role == "user" and out[-1].role == "user":
+            out[-1] = dataclasses.replace(out[-1], content=out[-1].content + "\n\n" + item.content)
+        else:
+            out.append(item)
+    join = bool(out) and tail is not None and tail.role == "user" and out[0].role == "user"
+    if join:
+        out[0] = dataclasses.replace(out[0], content=tail.content + "\n\n" + out[0].content)
+    return join, out
+
+
+def store_items(store: Any, session_id: str, tail: Any, items: list[NewItem], join: bool) -> list[Any]:
+    """Store `items` (from `join_users`) under `tail` (a storage.Message, or None: as new roots), in order."""
+    out = []
+    at = tail.id if tail is not None else None
+    for i, item in enumerate(items):
+        if i == 0 and join:
+            msg = store.edit_message(session_id, tail.id, item.content)
+        else:
+            msg = store.append_message(session_id, item.role, item.content, parent_id=at, extra=item.extra or None)
+        out.append(msg)
+        at = msg.id
+    return out

@@ -32,7 +32,7 @@ from ..errors import ContextError
 from ..manager import ContextManager, Pending
 from ..session import _budget_for
 from .errors import APIError, bad_request, not_found, too_long, translate
-from .items import NewItem, input_items, output_item
+from .items import NewItem, input_items, join_users, output_item, store_items
 from .pump import Pump
 from .sampling import check, sampling_fields
 from .schemas import ResponseRequest
@@ -167,22 +167,21 @@ def _stored_turn(state: ServerState, job: ResponseJob, sid: str, parent: str | N
     store = state.store
     conv = store.load(sid)   # re-read under the session's hold: the thread as it is now
     thread = conv.thread(parent) if parent is not None else []
-    session = state.session(conv, thread, job.strict)
+    join, items = join_users(job.items, thread[-1] if thread else None)
+    head = thread[:-1] if join else thread
+    session = state.session(conv, head, job.strict)
     system = job.instructions if job.instructions is not None else conv.session.system_prompt
     if session.manager.system != (system or None):
         session.manager.set_system(system)
     try:
-        plan = session.manager.plan([Pending(i.role, i.content) for i in job.items])
+        plan = session.manager.plan([Pending(i.role, i.content) for i in items])
     except ContextError as exc:
         raise too_long(str(exc)) from None
     _check_plan(plan, job.strict)
-    at = thread[-1].id if thread else None
-    inputs = []
-    for item in job.items:
-        msg = store.append_message(sid, item.role, item.content, parent_id=at, extra=item.extra or None)
+    stored = store_items(store, sid, thread[-1] if thread else None, items, join)
+    for msg in stored:
         session.manager.append(msg)
-        inputs.append(msg.id)
-        at = msg.id
+    inputs = [m.id for m in stored]
     yield Started(sid, tuple(inputs))
     tally = _Tally()
     error: BaseException | None = None
@@ -259,7 +258,9 @@ def run_unstored(state: ServerState, job: ResponseJob) -> Iterator[Any]:
     manager = ContextManager(_budget_for(state.tokenizer), state.engine.window, cfg)
     system = job.instructions if job.instructions is not None else (conv.session.system_prompt if conv else None)
     manager.set_system(system)
-    manager.reset([*thread, *(dataclasses.replace(item, id=f"input-{i}") for i, item in enumerate(job.items))])
+    join, items = join_users(job.items, thread[-1] if thread else None)
+    head = thread[:-1] if join else thread
+    manager.reset([*head, *(dataclasses.replace(item, id=f"input-{i}") for i, item in enumerate(items))])
     try:
         plan = manager.plan()
     except ContextError as exc:
