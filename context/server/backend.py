@@ -1,5 +1,5 @@
-"""The engine the server generates on: `BatchEngine` when the build has it, else the plain `Engine` with one lock
-around each generation (requests then take turns). Either way the server calls the same API
+"""The engine the server generates on: a `BatchEngine` (concurrent requests decoded together), or the plain `Engine`
+with one lock around each generation (requests then take turns; `--no-batch`). Either way the server calls the same API
 (`generate(ids, params, slot=...)`, `new_slot`, `prefill`, `window`, `require_tokenizer()`), from worker threads.
 """
 
@@ -84,11 +84,12 @@ class LockedEngine:
         self.engine.close()
 
 
-def serving_engine(engine: Any) -> Any:
-    """What the server generates on: a thread-safe engine whose concurrent generations are batched when
-    chatcore.batch has a BatchEngine, else taken one at a time."""
-    try:
-        from chatcore.batch.engine import BatchEngine
-    except ImportError:
+def serving_engine(engine: Any, *, batch: bool = True, max_batch: int = 32, kv_memory: int | None = None) -> Any:
+    """What the server generates on: a BatchEngine (concurrent generations decoded together, `max_batch` at most;
+    `kv_memory` bytes of paged KV memory, None: its default), or with `batch=False` the engine itself behind one
+    lock (generations one at a time)."""
+    if not batch:
         return LockedEngine(engine)
-    return BatchEngine(engine)
+    from chatcore.batch.engine import BatchConfig, BatchEngine
+
+    return BatchEngine(engine, BatchConfig(max_batch=max_batch, kv_memory=kv_memory))

@@ -32,6 +32,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--slot-memory", type=float, default=4.0, metavar="GIB",
                     help="KV cache kept between turns for conversations, in GiB (least recently used freed "
                          "first; default 4)")
+    ap.add_argument("--max-batch", type=int, default=32,
+                    help="generations decoded together at most (more wait their turn; default 32)")
+    ap.add_argument("--kv-memory", type=float, default=None, metavar="GIB",
+                    help="paged KV memory all generations share, in GiB (default: 70%% of the free GPU memory; "
+                         "512 MiB on the CPU)")
+    ap.add_argument("--no-batch", dest="batch", action="store_false",
+                    help="generate one request at a time on the plain engine (no batching)")
     ap.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     return ap.parse_args(argv)
 
@@ -81,13 +88,15 @@ def serve(args: argparse.Namespace) -> int:
     engine = chatcore.load(args.model or "demo", device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                            packed=args.packed, quantize=args.quantize, quant_group=args.quant_group,
                            kv_dtype=args.kv_dtype, status=lambda m: print(f"chatcore serve: {m}", file=sys.stderr))
-    served = serving_engine(engine)
+    served = serving_engine(engine, batch=args.batch, max_batch=args.max_batch,
+                            kv_memory=int(args.kv_memory * (1 << 30)) if args.kv_memory is not None else None)
     state = ServerState(served, store, config)
     app = create_app(state)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"chatcore serve: {config.model_name} on http://{shown}:{port}/v1 (storage: {store.where}"
-          f"{', API key required' if key else ''})", file=sys.stderr, flush=True)
+    batching = f"up to {args.max_batch} generations batched" if args.batch else "one generation at a time"
+    print(f"chatcore serve: {config.model_name} on http://{shown}:{port}/v1 ({batching}; storage: {store.where}"
+          f"{'; API key required' if key else ''})", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5,
                                            lifespan="off"))
     try:
