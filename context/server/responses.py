@@ -188,7 +188,9 @@ def _stored_turn(state: ServerState, job: ResponseJob, sid: str, parent: str | N
     stream = session.regenerate(**job.sampling)
     try:
         for ev in stream:
-            tally.reply_id = ev.message_id
+            if tally.reply_id is None:   # readable (in progress, its text as checkpointed) from any server now
+                tally.reply_id = ev.message_id
+                _save(state, job, sid, inputs, tally, None, status="in_progress")
             if ev.finish_reason is not None:
                 tally.finish, tally.report = ev.finish_reason, ev.report
             elif ev.token_id is not None:
@@ -232,10 +234,10 @@ def _usage(tally: _Tally) -> dict[str, Any]:
 
 
 def _save(state: ServerState, job: ResponseJob, sid: str, inputs: list[str], tally: _Tally,
-          error: BaseException | None) -> Any:
+          error: BaseException | None, status: str | None = None) -> Any:
     from storage import ResponseRecord, StorageError
 
-    status, reason = _status(tally.finish, error)
+    status, reason = (status, None) if status is not None else _status(tally.finish, error)
     err = translate(error).body()["error"] if error is not None else None
     rec = ResponseRecord(id=job.id, session_id=sid, created_at=job.created_at, status=status, model=job.model,
                          input_ids=tuple(inputs), output_id=tally.reply_id, previous_id=job.previous_id,

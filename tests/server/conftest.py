@@ -9,10 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from _server_helpers import make_model, server_env
 
-from storage import Store, open_url
-from storage.connect import embedded_path, open_embedded
+for _name in ("fastapi", "uvicorn", "openai", "redis"):
+    pytest.importorskip(_name)
+
+from _server_helpers import make_model, server_env  # noqa: E402
+
+from storage import Store, open_url  # noqa: E402
+from storage.connect import embedded_path, open_embedded  # noqa: E402
 
 TCP_URL = os.environ.get("CHATCORE_TEST_REDIS_URL")
 

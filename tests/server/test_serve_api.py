@@ -266,6 +266,8 @@ def test_closing_the_stream_cancels_and_keeps_the_partial_reply(client: openai.O
             deltas += 1
             if deltas == 3:
                 break
+    live = client.responses.retrieve(rid)   # readable while it streams
+    assert live.status == "in_progress" and live.output[0].role == "assistant"
     stream.close()
 
     def cancelled() -> Any:
