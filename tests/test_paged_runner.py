@@ -144,3 +144,14 @@ def test_runner_refuses_bad_batches(llama_dir: Path) -> None:
     assert slot.length == 20 and len(slot.blocks) == 2
     runner.release(slot)
     assert slot.length == 0 and runner.pool.allocator.in_use == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma3", "bloom"])
+@pytest.mark.parametrize("attention", ["auto", "torch"])
+def test_paged_runner_equals_serial_runner_on_cuda(tmp_path: Path, family: str, attention: str) -> None:
+    """The same schedule on the GPU in float32 (each backend's paged entry; one not registered takes torch)."""
+    name, overrides = FAMILIES[family]
+    path = randomize_biases(getattr(model_factory, f"make_{name}_dir")(tmp_path / family, seed=3, **overrides))
+    engine = chatcore.load(path, device="cuda", dtype="float32", attention=attention, cuda_graphs=False)
+    _check_equal(engine, PagedPool.for_model(engine.model, num_blocks=40, block_size=BS), atol=2e-3)

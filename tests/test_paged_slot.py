@@ -178,3 +178,26 @@ def test_device_batch_step_equals_batch_step(llama_dir: Path) -> None:
     step = DeviceBatchStep(pool, positions, tables, positions + 1, "torch")
     device = engine.model.run(torch.cat([tokens, torch.tensor([0])]), step)
     torch.testing.assert_close(device[:3], host, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+@pytest.mark.parametrize("first", ["sliding_attention", "full_attention"])
+def test_drop_rerotates_each_layers_keys_with_its_own_rotary(tmp_path: Path, kv_dtype: str | None,
+                                                             first: str) -> None:
+    """Gemma 3's sliding and full layers have different RoPE bases: after a drop, layer 0's keys (which depend
+    only on token and position) equal a fresh prefill's of the kept tokens, with layer 0 of either kind."""
+    layer_types = [first, "sliding_attention", "full_attention", "sliding_attention"]
+    engine = _engine(model_factory.make_gemma3_dir(tmp_path / "g", seed=9, layer_types=layer_types),
+                     kv_dtype=kv_dtype)
+    runner = PagedRunner(engine.model, PagedPool.for_model(engine.model, num_blocks=32, block_size=BS))
+    seq = prompt(60, seed=20)
+    slot, fresh = runner.new_slot(128), runner.new_slot(128)
+    runner.run([Work(slot, seq)])
+    slot.drop(3, 25)
+    runner.run([Work(fresh, seq[:3] + seq[25:])])
+    assert slot.tokens == fresh.tokens
+    k, v = slot.layer_kv(0, 38)
+    kf, vf = fresh.layer_kv(0, 38)
+    tol = 1e-5 if kv_dtype is None else 0.05
+    torch.testing.assert_close(k, kf, atol=tol, rtol=1e-4)
+    torch.testing.assert_close(v, vf, atol=tol, rtol=1e-4)

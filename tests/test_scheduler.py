@@ -189,6 +189,29 @@ def test_out_of_blocks_makes_the_newest_wait_and_every_reply_stays_the_same(engi
     assert budget.resets > 4   # besides the four releases at the end, some sequence gave its memory back
 
 
+def test_a_prompt_still_prefilling_gives_its_memory_back_first(engine: Engine) -> None:
+    budget = BlockBudget(block=8, total=9)
+    runner = TightRunner(engine.model, budget)
+    s = scheduler(engine, runner)
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    old = [request(engine, runner, prompt(8, 60 + i), params, owned=True) for i in range(2)]
+    new = request(engine, runner, prompt(40, 62), SamplingParams(max_new_tokens=4, ignore_eos=True), chunk=8,
+                  owned=True)
+    want = [[e.token_id for e in engine.generate(r.todo, r.reply.sampler.params)] for r in (*old, new)]
+    for r in old:
+        s.submit(r)
+    s.step()
+    s.step()
+    s.submit(new)
+    held = []
+    while s.step():
+        held.append(budget.held.get(id(new.slot), 0))
+    assert [tokens(r) for r in (*old, new)] == want
+    assert held[-1] == 0   # released at its end; before that, it gave its blocks back mid-prompt and ran again:
+    assert any(a > 0 and b == 0 for a, b in zip(held[:-2], held[1:-1], strict=True))
+    assert budget.peak <= budget.total
+
+
 def test_a_sequence_that_can_never_fit_fails_alone(engine: Engine) -> None:
     budget = BlockBudget(block=8, total=3)
     runner = TightRunner(engine.model, budget)

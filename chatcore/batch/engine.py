@@ -44,7 +44,7 @@ class BatchConfig:
     ``max_batch``: sequences decoded together at most (more wait their turn); ``block_size``: tokens per KV
     block of the paged memory (a power of two); ``kv_memory``: bytes of KV memory all sequences share (None: a
     fraction of the free GPU memory, a default on the CPU); ``prefill_chunk``: prompt tokens a new sequence
-    runs per step (None: the engine's prefill chunk).
+    runs per step (None: the engine's prefill chunk, at most 2048).
     """
 
     max_batch: int = 32
@@ -64,6 +64,7 @@ class BatchConfig:
             raise LoadOptionError(f"BatchConfig.prefill_chunk must be an int >= 1 or None, got {self.prefill_chunk!r}")
 
 
+_DEFAULT_CHUNK = 2048        # prompt tokens per step at most, unless BatchConfig.prefill_chunk says otherwise
 _CPU_KV_MEMORY = 512 << 20   # the default KV memory on the CPU, at most (bytes)
 _GPU_KV_FRACTION = 0.7       # of the memory free on the GPU when the BatchEngine starts
 
@@ -122,15 +123,15 @@ class BatchSlot:
         return common_prefix(self.inner.tokens, ids)
 
     def truncate(self, n: int) -> None:
-        with self._owner.scheduler.lock:
+        with self._owner.scheduler.guard():
             self.inner.truncate(n)
 
     def drop(self, start: int, end: int) -> None:
-        with self._owner.scheduler.lock:
+        with self._owner.scheduler.guard():
             self.inner.drop(start, end)
 
     def reset(self) -> None:
-        with self._owner.scheduler.lock:
+        with self._owner.scheduler.guard():
             self.inner.reset()
 
     def __getattr__(self, name: str) -> Any:   # the rest (quantized, dtype, blocks, ...) read as they are
@@ -187,8 +188,9 @@ class BatchEngine:
         return self.engine.require_tokenizer()
 
     def prefill_chunk_size(self) -> int:
-        """Prompt tokens a new sequence runs per step."""
-        return self.batch_config.prefill_chunk or self.engine.prefill_chunk_size()
+        """Prompt tokens a new sequence runs per step: ``BatchConfig.prefill_chunk``, else the engine's chunk
+        up to 2048 (a step with a larger chunk holds every running stream back longer)."""
+        return self.batch_config.prefill_chunk or min(self.engine.prefill_chunk_size(), _DEFAULT_CHUNK)
 
     # -- slots --------------------------------------------------------------------------------------------
     def new_slot(self, capacity: int | None = None) -> BatchSlot:
@@ -220,7 +222,7 @@ class BatchEngine:
         chunk = self.prefill_chunk_size()
         self.scheduler.claim(inner)
         try:
-            with self.scheduler.lock:   # between two steps: no step evicts the slot before the request is queued
+            with self.scheduler.guard():   # between two steps: no step evicts the slot before the request is queued
                 keep = reused_prefix(inner.tokens, ids)
                 inner.truncate(keep)
                 reply = ReplyState(ids, params, keep, t0, 0, vocab_size=self.config.vocab_size,

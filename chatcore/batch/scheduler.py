@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -205,7 +205,7 @@ class Scheduler:
 
     def step(self) -> bool:
         """Take new requests and calls, then one batched forward pass; returns whether one ran."""
-        with self.lock:
+        with self.guard():
             with self._cond:
                 self._waiting.extend(self._inbox)
                 self._inbox.clear()
@@ -220,8 +220,17 @@ class Scheduler:
                 self._remove(r)
                 self._let_go(r)
             self._admit()
-            with self.pin([r.slot for r in (*self._running, *self._waiting)]):
-                return self._forward()
+            return self._forward()
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Between two steps (the lock), every live request's slot kept from eviction (pinned): where slots
+        change, in the step and from other threads (a slot's drop may take a block, which may evict)."""
+        with self.lock:
+            with self._cond:
+                live = [r.slot for r in (*self._running, *self._waiting, *self._inbox)]
+            with self.pin(live):
+                yield
 
     def _admit(self) -> None:
         """One sequence prefills at a time; it joins while the batch has room."""
@@ -278,8 +287,9 @@ class Scheduler:
         return Work(r.slot, piece)
 
     def _reserve(self, works: list[Work], reqs: list[Request]) -> tuple[list[Work], list[Request]]:
-        """Take the KV memory each work needs, oldest sequence first. Out of memory: a prompt chunk waits for a
-        later step; a decode step makes the newest decoding sequence give its memory back and wait."""
+        """Take the KV memory each work needs, in order (decodes by age, the prompt chunk last). Out of memory: a
+        prompt chunk waits for a later step; a decode step makes the newest sequence of the step (the prefilling
+        one included) give its memory back and wait."""
         out_w: list[Work] = []
         out_r: list[Request] = []
         todo = list(zip(works, reqs, strict=True))
@@ -288,12 +298,11 @@ class Scheduler:
             try:
                 r.slot.reserve(len(w.ids))
             except OutOfBlocks as exc:
-                decoding = [x for _, x in todo if x.decoding] + [x for x in out_r if x.decoding]
-                if not r.decoding:
-                    if not decoding and not out_r:
-                        self._fail(r, exc)   # nothing else holds memory that a later step would free
+                if not r.decoding:   # a prompt chunk (the last work) waits for memory a later step frees
+                    if not any(x.decoding for x in out_r):
+                        self._fail(r, exc)   # nothing else runs: no step would free any
                     continue
-                victim = max([*decoding, r], key=lambda x: x.order)
+                victim = max([*(x for _, x in todo), *out_r, r], key=lambda x: x.order)
                 self._preempt(victim)
                 if victim in out_r:
                     k = out_r.index(victim)

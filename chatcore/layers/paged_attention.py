@@ -60,7 +60,7 @@ def gather(pool: torch.Tensor, table: torch.Tensor, first: int, end: int, scale:
     ``dtype`` (dequantized when ``scale`` is given)."""
     bs = pool.shape[1]
     lo, hi = first // bs, -(-end // bs)
-    index = table[lo:hi].to(device=pool.device, dtype=torch.long)
+    index = table[lo:hi].to(device=pool.device, dtype=torch.long)   # a no-op for a table already there
     rows = pool.index_select(0, index).flatten(0, 1)[first - lo * bs: end - lo * bs]
     if scale is not None:
         sc = scale.index_select(0, index).flatten(0, 1)[first - lo * bs: end - lo * bs]
@@ -98,7 +98,7 @@ def _per_sequence(chunk_backend: str) -> PagedBackend:
             block_tables: torch.Tensor, max_q: int, sliding_window: int | None, alibi: torch.Tensor | None,
             sinks: int, scales: Scales | None) -> torch.Tensor:
         bounds, lens = cu_q.tolist(), seq_lens.tolist()
-        tables = block_tables.cpu()
+        tables = block_tables.to(device=k_pool.device, dtype=torch.long)
         ks, vs = (None, None) if scales is None else scales
         slopes = None if alibi is None else alibi.to(device=q.device, dtype=torch.float32)
         out = torch.empty_like(q)
