@@ -29,6 +29,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="the model id clients send and /v1/models lists (default: from --model)")
     ap.add_argument("--summarize", action="store_true",
                     help='with truncation "auto", summarize dropped turns instead of only dropping them')
+    ap.add_argument("--summary-tokens", type=int, default=200, metavar="N",
+                    help="the longest summary --summarize writes, in tokens (default 200)")
     ap.add_argument("--slot-memory", type=float, default=4.0, metavar="GIB",
                     help="KV cache kept between turns for conversations, in GiB (least recently used freed "
                          "first; default 4)")
@@ -81,7 +83,7 @@ def serve(args: argparse.Namespace) -> int:
 
     key = args.api_key if args.api_key is not None else os.environ.get(ENV_KEY) or None
     config = ServerConfig(model_name=args.served_model_name or model_name(args.model), api_key=key,
-                          context=ContextConfig(summarize=args.summarize),
+                          context=ContextConfig(summarize=args.summarize, summary_max_tokens=args.summary_tokens),
                           slot_memory=int(args.slot_memory * (1 << 30)))
     sock = _listen(args.host, args.port)
     store = storage.open_store(args.redis_url)

@@ -324,6 +324,11 @@ def test_conversation_over_http_is_a_session(client: openai.OpenAI, store: Any) 
     assert [(m.role, m.content) for m in store.thread(conv.id)] == [
         ("user", "hi there\n\nand now?"), ("assistant", r.output_text)]
     assert [m.content for m in store.load(conv.id).messages] == ["hi there", "hi there\n\nand now?", r.output_text]
+    from context import SessionLibrary  # what `chatcore chat` lists and shows
+
+    shown = SessionLibrary(store).messages(conv.id)
+    assert [(m.role, m.content) for m in shown] == [(m.role, m.content) for m in store.thread(conv.id)]
+    assert SessionLibrary(store).get(conv.id).title == "From HTTP"
     items = client.conversations.items.list(conv.id, order="asc").data
     assert [i.id for i in items] == [m.id for m in store.thread(conv.id)]
     client.conversations.items.create(conv.id, items=[{"type": "message", "role": "user", "content": "added"}])

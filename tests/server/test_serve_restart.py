@@ -55,3 +55,22 @@ def test_two_servers_restart_and_continue_each_others_conversations(pair: list[S
                                         max_output_tokens=3, temperature=0)
     assert again.output_text == r4.output_text
     assert len(store.load(sid).children(r3.output[0].id)) == 2   # a second branch after r3
+
+
+def test_auto_truncation_summarizes_with_summarize(tiny_model: Any, redis_shared: Any) -> None:
+    proc = ServerProcess(tiny_model, redis_shared.env, "--summarize", "--summary-tokens", "16").start()
+    try:
+        client = _client(proc)
+        turns = []
+        for i in range(4):   # ~560 tokens of history: past the auto budget (256 of the 512-token window)
+            turns += [{"role": "user", "content": f"q{i} " + "a" * 120}, {"role": "assistant", "content": "b" * 120}]
+        conv = client.conversations.create(items=turns)
+        r = client.responses.create(model="tiny", input="next", conversation=conv.id, truncation="auto",
+                                    max_output_tokens=2)
+    finally:
+        proc.stop()
+    session = redis_shared.store.get_session(conv.id)
+    assert session.summary is not None and session.summary.text
+    thread = redis_shared.store.thread(conv.id)
+    assert session.summary.first_id == thread[0].id            # it covers the dropped turns, from the start
+    assert r.usage.input_tokens <= 256
