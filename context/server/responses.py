@@ -310,7 +310,7 @@ class _Draft:
 def response_object(state: ServerState, rec: Any, output: list[Any], *, conversation: str | None,
                     store: bool = True) -> dict[str, Any]:
     """OpenAI's Response object for a record and its output messages."""
-    status = rec.status if rec.status != "cancelled" else "cancelled"
+    status = rec.status
     items = [output_item(m, "completed" if status == "completed" else "incomplete") for m in output]
     p = rec.params
     return {

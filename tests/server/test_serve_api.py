@@ -214,6 +214,14 @@ def test_store_false_keeps_nothing(client: openai.OpenAI, store: Any) -> None:
     assert store.count_sessions() == before
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(r.id)
+    # on top of a stored conversation: its history is read, nothing is added to it
+    base = client.responses.create(model="tiny", input="kept", max_output_tokens=3)
+    messages = len(store.load(base.conversation.id).messages)
+    fresh = client.responses.create(model="tiny", input="peek", max_output_tokens=2, store=False)
+    peek = client.responses.create(model="tiny", input="peek", max_output_tokens=2, store=False,
+                                   previous_response_id=base.id)
+    assert peek.usage.input_tokens > fresh.usage.input_tokens
+    assert len(store.load(base.conversation.id).messages) == messages
 
 
 def test_delete_response_keeps_the_conversation(client: openai.OpenAI, store: Any) -> None:
