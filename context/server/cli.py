@@ -85,6 +85,9 @@ def serve(args: argparse.Namespace) -> int:
     config = ServerConfig(model_name=args.served_model_name or model_name(args.model), api_key=key,
                           context=ContextConfig(summarize=args.summarize, summary_max_tokens=args.summary_tokens),
                           slot_memory=int(args.slot_memory * (1 << 30)))
+    if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"chatcore serve: warning: listening on {args.host} without an API key: anyone who can reach it "
+              "can read and write every stored conversation (set --api-key or CHATCORE_API_KEY)", file=sys.stderr)
     sock = _listen(args.host, args.port)
     store = storage.open_store(args.redis_url)
     engine = chatcore.load(args.model or "demo", device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
