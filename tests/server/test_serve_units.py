@@ -149,3 +149,22 @@ def test_locked_engine_runs_one_generation_at_a_time() -> None:
     assert rest == ["a", "a"]
     assert [x for x in inner.log if not x.endswith("-closed")] == ["a", "a", "a", "b", "b", "b"]
     assert sorted(x for x in inner.log if x.endswith("-closed")) == ["a-closed", "b-closed"]
+
+
+def test_a_taken_port_is_one_line_before_anything_loads(tmp_path: Any) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from _server_helpers import REPO, server_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "chatcore", "serve", "--model", str(tmp_path / "none"),
+                               "--port", str(port)], env=server_env(CHATCORE_HOME=str(tmp_path)), cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"chatcore: error: cannot listen on 127.0.0.1:{port} (Address already in use); pick another --port or --host"]
