@@ -483,3 +483,23 @@ def test_sink_window_stream_on_a_quantized_cache_runs_through_the_graph(tiny_lla
     a = [ev.token_id for ev in graphed.generate(ids(60, 4), params, sink_tokens=4)]
     b = [ev.token_id for ev in plain.generate(ids(60, 4), params, sink_tokens=4)]
     assert len(a) == 300 and a == b
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_drop_on_a_quantized_cache_rerotates_each_gemma3_layer_with_its_own_frequencies(
+        tmp_path: Path, mode: str) -> None:
+    """Gemma 3's local and global layers have different RoPE bases: each layer's moved keys are re-rotated with
+    its own table, as the float cache's drop (all layers at once) re-rotates them."""
+    from tests.model_factory import make_gemma3_dir
+
+    path = make_gemma3_dir(tmp_path / "g3", seed=2)
+    engine, ref = engine_with(path, mode), engine_with(path, None)
+    seq = ids(120, 5)
+    slot, fslot = engine.new_slot(), ref.new_slot()
+    engine.prefill(seq, slot)
+    ref.prefill(seq, fslot)
+    slot.drop(4, 50)
+    fslot.drop(4, 50)
+    n = slot.length
+    for layer in range(slot.k.shape[0]):
+        assert rel(slot.layer_kv(layer, n)[0], fslot.k[layer, :, :n]) < FLOAT_TOL[mode], layer
