@@ -40,6 +40,7 @@ from chatcore.layers.kv_quant import QMAX
 from chatcore.layers.pdl import launch_options, uses_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_GRID_ROUNDING = _INTERPRET   # e4m3 codes rounded in-kernel (the interpreter's conversion is wrong); see _quantize
 
 BLOCK_N = 64           # keys per inner step
 _TARGET_PROGRAMS = 132  # one wave of an H100's multiprocessors (bench/gpu_profile.py --sweep; bench/README.md)
@@ -80,9 +81,10 @@ def _attend_block(acc, m_i, l_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kv_head, sta
 
 @triton.jit
 def _quantize(x, QMAX: tl.constexpr, IS_INT: tl.constexpr, GRID: tl.constexpr):
-    """Rows x [R, BLOCK_D] (float32, zero padding) -> (their codes as float32 values on the code grid, which
-    convert to the code dtype exactly; float32 scales [R]): kv_quant.quantize's operations. GRID: round to the
-    e4m3 grid here (the CPU interpreter's conversion loses mantissa carries)."""
+    """Rows x [R, BLOCK_D] (float32, zero padding) -> (their codes as float32 values, float32 scales [R]):
+    kv_quant.quantize's operations up to the codes' last rounding. int8: on the integer grid. e4m3: on its grid
+    only with GRID (the CPU interpreter, whose conversion loses mantissa carries); without it the conversion to
+    the cache dtype rounds them, so the caller attends to the converted codes, never to these values."""
     amax = tl.max(tl.abs(x), 1)
     scale = amax / QMAX
     y = x / tl.where(scale > 0, scale, 1.0)[:, None]
@@ -191,14 +193,16 @@ def _split_k(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, pos_ptr, slopes_ptr, part_pt
         if QUANT:   # quantize the row as it goes in: its amax, scale and codes
             k_codes, k_scale = _quantize(k.to(tl.float32), QMAX, IS_INT, GRID)
             v_codes, v_scale = _quantize(v.to(tl.float32), QMAX, IS_INT, GRID)
-            tl.store(kc_ptr + cache_row, k_codes.to(kc_ptr.dtype.element_ty), mask=write)
-            tl.store(vc_ptr + cache_row, v_codes.to(vc_ptr.dtype.element_ty), mask=write)
+            # the codes in the cache's dtype: on the GPU this conversion is e4m3's rounding (GRID is off there)
+            k_codes, v_codes = k_codes.to(kc_ptr.dtype.element_ty), v_codes.to(vc_ptr.dtype.element_ty)
+            tl.store(kc_ptr + cache_row, k_codes, mask=write)
+            tl.store(vc_ptr + cache_row, v_codes, mask=write)
             scale_at = kv_head * scale_stride + last + one
             write_scale = (one + tl.where(covers, 0, 1)) < 1
             tl.store(ks_ptr + scale_at, k_scale, mask=write_scale)
             tl.store(vs_ptr + scale_at, v_scale, mask=write_scale)
-            k = k_codes * k_scale[:, None]    # attend to the row as the cache holds it
-            vv = v_codes * v_scale[:, None]
+            k = k_codes.to(tl.float32) * k_scale[:, None]    # attend to the row as the cache holds it: the
+            vv = v_codes.to(tl.float32) * v_scale[:, None]   # stored codes, not the values before rounding
         else:
             tl.store(kc_ptr + cache_row, k.to(kc_ptr.dtype.element_ty), mask=write)
             tl.store(vc_ptr + cache_row, v.to(vc_ptr.dtype.element_ty), mask=write)
@@ -310,7 +314,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                             SINKS=sinks, HAS_ALIBI=alibi is not None, PREC=prec, PIPELINE=not _INTERPRET,
                             HAS_NEW=new_kv is not None, HAS_ROPE=rotary is not None, QUANT=quant,
                             QMAX=QMAX.get(k_cache.dtype, 1.0), IS_INT=k_cache.dtype == torch.int8,
-                            GRID=_INTERPRET, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
+                            GRID=_GRID_ROUNDING, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
                             **launch_options(pdl))
     _merge[(hq,)](part, ml, out, D=d, BLOCK_D=block_d, SPLITS=splits, BLOCK_S=max(2, _pow2(splits)), PDL=pdl,
                   **launch_options(pdl))
