@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from chatcore.batch.graphs import decode_graphs
 from chatcore.batch.paged import PagedPool, PagedSlot
 from chatcore.batch.runner import Work
 from chatcore.batch.step import BatchStep
@@ -29,6 +30,7 @@ class PagedRunner:
             raise TypeError("the paged runner needs a model in one process (tensor parallel: SerialRunner)")
         self.model, self.pool = model, pool
         self.shared_tokens = 0   # tokens works took from shared blocks instead of computing them
+        self.graphs = decode_graphs(model, pool)   # decode-only batches on CUDA: CUDA graphs per batch bucket
 
     def new_slot(self, capacity: int) -> PagedSlot:
         return self.pool.new_slot(min(capacity, self.model.runtime.max_seq_len))
@@ -55,9 +57,12 @@ class PagedRunner:
                 ids = ids[k:]
                 w.slot.reserve(len(ids))
                 rest.append(ids)
-            step = BatchStep(self.pool, slots, [len(r) for r in rest], self.model.backend)
-            x = torch.tensor([i for r in rest for i in r], dtype=torch.long, device=self.model.runtime.device)
-            logits = self.model.run(x, step).float()
+            if self.graphs is not None and all(len(r) == 1 for r in rest) and self.graphs.takes(len(rest)):
+                logits = self.graphs.run(slots, [r[0] for r in rest]).float()
+            else:
+                step = BatchStep(self.pool, slots, [len(r) for r in rest], self.model.backend)
+                x = torch.tensor([i for r in rest for i in r], dtype=torch.long, device=self.model.runtime.device)
+                logits = self.model.run(x, step).float()
             for slot, ids in zip(slots, rest, strict=True):
                 slot.commit(ids)
         return logits

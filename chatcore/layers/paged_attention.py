@@ -16,13 +16,14 @@ Backends: one function each in :data:`PAGED_BACKENDS`, all with the same argumen
 (here) gather each sequence's blocks into contiguous keys and values (dequantized when quantized), then run
 the chunk math of :mod:`chatcore.layers.attention` per sequence; they read ``cu_q`` and ``seq_lens`` on the host,
 so they are correct anywhere but not capturable in a CUDA graph. The GPU kernels (``triton``, ``flash``) are
-registered in the same dict by :mod:`chatcore.layers.triton_paged`; a backend not registered (yet) takes
-``torch``.
+registered in the same dict (at the bottom: :mod:`chatcore.layers.triton_paged` and
+:mod:`chatcore.layers.flash_paged`, imported on first use); a backend not registered takes ``torch``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -128,3 +129,23 @@ def _per_sequence(chunk_backend: str) -> PagedBackend:
 
 
 PAGED_BACKENDS: dict[str, PagedBackend] = {"torch": _per_sequence("torch"), "math": _per_sequence("math")}
+
+
+# the GPU kernels (chatcore.layers.triton_paged, chatcore.layers.flash_paged), imported on first use; the prompt
+# chunks of their batches take the gather path above with the triton chunk backend
+_GATHER_TRITON = _per_sequence("triton")
+
+
+def _triton(*args: Any) -> torch.Tensor:   # attend_paged's backend arguments, in order
+    from chatcore.layers.triton_paged import attend_triton
+
+    return attend_triton(*args, chunks=_GATHER_TRITON)
+
+
+def _flash(*args: Any) -> torch.Tensor:
+    from chatcore.layers.flash_paged import attend_flash
+
+    return attend_flash(*args, chunks=_GATHER_TRITON)
+
+
+PAGED_BACKENDS.update(triton=_triton, flash=_flash)
