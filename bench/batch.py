@@ -43,7 +43,9 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+HERE = Path(__file__).resolve().parent
+# this folder goes after the packages (python puts it first): bench/storage.py must not hide `storage`
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 from load_stats import Trace, aggregate, check_batch_json, roofline, step_cost  # noqa: E402
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -158,9 +160,8 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 def batch_engine(engine: Any, max_batch: int, kv_memory: int, block_size: int | None,
                  prefill_chunk: int | None) -> Any:
     """``BatchEngine(engine, BatchConfig(...))`` with the options this BatchConfig has."""
-    from chatcore.batch.engine import BatchConfig
-
     import chatcore
+    from chatcore.batch.engine import BatchConfig
 
     fields = {f.name for f in dataclasses.fields(BatchConfig)}
     wanted = {"max_batch": max_batch, "kv_memory": kv_memory, "block_size": block_size,
