@@ -19,12 +19,15 @@ from typing import Any
 
 import torch
 
+from chatcore.batch import scoring
+from chatcore.batch.paged import PagedPool, block_nbytes
+from chatcore.batch.paged_runner import PagedRunner
 from chatcore.batch.runner import BatchRunner, SerialRunner, Work
 from chatcore.batch.scheduler import Failure, Request, Scheduler
 from chatcore.engine import Engine
 from chatcore.errors import LoadOptionError, PromptTooLong
 from chatcore.generation import Generation, ReplyState, ScoreResult, TokenEvent
-from chatcore.kv_cache import KVCache
+from chatcore.models.base import CausalLM
 from chatcore.prefix import common_prefix, reused_prefix
 from chatcore.sampling import SamplingParams
 from chatcore.tokenizer import Tokenizer
@@ -41,7 +44,7 @@ class BatchConfig:
     ``max_batch``: sequences decoded together at most (more wait their turn); ``block_size``: tokens per KV
     block of the paged memory (a power of two); ``kv_memory``: bytes of KV memory all sequences share (None: a
     fraction of the free GPU memory, a default on the CPU); ``prefill_chunk``: prompt tokens a new sequence
-    runs per step (None: the engine's prefill chunk).
+    runs per step (None: the engine's prefill chunk, at most 2048).
     """
 
     max_batch: int = 32
@@ -61,10 +64,36 @@ class BatchConfig:
             raise LoadOptionError(f"BatchConfig.prefill_chunk must be an int >= 1 or None, got {self.prefill_chunk!r}")
 
 
+_DEFAULT_CHUNK = 2048        # prompt tokens per step at most, unless BatchConfig.prefill_chunk says otherwise
+_CPU_KV_MEMORY = 512 << 20   # the default KV memory on the CPU, at most (bytes)
+_GPU_KV_FRACTION = 0.7       # of the memory free on the GPU when the BatchEngine starts
+
+
+def kv_memory(engine: Engine, config: BatchConfig) -> int:
+    """Bytes of paged KV memory: ``config.kv_memory``, else on a GPU a fraction of what is free (free on the
+    device plus what PyTorch's allocator holds unused), on the CPU room for ``max_batch`` full windows up to
+    512 MiB."""
+    if config.kv_memory is not None:
+        return config.kv_memory
+    rt, model = engine.runtime, engine.model
+    if rt.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(rt.device)
+        free += torch.cuda.memory_reserved(rt.device) - torch.cuda.memory_allocated(rt.device)
+        return int(free * _GPU_KV_FRACTION)
+    per_block = block_nbytes(block_size=config.block_size, **{k: v for k, v in model.slot_args().items()
+                                                              if k in ("num_layers", "num_kv_heads", "head_dim",
+                                                                       "dtype", "kv_dtype")})
+    blocks = config.max_batch * -(-rt.max_seq_len // config.block_size) + 1
+    return max(2 * per_block, min(blocks * per_block, _CPU_KV_MEMORY))
+
+
 def make_runner(engine: Engine, config: BatchConfig) -> BatchRunner:
-    """The runner a BatchEngine drives: one forward pass per sequence (SerialRunner) until the paged runner
-    lands; then the paged runner for a model in one process (CausalLM), SerialRunner for tensor parallel."""
-    return SerialRunner(engine.model)
+    """The runner a BatchEngine drives: the paged runner (every sequence in one forward pass over shared KV
+    blocks) for a model in one process, the serial one (a forward pass per sequence) for tensor parallel."""
+    if not isinstance(engine.model, CausalLM):
+        return SerialRunner(engine.model)
+    pool = PagedPool.for_model(engine.model, memory=kv_memory(engine, config), block_size=config.block_size)
+    return PagedRunner(engine.model, pool)
 
 
 class BatchSlot:
@@ -116,16 +145,17 @@ class BatchEngine:
     ``eos_token_ids``, ``new_slot``, ``prefill``, ``generate``, ``score``, ``logits``, ``close``), with slots of
     its own (:class:`BatchSlot`; an Engine's slots do not fit it). ``generate`` from several threads at once
     decodes the generations together; ``score``, ``logits`` and ``prefill(all_logits=True)`` take the model to
-    themselves between two steps. ``close()`` ends what still runs (:class:`SchedulerClosed`) and closes the
-    engine.
+    themselves between two steps (a prompt's whole prefill). ``close()`` ends what still runs
+    (:class:`SchedulerClosed`) and closes the engine.
     """
 
     def __init__(self, engine: Engine, config: BatchConfig | None = None) -> None:
         self.engine = engine
         self.batch_config = config or BatchConfig()
         self.runner = make_runner(engine, self.batch_config)
+        pool = getattr(self.runner, "pool", None)
         self.scheduler = Scheduler(self.runner, max_batch=self.batch_config.max_batch, make_room=engine.make_room,
-                                   shift=Engine._shift_size)
+                                   shift=Engine._shift_size, pin=pool.pinned if pool is not None else None)
         self.scheduler.start()
 
     # -- what the engine is -------------------------------------------------------------------------------
@@ -158,8 +188,9 @@ class BatchEngine:
         return self.engine.require_tokenizer()
 
     def prefill_chunk_size(self) -> int:
-        """Prompt tokens a new sequence runs per step."""
-        return self.batch_config.prefill_chunk or self.engine.prefill_chunk_size()
+        """Prompt tokens a new sequence runs per step: ``BatchConfig.prefill_chunk``, else the engine's chunk
+        up to 2048 (a step with a larger chunk holds every running stream back longer)."""
+        return self.batch_config.prefill_chunk or min(self.engine.prefill_chunk_size(), _DEFAULT_CHUNK)
 
     # -- slots --------------------------------------------------------------------------------------------
     def new_slot(self, capacity: int | None = None) -> BatchSlot:
@@ -188,15 +219,16 @@ class BatchEngine:
         if sink_tokens is not None:
             Engine._shift_size(inner, sink_tokens)   # a bad sink count raises now
         t0 = time.perf_counter()
+        chunk = self.prefill_chunk_size()
         self.scheduler.claim(inner)
         try:
-            with self.scheduler.lock:
+            with self.scheduler.lock:   # between two steps: no step evicts the slot before the request is queued
                 keep = reused_prefix(inner.tokens, ids)
                 inner.truncate(keep)
-            reply = ReplyState(ids, params, keep, t0, 0, vocab_size=self.config.vocab_size,
-                               device=self.runtime.device, tokenizer=self.tokenizer, eos_ids=self.eos_token_ids)
-            req = Request(inner, ids[keep:], reply, chunk=self.prefill_chunk_size(), sinks=sink_tokens, owned=owned)
-            self.scheduler.submit(req)
+                reply = ReplyState(ids, params, keep, t0, 0, vocab_size=self.config.vocab_size,
+                                   device=self.runtime.device, tokenizer=self.tokenizer, eos_ids=self.eos_token_ids)
+                req = Request(inner, ids[keep:], reply, chunk=chunk, sinks=sink_tokens, owned=owned)
+                self.scheduler.submit(req)
         except BaseException:
             self.scheduler.unclaim(inner)
             raise
@@ -205,8 +237,8 @@ class BatchEngine:
     def prefill(self, ids: Sequence[int], slot: BatchSlot, *, all_logits: bool = False,
                 sink_tokens: int | None = None) -> torch.Tensor:
         """Append ``ids`` to the slot (as :meth:`Engine.prefill`); returns the last token's logits [1, vocab].
-        Runs a chunk per step beside the running generations. ``all_logits`` (logits of every token) takes the
-        model to itself, and needs a runner whose slots are KV caches (the serial one)."""
+        Runs a chunk per step beside the running generations; with ``all_logits`` (logits [len(ids), vocab] of
+        every token, float32) it takes the model to itself between two steps."""
         inner = self._inner(slot)
         ids = self.engine._check_ids(ids)
         if sink_tokens is None and inner.length + len(ids) > inner.capacity:
@@ -215,13 +247,12 @@ class BatchEngine:
         if sink_tokens is not None:
             Engine._shift_size(inner, sink_tokens)
         if all_logits:
-            if not isinstance(inner, KVCache):
-                raise ValueError("prefill(all_logits=True) needs the serial runner's slots; use logits() or score()")
-            return self._alone(inner, lambda: self.engine.prefill(ids, inner, all_logits=True,
-                                                                  sink_tokens=sink_tokens))
+            return self._alone(inner, lambda: scoring.prefill_all(self.engine, self.runner, inner, ids,
+                                                                  self.prefill_chunk_size(), sink_tokens))
+        chunk = self.prefill_chunk_size()
         self.scheduler.claim(inner)
         try:
-            req = Request(inner, list(ids), None, chunk=self.prefill_chunk_size(), sinks=sink_tokens)
+            req = Request(inner, list(ids), None, chunk=chunk, sinks=sink_tokens)
             self.scheduler.submit(req)
         except BaseException:
             self.scheduler.unclaim(inner)
@@ -241,24 +272,30 @@ class BatchEngine:
 
     # -- scoring ------------------------------------------------------------------------------------------
     def score(self, ids: Sequence[int], continuation: Sequence[int], *, slot: BatchSlot | None = None) -> ScoreResult:
-        """As :meth:`Engine.score`, with the model to itself between two steps. With a ``slot`` of a runner whose
-        slots are not KV caches (paged), the score is computed on a scratch cache and the slot then prefilled
-        with ``ids`` and ``continuation`` (so it holds them, as with the engine)."""
-        if slot is None:
-            return self.scheduler.call(lambda: self.engine.score(ids, continuation))
-        inner = self._inner(slot)
-        if isinstance(inner, KVCache):
-            return self._alone(inner, lambda: self.engine.score(ids, continuation, slot=inner))
-        result = self.scheduler.call(lambda: self.engine.score(ids, continuation))
-        full = [*self.engine._check_ids(ids), *(self.engine._check_ids(continuation) if len(continuation) else [])]
-        slot.truncate(min(common_prefix(inner.tokens, full), len(full)))
-        if inner.length < len(full):
-            self.prefill(full[inner.length:], slot)
-        return result
+        """As :meth:`Engine.score` (with a ``slot``, its matching prefix is reused and it then holds ``ids`` and
+        ``continuation``), with the model to itself between two steps."""
+        ids = self.engine._check_ids(ids)
+        cont = self.engine._check_ids(continuation) if len(continuation) else []
+        inner = self._inner(slot) if slot is not None else self.runner.new_slot(self.window)
+        if len(ids) + len(cont) > inner.capacity:
+            raise PromptTooLong(f"the prompt and continuation need {len(ids) + len(cont)} tokens but the context "
+                                f"window is {inner.capacity}; shorten them or raise the window")
+        try:
+            return self._alone(inner, lambda: scoring.score(self.engine, self.runner, inner, ids, cont,
+                                                            self.prefill_chunk_size()))
+        finally:
+            if slot is None:
+                self._alone(inner, lambda: self.runner.release(inner))
 
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         """Logits [len(ids), vocab] (float32, on the CPU), as :meth:`Engine.logits`, with the model to itself."""
-        return self.scheduler.call(lambda: self.engine.logits(ids))
+        ids = self.engine._check_ids(ids)
+        inner = self.runner.new_slot(len(ids))
+        try:
+            return self._alone(inner, lambda: scoring.prefill_all(self.engine, self.runner, inner, ids,
+                                                                  self.prefill_chunk_size()).cpu())
+        finally:
+            self._alone(inner, lambda: self.runner.release(inner))
 
     def run(self, works: Sequence[Work]) -> torch.Tensor:
         """One batched forward pass by hand, between two steps (for checks and benchmarks)."""

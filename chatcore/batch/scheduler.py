@@ -15,26 +15,21 @@ waits at the head of the queue; it is prefilled again (prompt and tokens so far)
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any
 
 import torch
 
 from chatcore.batch.runner import BatchRunner, Work
-from chatcore.errors import ChatcoreError
+from chatcore.errors import ChatcoreError, OutOfBlocks
 from chatcore.generation import ReplyState, TokenEvent
-
-try:
-    from chatcore.errors import OutOfBlocks
-except ImportError:   # until the paged KV memory lands (chatcore/batch/blocks.py defines it in chatcore.errors)
-    class OutOfBlocks(ChatcoreError):  # type: ignore[no-redef]
-        """No KV block is free and none can be reclaimed."""
 
 
 class SchedulerClosed(ChatcoreError):
@@ -80,15 +75,20 @@ class Request:
 class Scheduler:
     """Steps every admitted sequence together, at most ``max_batch`` at once (the rest wait, first come first
     served). ``make_room(slot, need, sinks)`` is :meth:`chatcore.Engine.make_room`; ``shift(slot, sinks)`` the
-    tokens one shift frees (a sink-window prompt goes in chunks no larger).
+    tokens one shift frees (a sink-window prompt goes in chunks no larger). ``pin(slots)``: a context in which
+    the runner's memory never evicts those slots to make room (the paged pool's ``pinned``); every live
+    request's slot is pinned through a step, so a waiting sequence keeps the prefix its prompt counts on.
 
     Threaded (:meth:`start`) or stepped by hand (:meth:`step`, for tests). ``lock`` is held through each step:
-    whoever changes a slot from another thread takes it (the engine's slot handles do).
+    whoever changes a slot from another thread takes it (the engine's slot handles do); requests submitted while
+    holding it all join the next step (the lock before the queue's condition, always in this order).
     """
 
     def __init__(self, runner: BatchRunner, *, max_batch: int, make_room: Callable[[Any, int, int], int],
-                 shift: Callable[[Any, int], int]) -> None:
+                 shift: Callable[[Any, int], int],
+                 pin: Callable[[Iterable[Any]], contextlib.AbstractContextManager[Any]] | None = None) -> None:
         self.runner = runner
+        self.pin = pin or (lambda slots: contextlib.nullcontext())
         self.max_batch = max_batch
         self.make_room, self.shift = make_room, shift
         self.lock = threading.RLock()
@@ -135,6 +135,8 @@ class Scheduler:
         with self._cond:
             req.cancelled = True
             self._cond.notify()
+        if threading.current_thread() is self._thread:   # a stream collected in the step thread: no waiting
+            return
         if self._thread is None:   # stepped by hand: out of the batch now
             with self.lock:
                 if not req.done.is_set():
@@ -203,12 +205,12 @@ class Scheduler:
 
     def step(self) -> bool:
         """Take new requests and calls, then one batched forward pass; returns whether one ran."""
-        with self._cond:
-            self._waiting.extend(self._inbox)
-            self._inbox.clear()
-            tasks, self._tasks = self._tasks, []
-            gone = [r for r in (*self._running, *self._waiting) if r.cancelled]
         with self.lock:
+            with self._cond:
+                self._waiting.extend(self._inbox)
+                self._inbox.clear()
+                tasks, self._tasks = self._tasks, []
+                gone = [r for r in (*self._running, *self._waiting) if r.cancelled]
             for fn, fut in tasks:
                 try:
                     fut.set_result(fn())
@@ -218,7 +220,8 @@ class Scheduler:
                 self._remove(r)
                 self._let_go(r)
             self._admit()
-            return self._forward()
+            with self.pin([r.slot for r in (*self._running, *self._waiting)]):
+                return self._forward()
 
     def _admit(self) -> None:
         """One sequence prefills at a time; it joins while the batch has room."""
@@ -260,12 +263,18 @@ class Scheduler:
         return True
 
     def _chunk(self, r: Request) -> Work:
+        """The next prompt chunk (room made first in a sink window; blocks another sequence registered for its
+        leading tokens shared rather than computed, where the runner's slots share)."""
         size = r.chunk if r.sinks is None else min(r.chunk, self.shift(r.slot, r.sinks))
         piece = r.todo[:size]
         if r.sinks is not None:
             dropped = self.make_room(r.slot, len(piece), r.sinks)
             if r.reply is not None:
                 r.reply.discarded += dropped
+        share = getattr(r.slot, "share_prefix", None)
+        if share is not None:
+            k = share(piece)   # committed to the slot; it leaves at least the chunk's last token to run
+            del r.todo[:k], piece[:k]
         return Work(r.slot, piece)
 
     def _reserve(self, works: list[Work], reqs: list[Request]) -> tuple[list[Work], list[Request]]:
