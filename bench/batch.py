@@ -1,7 +1,7 @@
 """Batched decode: aggregate tokens/s against the number of concurrent streams, chatcore's ``BatchEngine``
 against transformers' continuous batching, same random weights, same prompts, same run.
 
-Usage (GPU machine): python bench/batch.py --out DIR [--models llama-3.2-1b llama-3.1-8b]
+Usage (GPU machine): python bench/batch.py --out DIR [--models llama-3.1-8b llama-3.2-1b]
     [--streams 1 4 16 32 64] [--prompt 512] [--new 128] [--deadline SECONDS]
 CPU smoke run (here): python bench/batch.py --device cpu --models tiny --out bench
 
@@ -225,21 +225,23 @@ def run_chatcore(target: Any, batch: list[list[int]], new: int, capacity: int) -
     return traces, first
 
 
-def single_stream(engine: Any, ids: list[int], new: int) -> tuple[dict[str, Any], list[int]]:
-    """chatcore's Engine.generate on one prompt (the single-stream decode loop): its stats and tokens."""
+def single_stream(engine: Any, ids: list[int], new: int, reps: int = 3) -> tuple[dict[str, Any], list[int]]:
+    """chatcore's Engine.generate on one prompt (the single-stream decode loop), best of ``reps`` after a
+    warm-up: its stats and tokens."""
     import chatcore
 
     params = chatcore.SamplingParams(temperature=0.0, max_new_tokens=new, ignore_eos=True)
     slot = engine.new_slot(len(ids) + new + 1)
     list(engine.generate(ids, params, slot=slot))   # warm-up (and the slot's CUDA graph)
-    slot.reset()
-    t0 = time.perf_counter()
-    evs = list(engine.generate(ids, params, slot=slot))
-    wall = time.perf_counter() - t0
-    tokens = [ev.token_id for ev in evs]
-    stats = evs[-1].stats
+    runs = []
+    for _ in range(reps):
+        slot.reset()
+        t0 = time.perf_counter()
+        evs = list(engine.generate(ids, params, slot=slot))
+        runs.append((evs[-1].stats, time.perf_counter() - t0, [ev.token_id for ev in evs]))
+    stats, wall, tokens = max(runs, key=lambda r: r[0].decode_tokens_per_s)
     return {"decode_tokens_per_s": stats.decode_tokens_per_s, "ttft_s": stats.ttft_s, "wall_s": wall,
-            "tokens": stats.generated_tokens}, tokens
+            "tokens": stats.generated_tokens, "runs": [r[0].decode_tokens_per_s for r in runs]}, tokens
 
 
 # -- transformers --------------------------------------------------------------------------------------------------
@@ -382,6 +384,7 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device, dty
         "chatcore": lambda b, k: run_chatcore(target, b, k, seq)}
     if peer is not None:
         runners["transformers"] = lambda b, k: peer.run(b, k, timeout=max(60.0, left()))
+    ref_slot = None
     for n in args.streams:
         row = m.setdefault("streams", {}).setdefault(str(n), {})
         row["roofline"] = roofline(cost, n, args.prompt + args.new / 2, machine["bandwidth"], machine["flops"])
@@ -400,7 +403,8 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device, dty
             row["stream0_common_prefix_with_transformers"] = common_prefix(tokens["chatcore"], tokens["transformers"])
         if tokens.get("chatcore") and not args.no_check and left() > 0:
             # batched greedy tokens of stream 0 against the single-stream engine on the same prompt
-            ref = single_stream_tokens(engine, batch[0], args.new)
+            ref_slot = ref_slot or engine.new_slot(seq)
+            ref = single_stream_tokens(engine, ref_slot, batch[0], args.new)
             row["stream0_common_prefix_with_engine"] = common_prefix(tokens["chatcore"], ref)
             row["stream0_identical_to_engine"] = tokens["chatcore"] == ref
         derive(m, n)
@@ -416,8 +420,9 @@ def start_peer(hf: torch.nn.Module, args: argparse.Namespace, device: torch.devi
     if device.type == "cpu":   # sized to the work (by default it sizes its cache from free memory)
         opts: dict[str, Any] = {"num_blocks": max_n * math.ceil(seq / 32 + 1), "page_size": 32,
                                 "max_batch_tokens": args.prefill_chunk or args.prompt}
-    else:
-        opts = {"max_memory_percent": args.hf_memory}
+    else:   # the KV memory chatcore's pool has (in its default 256-token pages), within a share of what is free
+        opts = {"num_blocks": math.ceil(m["kv_memory_bytes"] / (256 * m["kv_bytes_per_token"])),
+                "max_memory_percent": args.hf_memory}
     try:
         peer = TransformersPeer(hf, args.new, opts)
     except Exception as exc:  # noqa: BLE001 - record why the peer could not start
@@ -457,12 +462,12 @@ def report(n: int, key: str, res: dict[str, Any]) -> None:
           f"  complete {res['complete']}", flush=True)
 
 
-def single_stream_tokens(engine: Any, ids: list[int], new: int) -> list[int]:
-    """Greedy tokens of the single-stream Engine for ``ids`` (a fresh slot)."""
+def single_stream_tokens(engine: Any, slot: Any, ids: list[int], new: int) -> list[int]:
+    """Greedy tokens of the single-stream Engine for ``ids`` (``slot`` emptied first)."""
     import chatcore
 
     params = chatcore.SamplingParams(temperature=0.0, max_new_tokens=new, ignore_eos=True)
-    slot = engine.new_slot(len(ids) + new + 1)
+    slot.reset()
     return [ev.token_id for ev in engine.generate(ids, params, slot=slot)]
 
 
@@ -550,7 +555,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench"))
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--models", nargs="+", default=None, help="default: llama-3.2-1b llama-3.1-8b (tiny on the CPU)")
+    ap.add_argument("--models", nargs="+", default=None, help="default: llama-3.1-8b llama-3.2-1b (tiny on the CPU)")
     ap.add_argument("--streams", nargs="+", type=int, default=[1, 4, 16, 32, 64])
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens per stream (512; 128 on the CPU)")
     ap.add_argument("--new", type=int, default=None, help="new tokens per stream (128; 32 on the CPU)")
@@ -565,7 +570,8 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--no-check", action="store_true", help="skip the batched-vs-single token check")
     ap.add_argument("--deadline", type=float, default=600.0, help="seconds; later rounds are skipped")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads on the CPU")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads on the CPU (default 1: steadier on shared cores; 0: torch's default)")
     args = ap.parse_args()
     start = time.perf_counter()
     device = torch.device(args.device)
@@ -573,7 +579,7 @@ def main() -> None:
     if cpu and args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.float32 if cpu else torch.bfloat16
-    args.models = args.models or (["tiny"] if cpu else ["llama-3.2-1b", "llama-3.1-8b"])
+    args.models = args.models or (["tiny"] if cpu else ["llama-3.1-8b", "llama-3.2-1b"])
     args.prompt = args.prompt or (128 if cpu else 512)
     args.new = args.new or (32 if cpu else 128)
     args.out.mkdir(parents=True, exist_ok=True)
