@@ -3,7 +3,7 @@ multi-turn conversation, then a check through storage that every conversation wa
 
 Usage: python bench/serve_load.py --out DIR [--model demo] [--device cpu|cuda] [--clients 64] [--turns 20]
     [--max-tokens 32] [--chat-share 0.25] [--redis-url URL] [--deadline SECONDS]
-CPU run (here): python bench/serve_load.py --device cpu --out bench   (8 clients x 4 turns by default)
+CPU run (here): python bench/serve_load.py --device cpu --out bench   (16 clients x 5 turns by default)
 
 The server is a real process (``python -m chatcore serve --port 0``, the port read from its start-up line), with
 its own embedded Redis in a fresh data directory (``CHATCORE_HOME``), or ``--redis-url``. Each client is its own
@@ -16,8 +16,8 @@ latencies, overall and per turn) the server is stopped and the store opened from
 ``/v1/responses`` client its session holds exactly its turns (its user message, then a complete, non-empty
 assistant reply, each turn in order, the ids the response records name), and each of its response records is
 there with status completed (or incomplete because of max_output_tokens). The results go to
-DIR/serve_load.json (serve_load_cpu.json on the CPU) and a plot next to it; the test fails (exit status 1) when
-any request failed or any conversation is not complete.
+DIR/serve_load.json (serve_load_cpu.json on the CPU) and a plot next to it; the test fails (exit status 1, the
+server's log copied next to the JSON) when any request failed or any conversation is not complete.
 """
 
 from __future__ import annotations
@@ -370,8 +370,8 @@ def main() -> int:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--device", default=None, help="the server's --device (default: its own choice)")
     ap.add_argument("--max-seq-len", type=int, default=None)
-    ap.add_argument("--clients", type=int, default=None, help="concurrent clients (64; 8 on the CPU)")
-    ap.add_argument("--turns", type=int, default=None, help="turns per client (20; 4 on the CPU)")
+    ap.add_argument("--clients", type=int, default=None, help="concurrent clients (64; 16 on the CPU)")
+    ap.add_argument("--turns", type=int, default=None, help="turns per client (20; 5 on the CPU)")
     ap.add_argument("--max-tokens", type=int, default=None, help="max tokens per reply (32; 16 on the CPU)")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--chat-share", type=float, default=0.25,
@@ -384,15 +384,15 @@ def main() -> int:
     ap.add_argument("--deadline", type=float, default=1800.0, help="seconds of load; later turns are not started")
     args = ap.parse_args()
     cpu = args.device == "cpu"
-    args.clients = args.clients or (8 if cpu else 64)
-    args.turns = args.turns or (4 if cpu else 20)
+    args.clients = args.clients or (16 if cpu else 64)
+    args.turns = args.turns or (5 if cpu else 20)
     args.max_tokens = args.max_tokens or (16 if cpu else 32)
     if not 0 <= args.chat_share <= 1:
         raise SystemExit("--chat-share must be within 0..1")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "serve_load_cpu" if cpu else "serve_load"
     home = Path(tempfile.mkdtemp(prefix="chatcore-serve-load-"))   # the server's data directory (its Redis)
-    server = Server(args, home, args.out / f"{stem}_server.log")
+    server = Server(args, home, home / "server.log")
     print(f"chatcore serve at {server.url} after {server.start_s:.1f} s ({' '.join(server.cmd[1:])})", flush=True)
     n_chat = round(args.clients * args.chat_share)
     clients = [Client(i, "chat" if i < n_chat else "responses") for i in range(args.clients)]
@@ -405,6 +405,9 @@ def main() -> int:
     run = tally(clients, wall, args)
     run.update(server_start_s=server.start_s, server_exit_status=status, model=model)
     run.update(check_storage(clients, args, home))
+    failed = run["errors"] > 0 or run["conversations_complete"] != run["conversations"]
+    if failed:   # keep the server's log for a look
+        shutil.copy(home / "server.log", args.out / f"{stem}_server.log")
     shutil.rmtree(home, ignore_errors=True)
     import torch
 
@@ -425,7 +428,7 @@ def main() -> int:
           + (f"; problems: {run['problems'][:3]}" if run["problems"] else "") + f"\n{path}", flush=True)
     if run["error_samples"]:
         print(f"errors: {run['error_samples'][:3]}", flush=True)
-    return 0 if run["errors"] == 0 and run["conversations_complete"] == run["conversations"] else 1
+    return 1 if failed else 0
 
 
 async def served_model(url: str, args: argparse.Namespace) -> str:
