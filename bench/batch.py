@@ -203,7 +203,7 @@ def run_chatcore(target: Any, batch: list[list[int]], new: int, capacity: int) -
         slot = None
         try:
             slot = target.new_slot(capacity)
-            gate.wait()
+            gate.wait(timeout=120)
             tr.submit = time.perf_counter()
             for ev in target.generate(batch[i], params, slot=slot):
                 tr.tokens.append(time.perf_counter())
@@ -211,8 +211,7 @@ def run_chatcore(target: Any, batch: list[list[int]], new: int, capacity: int) -
                     first.append(ev.token_id)
         except Exception as exc:  # noqa: BLE001 - a failed stream is counted, the round goes on
             tr.error = f"{type(exc).__name__}: {str(exc)[:300]}"
-            if gate.n_waiting:
-                gate.abort()
+            gate.abort()   # streams still at the gate fail too (BrokenBarrierError) rather than wait forever
         finally:
             if slot is not None and hasattr(slot, "reset"):
                 slot.reset()
@@ -508,16 +507,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
         m = results["models"][name]
         ns = sorted(int(n) for n in m.get("streams", {}))
         top, bottom = axes[0][col], axes[1][col]
-        for key, style in (("chatcore", "o-"), ("transformers", "s-")):
+        for key, style, color in (("chatcore", "o-", "tab:blue"), ("transformers", "s-", "tab:orange")):
             pts = [(n, m["streams"][str(n)].get(key, {})) for n in ns]
             pts = [(n, r) for n, r in pts if "decode_tokens_per_s" in r]
             if not pts:
                 continue
-            top.plot([n for n, _ in pts], [r["decode_tokens_per_s"] for _, r in pts], style, label=key)
-            bottom.plot([n for n, _ in pts], [r["ttft_s"]["p50"] * 1e3 for _, r in pts], style,
-                        label=f"{key} p50")
-            bottom.plot([n for n, _ in pts], [r["ttft_s"]["p95"] * 1e3 for _, r in pts], style, alpha=0.4,
-                        label=f"{key} p95")
+            xs = [n for n, _ in pts]
+            top.plot(xs, [r["decode_tokens_per_s"] for _, r in pts], style, color=color, label=key)
+            bottom.plot(xs, [r["ttft_s"]["p50"] * 1e3 for _, r in pts], style, color=color, label=f"{key} p50")
+            bottom.plot(xs, [r["ttft_s"]["p95"] * 1e3 for _, r in pts], style.replace("-", "--"), color=color,
+                        alpha=0.5, label=f"{key} p95")
         top.plot(ns, [m["streams"][str(n)]["roofline"]["tokens_per_s"] for n in ns], "k--", label="roofline")
         single = m.get("engine_single_stream", {}).get("decode_tokens_per_s")
         if single:

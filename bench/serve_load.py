@@ -355,6 +355,7 @@ def plot(run: dict[str, Any], clients: list[Client], path: Path) -> None:
     turns = sorted(int(k) for k in run["per_turn"])
     for key, style in (("ttft_p50", "o-"), ("ttft_p95", "o--"), ("reply_p50", "s-"), ("reply_p95", "s--")):
         right.plot(turns, [run["per_turn"][str(k)][key] for k in turns], style, label=key.replace("_", " "))
+    right.set_xticks(turns, [str(k + 1) for k in turns])
     right.set_xlabel("turn of the conversation")
     right.set_ylabel("seconds")
     right.set_title("latency by turn (history grows)")
