@@ -167,3 +167,42 @@ def test_serve_load_finds_every_kind_of_incomplete_conversation() -> None:
     assert sl.conversation_problems(store, client, 3) == [
         "client 0: the session's thread has 4 messages, 6 expected",
         "client 0: the thread's messages are not the ones its responses name, in order"]
+
+
+# -- the scripts' CPU paths, end to end (slow: a model, threads, a server process) ---------------------------------
+@pytest.mark.slow
+def test_batch_bench_runs_its_cpu_path(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(BENCH.parent)}
+    subprocess.run([sys.executable, str(BENCH / "batch.py"), "--device", "cpu", "--models", "tiny", "--streams", "1",
+                    "4", "--prompt", "16", "--new", "4", "--out", str(tmp_path)], check=True, env=env,
+                   capture_output=True, timeout=300)
+    res = json.loads((tmp_path / "batch_cpu.json").read_text())
+    assert ls.check_batch_json(res) == [] and "schema_problems" not in res
+    rows = res["models"]["tiny"]["streams"]
+    for n in ("1", "4"):
+        for engine in ("chatcore", "transformers"):
+            assert rows[n][engine]["complete"] and rows[n][engine]["tokens"] == 4 * int(n)
+        assert rows[n]["stream0_identical_to_engine"]
+    assert (tmp_path / "batch_cpu.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_serve_load_runs_its_cpu_path(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+
+    pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    env = {**os.environ, "PYTHONPATH": str(BENCH.parent)}
+    subprocess.run([sys.executable, str(BENCH / "serve_load.py"), "--device", "cpu", "--clients", "3", "--turns", "2",
+                    "--max-tokens", "4", "--chat-share", "0.34", "--out", str(tmp_path)], check=True, env=env,
+                   capture_output=True, timeout=300)
+    run = json.loads((tmp_path / "serve_load_cpu.json").read_text())["runs"][0]
+    assert run["errors"] == 0 and run["ok"] == 6 and run["apis"] == {"responses": 2, "chat": 1}
+    assert run["conversations"] == run["conversations_complete"] == 2
