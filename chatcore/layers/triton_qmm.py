@@ -1,0 +1,294 @@
+"""Matrix product with a packed weight for several rows (Triton, tensor cores): ``x [M, K] @ dequant(w).T (+ b)``.
+
+The small-M counterpart of :mod:`chatcore.layers.triton_qgemv` (batched decode, prompt chunks): one kernel for
+every :class:`~chatcore.quant.packed.QuantFormat` of the planar layout, the format entering as constexprs.
+Each program computes the transposed output tile ``out.T [BLOCK_N, BLOCK_M] = W [BLOCK_N, BLOCK_K] @ x.T``
+with ``tl.dot``: the dequantized weight tile is the dot's first operand, held in registers (Hopper's wgmma
+takes that operand from registers, the activations from shared memory), and M is padded to BLOCK_M (>= 16,
+rows past M masked).
+
+Per weight the tile costs a few integer operations, one multiply-add and a rounding: a code ``c`` becomes the
+float32 ``f = 1 + c / 2**bits`` by writing its bits under a float32 exponent (as in the GEMV), and with the
+group's scale ``A`` and offset ``o`` (``+ m`` or ``- dmin * mn``) folded into ``A' = 2**bits * A`` and
+``o' = o - (2**bits + zero) * A``, the value ``A * (code - zero) + o`` is one FMA ``A' * f + o'``, rounded once to
+the activations' dtype: what :func:`~chatcore.layers.triton_dequant.dequantize_to` gives (the float32 result may
+differ in its last bits, the FMA rounding once where the reference rounds thrice; the weight as rounded to
+bfloat16 / float16 then agrees except at rounding ties). Formats with one scale per row (int8, fp8) multiply
+exact codes (integers ``code - zero`` or the float8 values, which bfloat16 and float16 hold exactly) and apply the
+row's scale (and offset times the sum of x) after the dot. For 4-6 bits one ``ql`` byte holds columns j and
+j + 16 of a 32-column chunk: the tile's low nibbles and high nibbles are two half tiles, each its own dot
+with the matching columns of x (no reordering of the weight).
+
+Options: ``split_k`` programs per output tile each reduce a slice of K into a float32 workspace, a second kernel
+sums them in a fixed order (deterministic); epilogues bias (added in float32 before the rounding) and residual
+(added to the rounded product, then rounded: as ``residual + F.linear(x, w, b)``). Launch shapes come from
+:func:`mm_config`; ``config=`` overrides it (the benchmark's sweep). Nothing reads the device from the host, so a
+call can be captured in a CUDA graph.
+
+On the CPU (Triton's interpreter, whose bfloat16 ``tl.dot`` is wrong) both operands go to float32 after the
+weight tile is rounded to x's dtype, and float32 x is multiplied in full float32 precision everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from chatcore.layers.triton_qgemv import _code_float, _group_scale, format_constants, plane_args, row_mode, tile_k
+from chatcore.quant.packed import PackedWeight, QuantFormat
+
+
+@dataclass(frozen=True)
+class MMConfig:
+    """A launch shape: activation rows, weight rows and columns per program and loop step (powers of two;
+    block_m >= 16, block_n >= 16, block_k a multiple of the format's group and of 32), programs splitting K,
+    warps, pipeline stages."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 256
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k", "split_k"):
+            v = getattr(self, name)
+            if v <= 0 or v & (v - 1):
+                raise ValueError(f"MMConfig.{name} must be a power of two, got {v}")
+        if self.block_m < 16 or self.block_n < 16 or self.block_k < 32:
+            raise ValueError("MMConfig: block_m and block_n are at least 16, block_k at least 32 (tl.dot's tiles)")
+        if self.num_warps <= 0 or self.num_stages <= 0:
+            raise ValueError("MMConfig: warps and stages must be positive")
+
+
+def rows_tile(m: int) -> int:
+    """BLOCK_M for M rows: M rounded up to a power of two, 16 .. 64."""
+    return min(max(16, triton.next_power_of_2(m)), 64)
+
+
+def mm_config(m: int, n: int, k: int, fmt: QuantFormat) -> MMConfig:
+    """The default launch shape for x [m, k] times an [n, k] weight of ``fmt`` (a first guess, before any GPU
+    sweep): 64 weight rows x 256 columns a step with 4 warps; K split in two for narrow outputs (n <= 4096) at
+    small M, so that the grid covers the GPU's SMs."""
+    block_m = rows_tile(m)
+    split = 2 if (m <= 64 and n <= 4096) else 1
+    return MMConfig(block_m=block_m, block_n=64, block_k=256, split_k=split, num_warps=4, num_stages=3)
+
+
+@triton.jit
+def _fold(a, off, BITS: tl.constexpr, ZERO: tl.constexpr, FLOAT_CODES: tl.constexpr):
+    """The group constants (A', o') of the one-FMA dequantization ``A' * f + o'`` (see the module docstring)."""
+    if FLOAT_CODES:
+        return a, off
+    else:
+        return a * (1 << BITS), off - ((1 << BITS) + ZERO) * a
+
+
+@triton.jit
+def _row_values(f, BITS: tl.constexpr, ZERO: tl.constexpr, FLOAT_CODES: tl.constexpr):
+    """One scale per row: the exact ``code - zero`` from ``f`` (float codes as they are)."""
+    if FLOAT_CODES:
+        return f
+    else:
+        return f * (1 << BITS) - ((1 << BITS) + ZERO)
+
+
+@triton.jit
+def _dot(w, xt, acc, DOT_F32: tl.constexpr):
+    """acc + w @ xt, w already rounded to x's dtype; DOT_F32: both in float32 at full precision."""
+    if DOT_F32:
+        return tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(w, xt, acc)
+
+
+@triton.jit
+def _qmm(x_ptr, out_ptr, b_ptr, res_ptr, part_ptr, M, N, K, K_SPLIT, s_xm, s_om, s_rm,
+         ql_ptr, qh_ptr, q_ptr, d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr,
+         s_ql, s_qh, s_q, s_d, s_sc, s_m, s_dmin, s_mn,
+         BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, ZERO: tl.constexpr,
+         SUB_SCALE: tl.constexpr, OFFSET: tl.constexpr, FLOAT_CODES: tl.constexpr, ROW: tl.constexpr,
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
+         SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, DOT_F32: tl.constexpr):
+    """out.T[rows, ms] for BLOCK_N weight rows and BLOCK_M activation rows over K columns k_start ..
+    + K_SPLIT; SPLIT > 1: the float32 partial goes to part_ptr[program_id(2)]. A tile is NG groups of GS columns
+    (8 bits; one group in row mode) or NG 32-column chunks (4-6 bits)."""
+    rows_out = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(rows_out, N - 1).to(tl.int64)   # rows past N read row N - 1; their results are not stored
+    ms = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m_ok = ms < M
+    k_start = tl.program_id(2) * K_SPLIT
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    sx = tl.zeros([BLOCK_M], dtype=tl.float32)   # sum of x over the columns (a per-row offset's term)
+    if BITS == 8:
+        r3 = rows[:, None, None]
+        kg = tl.arange(0, NG)[None, :, None] * GS + tl.arange(0, GS)[None, None, :]   # [1, NG, GS]
+        kk = tl.arange(0, BLOCK_K)
+    else:
+        r3 = rows[:, None, None]
+        c3 = tl.arange(0, NG)[None, :, None]
+        j3 = tl.arange(0, 16)[None, None, :]
+        kk = tl.arange(0, BLOCK_K // 2)
+        kk = (kk // 16) * 32 + kk % 16                     # a half tile's columns: chunk * 32 + j
+    for k0 in tl.range(k_start, k_start + K_SPLIT, BLOCK_K):
+        if BITS == 8:
+            q = tl.load(q_ptr + r3 * s_q + k0 + kg)       # [BN, NG, GS]
+            if FLOAT_CODES:
+                f = q.to(tl.float32)
+            else:
+                f = _code_float(q.to(tl.int32) ^ 0x80, 8)
+            if ROW:
+                v = _row_values(f, BITS, ZERO, FLOAT_CODES)
+            else:
+                g = k0 // GROUP + tl.arange(0, NG)[None, :, None]
+                a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn, r3, g,
+                                      GROUP, BLOCK, SUB_SCALE, OFFSET)
+                a, off = _fold(a, off, BITS, ZERO, FLOAT_CODES)
+                v = a * f + off
+            w = tl.reshape(v, [BLOCK_N, BLOCK_K]).to(dt)
+            xt = tl.load(x_ptr + ms[None, :] * s_xm + k0 + kk[:, None], mask=m_ok[None, :], other=0.0)
+            acc = _dot(w, xt, acc, DOT_F32)
+            if ROW and OFFSET != 0:
+                sx += tl.sum(xt.to(tl.float32), 0)
+        else:
+            chunk = k0 // 32 + c3                          # [1, NG, 1]
+            ql = tl.load(ql_ptr + r3 * s_ql + chunk * 16 + j3).to(tl.int32)   # [BN, NG, 16]
+            lo = ql & 15
+            hi = ql >> 4
+            if BITS == 5:   # the chunk's 5th bits: one word, bit e % 32 for column e
+                hw = tl.load(qh_ptr + r3 * s_qh + chunk)
+                lo = lo | (((hw >> j3) & 1) << 4)
+                hi = hi | (((hw >> (j3 + 16)) & 1) << 4)
+            elif BITS == 6:   # two words (low / high half), bits 2 * (e % 16) .. + 1 for column e
+                lo = lo | (((tl.load(qh_ptr + r3 * s_qh + chunk * 2) >> (2 * j3)) & 3) << 4)
+                hi = hi | (((tl.load(qh_ptr + r3 * s_qh + chunk * 2 + 1) >> (2 * j3)) & 3) << 4)
+            f_lo = _code_float(lo, BITS)
+            f_hi = _code_float(hi, BITS)
+            if ROW:
+                v_lo = _row_values(f_lo, BITS, ZERO, False)
+                v_hi = _row_values(f_hi, BITS, ZERO, False)
+            else:
+                if GROUP >= 32:
+                    g = (chunk * 32) // GROUP
+                    a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn,
+                                          r3, g, GROUP, BLOCK, SUB_SCALE, OFFSET)
+                    a, off = _fold(a, off, BITS, ZERO, False)
+                    v_lo = a * f_lo + off
+                    v_hi = a * f_hi + off
+                else:       # 16-column groups: a chunk's low half is one group, its high half the next
+                    g = chunk * 2
+                    a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn,
+                                          r3, g, GROUP, BLOCK, SUB_SCALE, OFFSET)
+                    a, off = _fold(a, off, BITS, ZERO, False)
+                    v_lo = a * f_lo + off
+                    a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn,
+                                          r3, g + 1, GROUP, BLOCK, SUB_SCALE, OFFSET)
+                    a, off = _fold(a, off, BITS, ZERO, False)
+                    v_hi = a * f_hi + off
+            w_lo = tl.reshape(v_lo, [BLOCK_N, BLOCK_K // 2]).to(dt)
+            w_hi = tl.reshape(v_hi, [BLOCK_N, BLOCK_K // 2]).to(dt)
+            x_lo = tl.load(x_ptr + ms[None, :] * s_xm + k0 + kk[:, None], mask=m_ok[None, :], other=0.0)
+            x_hi = tl.load(x_ptr + ms[None, :] * s_xm + k0 + 16 + kk[:, None], mask=m_ok[None, :], other=0.0)
+            acc = _dot(w_lo, x_lo, acc, DOT_F32)
+            acc = _dot(w_hi, x_hi, acc, DOT_F32)
+            if ROW and OFFSET != 0:
+                sx += tl.sum(x_lo.to(tl.float32), 0) + tl.sum(x_hi.to(tl.float32), 0)
+    if ROW:   # the row's one scale (and offset times the sum of x)
+        g0 = tl.zeros([BLOCK_N, 1], dtype=tl.int32)
+        a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn, rows[:, None],
+                              g0, GROUP, BLOCK, SUB_SCALE, OFFSET)
+        acc = acc * a
+        if OFFSET != 0:
+            acc += off * sx[None, :]
+    n2 = rows_out[:, None]
+    ok = (rows_out < N)[:, None] & m_ok[None, :]
+    if SPLIT > 1:
+        tl.store(part_ptr + (tl.program_id(2) * M + ms[None, :]) * N + n2, acc, mask=ok)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows).to(tl.float32)[:, None]
+        if RESIDUAL:
+            acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32) + tl.load(
+                res_ptr + ms[None, :] * s_rm + n2, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + ms[None, :] * s_om + n2, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _qmm_reduce(part_ptr, out_ptr, b_ptr, res_ptr, M, N, s_om, s_rm, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+                HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
+    """out[m, n] from the SPLIT float32 partials, summed in order, then the epilogues of _qmm."""
+    m = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = n < N
+    acc = tl.load(part_ptr + m * N + n, mask=ok, other=0.0)
+    for s in tl.static_range(1, SPLIT):
+        acc += tl.load(part_ptr + (s * M + m) * N + n, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=ok, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32) + tl.load(res_ptr + m * s_rm + n, mask=ok,
+                                                                          other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * s_om + n, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _split(k: int, block_k: int, want: int) -> int:
+    """The largest power of two <= ``want`` that divides K's loop steps."""
+    steps = k // block_k
+    s = 1
+    while s * 2 <= want and steps % (s * 2) == 0:
+        s *= 2
+    return s
+
+
+def qmm(x: torch.Tensor, w: PackedWeight, b: torch.Tensor | None = None, *, residual: torch.Tensor | None = None,
+        config: MMConfig | None = None) -> torch.Tensor:
+    """``x`` [M, K] (bfloat16, float16 or float32), ``w`` packed [N, K] -> ``residual + x @ dequant(w).T + b``
+    [M, N] in x's dtype (``b`` [N], ``residual`` [M, N]; each optional), rounded where
+    ``residual + F.linear(x, dequantize_to(w, x.dtype), b)`` rounds. ``config``: a launch shape other than
+    :func:`mm_config`'s (its split_k lowered to what divides K's steps)."""
+    n, k = w.shape
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"qmm takes x [M, {k}], got {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"qmm multiplies bfloat16, float16 or float32 activations, not {x.dtype}")
+    if x.device != w.device:
+        raise ValueError(f"qmm: x on {x.device}, weight on {w.device}")
+    m = x.shape[0]
+    if residual is not None and residual.shape != (m, n):
+        raise ValueError(f"qmm's residual is [{m}, {n}], got {tuple(residual.shape)}")
+    if b is not None and b.shape != (n,):
+        raise ValueError(f"qmm's bias is [{n}], got {tuple(b.shape)}")
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    cfg = config or mm_config(m, n, k, w.fmt)
+    block_k = tile_k(w.fmt, k, cfg.block_k)
+    if w.fmt.bits == 8:
+        gs = block_k if row_mode(w.fmt, k) else w.fmt.group
+        ng = block_k // gs
+    else:
+        gs, ng = 32, block_k // 32
+    split = _split(k, block_k, cfg.split_k)
+    planes, strides = plane_args(w)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    res = residual if residual is None or residual.stride(1) == 1 else residual.contiguous()
+    bias = b.contiguous() if b is not None else x
+    part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
+    dot_f32 = x.dtype == torch.float32 or x.device.type == "cpu"
+    _qmm[grid](x, out, bias, res if res is not None else x, part, m, n, k, k // split, x.stride(0), out.stride(0),
+               res.stride(0) if res is not None else 0, *planes, *strides, **format_constants(w.fmt, k),
+               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, NG=ng, GS=gs, SPLIT=split,
+               HAS_BIAS=b is not None, RESIDUAL=res is not None, DOT_F32=dot_f32,
+               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split > 1:
+        block = min(1024, triton.next_power_of_2(n))
+        _qmm_reduce[(triton.cdiv(n, block), m)](part, out, bias, res if res is not None else x, m, n, out.stride(0),
+                                                res.stride(0) if res is not None else 0, SPLIT=split, BLOCK=block,
+                                                HAS_BIAS=b is not None, RESIDUAL=res is not None, num_warps=4)
+    return out
