@@ -101,10 +101,26 @@ def test_qmm_takes_shards_and_strided_rows() -> None:
 
 
 def test_default_config_and_rows_tile() -> None:
-    assert [rows_tile(m) for m in (1, 2, 16, 17, 33, 64, 65, 256)] == [16, 16, 16, 32, 64, 64, 64, 64]
+    assert [rows_tile(m) for m in (1, 2, 16, 17, 33, 64, 65, 256)] == [16, 16, 16, 32, 64, 64, 128, 128]
     fmt = FORMATS["q4_k"](4096)
-    assert mm_config(4, 4096, 4096, fmt).split_k == 2 and mm_config(4, 28672, 4096, fmt).split_k == 1
-    assert mm_config(256, 4096, 4096, fmt).block_m == 64
+    narrow, wide = mm_config(4, 4096, 4096, fmt), mm_config(4, 28672, 4096, fmt)
+    assert (narrow.block_n, narrow.split_k, wide.block_n, wide.split_k) == (32, 2, 64, 1)
+    assert mm_config(256, 4096, 4096, fmt).block_m == 128
+
+
+def test_split_k_leaves_its_counters_at_zero() -> None:
+    """The tile counters of a split-K launch are kept between calls: each launch must leave them at zero."""
+    from chatcore.layers import triton_qmm
+
+    w = random_packed("q4_k", 48, 1024, seed=6)
+    x = torch.randn(33, 1024)
+    triton_qmm._COUNTERS.clear()
+    cfg = MMConfig(block_n=16, block_k=128, split_k=4)
+    first = qmm(x, w, config=cfg)
+    kept = triton_qmm._COUNTERS[x.device]
+    assert kept.numel() >= 3 * 3 and not kept.any()
+    assert qmm(x, w, config=cfg).equal(first)
+    assert triton_qmm._COUNTERS[x.device] is kept and not kept.any()
 
 
 def test_bad_calls_say_what_is_wrong() -> None:

@@ -19,11 +19,12 @@ row's scale (and offset times the sum of x) after the dot. For 4-6 bits one ``ql
 j + 16 of a 32-column chunk: the tile's low nibbles and high nibbles are two half tiles, each its own dot
 with the matching columns of x (no reordering of the weight).
 
-Options: ``split_k`` programs per output tile each reduce a slice of K into a float32 workspace, a second kernel
-sums them in a fixed order (deterministic); epilogues bias (added in float32 before the rounding) and residual
-(added to the rounded product, then rounded: as ``residual + F.linear(x, w, b)``). Launch shapes come from
-:func:`mm_config`; ``config=`` overrides it (the benchmark's sweep). Nothing reads the device from the host, so a
-call can be captured in a CUDA graph.
+Options: ``split_k`` programs per output tile each reduce a slice of K into a float32 workspace; the last of
+them to finish (an atomic counter per tile, left at zero for the next call) sums the partials in split order,
+so the result does not depend on which finished first, and runs the epilogues (one kernel). Epilogues: bias
+(added in float32 before the rounding) and residual (added to the rounded product, then rounded: as
+``residual + F.linear(x, w, b)``). Launch shapes come from :func:`mm_config`; ``config=`` overrides it (the
+benchmark's sweep). Nothing reads the device from the host, so a call can be captured in a CUDA graph.
 
 On the CPU (Triton's interpreter, whose bfloat16 ``tl.dot`` is wrong) both operands go to float32 after the
 weight tile is rounded to x's dtype, and float32 x is multiplied in full float32 precision everywhere.
@@ -66,17 +67,25 @@ class MMConfig:
 
 
 def rows_tile(m: int) -> int:
-    """BLOCK_M for M rows: M rounded up to a power of two, 16 .. 64."""
-    return min(max(16, triton.next_power_of_2(m)), 64)
+    """BLOCK_M for M rows: M rounded up to a power of two, 16 .. 128."""
+    return min(max(16, triton.next_power_of_2(m)), 128)
+
+
+PROGRAMS = 256   # programs a launch should make at least (the H200 has 132 SMs), splitting K if need be
 
 
 def mm_config(m: int, n: int, k: int, fmt: QuantFormat) -> MMConfig:
-    """The default launch shape for x [m, k] times an [n, k] weight of ``fmt`` (a first guess, before any GPU
-    sweep): 64 weight rows x 256 columns a step with 4 warps; K split in two for narrow outputs (n <= 4096) at
-    small M, so that the grid covers the GPU's SMs."""
+    """The default launch shape for x [m, k] times an [n, k] weight of ``fmt`` (a first guess, before a GPU
+    sweep): 256 columns a step, 4 warps, 3 stages; 64 weight rows a program, 32 where that makes too few
+    programs, and K split (2, 4 or 8 ways) until there are about :data:`PROGRAMS` (narrow outputs at small M)."""
     block_m = rows_tile(m)
-    split = 2 if (m <= 64 and n <= 4096) else 1
-    return MMConfig(block_m=block_m, block_n=64, block_k=256, split_k=split, num_warps=4, num_stages=3)
+    tiles_m = triton.cdiv(m, block_m)
+    block_n = 64 if triton.cdiv(n, 64) * tiles_m >= PROGRAMS else 32
+    programs = triton.cdiv(n, block_n) * tiles_m
+    split = 1
+    while split < 8 and programs * split * 5 < PROGRAMS * 4:   # below 80% of the target
+        split *= 2
+    return MMConfig(block_m=block_m, block_n=block_n, block_k=256, split_k=split, num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -107,7 +116,7 @@ def _dot(w, xt, acc, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _qmm(x_ptr, out_ptr, b_ptr, res_ptr, part_ptr, M, N, K, K_SPLIT, s_xm, s_om, s_rm,
+def _qmm(x_ptr, out_ptr, b_ptr, res_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, s_xm, s_om, s_rm,
          ql_ptr, qh_ptr, q_ptr, d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr,
          s_ql, s_qh, s_q, s_d, s_sc, s_m, s_dmin, s_mn,
          BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, ZERO: tl.constexpr,
@@ -115,8 +124,9 @@ def _qmm(x_ptr, out_ptr, b_ptr, res_ptr, part_ptr, M, N, K, K_SPLIT, s_xm, s_om,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
          SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, DOT_F32: tl.constexpr):
     """out.T[rows, ms] for BLOCK_N weight rows and BLOCK_M activation rows over K columns k_start ..
-    + K_SPLIT; SPLIT > 1: the float32 partial goes to part_ptr[program_id(2)]. A tile is NG groups of GS columns
-    (8 bits; one group in row mode) or NG 32-column chunks (4-6 bits)."""
+    + K_SPLIT; SPLIT > 1: the float32 partial goes to part_ptr[program_id(2)], and the last of the tile's SPLIT
+    programs (counted at cnt_ptr[tile]) adds the partials in split order and writes out. A tile is NG groups of
+    GS columns (8 bits; one group in row mode) or NG 32-column chunks (4-6 bits)."""
     rows_out = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(rows_out, N - 1).to(tl.int64)   # rows past N read row N - 1; their results are not stored
     ms = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -207,33 +217,46 @@ def _qmm(x_ptr, out_ptr, b_ptr, res_ptr, part_ptr, M, N, K, K_SPLIT, s_xm, s_om,
             acc += off * sx[None, :]
     n2 = rows_out[:, None]
     ok = (rows_out < N)[:, None] & m_ok[None, :]
-    if SPLIT > 1:
+    if SPLIT > 1:   # partials to the workspace; the tile's last program to finish sums them in order
         tl.store(part_ptr + (tl.program_id(2) * M + ms[None, :]) * N + n2, acc, mask=ok)
+        tl.debug_barrier()   # every thread's partial stored before the count is raised (release, gpu scope)
+        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+            acc = tl.load(part_ptr + ms[None, :] * N + n2, mask=ok, other=0.0, cache_modifier=".cg")
+            for s in tl.static_range(1, SPLIT):
+                acc += tl.load(part_ptr + (s * M + ms[None, :]) * N + n2, mask=ok, other=0.0, cache_modifier=".cg")
+            _epilogue(acc, out_ptr, b_ptr, res_ptr, rows, n2, ms, ok, s_om, s_rm, HAS_BIAS, RESIDUAL)
+            tl.atomic_xchg(cnt_ptr + tile, 0)   # zero again for the next call
     else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rows).to(tl.float32)[:, None]
-        if RESIDUAL:
-            acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32) + tl.load(
-                res_ptr + ms[None, :] * s_rm + n2, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + ms[None, :] * s_om + n2, acc.to(out_ptr.dtype.element_ty), mask=ok)
+        _epilogue(acc, out_ptr, b_ptr, res_ptr, rows, n2, ms, ok, s_om, s_rm, HAS_BIAS, RESIDUAL)
 
 
 @triton.jit
-def _qmm_reduce(part_ptr, out_ptr, b_ptr, res_ptr, M, N, s_om, s_rm, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
-                HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
-    """out[m, n] from the SPLIT float32 partials, summed in order, then the epilogues of _qmm."""
-    m = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = n < N
-    acc = tl.load(part_ptr + m * N + n, mask=ok, other=0.0)
-    for s in tl.static_range(1, SPLIT):
-        acc += tl.load(part_ptr + (s * M + m) * N + n, mask=ok, other=0.0)
+def _epilogue(acc, out_ptr, b_ptr, res_ptr, rows, n2, ms, ok, s_om, s_rm, HAS_BIAS: tl.constexpr,
+              RESIDUAL: tl.constexpr):
+    """out.T tile = acc (+ bias in float32), rounded, (+ residual, rounded again)."""
     if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=ok, other=0.0).to(tl.float32)
+        acc += tl.load(b_ptr + rows).to(tl.float32)[:, None]
     if RESIDUAL:
-        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32) + tl.load(res_ptr + m * s_rm + n, mask=ok,
-                                                                          other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * s_om + n, acc.to(out_ptr.dtype.element_ty), mask=ok)
+        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32) + tl.load(
+            res_ptr + ms[None, :] * s_rm + n2, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + ms[None, :] * s_om + n2, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}   # per device: split-K tile counters, zero between calls
+
+
+def counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """``tiles`` zeroed int32 counters for a split-K launch: a kept buffer (each launch leaves its counters at
+    zero), made or grown outside a CUDA-graph capture; during one, a fresh zeroed tensor (its memset captured).
+    Launches sharing the kept buffer must not run at once (one stream per device, as the engine runs)."""
+    have = _COUNTERS.get(device)
+    if have is not None and have.numel() >= tiles:
+        return have
+    fresh = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        _COUNTERS[device] = fresh
+    return fresh
 
 
 def _split(k: int, block_k: int, want: int) -> int:
@@ -280,15 +303,11 @@ def qmm(x: torch.Tensor, w: PackedWeight, b: torch.Tensor | None = None, *, resi
     bias = b.contiguous() if b is not None else x
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
+    cnt = counters(x.device, grid[0] * grid[1]) if split > 1 else out
     dot_f32 = x.dtype == torch.float32 or x.device.type == "cpu"
-    _qmm[grid](x, out, bias, res if res is not None else x, part, m, n, k, k // split, x.stride(0), out.stride(0),
-               res.stride(0) if res is not None else 0, *planes, *strides, **format_constants(w.fmt, k),
-               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, NG=ng, GS=gs, SPLIT=split,
-               HAS_BIAS=b is not None, RESIDUAL=res is not None, DOT_F32=dot_f32,
+    _qmm[grid](x, out, bias, res if res is not None else x, part, cnt, m, n, k, k // split, x.stride(0),
+               out.stride(0), res.stride(0) if res is not None else 0, *planes, *strides,
+               **format_constants(w.fmt, k), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, NG=ng,
+               GS=gs, SPLIT=split, HAS_BIAS=b is not None, RESIDUAL=res is not None, DOT_F32=dot_f32,
                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if split > 1:
-        block = min(1024, triton.next_power_of_2(n))
-        _qmm_reduce[(triton.cdiv(n, block), m)](part, out, bias, res if res is not None else x, m, n, out.stride(0),
-                                                res.stride(0) if res is not None else 0, SPLIT=split, BLOCK=block,
-                                                HAS_BIAS=b is not None, RESIDUAL=res is not None, num_warps=4)
     return out
