@@ -7,6 +7,8 @@ run the compiled kernel at the 8B model's shapes and inside a CUDA graph.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from quant_factory import FORMATS as REAL_FORMATS
@@ -16,7 +18,7 @@ from test_quant_kernels import FORMATS, random_packed
 from chatcore.layers import qmm_choice
 from chatcore.layers.qmm_choice import packed_kernel
 from chatcore.layers.triton_qmm import MMConfig, mm_config, qmm, rows_tile
-from chatcore.quant.packed import PackedWeight, dequantize
+from chatcore.quant.packed import PackedWeight, QuantFormat, dequantize
 
 pytest.importorskip("triton")
 
@@ -100,11 +102,37 @@ def test_qmm_takes_shards_and_strided_rows() -> None:
         close(qmm(x, part), unfused(x, part), torch.float32)
 
 
+@pytest.mark.parametrize("name", ["q4_k", "int4_g64"])
+def test_qmm_reads_unaligned_4bit_codes_by_bytes(name: str) -> None:
+    """4-bit codes are read as int32 words where the ql plane lies on 4-byte boundaries, else byte by byte:
+    both give the same products."""
+    w = random_packed(name, 24, 256, seed=8)
+    wide = torch.zeros(24, 128 + 2, dtype=torch.uint8)
+    wide[:, 2:] = w.ql
+    odd = dataclasses.replace(w, ql=wide[:, 2:])
+    assert odd.ql.stride(0) % 4 and odd.ql.equal(w.ql)
+    x = torch.randn(3, 256)
+    cfg = MMConfig(block_n=16, block_k=128)
+    assert qmm(x, odd, config=cfg).equal(qmm(x, w, config=cfg))
+    close(qmm(x, odd, config=cfg), unfused(x, w), torch.float32)
+
+
+def test_qmm_with_one_4bit_group_per_row() -> None:
+    k = 256
+    f = QuantFormat("int4_row", 4, k, k, offset="min")
+    g = torch.Generator().manual_seed(2)
+    w = PackedWeight(f, (20, k), ql=torch.randint(0, 256, (20, k // 2), dtype=torch.uint8, generator=g),
+                     d=torch.rand(20, 1, generator=g) * 0.01, m=(torch.randn(20, 1, generator=g) * 0.05).half())
+    x, b, res = inputs(5, 20, k, torch.float32, seed=3)
+    close(qmm(x, w, b, residual=res, config=MMConfig(block_n=16, block_k=64, split_k=2)), unfused(x, w, b, res),
+          torch.float32)
+
+
 def test_default_config_and_rows_tile() -> None:
     assert [rows_tile(m) for m in (1, 2, 16, 17, 33, 64, 65, 256)] == [16, 16, 16, 32, 64, 64, 128, 128]
     fmt = FORMATS["q4_k"](4096)
     narrow, wide = mm_config(4, 4096, 4096, fmt), mm_config(4, 28672, 4096, fmt)
-    assert (narrow.block_n, narrow.split_k, wide.block_n, wide.split_k) == (32, 2, 64, 1)
+    assert (narrow.block_n, narrow.split_k, wide.block_n, wide.split_k) == (64, 4, 64, 1)
     assert mm_config(256, 4096, 4096, fmt).block_m == 128
 
 

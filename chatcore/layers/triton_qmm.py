@@ -76,16 +76,16 @@ PROGRAMS = 256   # programs a launch should make at least (the H200 has 132 SMs)
 
 def mm_config(m: int, n: int, k: int, fmt: QuantFormat) -> MMConfig:
     """The default launch shape for x [m, k] times an [n, k] weight of ``fmt`` (a first guess, before a GPU
-    sweep): 256 columns a step, 4 warps, 3 stages; 64 weight rows a program, 32 where that makes too few
-    programs, and K split (2, 4 or 8 ways) until there are about :data:`PROGRAMS` (narrow outputs at small M)."""
+    sweep): 64 weight rows x 256 columns a step, 4 warps (one warpgroup: Hopper's wgmma takes 64 rows; ptxas
+    for sm_90 counts ~6 SASS instructions per 4-bit weight in the loop there, against ~9.5 with 32 rows, which
+    fall back to mma.sync), 3 stages; K split (2, 4 or 8 ways) until the launch has about :data:`PROGRAMS`
+    programs (narrow outputs at small M)."""
     block_m = rows_tile(m)
-    tiles_m = triton.cdiv(m, block_m)
-    block_n = 64 if triton.cdiv(n, 64) * tiles_m >= PROGRAMS else 32
-    programs = triton.cdiv(n, block_n) * tiles_m
+    programs = triton.cdiv(n, 64) * triton.cdiv(m, block_m)
     split = 1
     while split < 8 and programs * split * 5 < PROGRAMS * 4:   # below 80% of the target
         split *= 2
-    return MMConfig(block_m=block_m, block_n=block_n, block_k=256, split_k=split, num_warps=4, num_stages=3)
+    return MMConfig(block_m=block_m, block_n=64, block_k=256, split_k=split, num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -103,7 +103,30 @@ def _row_values(f, BITS: tl.constexpr, ZERO: tl.constexpr, FLOAT_CODES: tl.const
     if FLOAT_CODES:
         return f
     else:
-        return f * (1 << BITS) - ((1 << BITS) + ZERO)
+        return tl.fma(f, 1 << BITS, -((1 << BITS) + ZERO))
+
+
+@triton.jit
+def _nibble(wd, SHIFT: tl.constexpr):
+    """The nibble of the int32 words ``wd`` at bits 19 - SHIFT .. 22 - SHIFT, as the float32 1 + code / 16."""
+    if SHIFT >= 0:
+        t = wd << SHIFT
+    else:
+        t = wd >> (-SHIFT)    # arithmetic: the sign fills bits the mask drops
+    return ((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _word_half(wd, a, off, SHIFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The low (SHIFT 19) or high (15) nibbles of the words ``wd`` [BN, NG, 4] (word q of a chunk holds bytes
+    4q .. 4q + 3, byte b its columns 4q + b and 16 + 4q + b) dequantized as ``a * f + off``: [BN, BLOCK_K / 2]
+    in column order chunk * 32 + 4q + b (+ 16 for the high nibbles)."""
+    v0 = tl.fma(a, _nibble(wd, SHIFT), off)
+    v1 = tl.fma(a, _nibble(wd, SHIFT - 8), off)
+    v2 = tl.fma(a, _nibble(wd, SHIFT - 16), off)
+    v3 = tl.fma(a, _nibble(wd, SHIFT - 24), off)
+    v = tl.join(tl.join(v0, v2), tl.join(v1, v3))      # [BN, NG, 4, 2, 2]: [.., i, j] is byte 2i + j
+    return tl.reshape(v, [BLOCK_N, BLOCK_K // 2])
 
 
 @triton.jit
@@ -122,7 +145,8 @@ def _qmm(x_ptr, out_ptr, b_ptr, res_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, s_
          BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, ZERO: tl.constexpr,
          SUB_SCALE: tl.constexpr, OFFSET: tl.constexpr, FLOAT_CODES: tl.constexpr, ROW: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
-         SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, DOT_F32: tl.constexpr):
+         SPLIT: tl.constexpr, WORDS: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+         DOT_F32: tl.constexpr):
     """out.T[rows, ms] for BLOCK_N weight rows and BLOCK_M activation rows over K columns k_start ..
     + K_SPLIT; SPLIT > 1: the float32 partial goes to part_ptr[program_id(2)], and the last of the tile's SPLIT
     programs (counted at cnt_ptr[tile]) adds the partials in split order and writes out. A tile is NG groups of
@@ -159,12 +183,24 @@ def _qmm(x_ptr, out_ptr, b_ptr, res_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, s_
                 a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn, r3, g,
                                       GROUP, BLOCK, SUB_SCALE, OFFSET)
                 a, off = _fold(a, off, BITS, ZERO, FLOAT_CODES)
-                v = a * f + off
+                v = tl.fma(a, f, off)
             w = tl.reshape(v, [BLOCK_N, BLOCK_K]).to(dt)
             xt = tl.load(x_ptr + ms[None, :] * s_xm + k0 + kk[:, None], mask=m_ok[None, :], other=0.0)
             acc = _dot(w, xt, acc, DOT_F32)
             if ROW and OFFSET != 0:
                 sx += tl.sum(xt.to(tl.float32), 0)
+        elif WORDS:   # 4-bit codes, groups of >= 32 columns: ql read as int32 words, 8 codes a word
+            chunk = k0 // 32 + c3                          # [1, NG, 1]
+            wd = tl.load(ql_ptr + r3 * s_ql + chunk * 4 + tl.arange(0, 4)[None, None, :])   # [BN, NG, 4]
+            a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn, r3,
+                                  (chunk * 32) // GROUP, GROUP, BLOCK, SUB_SCALE, OFFSET)
+            a, off = _fold(a, off, BITS, ZERO, False)
+            w_lo = _word_half(wd, a, off, 19, BLOCK_N, BLOCK_K).to(dt)
+            w_hi = _word_half(wd, a, off, 15, BLOCK_N, BLOCK_K).to(dt)
+            x_lo = tl.load(x_ptr + ms[None, :] * s_xm + k0 + kk[:, None], mask=m_ok[None, :], other=0.0)
+            x_hi = tl.load(x_ptr + ms[None, :] * s_xm + k0 + 16 + kk[:, None], mask=m_ok[None, :], other=0.0)
+            acc = _dot(w_lo, x_lo, acc, DOT_F32)
+            acc = _dot(w_hi, x_hi, acc, DOT_F32)
         else:
             chunk = k0 // 32 + c3                          # [1, NG, 1]
             ql = tl.load(ql_ptr + r3 * s_ql + chunk * 16 + j3).to(tl.int32)   # [BN, NG, 16]
@@ -177,8 +213,12 @@ def _qmm(x_ptr, out_ptr, b_ptr, res_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, s_
             elif BITS == 6:   # two words (low / high half), bits 2 * (e % 16) .. + 1 for column e
                 lo = lo | (((tl.load(qh_ptr + r3 * s_qh + chunk * 2) >> (2 * j3)) & 3) << 4)
                 hi = hi | (((tl.load(qh_ptr + r3 * s_qh + chunk * 2 + 1) >> (2 * j3)) & 3) << 4)
-            f_lo = _code_float(lo, BITS)
-            f_hi = _code_float(hi, BITS)
+            if BITS == 4:   # each nibble shifted under the exponent and masked in one step (as the GEMV)
+                f_lo = (((ql << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+                f_hi = (((ql << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            else:
+                f_lo = _code_float(lo, BITS)
+                f_hi = _code_float(hi, BITS)
             if ROW:
                 v_lo = _row_values(f_lo, BITS, ZERO, False)
                 v_hi = _row_values(f_hi, BITS, ZERO, False)
@@ -188,18 +228,18 @@ def _qmm(x_ptr, out_ptr, b_ptr, res_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, s_
                     a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn,
                                           r3, g, GROUP, BLOCK, SUB_SCALE, OFFSET)
                     a, off = _fold(a, off, BITS, ZERO, False)
-                    v_lo = a * f_lo + off
-                    v_hi = a * f_hi + off
+                    v_lo = tl.fma(a, f_lo, off)
+                    v_hi = tl.fma(a, f_hi, off)
                 else:       # 16-column groups: a chunk's low half is one group, its high half the next
                     g = chunk * 2
                     a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn,
                                           r3, g, GROUP, BLOCK, SUB_SCALE, OFFSET)
                     a, off = _fold(a, off, BITS, ZERO, False)
-                    v_lo = a * f_lo + off
+                    v_lo = tl.fma(a, f_lo, off)
                     a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn,
                                           r3, g + 1, GROUP, BLOCK, SUB_SCALE, OFFSET)
                     a, off = _fold(a, off, BITS, ZERO, False)
-                    v_hi = a * f_hi + off
+                    v_hi = tl.fma(a, f_hi, off)
             w_lo = tl.reshape(v_lo, [BLOCK_N, BLOCK_K // 2]).to(dt)
             w_hi = tl.reshape(v_hi, [BLOCK_N, BLOCK_K // 2]).to(dt)
             x_lo = tl.load(x_ptr + ms[None, :] * s_xm + k0 + kk[:, None], mask=m_ok[None, :], other=0.0)
@@ -259,6 +299,15 @@ def counters(device: torch.device, tiles: int) -> torch.Tensor:
     return fresh
 
 
+def _words(w: PackedWeight, k: int) -> bool:
+    """Whether the kernel reads ``ql`` as int32 words: 4-bit codes in groups of >= 32 columns (not one scale a
+    row), the plane's start and row stride on 4-byte boundaries."""
+    f, ql = w.fmt, w.ql
+    if f.bits != 4 or row_mode(f, k) or f.group < 32 or ql is None:
+        return False
+    return ql.stride(0) % 4 == 0 and ql.storage_offset() % 4 == 0 and ql.data_ptr() % 4 == 0
+
+
 def _split(k: int, block_k: int, want: int) -> int:
     """The largest power of two <= ``want`` that divides K's loop steps."""
     steps = k // block_k
@@ -298,6 +347,10 @@ def qmm(x: torch.Tensor, w: PackedWeight, b: torch.Tensor | None = None, *, resi
         gs, ng = 32, block_k // 32
     split = _split(k, block_k, cfg.split_k)
     planes, strides = plane_args(w)
+    words = _words(w, k)
+    if words:   # ql as int32 words (its byte offset and row stride are multiples of 4: checked)
+        planes[0] = w.ql.view(torch.int32)   # type: ignore[union-attr]
+        strides[0] = planes[0].stride(0)
     x = x if x.stride(1) == 1 else x.contiguous()
     res = residual if residual is None or residual.stride(1) == 1 else residual.contiguous()
     bias = b.contiguous() if b is not None else x
@@ -308,6 +361,6 @@ def qmm(x: torch.Tensor, w: PackedWeight, b: torch.Tensor | None = None, *, resi
     _qmm[grid](x, out, bias, res if res is not None else x, part, cnt, m, n, k, k // split, x.stride(0),
                out.stride(0), res.stride(0) if res is not None else 0, *planes, *strides,
                **format_constants(w.fmt, k), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, NG=ng,
-               GS=gs, SPLIT=split, HAS_BIAS=b is not None, RESIDUAL=res is not None, DOT_F32=dot_f32,
+               GS=gs, SPLIT=split, WORDS=words, HAS_BIAS=b is not None, RESIDUAL=res is not None, DOT_F32=dot_f32,
                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
