@@ -102,15 +102,17 @@ def test_qmm_takes_shards_and_strided_rows() -> None:
         close(qmm(x, part), unfused(x, part), torch.float32)
 
 
-@pytest.mark.parametrize("name", ["q4_k", "int4_g64"])
-def test_qmm_reads_unaligned_4bit_codes_by_bytes(name: str) -> None:
-    """4-bit codes are read as int32 words where the ql plane lies on 4-byte boundaries, else byte by byte:
-    both give the same products."""
+@pytest.mark.parametrize("name", ["q4_k", "int4_g64", "q8_0", "int8"])
+def test_qmm_reads_unaligned_codes_by_bytes(name: str) -> None:
+    """4-bit and int8 codes are read as int32 words where their plane lies on 4-byte boundaries, else byte by
+    byte: both give the same products."""
     w = random_packed(name, 24, 256, seed=8)
-    wide = torch.zeros(24, 128 + 2, dtype=torch.uint8)
-    wide[:, 2:] = w.ql
-    odd = dataclasses.replace(w, ql=wide[:, 2:])
-    assert odd.ql.stride(0) % 4 and odd.ql.equal(w.ql)
+    plane = "ql" if w.fmt.bits == 4 else "q"
+    codes = getattr(w, plane)
+    wide = torch.zeros(24, codes.shape[1] + 2, dtype=codes.dtype)
+    wide[:, 2:] = codes
+    odd = dataclasses.replace(w, **{plane: wide[:, 2:]})
+    assert getattr(odd, plane).stride(0) % 4 and getattr(odd, plane).equal(codes)
     x = torch.randn(3, 256)
     cfg = MMConfig(block_n=16, block_k=128)
     assert qmm(x, odd, config=cfg).equal(qmm(x, w, config=cfg))

@@ -130,6 +130,29 @@ def _word_half(wd, a, off, SHIFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: 
 
 
 @triton.jit
+def _byte(wd, SHIFT: tl.constexpr):
+    """The byte of the int32 words ``wd`` at bits 15 - SHIFT .. 22 - SHIFT, an int8 code c, as the float32
+    1 + (c + 128) / 256: its bits under the exponent with the top bit flipped (one mask-and-xor)."""
+    if SHIFT >= 0:
+        t = wd << SHIFT
+    else:
+        t = wd >> (-SHIFT)
+    return ((t & 0x7F8000) ^ 0x3FC00000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _word_bytes(wd, a, off, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int8 codes of the words ``wd`` [BN, NG, W] (byte b of word q: column 4q + b of the tile) dequantized
+    as ``a * f + off``: [BN, BLOCK_K] in column order."""
+    v0 = tl.fma(a, _byte(wd, 15), off)
+    v1 = tl.fma(a, _byte(wd, 7), off)
+    v2 = tl.fma(a, _byte(wd, -1), off)
+    v3 = tl.fma(a, _byte(wd, -9), off)
+    v = tl.join(tl.join(v0, v2), tl.join(v1, v3))      # [.., i, j] is byte 2i + j
+    return tl.reshape(v, [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
 def _dot(w, xt, acc, DOT_F32: tl.constexpr):
     """acc + w @ xt, w already rounded to x's dtype; DOT_F32: both in float32 at full precision."""
     if DOT_F32:
@@ -162,6 +185,7 @@ def _qmm(x_ptr, out_ptr, b_ptr, res_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, s_
     if BITS == 8:
         r3 = rows[:, None, None]
         kg = tl.arange(0, NG)[None, :, None] * GS + tl.arange(0, GS)[None, None, :]   # [1, NG, GS]
+        kw = tl.arange(0, NG)[None, :, None] * (GS // 4) + tl.arange(0, GS // 4)[None, None, :]   # words
         kk = tl.arange(0, BLOCK_K)
     else:
         r3 = rows[:, None, None]
@@ -170,7 +194,22 @@ def _qmm(x_ptr, out_ptr, b_ptr, res_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, s_
         kk = tl.arange(0, BLOCK_K // 2)
         kk = (kk // 16) * 32 + kk % 16                     # a half tile's columns: chunk * 32 + j
     for k0 in tl.range(k_start, k_start + K_SPLIT, BLOCK_K):
-        if BITS == 8:
+        if BITS == 8 and WORDS:   # int8 codes read as int32 words, 4 codes a word
+            wq = tl.load(q_ptr + r3 * s_q + k0 // 4 + kw)   # [BN, NG, GS / 4]
+            if ROW:   # exact code - zero: f * 256 - (256 + ZERO)
+                a = tl.full([1, 1, 1], 256.0, tl.float32)
+                off = tl.full([1, 1, 1], -(256.0 + ZERO), tl.float32)
+            else:
+                g = k0 // GROUP + tl.arange(0, NG)[None, :, None]
+                a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn, r3, g,
+                                      GROUP, BLOCK, SUB_SCALE, OFFSET)
+                a, off = _fold(a, off, BITS, ZERO, False)
+            w = _word_bytes(wq, a, off, BLOCK_N, BLOCK_K).to(dt)
+            xt = tl.load(x_ptr + ms[None, :] * s_xm + k0 + kk[:, None], mask=m_ok[None, :], other=0.0)
+            acc = _dot(w, xt, acc, DOT_F32)
+            if ROW and OFFSET != 0:
+                sx += tl.sum(xt.to(tl.float32), 0)
+        elif BITS == 8:
             q = tl.load(q_ptr + r3 * s_q + k0 + kg)       # [BN, NG, GS]
             if FLOAT_CODES:
                 f = q.to(tl.float32)
@@ -299,13 +338,19 @@ def counters(device: torch.device, tiles: int) -> torch.Tensor:
     return fresh
 
 
-def _words(w: PackedWeight, k: int) -> bool:
-    """Whether the kernel reads ``ql`` as int32 words: 4-bit codes in groups of >= 32 columns (not one scale a
-    row), the plane's start and row stride on 4-byte boundaries."""
-    f, ql = w.fmt, w.ql
-    if f.bits != 4 or row_mode(f, k) or f.group < 32 or ql is None:
-        return False
-    return ql.stride(0) % 4 == 0 and ql.storage_offset() % 4 == 0 and ql.data_ptr() % 4 == 0
+def _words(w: PackedWeight, k: int) -> torch.Tensor | None:
+    """The codes plane as int32 words where the kernel reads it so (4-bit codes in groups of >= 32 columns, not
+    one scale a row; int8 codes), if its start and row stride lie on 4-byte boundaries; else None (bytes)."""
+    f = w.fmt
+    if f.bits == 4 and not row_mode(f, k) and f.group >= 32:
+        t = w.ql
+    elif f.bits == 8 and not f.float_codes:
+        t = w.q
+    else:
+        return None
+    if t is None or t.stride(0) % 4 or t.storage_offset() % 4 or t.data_ptr() % 4:
+        return None
+    return t.view(torch.int32)
 
 
 def _split(k: int, block_k: int, want: int) -> int:
@@ -348,9 +393,9 @@ def qmm(x: torch.Tensor, w: PackedWeight, b: torch.Tensor | None = None, *, resi
     split = _split(k, block_k, cfg.split_k)
     planes, strides = plane_args(w)
     words = _words(w, k)
-    if words:   # ql as int32 words (its byte offset and row stride are multiples of 4: checked)
-        planes[0] = w.ql.view(torch.int32)   # type: ignore[union-attr]
-        strides[0] = planes[0].stride(0)
+    if words is not None:   # the codes as int32 words
+        at = 0 if w.fmt.bits == 4 else 2
+        planes[at], strides[at] = words, words.stride(0)
     x = x if x.stride(1) == 1 else x.contiguous()
     res = residual if residual is None or residual.stride(1) == 1 else residual.contiguous()
     bias = b.contiguous() if b is not None else x
@@ -361,6 +406,6 @@ def qmm(x: torch.Tensor, w: PackedWeight, b: torch.Tensor | None = None, *, resi
     _qmm[grid](x, out, bias, res if res is not None else x, part, cnt, m, n, k, k // split, x.stride(0),
                out.stride(0), res.stride(0) if res is not None else 0, *planes, *strides,
                **format_constants(w.fmt, k), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, NG=ng,
-               GS=gs, SPLIT=split, WORDS=words, HAS_BIAS=b is not None, RESIDUAL=res is not None, DOT_F32=dot_f32,
-               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+               GS=gs, SPLIT=split, WORDS=words is not None, HAS_BIAS=b is not None, RESIDUAL=res is not None,
+               DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
