@@ -211,3 +211,79 @@ def table(res: dict[str, Any]) -> list[str]:
                                  f"x{r['best']['block_k']} s{r['best']['split_k']} w{r['best']['num_warps']}"
                                  f" st{r['best']['num_stages']} {1e6 * r['seconds']:.1f}us" for r in best))
     return lines
+
+
+def ptxas_report(names: list[str], k: int = 4096) -> None:
+    """Compile the kernel for sm_90 without a GPU (triton.compile + ptxas from the triton wheel) and print per
+    format and default launch shape (M = 16, N = 4096, bias and residual on): registers, spills, whether the
+    dot became wgmma, and the SASS instructions of the main loop per weight. Runs on any machine with triton."""
+    import inspect
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from quant_kernels import FORMATS
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from chatcore.layers import triton_qmm
+    from chatcore.layers.triton_qgemv import format_constants, row_mode, tile_k
+
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    ptxas = next((os.path.join(bindir, p) for p in ("ptxas-blackwell", "ptxas")
+                  if os.path.exists(os.path.join(bindir, p))), "ptxas")
+    names_ = list(inspect.signature(triton_qmm._qmm.fn).parameters)
+    ints = ("M", "N", "K", "K_SPLIT")
+    for name in names:
+        fmt = FORMATS[name](k)
+        cfg = mm_config(16, 4096, k, fmt)
+        words = (fmt.bits == 4 and not row_mode(fmt, k) and fmt.group >= 32) or (fmt.bits == 8 and not fmt.float_codes)
+        ptr = {"x_ptr": "*bf16", "out_ptr": "*bf16", "b_ptr": "*bf16", "res_ptr": "*bf16", "part_ptr": "*fp32",
+               "cnt_ptr": "*i32", "ql_ptr": "*i32" if words and fmt.bits == 4 else "*u8", "qh_ptr": "*i32",
+               "q_ptr": "*fp8e4nv" if fmt.float_codes else ("*i32" if words else "*u8"),
+               "d_ptr": "*fp32" if row_mode(fmt, k) else "*fp16", "sc_ptr": "*i8" if fmt.bits == 6 else "*u8",
+               "m_ptr": "*fp16", "dmin_ptr": "*fp16", "mn_ptr": "*u8"}
+        sig = {n: ptr.get(n, "constexpr" if n.isupper() and n not in ints else "i32") for n in names_}
+        aligned = {(names_.index(n),): [["tt.divisibility", 16]] for n in names_
+                   if n.endswith("_ptr") or n.startswith("s_") or n in ("N", "K", "K_SPLIT")}
+        bk = tile_k(fmt, k, cfg.block_k)
+        gs = (bk if row_mode(fmt, k) else fmt.group) if fmt.bits == 8 else 32
+        consts = dict(format_constants(fmt, k), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, NG=bk // gs,
+                      GS=gs, SPLIT=cfg.split_k, WORDS=words, HAS_BIAS=True, RESIDUAL=True, DOT_F32=False)
+        compiled = triton.compile(ASTSource(triton_qmm._qmm, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        with tempfile.TemporaryDirectory() as tmp:
+            src, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+            with open(src, "w") as f:
+                f.write(compiled.asm["ptx"])
+            log = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", cubin], capture_output=True, text=True).stderr
+            sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", cubin], capture_output=True,
+                                  text=True).stdout
+        ins = [(int(m.group(1), 16), m.group(2)) for line in sass.splitlines()
+               if (m := re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line))]
+        at = {a: i for i, (a, _) in enumerate(ins)}
+        loop = 0
+        for i, (a, t) in enumerate(ins):   # the longest backward branch: the K loop
+            hit = re.search(r"0x([0-9a-f]+)", t) if "BRA" in t else None
+            if hit and int(hit.group(1), 16) < a and int(hit.group(1), 16) in at:
+                loop = max(loop, i - at[int(hit.group(1), 16)] + 1)
+        regs = re.search(r"Used (\d+) registers", log)
+        spill = re.search(r"(\d+) bytes spill stores", log)
+        per = loop / (cfg.block_n * bk / (32 * cfg.num_warps))
+        print(f"{name:<10} {cfg.block_m}x{cfg.block_n}x{bk} split {cfg.split_k} warps {cfg.num_warps}: "
+              f"{regs.group(1) if regs else '?'} registers, {spill.group(1) if spill else '?'} bytes spilled, "
+              f"{'wgmma' if 'HGMMA' in sass else 'mma.sync' if 'HMMA' in sass else 'no mma'}, "
+              f"loop {loop} instructions = {per:.2f} per weight", flush=True)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="qmm offline checks (the GPU part runs from quant_kernels.py --parts qmm)")
+    ap.add_argument("--ptxas", nargs="*", metavar="FORMAT", help="compile for sm_90 and report per format")
+    args = ap.parse_args()
+    from quant_kernels import FORMATS as _F
+
+    ptxas_report(args.ptxas or sorted(_F))
