@@ -5,6 +5,7 @@ Usage (on the GPU machine): python bench/quant_kernels.py --out DIR [--models 8b
     [--formats q4_k q6_k q4_0 q8_0 int4_g64 int4_g128 int8 fp8] [--budget 140] [--no-sweep]
     [--sweep-formats q4_k q8_0 q6_k int4_g128] [--parts linears dequantize prefill sweep qmm]
     [--qmm-formats q4_k q8_0 int4_g64 fp8] [--qmm-rows 1 2 4 8 16 32 64 256] [--qmm-sweep-formats q4_k q8_0]
+    [--qmm-parts table sweep]
 
 Weights are random planes at the real shapes (the speed of these kernels does not depend on the values). The
 linear shapes of a layer are the ones a decode step runs: fused q/k/v, o, fused gate/up (through
@@ -390,6 +391,7 @@ def main() -> None:
     ap.add_argument("--qmm-formats", nargs="+", default=["q4_k", "q8_0", "int4_g64", "fp8"], choices=sorted(FORMATS))
     ap.add_argument("--qmm-rows", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64, 256])
     ap.add_argument("--qmm-sweep-formats", nargs="+", default=["q4_k", "q8_0"], choices=sorted(FORMATS))
+    ap.add_argument("--qmm-parts", nargs="+", default=["table", "sweep"], choices=["table", "sweep"])
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/quant_kernels.py needs a CUDA GPU")

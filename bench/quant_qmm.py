@@ -4,9 +4,11 @@ Per 8B linear shape (qkv, o, gate_up as one plain [2I, hidden] product, down), `
 ``--qmm-rows``: qmm (default launch) against bf16 cuBLAS at the same M, dequantize_to + cuBLAS (the prefill path),
 PyTorch's int4 tinygemm (``_weight_int4pack_mm``, group 64), and at M = 1 the fused GEMV (qgemv). Then a sweep
 of launch shapes (block_n, block_k, split_k, warps, stages; block_m from M) for ``--qmm-sweep-formats`` at a few
-M, each checked against the default's output, within what is left of ``--budget``. Times are device times in a
-CUDA graph, each captured call on another copy of the weight (as bench/quant_kernels.py times them). The summary
-suggests ``chatcore.layers.qmm_choice.QMM_ROWS`` from the totals over the four shapes.
+M, each checked against the default's output, within what is left of ``--budget`` (``--qmm-parts`` picks the
+table, the sweep or both). Times are device times in a CUDA graph, each captured call on another copy of the
+weight (as bench/quant_kernels.py times them). The summary suggests ``chatcore.layers.qmm_choice.QMM_ROWS``
+from the totals over the four shapes. ``python bench/quant_qmm.py --ptxas`` compiles the kernel for sm_90
+without a GPU and reports what ptxas makes of it.
 """
 
 from __future__ import annotations
@@ -60,12 +62,25 @@ def tinygemm_copies(n: int, k: int, group: int) -> tuple[list[Any], int]:
 
 
 def run_qmm(run: Any) -> None:  # noqa: ANN401 - quant_kernels.Run
-    """Part 5 of bench/quant_kernels.py: fills run.res["qmm"], ["qmm_sweep"], ["qmm_suggest"]."""
+    """Part 5 of bench/quant_kernels.py: fills run.res["qmm"] and ["qmm_suggest"] (``--qmm-parts table``), and
+    ["qmm_sweep"] (``sweep``)."""
     from quant_kernels import DEVICE, FORMATS, random_packed
 
     args, res = run.args, run.res
     res.setdefault("qmm", [])
     res.setdefault("qmm_sweep", [])
+    if "table" in args.qmm_parts:
+        table_part(run)
+    if "sweep" in args.qmm_parts:
+        sweep(run, random_packed, FORMATS, DEVICE)
+    run.save()
+
+
+def table_part(run: Any) -> None:  # noqa: ANN401 - quant_kernels.Run
+    """The main table: every kernel per shape, format and M (default launches)."""
+    from quant_kernels import DEVICE, FORMATS, random_packed
+
+    args, res = run.args, run.res
     for proj, n, k in SHAPES:
         if run.left() < 0:
             res["skipped"].append(f"qmm {proj}")
@@ -112,8 +127,6 @@ def run_qmm(run: Any) -> None:  # noqa: ANN401 - quant_kernels.Run
             torch.cuda.empty_cache()
             run.save()
     res["qmm_suggest"] = suggest(res["qmm"])
-    run.save()
-    sweep(run, random_packed, FORMATS, DEVICE)
     run.save()
 
 
