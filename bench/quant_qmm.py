@@ -252,9 +252,9 @@ def ptxas_report(names: list[str], k: int = 4096) -> None:
     for name in names:
         fmt = FORMATS[name](k)
         cfg = mm_config(16, 4096, k, fmt)
-        words = (fmt.bits == 4 and not row_mode(fmt, k) and fmt.group >= 32) or (fmt.bits == 8 and not fmt.float_codes)
+        words = (fmt.bits < 8 and not row_mode(fmt, k)) or (fmt.bits == 8 and not fmt.float_codes)
         ptr = {"x_ptr": "*bf16", "out_ptr": "*bf16", "b_ptr": "*bf16", "res_ptr": "*bf16", "part_ptr": "*fp32",
-               "cnt_ptr": "*i32", "ql_ptr": "*i32" if words and fmt.bits == 4 else "*u8", "qh_ptr": "*i32",
+               "cnt_ptr": "*i32", "ql_ptr": "*i32" if words and fmt.bits < 8 else "*u8", "qh_ptr": "*i32",
                "q_ptr": "*fp8e4nv" if fmt.float_codes else ("*i32" if words else "*u8"),
                "d_ptr": "*fp32" if row_mode(fmt, k) else "*fp16", "sc_ptr": "*i8" if fmt.bits == 6 else "*u8",
                "m_ptr": "*fp16", "dmin_ptr": "*fp16", "mn_ptr": "*u8"}

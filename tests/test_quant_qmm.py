@@ -102,12 +102,12 @@ def test_qmm_takes_shards_and_strided_rows() -> None:
         close(qmm(x, part), unfused(x, part), torch.float32)
 
 
-@pytest.mark.parametrize("name", ["q4_k", "int4_g64", "q8_0", "int8"])
+@pytest.mark.parametrize("name", ["q4_k", "int4_g64", "q5_k", "q5_0", "q6_k", "q8_0", "int8"])
 def test_qmm_reads_unaligned_codes_by_bytes(name: str) -> None:
-    """4-bit and int8 codes are read as int32 words where their plane lies on 4-byte boundaries, else byte by
-    byte: both give the same products."""
+    """4-6-bit codes (ql) and int8 codes are read as int32 words where their plane lies on 4-byte boundaries,
+    else byte by byte: both give the same products."""
     w = random_packed(name, 24, 256, seed=8)
-    plane = "ql" if w.fmt.bits == 4 else "q"
+    plane = "q" if w.fmt.bits == 8 else "ql"
     codes = getattr(w, plane)
     wide = torch.zeros(24, codes.shape[1] + 2, dtype=codes.dtype)
     wide[:, 2:] = codes

@@ -107,24 +107,38 @@ def _row_values(f, BITS: tl.constexpr, ZERO: tl.constexpr, FLOAT_CODES: tl.const
 
 
 @triton.jit
-def _nibble(wd, SHIFT: tl.constexpr):
-    """The nibble of the int32 words ``wd`` at bits 19 - SHIFT .. 22 - SHIFT, as the float32 1 + code / 16."""
-    if SHIFT >= 0:
-        t = wd << SHIFT
+def _shift(t, S: tl.constexpr):
+    """``t << S`` (S >= 0) or ``t >> -S`` (arithmetic: the sign fills bits the callers' masks drop)."""
+    if S >= 0:
+        return t << S
     else:
-        t = wd >> (-SHIFT)    # arithmetic: the sign fills bits the mask drops
-    return ((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+        return t >> (-S)
 
 
 @triton.jit
-def _word_half(wd, a, off, SHIFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The low (SHIFT 19) or high (15) nibbles of the words ``wd`` [BN, NG, 4] (word q of a chunk holds bytes
-    4q .. 4q + 3, byte b its columns 4q + b and 16 + 4q + b) dequantized as ``a * f + off``: [BN, BLOCK_K / 2]
-    in column order chunk * 32 + 4q + b (+ 16 for the high nibbles)."""
-    v0 = tl.fma(a, _nibble(wd, SHIFT), off)
-    v1 = tl.fma(a, _nibble(wd, SHIFT - 8), off)
-    v2 = tl.fma(a, _nibble(wd, SHIFT - 16), off)
-    v3 = tl.fma(a, _nibble(wd, SHIFT - 24), off)
+def _word_code(wd, hq, B: tl.constexpr, HALF: tl.constexpr, BITS: tl.constexpr):
+    """The code of byte B's low (HALF 0) or high (1) nibble of the ql words ``wd``, with its high bits from
+    ``hq`` (5 bits: bit B; 6 bits: bits 2B .. 2B + 1) when BITS > 4, as the float32 1 + code / 2**BITS (the
+    code's bits under the exponent, at 23 - BITS .. 22)."""
+    t = (_shift(wd, 23 - BITS - 8 * B - 4 * HALF) & (15 << (23 - BITS))) | 0x3F800000
+    if BITS == 5:
+        t = t | (_shift(hq, 22 - B) & 0x400000)
+    elif BITS == 6:
+        t = t | (_shift(hq, 21 - 2 * B) & 0x600000)
+    return t.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _word_half(wd, hq, a, off, HALF: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """The low (HALF 0) or high (1) nibbles of the words ``wd`` [BN, NG, 4] (word q of a chunk holds bytes
+    4q .. 4q + 3, byte b its columns 4q + b and 16 + 4q + b; ``hq``: the high bits of those columns, shifted to
+    word q's) dequantized as ``a * f + off``: [BN, BLOCK_K / 2] in column order chunk * 32 + 4q + b
+    (+ 16 for the high nibbles)."""
+    v0 = tl.fma(a, _word_code(wd, hq, 0, HALF, BITS), off)
+    v1 = tl.fma(a, _word_code(wd, hq, 1, HALF, BITS), off)
+    v2 = tl.fma(a, _word_code(wd, hq, 2, HALF, BITS), off)
+    v3 = tl.fma(a, _word_code(wd, hq, 3, HALF, BITS), off)
     v = tl.join(tl.join(v0, v2), tl.join(v1, v3))      # [BN, NG, 4, 2, 2]: [.., i, j] is byte 2i + j
     return tl.reshape(v, [BLOCK_N, BLOCK_K // 2])
 
@@ -228,14 +242,35 @@ def _qmm(x_ptr, out_ptr, b_ptr, res_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, s_
             acc = _dot(w, xt, acc, DOT_F32)
             if ROW and OFFSET != 0:
                 sx += tl.sum(xt.to(tl.float32), 0)
-        elif WORDS:   # 4-bit codes, groups of >= 32 columns: ql read as int32 words, 8 codes a word
+        elif WORDS:   # 4-6-bit codes (not one scale a row): ql read as int32 words, 8 low nibbles a word
             chunk = k0 // 32 + c3                          # [1, NG, 1]
-            wd = tl.load(ql_ptr + r3 * s_ql + chunk * 4 + tl.arange(0, 4)[None, None, :])   # [BN, NG, 4]
-            a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn, r3,
-                                  (chunk * 32) // GROUP, GROUP, BLOCK, SUB_SCALE, OFFSET)
-            a, off = _fold(a, off, BITS, ZERO, False)
-            w_lo = _word_half(wd, a, off, 19, BLOCK_N, BLOCK_K).to(dt)
-            w_hi = _word_half(wd, a, off, 15, BLOCK_N, BLOCK_K).to(dt)
+            q4 = tl.arange(0, 4)[None, None, :]
+            wd = tl.load(ql_ptr + r3 * s_ql + chunk * 4 + q4)   # [BN, NG, 4]
+            if BITS == 5:   # the chunk's 5th bits: one word, bit e % 32 for column e (word q: bits 4q ..)
+                qw = tl.load(qh_ptr + r3 * s_qh + chunk)
+                hq_lo = qw >> (4 * q4)
+                hq_hi = qw >> (16 + 4 * q4)
+            elif BITS == 6:   # two words (low / high half), bits 2 * (e % 16) .. + 1 for column e
+                hq_lo = tl.load(qh_ptr + r3 * s_qh + chunk * 2) >> (8 * q4)
+                hq_hi = tl.load(qh_ptr + r3 * s_qh + chunk * 2 + 1) >> (8 * q4)
+            else:
+                hq_lo = wd
+                hq_hi = wd
+            if GROUP >= 32:
+                a_lo, off_lo = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn, r3,
+                                            (chunk * 32) // GROUP, GROUP, BLOCK, SUB_SCALE, OFFSET)
+                a_lo, off_lo = _fold(a_lo, off_lo, BITS, ZERO, False)
+                a_hi = a_lo
+                off_hi = off_lo
+            else:           # 16-column groups: a chunk's low half is one group, its high half the next
+                a_lo, off_lo = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn, r3,
+                                            chunk * 2, GROUP, BLOCK, SUB_SCALE, OFFSET)
+                a_lo, off_lo = _fold(a_lo, off_lo, BITS, ZERO, False)
+                a_hi, off_hi = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn, r3,
+                                            chunk * 2 + 1, GROUP, BLOCK, SUB_SCALE, OFFSET)
+                a_hi, off_hi = _fold(a_hi, off_hi, BITS, ZERO, False)
+            w_lo = _word_half(wd, hq_lo, a_lo, off_lo, 0, BITS, BLOCK_N, BLOCK_K).to(dt)
+            w_hi = _word_half(wd, hq_hi, a_hi, off_hi, 1, BITS, BLOCK_N, BLOCK_K).to(dt)
             x_lo = tl.load(x_ptr + ms[None, :] * s_xm + k0 + kk[:, None], mask=m_ok[None, :], other=0.0)
             x_hi = tl.load(x_ptr + ms[None, :] * s_xm + k0 + 16 + kk[:, None], mask=m_ok[None, :], other=0.0)
             acc = _dot(w_lo, x_lo, acc, DOT_F32)
@@ -339,10 +374,10 @@ def counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 
 def _words(w: PackedWeight, k: int) -> torch.Tensor | None:
-    """The codes plane as int32 words where the kernel reads it so (4-bit codes in groups of >= 32 columns, not
-    one scale a row; int8 codes), if its start and row stride lie on 4-byte boundaries; else None (bytes)."""
+    """The codes plane as int32 words where the kernel reads it so (ql of 4-6-bit codes, not one scale a row;
+    int8 codes), if its start and row stride lie on 4-byte boundaries; else None (bytes)."""
     f = w.fmt
-    if f.bits == 4 and not row_mode(f, k) and f.group >= 32:
+    if f.bits < 8 and not row_mode(f, k):
         t = w.ql
     elif f.bits == 8 and not f.float_codes:
         t = w.q
@@ -394,7 +429,7 @@ def qmm(x: torch.Tensor, w: PackedWeight, b: torch.Tensor | None = None, *, resi
     planes, strides = plane_args(w)
     words = _words(w, k)
     if words is not None:   # the codes as int32 words
-        at = 0 if w.fmt.bits == 4 else 2
+        at = 2 if w.fmt.bits == 8 else 0
         planes[at], strides[at] = words, words.stride(0)
     x = x if x.stride(1) == 1 else x.contiguous()
     res = residual if residual is None or residual.stride(1) == 1 else residual.contiguous()
