@@ -3,9 +3,9 @@
 The small-M counterpart of :mod:`chatcore.layers.triton_qgemv` (batched decode, prompt chunks): one kernel for
 every :class:`~chatcore.quant.packed.QuantFormat` of the planar layout, the format entering as constexprs.
 Each program computes the transposed output tile ``out.T [BLOCK_N, BLOCK_M] = W [BLOCK_N, BLOCK_K] @ x.T``
-with ``tl.dot``: the dequantized weight tile is the dot's first operand, held in registers (Hopper's wgmma
-takes that operand from registers, the activations from shared memory), and M is padded to BLOCK_M (>= 16,
-rows past M masked).
+with ``tl.dot``: the dequantized weight tile is the dot's first operand (on sm_90 Triton makes it wgmma's
+register operand after one pass through shared memory; x comes from shared memory), and M is padded to
+BLOCK_M (>= 16, rows past M masked): one dequantization serves up to BLOCK_M rows.
 
 Per weight the tile costs a few integer operations, one multiply-add and a rounding: a code ``c`` becomes the
 float32 ``f = 1 + c / 2**bits`` by writing its bits under a float32 exponent (as in the GEMV), and with the
@@ -17,7 +17,9 @@ bfloat16 / float16 then agrees except at rounding ties). Formats with one scale 
 exact codes (integers ``code - zero`` or the float8 values, which bfloat16 and float16 hold exactly) and apply the
 row's scale (and offset times the sum of x) after the dot. For 4-6 bits one ``ql`` byte holds columns j and
 j + 16 of a 32-column chunk: the tile's low nibbles and high nibbles are two half tiles, each its own dot
-with the matching columns of x (no reordering of the weight).
+with the matching columns of x (no reordering of the weight). Codes are read as int32 words where their plane
+lies on 4-byte boundaries (8 nibbles or 4 int8 codes a word; a code is then one shift and one mask-and-or under
+the exponent, no byte extraction), else byte by byte.
 
 Options: ``split_k`` programs per output tile each reduce a slice of K into a float32 workspace; the last of
 them to finish (an atomic counter per tile, left at zero for the next call) sums the partials in split order,
@@ -416,7 +418,7 @@ def qmm(x: torch.Tensor, w: PackedWeight, b: torch.Tensor | None = None, *, resi
     if b is not None and b.shape != (n,):
         raise ValueError(f"qmm's bias is [{n}], got {tuple(b.shape)}")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0:
+    if m == 0 or n == 0:
         return out
     cfg = config or mm_config(m, n, k, w.fmt)
     block_k = tile_k(w.fmt, k, cfg.block_k)
