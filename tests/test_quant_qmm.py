@@ -8,6 +8,7 @@ run the compiled kernel at the 8B model's shapes and inside a CUDA graph.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,6 +179,41 @@ def test_packed_kernel_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [packed_kernel(m, q8) for m in (1, 32, 33)] == ["qmm", "qmm", "dense"]
     monkeypatch.setitem(qmm_choice.QMM_ROWS, 4, (2, 1))    # an empty range: the older paths
     assert [packed_kernel(m, q4) for m in (1, 2, 64)] == ["qgemv", "dense", "dense"]
+
+
+def test_a_packed_model_through_qmm_matches_its_dequantized_model(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    """The packed linear's GEMM route end to end, on the CPU: a small Llama with Q4_K weights (V as Q6_K: one
+    fused qkv of mixed formats, run part by part) and biases, whose prompt chunks of 16 rows take qmm under the
+    interpreter (``use_fused`` forced on for the packed linear), against the model on the dequantized weights."""
+    import model_factory
+    from family_check import prompt
+    from quant_factory import every_matrix, opened_packed
+
+    from chatcore.checkpoint import LoadOptions, load_engine
+    from chatcore.layers import linear as linear_module
+    from chatcore.layers import triton_qmm
+
+    path = model_factory.randomize_biases(model_factory.make_llama_dir(
+        tmp_path / "m", hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=64, attention_bias=True))
+    plan = every_matrix("q4_k", v_proj="q6_k")
+    engines = {dense: load_engine(path, opened_packed(path, plan, dense=dense), torch.device("cpu"), torch.float32,
+                                  LoadOptions(prefill_chunk=16)) for dense in (False, True)}
+    calls: list[tuple[int, str]] = []
+    real_qmm = triton_qmm.qmm
+
+    def counted(x: torch.Tensor, w: PackedWeight, *args: object, **kw: object) -> torch.Tensor:
+        calls.append((x.shape[0], w.fmt.name))
+        return real_qmm(x, w, *args, **kw)
+
+    monkeypatch.setattr(triton_qmm, "qmm", counted)
+    monkeypatch.setattr(linear_module, "use_fused", lambda x: True)
+    ids = prompt(24, seed=2)
+    got = engines[False].logits(ids)
+    monkeypatch.undo()
+    assert {m for m, _ in calls} == {16, 8} and {f for _, f in calls} == {"q4_k", "q6_k"}
+    torch.testing.assert_close(got, engines[True].logits(ids), rtol=1e-4, atol=1e-4)
 
 
 # -- on the GPU: the compiled kernel at the 8B shapes, through linear, and inside a CUDA graph -------------------
