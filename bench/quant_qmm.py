@@ -27,7 +27,7 @@ from chatcore.layers.triton_qmm import MMConfig, mm_config, qmm, rows_tile
 QMM_FORMATS = ["q4_k", "q8_0", "int4_g64", "fp8"]
 QMM_ROWS = [1, 2, 4, 8, 16, 32, 64, 256]
 QMM_SWEEP_FORMATS = ["q4_k", "q8_0"]
-SWEEP_ROWS = [16, 1, 64, 4]
+SWEEP_ROWS = [16, 1, 64, 256, 4]
 # (block_n, block_k, split_k, warps, stages); block_m is the default's for the M swept
 SWEEP = [(64, 256, 1, 4, 3), (64, 256, 2, 4, 3), (128, 128, 1, 4, 3), (128, 256, 2, 8, 3), (32, 256, 1, 2, 3),
          (32, 512, 2, 2, 4), (16, 512, 1, 1, 3), (64, 128, 4, 4, 4), (64, 512, 1, 4, 2), (256, 64, 1, 8, 3),
