@@ -19,10 +19,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from chatcore.layers.activation import silu_mul
 from chatcore.layers.timing import graph_seconds
 from chatcore.layers.triton_dequant import dequantize_to
 from chatcore.layers.triton_qgemv import qgemv
-from chatcore.layers.triton_qmm import MMConfig, mm_config, qmm, rows_tile
+from chatcore.layers.triton_qmm import MMConfig, mm_config, qmm, qmm_gate_up_silu, rows_tile
 
 QMM_FORMATS = ["q4_k", "q8_0", "int4_g64", "fp8"]
 QMM_ROWS = [1, 2, 4, 8, 16, 32, 64, 256]
@@ -117,6 +118,11 @@ def table_part(run: Any) -> None:  # noqa: ANN401 - quant_kernels.Run
                                                       lambda w, x=x: F.linear(x, dequantize_to(w, x.dtype)))
                 if m == 1:
                     row["qgemv_s"] = run.guarded(f"qmm qgemv {name} {proj}", cold, ws, lambda w, x=x: qgemv(x, w))
+                if proj == "gate_up":   # the fused activation against the product + silu_mul
+                    row["qmm_gate_up_silu_s"] = run.guarded(f"qmm gate_up_silu {name} {m}", cold, ws,
+                                                            lambda w, x=x: qmm_gate_up_silu(x, w))
+                    row["qmm_then_silu_s"] = run.guarded(f"qmm then silu {name} {m}", cold, ws,
+                                                         lambda w, x=x: silu_mul(qmm(x, w)))
                 t = row["qmm_s"]
                 for other in ("bf16_s", "dequant_cublas_s", "tinygemm_g64_s", "qgemv_s"):
                     if t and row.get(other):
@@ -217,6 +223,11 @@ def table(res: dict[str, Any]) -> list[str]:
                 cells.append(f"{1e6 * t['qgemv_s']:.1f}" if t.get("qgemv_s") else "-")
             lines.append(f"  M={m:>4}: " + " / ".join(cells))
         lines.append(f"  suggested QMM_ROWS[{name}] = {s['qmm_rows']}")
+        fused = [r for r in res.get("qmm", []) if r["format"] == name and r.get("qmm_gate_up_silu_s")
+                 and r.get("qmm_then_silu_s")]
+        if fused:
+            lines.append("  gate_up us, fused silu / qmm + silu_mul: " + ", ".join(
+                f"M={r['m']} {1e6 * r['qmm_gate_up_silu_s']:.1f} / {1e6 * r['qmm_then_silu_s']:.1f}" for r in fused))
     best = [r for r in res.get("qmm_sweep", []) if "best" in r]
     if best:
         lines.append("qmm sweep: fastest launch (block_m x block_n x block_k, split, warps, stages) per shape and M: "
@@ -264,7 +275,8 @@ def ptxas_report(names: list[str], k: int = 4096) -> None:
         bk = tile_k(fmt, k, cfg.block_k)
         gs = (bk if row_mode(fmt, k) else fmt.group) if fmt.bits == 8 else 32
         consts = dict(format_constants(fmt, k), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, NG=bk // gs,
-                      GS=gs, SPLIT=cfg.split_k, WORDS=words, HAS_BIAS=True, RESIDUAL=True, DOT_F32=False)
+                      GS=gs, SPLIT=cfg.split_k, WORDS=words, HAS_BIAS=True, RESIDUAL=True, GATE_UP=False,
+                      DOT_F32=False)
         compiled = triton.compile(ASTSource(triton_qmm._qmm, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
         with tempfile.TemporaryDirectory() as tmp:

@@ -14,11 +14,11 @@ import pytest
 import torch
 from quant_factory import FORMATS as REAL_FORMATS
 from quant_factory import quantize
-from test_quant_kernels import FORMATS, random_packed
+from test_quant_kernels import FORMATS, random_packed, silu_mul
 
 from chatcore.layers import qmm_choice
 from chatcore.layers.qmm_choice import packed_kernel
-from chatcore.layers.triton_qmm import MMConfig, mm_config, qmm, rows_tile
+from chatcore.layers.triton_qmm import MMConfig, mm_config, qmm, qmm_gate_up_silu, rows_tile
 from chatcore.quant.packed import PackedWeight, QuantFormat, dequantize
 
 pytest.importorskip("triton")
@@ -41,9 +41,9 @@ def unfused(x: torch.Tensor, w: PackedWeight, b: torch.Tensor | None = None,
     return out
 
 
-def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, scale: float | None = None) -> None:
     assert out.dtype == dtype and out.shape == ref.shape
-    scale = ref.abs().max().item()
+    scale = ref.abs().max().item() if scale is None else scale
     err = (out.double() - ref).abs().max().item()
     assert err <= TOL[dtype] * scale, f"max error {err} of {scale}"
 
@@ -82,6 +82,22 @@ def test_qmm_launch_shapes(name: str, k: int, config: MMConfig) -> None:
     out = qmm(x, w, b, residual=res, config=config)
     close(out, unfused(x, w, b, res), torch.float32)
     assert qmm(x, w, b, residual=res, config=config).equal(out)   # split partials summed in a fixed order
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")   # silu of a large negative gate: -0
+@pytest.mark.parametrize(("m", "dtype", "config"), [
+    (1, torch.float32, None), (3, torch.bfloat16, None),
+    (17, torch.float32, MMConfig(block_n=16, block_k=64, split_k=4)),
+], ids=["m1-fp32", "m3-bf16", "m17-fp32-split4"])
+@pytest.mark.parametrize("name", ["q4_k", "q6_k", "q5_1", "q8_0", "int4_g64", "int8", "fp8"])
+def test_gate_up_silu_matches_unfused(name: str, m: int, dtype: torch.dtype, config: MMConfig | None) -> None:
+    n, k = 24, 256                                   # [2N, K] = [48, 256]
+    w = random_packed(name, 2 * n, k, seed=7 + m)
+    x, b, _ = inputs(m, 2 * n, k, dtype, seed=8)
+    for bias in (None, b):
+        r = unfused(x, w, bias).to(dtype).double()   # each half rounded as the projection's output
+        ref, scale = silu_mul(r, n)
+        close(qmm_gate_up_silu(x, w, bias, config=config), ref, dtype, scale)
 
 
 @pytest.mark.parametrize("name", sorted(REAL_FORMATS))
@@ -164,6 +180,8 @@ def test_bad_calls_say_what_is_wrong() -> None:
         qmm(torch.randn(2, 64), w, residual=torch.randn(2, 4))
     with pytest.raises(ValueError, match="bias"):
         qmm(torch.randn(2, 64), w, torch.randn(4))
+    with pytest.raises(ValueError, match="2N"):
+        qmm_gate_up_silu(torch.randn(2, 64), random_packed("q4_0", 7, 64))
     with pytest.raises(ValueError, match="power of two"):
         MMConfig(block_n=48)
     with pytest.raises(ValueError, match="at least 16"):
@@ -184,13 +202,15 @@ def test_packed_kernel_rule(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_packed_model_through_qmm_matches_its_dequantized_model(monkeypatch: pytest.MonkeyPatch,
                                                                    tmp_path: Path) -> None:
     """The packed linear's GEMM route end to end, on the CPU: a small Llama with Q4_K weights (V as Q6_K: one
-    fused qkv of mixed formats, run part by part) and biases, whose prompt chunks of 16 rows take qmm under the
-    interpreter (``use_fused`` forced on for the packed linear), against the model on the dequantized weights."""
+    fused qkv of mixed formats, run part by part) and biases, whose prompt chunks of 16 rows take qmm and the
+    gate/up qmm_gate_up_silu under the interpreter (``use_fused`` forced on for the packed linear and the
+    activation), against the model on the dequantized weights."""
     import model_factory
     from family_check import prompt
     from quant_factory import every_matrix, opened_packed
 
     from chatcore.checkpoint import LoadOptions, load_engine
+    from chatcore.layers import activation as activation_module
     from chatcore.layers import linear as linear_module
     from chatcore.layers import triton_qmm
 
@@ -207,12 +227,19 @@ def test_a_packed_model_through_qmm_matches_its_dequantized_model(monkeypatch: p
         calls.append((x.shape[0], w.fmt.name))
         return real_qmm(x, w, *args, **kw)
 
+    def counted_gate_up(x: torch.Tensor, w: PackedWeight, *args: object, **kw: object) -> torch.Tensor:
+        calls.append((x.shape[0], "gate_up " + w.fmt.name))
+        return real_gate_up(x, w, *args, **kw)
+
+    real_gate_up = triton_qmm.qmm_gate_up_silu
     monkeypatch.setattr(triton_qmm, "qmm", counted)
+    monkeypatch.setattr(triton_qmm, "qmm_gate_up_silu", counted_gate_up)
     monkeypatch.setattr(linear_module, "use_fused", lambda x: True)
+    monkeypatch.setattr(activation_module, "use_fused", lambda x: True)
     ids = prompt(24, seed=2)
     got = engines[False].logits(ids)
     monkeypatch.undo()
-    assert {m for m, _ in calls} == {16, 8} and {f for _, f in calls} == {"q4_k", "q6_k"}
+    assert {m for m, _ in calls} == {16, 8} and {f for _, f in calls} == {"q4_k", "q6_k", "gate_up q4_k"}
     torch.testing.assert_close(got, engines[True].logits(ids), rtol=1e-4, atol=1e-4)
 
 
@@ -234,6 +261,17 @@ def test_gpu_qmm_model_shapes(name: str) -> None:
             close(qmm(x, w, b, residual=res), unfused(x, w, b, res), torch.bfloat16)
         x16, b16, res16 = inputs(8, n, k, torch.float16, seed=1, device="cuda")
         close(qmm(x16, w, b16, residual=res16), unfused(x16, w, b16, res16), torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["q4_k", "q6_k", "q8_0", "int4_g64", "int8", "fp8"])
+def test_gpu_gate_up_silu_at_the_8b_shape(name: str) -> None:
+    n, k = 14336, 4096
+    w = random_packed(name, 2 * n, k, seed=5, device="cuda")
+    for m in (2, 16, 64):
+        x, b, _ = inputs(m, 2 * n, k, torch.bfloat16, seed=m, device="cuda")
+        ref, scale = silu_mul(unfused(x, w, b).to(torch.bfloat16).double(), n)
+        close(qmm_gate_up_silu(x, w, b), ref, torch.bfloat16, scale)
 
 
 @pytest.mark.gpu

@@ -76,18 +76,20 @@ def rows_tile(m: int) -> int:
 PROGRAMS = 256   # programs a launch should make at least (the H200 has 132 SMs), splitting K if need be
 
 
-def mm_config(m: int, n: int, k: int, fmt: QuantFormat) -> MMConfig:
+def mm_config(m: int, n: int, k: int, fmt: QuantFormat, gate_up: bool = False) -> MMConfig:
     """The default launch shape for x [m, k] times an [n, k] weight of ``fmt`` (a first guess, before a GPU
     sweep): 64 weight rows x 256 columns a step, 4 warps (one warpgroup: Hopper's wgmma takes 64 rows; ptxas
     for sm_90 counts ~6 SASS instructions per 4-bit weight in the loop there, against ~9.5 with 32 rows, which
     fall back to mma.sync), 3 stages; K split (2, 4 or 8 ways) until the launch has about :data:`PROGRAMS`
-    programs (narrow outputs at small M)."""
+    programs (narrow outputs at small M). ``gate_up`` (:func:`qmm_gate_up_silu`, n gate rows, each program
+    reading as many up rows again): 8-bit codes step 128 columns (256 spill registers there)."""
     block_m = rows_tile(m)
     programs = triton.cdiv(n, 64) * triton.cdiv(m, block_m)
     split = 1
     while split < 8 and programs * split * 5 < PROGRAMS * 4:   # below 80% of the target
         split *= 2
-    return MMConfig(block_m=block_m, block_n=64, block_k=256, split_k=split, num_warps=4, num_stages=3)
+    block_k = 128 if gate_up and fmt.bits == 8 else 256
+    return MMConfig(block_m=block_m, block_n=64, block_k=block_k, split_k=split, num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -185,11 +187,12 @@ def _qmm(x_ptr, out_ptr, b_ptr, res_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, s_
          SUB_SCALE: tl.constexpr, OFFSET: tl.constexpr, FLOAT_CODES: tl.constexpr, ROW: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
          SPLIT: tl.constexpr, WORDS: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-         DOT_F32: tl.constexpr):
+         GATE_UP: tl.constexpr, DOT_F32: tl.constexpr):
     """out.T[rows, ms] for BLOCK_N weight rows and BLOCK_M activation rows over K columns k_start ..
     + K_SPLIT; SPLIT > 1: the float32 partial goes to part_ptr[program_id(2)], and the last of the tile's SPLIT
     programs (counted at cnt_ptr[tile]) adds the partials in split order and writes out. A tile is NG groups of
-    GS columns (8 bits; one group in row mode) or NG 32-column chunks (4-6 bits)."""
+    GS columns (8 bits; one group in row mode) or NG 32-column chunks (4-6 bits). GATE_UP: the weight has 2N
+    rows (gate, then up); each program also reduces the up rows N further, and out = silu(gate) * up."""
     rows_out = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(rows_out, N - 1).to(tl.int64)   # rows past N read row N - 1; their results are not stored
     ms = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -197,6 +200,7 @@ def _qmm(x_ptr, out_ptr, b_ptr, res_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, s_
     k_start = tl.program_id(2) * K_SPLIT
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     sx = tl.zeros([BLOCK_M], dtype=tl.float32)   # sum of x over the columns (a per-row offset's term)
     if BITS == 8:
         r3 = rows[:, None, None]
@@ -210,141 +214,187 @@ def _qmm(x_ptr, out_ptr, b_ptr, res_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, s_
         kk = tl.arange(0, BLOCK_K // 2)
         kk = (kk // 16) * 32 + kk % 16                     # a half tile's columns: chunk * 32 + j
     for k0 in tl.range(k_start, k_start + K_SPLIT, BLOCK_K):
-        if BITS == 8 and WORDS:   # int8 codes read as int32 words, 4 codes a word
-            wq = tl.load(q_ptr + r3 * s_q + k0 // 4 + kw)   # [BN, NG, GS / 4]
-            if ROW:   # exact code - zero: f * 256 - (256 + ZERO)
-                a = tl.full([1, 1, 1], 256.0, tl.float32)
-                off = tl.full([1, 1, 1], -(256.0 + ZERO), tl.float32)
+        for part in tl.static_range(1 + GATE_UP):   # the gate rows, then (GATE_UP) the up rows N further
+            r3 = (rows + part * N)[:, None, None]
+            if part == 0:
+                cur = acc
             else:
-                g = k0 // GROUP + tl.arange(0, NG)[None, :, None]
-                a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn, r3, g,
-                                      GROUP, BLOCK, SUB_SCALE, OFFSET)
-                a, off = _fold(a, off, BITS, ZERO, False)
-            w = _word_bytes(wq, a, off, BLOCK_N, BLOCK_K).to(dt)
-            xt = tl.load(x_ptr + ms[None, :] * s_xm + k0 + kk[:, None], mask=m_ok[None, :], other=0.0)
-            acc = _dot(w, xt, acc, DOT_F32)
-            if ROW and OFFSET != 0:
-                sx += tl.sum(xt.to(tl.float32), 0)
-        elif BITS == 8:
-            q = tl.load(q_ptr + r3 * s_q + k0 + kg)       # [BN, NG, GS]
-            if FLOAT_CODES:
-                f = q.to(tl.float32)
-            else:
-                f = _code_float(q.to(tl.int32) ^ 0x80, 8)
-            if ROW:
-                v = _row_values(f, BITS, ZERO, FLOAT_CODES)
-            else:
-                g = k0 // GROUP + tl.arange(0, NG)[None, :, None]
-                a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn, r3, g,
-                                      GROUP, BLOCK, SUB_SCALE, OFFSET)
-                a, off = _fold(a, off, BITS, ZERO, FLOAT_CODES)
-                v = tl.fma(a, f, off)
-            w = tl.reshape(v, [BLOCK_N, BLOCK_K]).to(dt)
-            xt = tl.load(x_ptr + ms[None, :] * s_xm + k0 + kk[:, None], mask=m_ok[None, :], other=0.0)
-            acc = _dot(w, xt, acc, DOT_F32)
-            if ROW and OFFSET != 0:
-                sx += tl.sum(xt.to(tl.float32), 0)
-        elif WORDS:   # 4-6-bit codes (not one scale a row): ql read as int32 words, 8 low nibbles a word
-            chunk = k0 // 32 + c3                          # [1, NG, 1]
-            q4 = tl.arange(0, 4)[None, None, :]
-            wd = tl.load(ql_ptr + r3 * s_ql + chunk * 4 + q4)   # [BN, NG, 4]
-            if BITS == 5:   # the chunk's 5th bits: one word, bit e % 32 for column e (word q: bits 4q ..)
-                qw = tl.load(qh_ptr + r3 * s_qh + chunk)
-                hq_lo = qw >> (4 * q4)
-                hq_hi = qw >> (16 + 4 * q4)
-            elif BITS == 6:   # two words (low / high half), bits 2 * (e % 16) .. + 1 for column e
-                hq_lo = tl.load(qh_ptr + r3 * s_qh + chunk * 2) >> (8 * q4)
-                hq_hi = tl.load(qh_ptr + r3 * s_qh + chunk * 2 + 1) >> (8 * q4)
-            else:
-                hq_lo = wd
-                hq_hi = wd
-            if GROUP >= 32:
-                a_lo, off_lo = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn, r3,
-                                            (chunk * 32) // GROUP, GROUP, BLOCK, SUB_SCALE, OFFSET)
-                a_lo, off_lo = _fold(a_lo, off_lo, BITS, ZERO, False)
-                a_hi = a_lo
-                off_hi = off_lo
-            else:           # 16-column groups: a chunk's low half is one group, its high half the next
-                a_lo, off_lo = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn, r3,
-                                            chunk * 2, GROUP, BLOCK, SUB_SCALE, OFFSET)
-                a_lo, off_lo = _fold(a_lo, off_lo, BITS, ZERO, False)
-                a_hi, off_hi = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn, r3,
-                                            chunk * 2 + 1, GROUP, BLOCK, SUB_SCALE, OFFSET)
-                a_hi, off_hi = _fold(a_hi, off_hi, BITS, ZERO, False)
-            w_lo = _word_half(wd, hq_lo, a_lo, off_lo, 0, BITS, BLOCK_N, BLOCK_K).to(dt)
-            w_hi = _word_half(wd, hq_hi, a_hi, off_hi, 1, BITS, BLOCK_N, BLOCK_K).to(dt)
-            x_lo = tl.load(x_ptr + ms[None, :] * s_xm + k0 + kk[:, None], mask=m_ok[None, :], other=0.0)
-            x_hi = tl.load(x_ptr + ms[None, :] * s_xm + k0 + 16 + kk[:, None], mask=m_ok[None, :], other=0.0)
-            acc = _dot(w_lo, x_lo, acc, DOT_F32)
-            acc = _dot(w_hi, x_hi, acc, DOT_F32)
-        else:
-            chunk = k0 // 32 + c3                          # [1, NG, 1]
-            ql = tl.load(ql_ptr + r3 * s_ql + chunk * 16 + j3).to(tl.int32)   # [BN, NG, 16]
-            lo = ql & 15
-            hi = ql >> 4
-            if BITS == 5:   # the chunk's 5th bits: one word, bit e % 32 for column e
-                hw = tl.load(qh_ptr + r3 * s_qh + chunk)
-                lo = lo | (((hw >> j3) & 1) << 4)
-                hi = hi | (((hw >> (j3 + 16)) & 1) << 4)
-            elif BITS == 6:   # two words (low / high half), bits 2 * (e % 16) .. + 1 for column e
-                lo = lo | (((tl.load(qh_ptr + r3 * s_qh + chunk * 2) >> (2 * j3)) & 3) << 4)
-                hi = hi | (((tl.load(qh_ptr + r3 * s_qh + chunk * 2 + 1) >> (2 * j3)) & 3) << 4)
-            if BITS == 4:   # each nibble shifted under the exponent and masked in one step (as the GEMV)
-                f_lo = (((ql << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-                f_hi = (((ql << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-            else:
-                f_lo = _code_float(lo, BITS)
-                f_hi = _code_float(hi, BITS)
-            if ROW:
-                v_lo = _row_values(f_lo, BITS, ZERO, False)
-                v_hi = _row_values(f_hi, BITS, ZERO, False)
-            else:
+                cur = acc_up
+            if BITS == 8 and WORDS:   # int8 codes read as int32 words, 4 codes a word
+                wq = tl.load(q_ptr + r3 * s_q + k0 // 4 + kw)   # [BN, NG, GS / 4]
+                if ROW:   # exact code - zero: f * 256 - (256 + ZERO)
+                    a = tl.full([1, 1, 1], 256.0, tl.float32)
+                    off = tl.full([1, 1, 1], -(256.0 + ZERO), tl.float32)
+                else:
+                    g = k0 // GROUP + tl.arange(0, NG)[None, :, None]
+                    a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn, r3, g,
+                                          GROUP, BLOCK, SUB_SCALE, OFFSET)
+                    a, off = _fold(a, off, BITS, ZERO, False)
+                w = _word_bytes(wq, a, off, BLOCK_N, BLOCK_K).to(dt)
+                xt = tl.load(x_ptr + ms[None, :] * s_xm + k0 + kk[:, None], mask=m_ok[None, :], other=0.0)
+                cur = _dot(w, xt, cur, DOT_F32)
+                if ROW and OFFSET != 0 and part == 0:
+                    sx += tl.sum(xt.to(tl.float32), 0)
+            elif BITS == 8:
+                q = tl.load(q_ptr + r3 * s_q + k0 + kg)       # [BN, NG, GS]
+                if FLOAT_CODES:
+                    f = q.to(tl.float32)
+                else:
+                    f = _code_float(q.to(tl.int32) ^ 0x80, 8)
+                if ROW:
+                    v = _row_values(f, BITS, ZERO, FLOAT_CODES)
+                else:
+                    g = k0 // GROUP + tl.arange(0, NG)[None, :, None]
+                    a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn, r3, g,
+                                          GROUP, BLOCK, SUB_SCALE, OFFSET)
+                    a, off = _fold(a, off, BITS, ZERO, FLOAT_CODES)
+                    v = tl.fma(a, f, off)
+                w = tl.reshape(v, [BLOCK_N, BLOCK_K]).to(dt)
+                xt = tl.load(x_ptr + ms[None, :] * s_xm + k0 + kk[:, None], mask=m_ok[None, :], other=0.0)
+                cur = _dot(w, xt, cur, DOT_F32)
+                if ROW and OFFSET != 0 and part == 0:
+                    sx += tl.sum(xt.to(tl.float32), 0)
+            elif WORDS:   # 4-6-bit codes (not one scale a row): ql read as int32 words, 8 low nibbles a word
+                chunk = k0 // 32 + c3                          # [1, NG, 1]
+                q4 = tl.arange(0, 4)[None, None, :]
+                wd = tl.load(ql_ptr + r3 * s_ql + chunk * 4 + q4)   # [BN, NG, 4]
+                if BITS == 5:   # the chunk's 5th bits: one word, bit e % 32 for column e (word q: bits 4q ..)
+                    qw = tl.load(qh_ptr + r3 * s_qh + chunk)
+                    hq_lo = qw >> (4 * q4)
+                    hq_hi = qw >> (16 + 4 * q4)
+                elif BITS == 6:   # two words (low / high half), bits 2 * (e % 16) .. + 1 for column e
+                    hq_lo = tl.load(qh_ptr + r3 * s_qh + chunk * 2) >> (8 * q4)
+                    hq_hi = tl.load(qh_ptr + r3 * s_qh + chunk * 2 + 1) >> (8 * q4)
+                else:
+                    hq_lo = wd
+                    hq_hi = wd
                 if GROUP >= 32:
-                    g = (chunk * 32) // GROUP
-                    a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn,
-                                          r3, g, GROUP, BLOCK, SUB_SCALE, OFFSET)
-                    a, off = _fold(a, off, BITS, ZERO, False)
-                    v_lo = tl.fma(a, f_lo, off)
-                    v_hi = tl.fma(a, f_hi, off)
-                else:       # 16-column groups: a chunk's low half is one group, its high half the next
-                    g = chunk * 2
-                    a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn,
-                                          r3, g, GROUP, BLOCK, SUB_SCALE, OFFSET)
-                    a, off = _fold(a, off, BITS, ZERO, False)
-                    v_lo = tl.fma(a, f_lo, off)
-                    a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn,
-                                          r3, g + 1, GROUP, BLOCK, SUB_SCALE, OFFSET)
-                    a, off = _fold(a, off, BITS, ZERO, False)
-                    v_hi = tl.fma(a, f_hi, off)
-            w_lo = tl.reshape(v_lo, [BLOCK_N, BLOCK_K // 2]).to(dt)
-            w_hi = tl.reshape(v_hi, [BLOCK_N, BLOCK_K // 2]).to(dt)
-            x_lo = tl.load(x_ptr + ms[None, :] * s_xm + k0 + kk[:, None], mask=m_ok[None, :], other=0.0)
-            x_hi = tl.load(x_ptr + ms[None, :] * s_xm + k0 + 16 + kk[:, None], mask=m_ok[None, :], other=0.0)
-            acc = _dot(w_lo, x_lo, acc, DOT_F32)
-            acc = _dot(w_hi, x_hi, acc, DOT_F32)
-            if ROW and OFFSET != 0:
-                sx += tl.sum(x_lo.to(tl.float32), 0) + tl.sum(x_hi.to(tl.float32), 0)
+                    a_lo, off_lo = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin,
+                                                s_mn, r3, (chunk * 32) // GROUP, GROUP, BLOCK, SUB_SCALE, OFFSET)
+                    a_lo, off_lo = _fold(a_lo, off_lo, BITS, ZERO, False)
+                    a_hi = a_lo
+                    off_hi = off_lo
+                else:           # 16-column groups: a chunk's low half is one group, its high half the next
+                    a_lo, off_lo = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin,
+                                                s_mn, r3, chunk * 2, GROUP, BLOCK, SUB_SCALE, OFFSET)
+                    a_lo, off_lo = _fold(a_lo, off_lo, BITS, ZERO, False)
+                    a_hi, off_hi = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin,
+                                                s_mn, r3, chunk * 2 + 1, GROUP, BLOCK, SUB_SCALE, OFFSET)
+                    a_hi, off_hi = _fold(a_hi, off_hi, BITS, ZERO, False)
+                w_lo = _word_half(wd, hq_lo, a_lo, off_lo, 0, BITS, BLOCK_N, BLOCK_K).to(dt)
+                w_hi = _word_half(wd, hq_hi, a_hi, off_hi, 1, BITS, BLOCK_N, BLOCK_K).to(dt)
+                x_lo = tl.load(x_ptr + ms[None, :] * s_xm + k0 + kk[:, None], mask=m_ok[None, :], other=0.0)
+                x_hi = tl.load(x_ptr + ms[None, :] * s_xm + k0 + 16 + kk[:, None], mask=m_ok[None, :], other=0.0)
+                cur = _dot(w_lo, x_lo, cur, DOT_F32)
+                cur = _dot(w_hi, x_hi, cur, DOT_F32)
+            else:
+                chunk = k0 // 32 + c3                          # [1, NG, 1]
+                ql = tl.load(ql_ptr + r3 * s_ql + chunk * 16 + j3).to(tl.int32)   # [BN, NG, 16]
+                lo = ql & 15
+                hi = ql >> 4
+                if BITS == 5:   # the chunk's 5th bits: one word, bit e % 32 for column e
+                    hw = tl.load(qh_ptr + r3 * s_qh + chunk)
+                    lo = lo | (((hw >> j3) & 1) << 4)
+                    hi = hi | (((hw >> (j3 + 16)) & 1) << 4)
+                elif BITS == 6:   # two words (low / high half), bits 2 * (e % 16) .. + 1 for column e
+                    lo = lo | (((tl.load(qh_ptr + r3 * s_qh + chunk * 2) >> (2 * j3)) & 3) << 4)
+                    hi = hi | (((tl.load(qh_ptr + r3 * s_qh + chunk * 2 + 1) >> (2 * j3)) & 3) << 4)
+                if BITS == 4:   # each nibble shifted under the exponent and masked in one step (as the GEMV)
+                    f_lo = (((ql << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+                    f_hi = (((ql << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+                else:
+                    f_lo = _code_float(lo, BITS)
+                    f_hi = _code_float(hi, BITS)
+                if ROW:
+                    v_lo = _row_values(f_lo, BITS, ZERO, False)
+                    v_hi = _row_values(f_hi, BITS, ZERO, False)
+                else:
+                    if GROUP >= 32:
+                        g = (chunk * 32) // GROUP
+                        a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn,
+                                              r3, g, GROUP, BLOCK, SUB_SCALE, OFFSET)
+                        a, off = _fold(a, off, BITS, ZERO, False)
+                        v_lo = tl.fma(a, f_lo, off)
+                        v_hi = tl.fma(a, f_hi, off)
+                    else:       # 16-column groups: a chunk's low half is one group, its high half the next
+                        g = chunk * 2
+                        a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn,
+                                              r3, g, GROUP, BLOCK, SUB_SCALE, OFFSET)
+                        a, off = _fold(a, off, BITS, ZERO, False)
+                        v_lo = tl.fma(a, f_lo, off)
+                        a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn,
+                                              r3, g + 1, GROUP, BLOCK, SUB_SCALE, OFFSET)
+                        a, off = _fold(a, off, BITS, ZERO, False)
+                        v_hi = tl.fma(a, f_hi, off)
+                w_lo = tl.reshape(v_lo, [BLOCK_N, BLOCK_K // 2]).to(dt)
+                w_hi = tl.reshape(v_hi, [BLOCK_N, BLOCK_K // 2]).to(dt)
+                x_lo = tl.load(x_ptr + ms[None, :] * s_xm + k0 + kk[:, None], mask=m_ok[None, :], other=0.0)
+                x_hi = tl.load(x_ptr + ms[None, :] * s_xm + k0 + 16 + kk[:, None], mask=m_ok[None, :], other=0.0)
+                cur = _dot(w_lo, x_lo, cur, DOT_F32)
+                cur = _dot(w_hi, x_hi, cur, DOT_F32)
+                if ROW and OFFSET != 0 and part == 0:
+                    sx += tl.sum(x_lo.to(tl.float32), 0) + tl.sum(x_hi.to(tl.float32), 0)
+            if part == 0:
+                acc = cur
+            else:
+                acc_up = cur
     if ROW:   # the row's one scale (and offset times the sum of x)
-        g0 = tl.zeros([BLOCK_N, 1], dtype=tl.int32)
-        a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn, rows[:, None],
-                              g0, GROUP, BLOCK, SUB_SCALE, OFFSET)
-        acc = acc * a
-        if OFFSET != 0:
-            acc += off * sx[None, :]
+        acc = _row_scale(acc, sx, rows, d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn,
+                         GROUP, BLOCK, SUB_SCALE, OFFSET, BLOCK_N)
+        if GATE_UP:
+            acc_up = _row_scale(acc_up, sx, rows + N, d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin,
+                                s_mn, GROUP, BLOCK, SUB_SCALE, OFFSET, BLOCK_N)
     n2 = rows_out[:, None]
     ok = (rows_out < N)[:, None] & m_ok[None, :]
+    NP = N * (1 + GATE_UP)   # columns of a partial: the gate's, then the up's
     if SPLIT > 1:   # partials to the workspace; the tile's last program to finish sums them in order
-        tl.store(part_ptr + (tl.program_id(2) * M + ms[None, :]) * N + n2, acc, mask=ok)
+        tl.store(part_ptr + (tl.program_id(2) * M + ms[None, :]) * NP + n2, acc, mask=ok)
+        if GATE_UP:
+            tl.store(part_ptr + (tl.program_id(2) * M + ms[None, :]) * NP + N + n2, acc_up, mask=ok)
         tl.debug_barrier()   # every thread's partial stored before the count is raised (release, gpu scope)
         tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
         if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
-            acc = tl.load(part_ptr + ms[None, :] * N + n2, mask=ok, other=0.0, cache_modifier=".cg")
+            acc = tl.load(part_ptr + ms[None, :] * NP + n2, mask=ok, other=0.0, cache_modifier=".cg")
             for s in tl.static_range(1, SPLIT):
-                acc += tl.load(part_ptr + (s * M + ms[None, :]) * N + n2, mask=ok, other=0.0, cache_modifier=".cg")
-            _epilogue(acc, out_ptr, b_ptr, res_ptr, rows, n2, ms, ok, s_om, s_rm, HAS_BIAS, RESIDUAL)
+                acc += tl.load(part_ptr + (s * M + ms[None, :]) * NP + n2, mask=ok, other=0.0, cache_modifier=".cg")
+            if GATE_UP:
+                acc_up = tl.load(part_ptr + ms[None, :] * NP + N + n2, mask=ok, other=0.0, cache_modifier=".cg")
+                for s in tl.static_range(1, SPLIT):
+                    acc_up += tl.load(part_ptr + (s * M + ms[None, :]) * NP + N + n2, mask=ok, other=0.0,
+                                      cache_modifier=".cg")
+                _epilogue_silu(acc, acc_up, out_ptr, b_ptr, rows, N, n2, ms, ok, s_om, HAS_BIAS)
+            else:
+                _epilogue(acc, out_ptr, b_ptr, res_ptr, rows, n2, ms, ok, s_om, s_rm, HAS_BIAS, RESIDUAL)
             tl.atomic_xchg(cnt_ptr + tile, 0)   # zero again for the next call
+    elif GATE_UP:
+        _epilogue_silu(acc, acc_up, out_ptr, b_ptr, rows, N, n2, ms, ok, s_om, HAS_BIAS)
     else:
         _epilogue(acc, out_ptr, b_ptr, res_ptr, rows, n2, ms, ok, s_om, s_rm, HAS_BIAS, RESIDUAL)
+
+
+@triton.jit
+def _row_scale(acc, sx, rows, d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn,
+               GROUP: tl.constexpr, BLOCK: tl.constexpr, SUB_SCALE: tl.constexpr, OFFSET: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """One scale a row: acc * A[row] (+ offset[row] * sum(x))."""
+    g0 = tl.zeros([BLOCK_N, 1], dtype=tl.int32)
+    a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn, rows[:, None],
+                          g0, GROUP, BLOCK, SUB_SCALE, OFFSET)
+    acc = acc * a
+    if OFFSET != 0:
+        acc += off * sx[None, :]
+    return acc
+
+
+@triton.jit
+def _epilogue_silu(acc, acc_up, out_ptr, b_ptr, rows, N, n2, ms, ok, s_om, HAS_BIAS: tl.constexpr):
+    """out.T tile = silu(gate) * up, gate and up (+ their biases) rounded first, as qgemv_gate_up_silu."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows).to(tl.float32)[:, None]
+        acc_up += tl.load(b_ptr + rows + N).to(tl.float32)[:, None]
+    g = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+    u = acc_up.to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + ms[None, :] * s_om + n2, (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -399,28 +449,54 @@ def _split(k: int, block_k: int, want: int) -> int:
     return s
 
 
+def _check(x: torch.Tensor, w: PackedWeight, name: str) -> None:
+    k = w.shape[1]
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"{name} takes x [M, {k}], got {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"{name} multiplies bfloat16, float16 or float32 activations, not {x.dtype}")
+    if x.device != w.device:
+        raise ValueError(f"{name}: x on {x.device}, weight on {w.device}")
+
+
 def qmm(x: torch.Tensor, w: PackedWeight, b: torch.Tensor | None = None, *, residual: torch.Tensor | None = None,
         config: MMConfig | None = None) -> torch.Tensor:
     """``x`` [M, K] (bfloat16, float16 or float32), ``w`` packed [N, K] -> ``residual + x @ dequant(w).T + b``
     [M, N] in x's dtype (``b`` [N], ``residual`` [M, N]; each optional), rounded where
     ``residual + F.linear(x, dequantize_to(w, x.dtype), b)`` rounds. ``config``: a launch shape other than
     :func:`mm_config`'s (its split_k lowered to what divides K's steps)."""
-    n, k = w.shape
-    if x.dim() != 2 or x.shape[1] != k:
-        raise ValueError(f"qmm takes x [M, {k}], got {tuple(x.shape)}")
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"qmm multiplies bfloat16, float16 or float32 activations, not {x.dtype}")
-    if x.device != w.device:
-        raise ValueError(f"qmm: x on {x.device}, weight on {w.device}")
-    m = x.shape[0]
+    _check(x, w, "qmm")
+    n, m = w.shape[0], x.shape[0]
     if residual is not None and residual.shape != (m, n):
         raise ValueError(f"qmm's residual is [{m}, {n}], got {tuple(residual.shape)}")
     if b is not None and b.shape != (n,):
         raise ValueError(f"qmm's bias is [{n}], got {tuple(b.shape)}")
+    return _launch(x, w, b, residual, n, False, config)
+
+
+def qmm_gate_up_silu(x: torch.Tensor, w: PackedWeight, b: torch.Tensor | None = None, *,
+                     config: MMConfig | None = None) -> torch.Tensor:
+    """``x`` [M, K], ``w`` packed [2N, K] (gate rows, then up rows), ``b`` [2N] or None -> silu(gate) * up
+    [M, N] in x's dtype, gate and up rounded to it first (as
+    :func:`chatcore.layers.triton_qgemv.qgemv_gate_up_silu`): one kernel, each program reducing a tile of gate
+    rows and the up rows N further."""
+    _check(x, w, "qmm_gate_up_silu")
+    n2 = w.shape[0]
+    if n2 % 2:
+        raise ValueError(f"qmm_gate_up_silu takes a [2N, K] weight, got {n2} rows")
+    if b is not None and b.shape != (n2,):
+        raise ValueError(f"qmm_gate_up_silu's bias is [{n2}], got {tuple(b.shape)}")
+    return _launch(x, w, b, None, n2 // 2, True, config)
+
+
+def _launch(x: torch.Tensor, w: PackedWeight, b: torch.Tensor | None, residual: torch.Tensor | None, n: int,
+            gate_up: bool, config: MMConfig | None) -> torch.Tensor:
+    k = w.shape[1]
+    m = x.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    cfg = config or mm_config(m, n, k, w.fmt)
+    cfg = config or mm_config(m, n, k, w.fmt, gate_up)
     block_k = tile_k(w.fmt, k, cfg.block_k)
     if w.fmt.bits == 8:
         gs = block_k if row_mode(w.fmt, k) else w.fmt.group
@@ -436,7 +512,8 @@ def qmm(x: torch.Tensor, w: PackedWeight, b: torch.Tensor | None = None, *, resi
     x = x if x.stride(1) == 1 else x.contiguous()
     res = residual if residual is None or residual.stride(1) == 1 else residual.contiguous()
     bias = b.contiguous() if b is not None else x
-    part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    cols = 2 * n if gate_up else n
+    part = torch.empty((split, m, cols), dtype=torch.float32, device=x.device) if split > 1 else out
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
     cnt = counters(x.device, grid[0] * grid[1]) if split > 1 else out
     dot_f32 = x.dtype == torch.float32 or x.device.type == "cpu"
@@ -444,5 +521,5 @@ def qmm(x: torch.Tensor, w: PackedWeight, b: torch.Tensor | None = None, *, resi
                out.stride(0), res.stride(0) if res is not None else 0, *planes, *strides,
                **format_constants(w.fmt, k), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, NG=ng,
                GS=gs, SPLIT=split, WORDS=words is not None, HAS_BIAS=b is not None, RESIDUAL=res is not None,
-               DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+               GATE_UP=gate_up, DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
