@@ -275,7 +275,7 @@ def ptxas_report(names: list[str], k: int = 4096) -> None:
         bk = tile_k(fmt, k, cfg.block_k)
         gs = (bk if row_mode(fmt, k) else fmt.group) if fmt.bits == 8 else 32
         consts = dict(format_constants(fmt, k), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, NG=bk // gs,
-                      GS=gs, SPLIT=cfg.split_k, WORDS=words, HAS_BIAS=True, RESIDUAL=True, GATE_UP=False,
+                      GS=gs, SPLIT=cfg.split_k, WORDS=words, HAS_BIAS=True, RESIDUAL=True, GATE_UP=0,
                       DOT_F32=False)
         compiled = triton.compile(ASTSource(triton_qmm._qmm, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))

@@ -521,5 +521,5 @@ def _launch(x: torch.Tensor, w: PackedWeight, b: torch.Tensor | None, residual: 
                out.stride(0), res.stride(0) if res is not None else 0, *planes, *strides,
                **format_constants(w.fmt, k), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, NG=ng,
                GS=gs, SPLIT=split, WORDS=words is not None, HAS_BIAS=b is not None, RESIDUAL=res is not None,
-               GATE_UP=gate_up, DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+               GATE_UP=int(gate_up), DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
