@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from cpu_decode import copy_bandwidth  # bench/ is the script's own folder on sys.path
 
 SHAPES = {
     "135m": {"name": "SmolLM2-135M", "layers": 30, "hidden": 576, "q": 576, "kv": 192, "mlp": 1536,
@@ -270,17 +271,6 @@ def bench_route(route: Route, c: dict, repeats: int, gen: torch.Generator) -> di
     ms = statistics.median(times) * 1e3
     return {"ms_per_token": ms, "weight_bytes": weight_bytes, "GBps": weight_bytes / ms / 1e6,
             "max_rel_err": max(errs), "setup_s": setup}
-
-
-def copy_bandwidth() -> float:
-    src = torch.randn(64 * 1024 * 1024)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t)
-    return 2 * src.numel() * 4 / min(times)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from chatcore.batch.engine import BatchConfig, BatchEngine
     from chatcore.engine import Engine
     from chatcore.errors import ChatcoreError
     from chatcore.generation import GenerationStats, TokenEvent
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from chatcore.sampling import SamplingParams
 
 _EXPORTS = {
+    "BatchConfig": "chatcore.batch.engine",
+    "BatchEngine": "chatcore.batch.engine",
     "ChatcoreError": "chatcore.errors",
     "Engine": "chatcore.engine",
     "GenerationStats": "chatcore.generation",
@@ -23,7 +26,8 @@ _EXPORTS = {
     "TokenEvent": "chatcore.generation",
     "load": "chatcore.loader",
 }
-__all__ = ["ChatcoreError", "Engine", "GenerationStats", "SamplingParams", "TokenEvent", "load"]
+__all__ = ["BatchConfig", "BatchEngine", "ChatcoreError", "Engine", "GenerationStats", "SamplingParams", "TokenEvent",
+           "load"]
 __version__ = "0.1.0"
 
 

@@ -28,7 +28,7 @@ from chatcore.models import FAMILIES
 from chatcore.models.base import CausalLM
 from chatcore.quant.names import quantized_names
 from chatcore.quant.packed import PackedWeight
-from chatcore.quant.quantize import GROUPS, MODES, check_device, quantized_nbytes
+from chatcore.quant.quantize import GROUPS, MODES, check_device, fit_group, quantized_nbytes
 from chatcore.runtime import Runtime
 from chatcore.tokenizer import Tokenizer
 from chatcore.tokenizer.hf import HFTokenizer
@@ -223,8 +223,13 @@ def serve_source(source: TensorSource, cfg: ModelConfig, dev: torch.device, opti
         fits = [n for n in chosen if _quantizable(source.shape(n), options)]
         if len(fits) < len(chosen):
             say(f"chatcore: {len(chosen) - len(fits)} projection(s) have a width that {options.quantize} "
-                "cannot pack (not a multiple of 32 or of the group); they stay float")
+                "cannot pack (not a multiple of 32); they stay float")
         source, packs = QuantizingSource(source, fits, options.quantize, options.quant_group, dev), bool(fits)
+        narrow = {n: g for n in fits if (g := source.group_of(n)) != options.quant_group}
+        if narrow:
+            say(f"chatcore: {len(narrow)} projection(s) have a width that is not a multiple of "
+                f"{options.quant_group}; they take int4 groups of "
+                f"{' / '.join(map(str, sorted(set(narrow.values()), reverse=True)))} columns")
     gguf = source.base if isinstance(source, QuantizingSource) else source
     if isinstance(gguf, GGUFTensors) and (options.packed or (options.packed is None and dev.type == "cuda")):
         packed = gguf.packed_on(dev)
@@ -248,8 +253,10 @@ def _quantizable(shape: tuple[int, ...], options: LoadOptions) -> bool:
     """Whether a tensor of ``shape`` fits ``options.quantize``'s layout (2-D, its width on the blocks)."""
     if len(shape) != 2:
         return False
+    mode = options.quantize
     try:
-        quantized_nbytes((shape[0], shape[1]), options.quantize, options.quant_group)  # type: ignore[arg-type]
+        group = fit_group(shape[1], options.quant_group) if mode == "int4" else options.quant_group
+        quantized_nbytes((shape[0], shape[1]), mode, group)  # type: ignore[arg-type]
     except ValueError:
         return False
     return True

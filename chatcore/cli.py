@@ -1,7 +1,7 @@
 """The ``chatcore`` command line.
 
-Generation commands live here; ``sessions`` (storage/), ``chat`` (tui/) and ``replay`` are dispatched by
-module name, so the generation core never imports the layers built on top of it.
+Generation commands live here; ``sessions`` (storage/), ``chat`` (tui/), ``serve`` and ``replay`` (context/)
+are dispatched by module name, so the generation core never imports the layers built on top of it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 _EXTERNAL = {
     "chat": ("tui.app", "the terminal chat UI"),
     "replay": ("context.replay", "replay recorded multi-turn conversations as regression tests"),
+    "serve": ("context.server.cli", "an OpenAI-compatible HTTP server with stateful conversations"),
     "sessions": ("storage.cli", "list, show, export, import and delete stored chat sessions"),
 }
 

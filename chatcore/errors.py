@@ -43,3 +43,7 @@ class TensorParallelError(ChatcoreError):
 
 class RankFailed(ChatcoreError):
     """A tensor-parallel rank stopped or stopped answering; the engine is closed (load the model again)."""
+
+
+class OutOfBlocks(ChatcoreError):
+    """The paged KV memory has no block left to give: every block is held by a running sequence."""

@@ -160,11 +160,12 @@ class KVCache:
         moved = n - end
         if moved:
             if self.k_scale is not None and self.v_scale is not None:
+                per_layer = getattr(self.rotary, "per_layer", None)   # Gemma 3: each layer's own frequencies
                 for layer in range(self._shape[0]):   # one layer at a time: the float32 keys stay small
                     codes, sc = self.k[layer, :, end:n].clone(), self.k_scale[layer, :, end:n].clone()
                     if self.rotary is not None:
-                        codes, sc = quantize(self.rotary.shift(dequantize(codes, sc, torch.float32), -delta),
-                                             self._code)
+                        rot = self.rotary if per_layer is None else per_layer[layer]
+                        codes, sc = quantize(rot.shift(dequantize(codes, sc, torch.float32), -delta), self._code)
                     self.k[layer, :, start : start + moved] = codes
                     self.k_scale[layer, :, start : start + moved] = sc
                 self.v_scale[:, :, start : start + moved] = self.v_scale[:, :, end:n].clone()

@@ -16,6 +16,8 @@ device step hands the codes and their scales to the backend.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from chatcore.kv_cache import KVCache
@@ -44,6 +46,10 @@ class EagerStep:
         return attend_chunk(q, keys, values, start=self.start, backend=self.backend,
                             sliding_window=sliding_window, alibi=alibi)
 
+    def select(self, h: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        """The rows of ``h`` [T, ...] whose logits the pass returns: all of them, or the last one."""
+        return h if all_logits else h[-1:]
+
 
 class DeviceStep:
     """One token at the position ``pos`` (int32 [1], on the device) of a slot allocated to its full capacity.
@@ -69,5 +75,21 @@ class DeviceStep:
         return attend_decode(q, keys, values, pos=self.pos, new_kv=(k, v), backend=self.backend,
                              sliding_window=sliding_window, alibi=alibi, rotary=tables, scales=scales)
 
+    def select(self, h: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        """The rows of ``h`` [T, ...] whose logits the pass returns: all of them, or the last one."""
+        return h if all_logits else h[-1:]
 
-Step = EagerStep | DeviceStep
+
+class Step(Protocol):
+    """What a family's ``run`` drives: :class:`EagerStep`, :class:`DeviceStep`, and the batched steps of
+    :mod:`chatcore.batch.step` (B sequences in one pass, rows grouped by sequence)."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rotary: Rotary | None,
+               sliding_window: int | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate, store the new keys and values of layer ``layer``, attend; returns [rows, Hq, D]."""
+        ...
+
+    def select(self, h: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        """The rows of the final hidden states whose logits the pass returns (``all_logits``: every row; else
+        each sequence's last)."""
+        ...

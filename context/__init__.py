@@ -11,7 +11,7 @@ plain lists of ints and plain objects; only the engine touches tensors.
 """
 
 from .budget import TokenBudget
-from .errors import ContextError, ContextOverflow, MessageTooLong, SessionBusy
+from .errors import ContextError, ContextOverflow, MessageTooLong, SessionBusy, SessionDeleted
 from .layout import REGIONS, ContextConfig, Layout
 from .library import SessionLibrary, load_engine
 from .manager import ContextManager, Pending, SummaryState
@@ -27,7 +27,7 @@ from .summarize import SummaryResult
 __all__ = [
     "REGIONS", "ChatEvent", "ChatMessage", "ChatSession", "ContextConfig", "ContextError", "ContextManager",
     "ContextOverflow", "KVPlan", "Layout", "MessageTooLong", "Outbox", "Pending", "Plan", "SaveEvent", "SessionBusy",
-    "SlotPool",
+    "SessionDeleted", "SlotPool",
     "SummaryResult", "SummaryState", "TokenBudget", "Turn", "TurnIndex", "TurnReport", "plan_kv",
     "stream_with_sinks",
 ]

@@ -21,6 +21,10 @@ class SessionBusy(ContextError):
     """A reply is still streaming in this session."""
 
 
+class SessionDeleted(ContextError):
+    """The session was deleted in storage (by another client) under this one: a turn on it cannot be stored."""
+
+
 # storage's errors reach front ends through context, imported on first use (storage imports redis).
 STORAGE_ERRORS = ("NotFound", "StorageError", "StoreUnavailable")
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .budget import TokenBudget
-from .errors import ContextError, SessionBusy
+from .errors import ContextError, SessionBusy, SessionDeleted
 from .layout import ContextConfig
 from .manager import ContextManager, Pending
 from .outbox import Outbox, SaveEvent
@@ -291,7 +291,10 @@ class ChatSession:
         params = self._params(sampling)
         self.manager.plan([Pending("user", text)])  # refuse a message that cannot fit before storing it
         parent = self.manager.thread[-1].id if self.manager.thread else None
-        msg, before = self._store_user(text, parent)
+        try:
+            msg, before = self._store_user(text, parent)
+        except Exception as exc:
+            raise self._deleted(exc, "the message was not stored") from None
         self.manager.append(msg)
         return self._reply(params, lambda: self.store.begin_reply(self.id, parent_id=msg.id, before=before))
 
@@ -402,8 +405,32 @@ class ChatSession:
         finally:
             self._busy = False
 
+    def _deleted(self, exc: BaseException, lost: str) -> BaseException:
+        """`exc` itself, or where it is storage's NotFound and this session is gone from storage (deleted by
+        another client meanwhile): a one-line SessionDeleted saying so and what was `lost`."""
+        from storage.errors import NotFound, StorageError
+
+        if not isinstance(exc, NotFound):
+            return exc
+        try:
+            gone = not self.store.session_exists(self.id)
+        except StorageError:
+            return exc
+        if not gone:
+            return exc
+        return SessionDeleted(f"session {self.id} was deleted in storage meanwhile (by another client); {lost}. "
+                              "Open or start another session")
+
+    def _abandon(self, writer: Any) -> None:
+        """A reply whose session is gone: stop its writer (no more saves, no heartbeat), free the KV slot."""
+        writer.gone = True
+        self.pool.discard(self.id)
+
     def _stream(self, params: Any, begin: Callable[[], Any]) -> Iterator[ChatEvent]:
-        writer = begin()
+        try:
+            writer = begin()
+        except Exception as exc:
+            raise self._deleted(exc, "no reply was generated") from None
         try:
             slot = self.pool.get(self.id, self.manager.window)
             turn = begin_turn(self.manager, slot, self.engine, on_summary=self._store_summary)
@@ -430,34 +457,63 @@ class ChatSession:
                     status = "cancelled"
                     break
         except GeneratorExit:  # the caller closed the reply stream
-            self._end(turn, gen, None, writer, "cancelled", n)
+            self._end(turn, gen, None, writer, "cancelled", n, quiet=True)
             raise
-        except BaseException:
+        except BaseException as exc:
             if gen is not None:
                 gen.close()
-            self._finish(writer, "incomplete", n)
+            error = self._deleted(exc, f"the reply ({n} tokens) was not saved")
+            if error is not exc:   # the reply's first save found the session gone (its pending message dropped)
+                self._abandon(writer)
+                raise error from None
+            self._finish(writer, "incomplete", n, quiet=True)
             raise
         report = self._end(turn, gen, last, writer, status, n)
         finish = last.finish_reason if last is not None else ("stop" if status == "complete" else "cancelled")
         yield ChatEvent(last.text if last is not None else "", writer.id, None, finish, report, turn.summary)
 
-    def _end(self, turn: Turn, gen: Any, last: Any, writer: Any, status: str, n: int) -> TurnReport:
-        """Close the engine's stream (its stats then cover an early end too), store the reply, report."""
+    def _end(self, turn: Turn, gen: Any, last: Any, writer: Any, status: str, n: int,
+             quiet: bool = False) -> TurnReport:
+        """Close the engine's stream (its stats then cover an early end too), store the reply, report.
+        Raises SessionDeleted when the reply cannot be stored because its session is gone (`quiet`: log it)."""
         gen.close()
         stats = last.stats if last is not None else getattr(gen, "stats", None)
-        self._finish(writer, status, stats.generated_tokens if stats is not None else n)
+        self._finish(writer, status, stats.generated_tokens if stats is not None else n, quiet)
         self.last_report = dataclasses.replace(turn.report(stats), unsaved=len(self._outbox))
         self.pool.trim(keep=self.id)
         return self.last_report
 
-    def _finish(self, writer: Any, status: str, tokens: int) -> None:
+    def _finish(self, writer: Any, status: str, tokens: int, quiet: bool = False) -> None:
+        """Store the reply as `status` (kept pending while Redis is unreachable). Where its session is gone
+        from storage (the writer found its reply deleted, or its first save found no session): SessionDeleted,
+        or with `quiet` a log line."""
+        from storage.errors import NotFound
+
+        lost = f"the reply ({tokens} tokens) was not saved"
+        if writer.gone:
+            error = self._deleted(NotFound("message", writer.id), lost)
+            if not isinstance(error, SessionDeleted):
+                return  # the reply alone was deleted elsewhere: it ends here
+        else:
+            try:
+                self.manager.append(self._store_reply(writer, status, tokens))
+                return
+            except NotFound as exc:
+                error = self._deleted(exc, lost)
+                if error is exc:
+                    raise
+        self._abandon(writer)
+        if quiet:
+            log.warning("%s", error)
+            return
+        raise error from None
+
+    def _store_reply(self, writer: Any, status: str, tokens: int) -> Any:
+        """The finished reply as stored, or (Redis unreachable) as kept whole in memory, pending."""
         from storage.errors import StoreUnavailable
 
-        if writer.gone:
-            return
         try:
-            msg = writer.finish(status, tokens=tokens)
-        except StoreUnavailable as exc:  # kept whole in memory (pending), written once Redis answers
-            msg = writer.draft(status, tokens)
+            return writer.finish(status, tokens=tokens)
+        except StoreUnavailable as exc:  # written once Redis answers
             self._outbox.add(writer.id, lambda: writer.finish(status, tokens=tokens), exc)
-        self.manager.append(msg)
+            return writer.draft(status, tokens)

@@ -27,6 +27,7 @@ from .keys import key, new_id, session_keys
 from .messages import TIP, NewMessage
 from .outbox import Outbox
 from .records import Conversation, Message, SearchHit, Session, SessionPage, Summary
+from .responses import ResponseRecord, new_response_id
 from .sessions import UNSET
 from .store import Store
 from .urls import redact_url
@@ -34,8 +35,8 @@ from .writer import ReplyWriter
 
 __all__ = [
     "TIP", "UNSET", "Conflict", "Conversation", "CorruptRecord", "InvalidInput", "Message",
-    "MessageTooLarge", "NewMessage", "NotFound", "Outbox", "ReplyWriter", "SchemaVersionError",
+    "MessageTooLarge", "NewMessage", "NotFound", "Outbox", "ReplyWriter", "ResponseRecord", "SchemaVersionError",
     "SearchHit", "Session", "SessionPage", "StorageError", "Store", "StoreConfig", "StoreUnavailable",
     "Summary", "client_options", "data_dir", "embedded_path", "key", "new_id", "open_embedded", "open_store",
-    "open_url", "redact_url", "session_keys",
+    "new_response_id", "open_url", "redact_url", "session_keys",
 ]

@@ -21,7 +21,7 @@ from .urls import redact_url, scrub
 
 log = logging.getLogger("storage")
 T = TypeVar("T")
-_EXPECTED_TYPES = {"meta": "hash", "msgs": "hash", "live": "hash"}
+_EXPECTED_TYPES = {"meta": "hash", "msgs": "hash", "live": "hash", "resp": "hash"}
 _HOST = socket.gethostname()
 _WARNED: weakref.WeakSet[Any] = weakref.WeakSet()  # connection pools already warned about (once each)
 

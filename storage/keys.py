@@ -16,10 +16,12 @@ from .errors import InvalidInput
 PREFIX = "chatcore"
 
 #: Kinds of per-session keys. `meta` is a hash (the session record), `msgs` a hash of message id ->
-#: message record, `live` a hash of the replies being streamed (message id -> heartbeat).
-SESSION_KINDS = ("meta", "msgs", "live")
-#: Global kinds: `index` is a sorted set of session ids scored by last activity.
-GLOBAL_KINDS = ("index",)
+#: message record, `live` a hash of the replies being streamed (message id -> heartbeat), `resp` a hash of
+#: the session's stored API responses (response id -> record, storage/responses.py).
+SESSION_KINDS = ("meta", "msgs", "live", "resp")
+#: Global kinds: `index` is a sorted set of session ids scored by last activity; `responses` a hash of
+#: response id -> the session holding it (derived: a session's deletion leaves entries that read as gone).
+GLOBAL_KINDS = ("index", "responses")
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 

@@ -12,14 +12,16 @@ from .errors import Conflict, InvalidInput, MessageTooLarge
 from .keys import check_id, key, new_id
 from .messages import TIP, MessagesMixin
 from .records import ROLES, STATUSES, Conversation, SearchHit, Session
+from .responses import ResponsesMixin
 from .search import search as _search
 from .writer import ReplyWriter
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class Store(MessagesMixin):
-    """Sessions in Redis. Hand it a redis-py client (or use `storage.open_store()`).
+class Store(ResponsesMixin, MessagesMixin):
+    """Sessions in Redis (and the API responses stored in them). Hand it a redis-py client (or use
+    `storage.open_store()`).
 
     Everything it returns is a frozen dataclass (`Session`, `Message`, `Conversation`, ...);
     everything it raises is a `storage.errors.StorageError`.

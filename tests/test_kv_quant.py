@@ -273,6 +273,35 @@ def test_flash_decode_on_a_quantized_cache_is_the_triton_kernel(mode: str) -> No
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_decode_kernel_attends_to_the_appended_row_as_stored(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel launched as on the GPU (no in-kernel e4m3 grid rounding: converting to the cache dtype rounds)
+    attends to the new row's codes as it stores them, whatever that conversion did (the interpreter's even
+    rounds some codes wrongly), so the output is the float64 reference over the cache as it then holds. It once
+    attended to the values before rounding: fp8 was 2.3% off on the GPU (window 256 + 4 sinks), 1.5-5.6% here;
+    int8 codes were integers already. A window with sinks; the new key is half the query, so it weighs."""
+    pytest.importorskip("triton")
+    from chatcore.layers import triton_decode
+
+    monkeypatch.setattr(triton_decode, "_GRID_ROUNDING", False)
+    dt = KV_DTYPES[mode]
+    g = torch.Generator().manual_seed(2000)
+    hq, hkv, d, cap, pos, window, sinks = 8, 2, 32, 200, 190, 64, 4
+    q = torch.randn(hq, d, generator=g)
+    k, v = q[:: hq // hkv] * 0.5, torch.randn(hkv, d, generator=g) * 3
+    kc, ks = quantize(torch.randn(hkv, cap, d, generator=g), dt)
+    vc, vs = quantize(torch.randn(hkv, cap, d, generator=g), dt)
+    out = triton_decode.decode_attention(q, kc, vc, torch.tensor([pos], dtype=torch.int32), new_kv=(k, v),
+                                         sliding_window=window, sinks=sinks, scales=(ks, vs))
+    held = reference(q, dequantize(kc, ks, torch.float64), dequantize(vc, vs, torch.float64), pos, window, sinks,
+                     None)
+    assert rel(out, held) < 1e-5
+    kc[:, pos], vc[:, pos], ks[:, pos], vs[:, pos] = 0, 0, 0, 0        # the row before it was appended
+    unrounded_k, unrounded_v = (dequantize(c, sc, torch.float64) for c, sc in ((kc, ks), (vc, vs)))
+    unrounded_k[:, pos], unrounded_v[:, pos] = k.double(), v.double()
+    assert rel(held, reference(q, unrounded_k, unrounded_v, pos, window, sinks, None)) > 1e-3   # the row weighs
+
+
 def test_decode_kernel_refuses_codes_without_scales() -> None:
     pytest.importorskip("triton")
     from chatcore.layers.triton_decode import decode_attention
@@ -430,8 +459,10 @@ def test_compiled_decode_kernel_on_a_quantized_cache(mode: str, case: tuple) -> 
     assert rel(dequantize(vc[:, pos], vs[:, pos], torch.float32), v.float()) < FLOAT_TOL[mode]
     got_k = dequantize(kc[:, pos], ks[:, pos], torch.float32)
     assert rel(got_k, kr.float()) < FLOAT_TOL[mode]
-    exact = reference(qr.cpu(), dequantize(kc, ks, torch.float64).cpu(), dequantize(vc, vs, torch.float64).cpu(), pos,
-                      window, sinks, None)
+    # like with like: the kernel's query is rotated and rounded to bf16 in registers, and it attends to the
+    # codes it stored (the rest of the error: bf16 probabilities x value scales in the PV dot)
+    exact = reference(qr.bfloat16().float().cpu(), dequantize(kc, ks, torch.float64).cpu(),
+                      dequantize(vc, vs, torch.float64).cpu(), pos, window, sinks, None)
     assert rel(out.cpu(), exact) < 1e-2
 
 
@@ -483,3 +514,23 @@ def test_sink_window_stream_on_a_quantized_cache_runs_through_the_graph(tiny_lla
     a = [ev.token_id for ev in graphed.generate(ids(60, 4), params, sink_tokens=4)]
     b = [ev.token_id for ev in plain.generate(ids(60, 4), params, sink_tokens=4)]
     assert len(a) == 300 and a == b
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_drop_on_a_quantized_cache_rerotates_each_gemma3_layer_with_its_own_frequencies(
+        tmp_path: Path, mode: str) -> None:
+    """Gemma 3's local and global layers have different RoPE bases: each layer's moved keys are re-rotated with
+    its own table, as the float cache's drop (all layers at once) re-rotates them."""
+    from tests.model_factory import make_gemma3_dir
+
+    path = make_gemma3_dir(tmp_path / "g3", seed=2)
+    engine, ref = engine_with(path, mode), engine_with(path, None)
+    seq = ids(120, 5)
+    slot, fslot = engine.new_slot(), ref.new_slot()
+    engine.prefill(seq, slot)
+    ref.prefill(seq, fslot)
+    slot.drop(4, 50)
+    fslot.drop(4, 50)
+    n = slot.length
+    for layer in range(slot.k.shape[0]):
+        assert rel(slot.layer_kv(layer, n)[0], fslot.k[layer, :, :n]) < FLOAT_TOL[mode], layer

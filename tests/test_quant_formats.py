@@ -23,7 +23,7 @@ from chatcore.errors import LoadOptionError
 from chatcore.quant.gguf_pack import FORMATS, PACKABLE, pack_gguf, packed_size
 from chatcore.quant.names import quantized_names
 from chatcore.quant.packed import PackedWeight, cat_rows, dequantize
-from chatcore.quant.quantize import check_device, quantize, quantized_nbytes
+from chatcore.quant.quantize import check_device, fit_group, quantize, quantized_nbytes
 
 # byte offsets of each type's float16 fields (d, m / dmin) inside a block
 F16_FIELDS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,), Q.Q4_K: (0, 2),
@@ -194,6 +194,55 @@ def test_int4_keeps_representable_groups_exactly(group: int) -> None:
     q[..., 0], q[..., 1] = 0, 15
     w = (d * q + m).reshape(n, k)
     assert same_bits(dequantize(quantize(w, "int4", group)), w)
+
+
+def int4_mse(w: torch.Tensor, group: int) -> tuple[float, float]:
+    """(mean squared reconstruction error of int4 at ``group``, the grid's bound for it: mean d_rtn^2 / 12)."""
+    step, _ = rtn(w, group)
+    return float((dequantize(quantize(w, "int4", group)) - w).square().mean()), float(step.square().mean()) / 12
+
+
+@pytest.mark.parametrize("kind", ["rows_of_many_sizes", "gaussian"])
+def test_int4_error_shrinks_with_the_group(kind: str) -> None:
+    w = weights(k=384) if kind == "rows_of_many_sizes" else torch.randn(64, 384, generator=torch.Generator()
+                                                                          .manual_seed(1))
+    mse = {g: int4_mse(w, g) for g in (32, 64, 128)}
+    assert mse[32][0] <= mse[64][0] <= mse[128][0]
+    # round to nearest errs uniformly within half a step (mean d^2 / 12); the range search must do better
+    assert all(err < bound for err, bound in mse.values()), mse
+
+
+@pytest.mark.slow
+def test_int4_error_shrinks_with_the_group_on_the_demo_weights(demo_gguf: Path) -> None:
+    _, plain, _ = open_checkpoint(demo_gguf)
+    w = plain.get("model.layers.3.mlp.down_proj.weight").float()       # Q4_1 (groups of 32) in the file
+    mse = {g: int4_mse(w, g) for g in (32, 64, 128)}
+    assert mse[32][0] == 0.0                                           # the file's own grid comes back exactly
+    assert mse[32][0] <= mse[64][0] <= mse[128][0]
+    assert all(err < bound for err, bound in mse.values()), mse
+
+
+def test_int4_narrows_the_group_where_a_width_needs_it(tiny_dir: Path) -> None:
+    cfg, plain, _ = open_checkpoint(tiny_dir)                          # hidden 64, intermediate 160
+    said: list[str] = []
+    served = serve_source(plain, cfg, torch.device("cpu"), LoadOptions(quantize="int4", quant_group=128),
+                          status=said.append)
+    family = checkpoint.FAMILIES[cfg.family]
+    chosen = quantized_names(family.split_rules, family.tensor_names(cfg))
+    groups = {}
+    for name in chosen:
+        got = served.get(name)
+        assert isinstance(got, PackedWeight)                           # none left in float
+        groups[name] = got.fmt.group
+        assert got.nbytes() == served.packed_nbytes(name)
+    assert groups["model.layers.0.mlp.down_proj.weight"] == 32 and groups["lm_head.weight"] == 64
+    assert set(groups.values()) == {32, 64}
+    notices = [m for m in said if "int4 groups" in m]
+    assert notices == [f"chatcore: {len(chosen)} projection(s) have a width that is not a multiple of 128; "
+                       "they take int4 groups of 64 / 32 columns"]
+    assert fit_group(576, 128) == 64 and fit_group(1536, 128) == 128 and fit_group(96, 64) == 32
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        fit_group(80, 64)
 
 
 def test_quantize_refuses_what_it_cannot_pack() -> None:

@@ -235,3 +235,82 @@ def test_ranks_on_the_cpu_share_the_hosts_memory(monkeypatch: pytest.MonkeyPatch
     window, notice = tp_window.agree_window(spec, 0, local, torch.float32, 32768)  # no process group: this rank's
     assert window == fit_window(local[0], torch.device("cpu"), torch.float32, 32768, 2 * 2**30)[0] < 32768
     assert notice is not None and "its share of the host's memory" in notice
+
+
+def test_the_window_cap_counts_packed_weights_and_the_kv_dtype() -> None:
+    """A 70B shape in int4 (groups of 64) over 8 GPUs with 8 GiB free each: a rank's packed share of every
+    projection is its shape's packed size to the byte, and with an int8 cache ((D + 4) bytes per head and
+    token) the window is what those bytes leave; counted in bf16 the weights alone would not fit."""
+    from chatcore.checkpoint import WINDOW_SHARE, fit_window
+    from chatcore.models import FAMILIES
+    from chatcore.parallel import window as tp_window
+    from chatcore.quant.quantize import quantized_nbytes
+
+    cfg = ModelConfig(family="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+                      num_heads=64, num_kv_heads=8, head_dim=128, max_position_embeddings=131072)
+    whole = FAMILIES["llama"].shapes(cfg)
+
+    def packed(name: str) -> bool:
+        return len(whole[name]) == 2 and name != "model.embed_tokens.weight"
+
+    class Served:   # every 2-D tensor but the embedding served int4-packed, as quantize="int4" does
+        def shape(self, name: str) -> tuple[int, ...]:
+            return whole[name]
+
+        def packed_nbytes(self, name: str) -> int | None:
+            return quantized_nbytes(whole[name], "int4", 64) if packed(name) else None  # type: ignore[arg-type]
+
+    local = [RankShard(cfg, 8, r).local_config() for r in range(8)]
+    gpus = [torch.device("cuda", r) for r in range(8)]
+    share = tp_window.RankWeights(Served(), local[3])   # type: ignore[arg-type]
+    mine = FAMILIES["llama"].shapes(local[3])
+    weights = 0
+    for name, shape in mine.items():
+        want = quantized_nbytes(shape, "int4", 64) if packed(name) else None  # type: ignore[arg-type]
+        assert share.packed_nbytes(name) == want, name
+        weights += want if want is not None else 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
+    assert 4.5e9 < weights < 5.5e9                                        # ~4.5 bits of 70B / 8, the embedding
+    free = 8 * 2**30
+    per_token = 2 * 80 * 1 * (128 + 4) + 2 * 128 * (4 + 2)               # one KV head a rank; RoPE tables
+    want_window = int((free - weights) * WINDOW_SHARE) // per_token // 256 * 256
+    assert 65536 < want_window < 131072
+    window, notice = tp_window.rank_windows(local, torch.bfloat16, 131072, [free] * 8, gpus, Served(), "int8")
+    assert window == want_window and notice is not None and f"weights {weights / 2**30:.1f} GiB" in notice
+    bf16_kv = tp_window.rank_windows(local, torch.bfloat16, 131072, [free] * 8, gpus, Served())[0]
+    assert bf16_kv == int((free - weights) * WINDOW_SHARE) // (per_token + 2 * 80 * (128 - 4)) // 256 * 256
+    assert tp_window.rank_windows(local, torch.bfloat16, 131072, [free] * 8, gpus)[0] == 512   # bf16 weights
+    assert fit_window(local[3], gpus[3], torch.bfloat16, 131072, free, source=share, kv_dtype="int8")[0] == window
+
+
+def test_a_ranks_packed_share_is_the_bytes_its_shards_take(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """quantize="int4" on a real (tiny) checkpoint, two ranks: what the window cap counts for a rank's weights
+    is what the shards it loads take, byte for byte (the lm_head's padded vocab rows included); agree_window
+    counts them and the spec's kv_dtype."""
+    from chatcore.checkpoint import LoadOptions, fit_window, open_checkpoint, serve_source, weight_bytes
+    from chatcore.parallel import window as tp_window
+    from chatcore.parallel.shard import reader, shard_tensor
+    from chatcore.parallel.spec import LaunchSpec
+    from chatcore.quant.packed import PackedWeight
+
+    path = make_llama_dir(tmp_path / "llama", vocab_size=VOCAB, intermediate_size=128)
+    cfg, plain, _ = open_checkpoint(path)
+    options = LoadOptions(quantize="int4", quant_group=32, kv_dtype="fp8")
+    served = serve_source(plain, cfg, torch.device("cpu"), options)
+    local = [RankShard(cfg, 2, r).local_config() for r in range(2)]
+    for r in range(2):
+        plan, taken = RankShard(cfg, 2, r), 0
+        for name in plain.names():
+            part = shard_tensor(plan, cfg.family, name, reader(served))
+            got = served.get(name) if part is None else part
+            taken += got.nbytes() if isinstance(got, PackedWeight) else got.numel() * 4
+        assert weight_bytes(local[r], torch.float32, tp_window.RankWeights(served, local[r])) == taken
+    monkeypatch.setattr(tp_window, "free_memory", lambda dev: 2 * 2**20)
+    spec = LaunchSpec(path=str(path), world=2, device_type="cpu", device_index=0, dtype="float32", options=options,
+                      store_port=0, timeout_s=10)
+    window, _ = tp_window.agree_window(spec, 0, local, torch.float32, 4096, served)
+    share = tp_window.RankWeights(served, local[0])
+    assert window == fit_window(local[0], torch.device("cpu"), torch.float32, 4096, 2**20, source=share,
+                                kv_dtype="fp8")[0]
+    assert 512 < window < 4096
+    assert window > tp_window.agree_window(spec, 0, local, torch.float32, 4096)[0]      # the weights as float32

@@ -37,8 +37,10 @@ import triton
 import triton.language as tl
 
 from chatcore.layers.kv_quant import QMAX
+from chatcore.layers.pdl import launch_options, uses_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_GRID_ROUNDING = _INTERPRET   # e4m3 codes rounded in-kernel (the interpreter's conversion is wrong); see _quantize
 
 BLOCK_N = 64           # keys per inner step
 _TARGET_PROGRAMS = 132  # one wave of an H100's multiprocessors (bench/gpu_profile.py --sweep; bench/README.md)
@@ -79,9 +81,10 @@ def _attend_block(acc, m_i, l_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kv_head, sta
 
 @triton.jit
 def _quantize(x, QMAX: tl.constexpr, IS_INT: tl.constexpr, GRID: tl.constexpr):
-    """Rows x [R, BLOCK_D] (float32, zero padding) -> (their codes as float32 values on the code grid, which
-    convert to the code dtype exactly; float32 scales [R]): kv_quant.quantize's operations. GRID: round to the
-    e4m3 grid here (the CPU interpreter's conversion loses mantissa carries)."""
+    """Rows x [R, BLOCK_D] (float32, zero padding) -> (their codes as float32 values, float32 scales [R]):
+    kv_quant.quantize's operations up to the codes' last rounding. int8: on the integer grid. e4m3: on its grid
+    only with GRID (the CPU interpreter, whose conversion loses mantissa carries); without it the conversion to
+    the cache dtype rounds them, so the caller attends to the converted codes, never to these values."""
     amax = tl.max(tl.abs(x), 1)
     scale = amax / QMAX
     y = x / tl.where(scale > 0, scale, 1.0)[:, None]
@@ -126,7 +129,10 @@ def _split_k(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, pos_ptr, slopes_ptr, part_pt
              HALF: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr, WINDOW: tl.constexpr,
              SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, PREC: tl.constexpr, PIPELINE: tl.constexpr,
              HAS_NEW: tl.constexpr, HAS_ROPE: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
-             IS_INT: tl.constexpr, GRID: tl.constexpr):
+             IS_INT: tl.constexpr, GRID: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:   # chatcore.layers.pdl: let the next kernel launch now; wait for the previous one to end
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     last = tl.load(pos_ptr)                       # position of the newest token
@@ -187,14 +193,16 @@ def _split_k(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, pos_ptr, slopes_ptr, part_pt
         if QUANT:   # quantize the row as it goes in: its amax, scale and codes
             k_codes, k_scale = _quantize(k.to(tl.float32), QMAX, IS_INT, GRID)
             v_codes, v_scale = _quantize(v.to(tl.float32), QMAX, IS_INT, GRID)
-            tl.store(kc_ptr + cache_row, k_codes.to(kc_ptr.dtype.element_ty), mask=write)
-            tl.store(vc_ptr + cache_row, v_codes.to(vc_ptr.dtype.element_ty), mask=write)
+            # the codes in the cache's dtype: on the GPU this conversion is e4m3's rounding (GRID is off there)
+            k_codes, v_codes = k_codes.to(kc_ptr.dtype.element_ty), v_codes.to(vc_ptr.dtype.element_ty)
+            tl.store(kc_ptr + cache_row, k_codes, mask=write)
+            tl.store(vc_ptr + cache_row, v_codes, mask=write)
             scale_at = kv_head * scale_stride + last + one
             write_scale = (one + tl.where(covers, 0, 1)) < 1
             tl.store(ks_ptr + scale_at, k_scale, mask=write_scale)
             tl.store(vs_ptr + scale_at, v_scale, mask=write_scale)
-            k = k_codes * k_scale[:, None]    # attend to the row as the cache holds it
-            vv = v_codes * v_scale[:, None]
+            k = k_codes.to(tl.float32) * k_scale[:, None]    # attend to the row as the cache holds it: the
+            vv = v_codes.to(tl.float32) * v_scale[:, None]   # stored codes, not the values before rounding
         else:
             tl.store(kc_ptr + cache_row, k.to(kc_ptr.dtype.element_ty), mask=write)
             tl.store(vc_ptr + cache_row, v.to(vc_ptr.dtype.element_ty), mask=write)
@@ -221,7 +229,10 @@ def _split_k(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, pos_ptr, slopes_ptr, part_pt
 
 @triton.jit
 def _merge(part_ptr, ml_ptr, out_ptr, D: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
-           BLOCK_S: tl.constexpr):
+           BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     head = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
@@ -295,6 +306,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     elif k_cache.dtype in QMAX:
         raise ValueError("a cache of int8 or float8 codes needs its scales")
     k_scale, v_scale = scales if scales is not None else (q, q)
+    pdl = uses_pdl(q.device)
     _split_k[(hkv, splits)](q, k_cache, v_cache, k_scale, v_scale, pos, alibi if alibi is not None else q, part, ml,
                             k_new, v_new, cos, sin, d**-0.5, k_cache.stride(0), k_scale.stride(0) if quant else 0,
                             HQ=hq, GROUP=group, BLOCK_G=max(16, _pow2(group)),
@@ -302,6 +314,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                             SINKS=sinks, HAS_ALIBI=alibi is not None, PREC=prec, PIPELINE=not _INTERPRET,
                             HAS_NEW=new_kv is not None, HAS_ROPE=rotary is not None, QUANT=quant,
                             QMAX=QMAX.get(k_cache.dtype, 1.0), IS_INT=k_cache.dtype == torch.int8,
-                            GRID=_INTERPRET, num_warps=num_warps, num_stages=num_stages)
-    _merge[(hq,)](part, ml, out, D=d, BLOCK_D=block_d, SPLITS=splits, BLOCK_S=max(2, _pow2(splits)))
+                            GRID=_GRID_ROUNDING, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
+                            **launch_options(pdl))
+    _merge[(hq,)](part, ml, out, D=d, BLOCK_D=block_d, SPLITS=splits, BLOCK_S=max(2, _pow2(splits)), PDL=pdl,
+                  **launch_options(pdl))
     return out

@@ -83,8 +83,7 @@ class BloomModel(CausalLM):
             residual = h if c.residual_post_norm else x
             up = bloom_gelu(linear(h, layer.w_up, layer.b_up))
             x = row_linear(up, layer.w_down, layer.b_down, residual=residual)
-        if not all_logits:
-            x = x[-1:]
+        x = step.select(x, all_logits)
         return self.head(layer_norm(x, self.ln_f_w, self.ln_f_b, eps), self.lm_head)
 
 

@@ -121,8 +121,7 @@ class Gemma3Model(CausalLM):
             gate, up = linear(gemma_rms_norm(x, layer.mlp_norm, eps), layer.w_gate_up).chunk(2, dim=-1)
             h = row_linear(F.gelu(gate, approximate="tanh") * up, layer.w_down)
             x = x + gemma_rms_norm(h, layer.post_mlp_norm, eps)
-        if not all_logits:
-            x = x[-1:]
+        x = step.select(x, all_logits)
         logits = self.head(gemma_rms_norm(x, self.norm, eps), self.lm_head)
         if c.final_logit_softcap is not None:
             logits = torch.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap

@@ -94,7 +94,7 @@ class LlamaModel(CausalLM):
             up = gate_up_silu(x, layer.w_gate_up, layer.b_gate_up, norm=(layer.mlp_norm, eps))
             x = row_linear(up, layer.w_down, layer.b_down, residual=x)
         h = rms_norm(x, self.norm, eps)
-        return self.head(h if all_logits else h[-1:], self.lm_head)
+        return self.head(step.select(h, all_logits), self.lm_head)
 
 
 # -- what the Llama-style families declare (Mistral, Qwen2, Qwen3 and Gemma 3 reuse parts of it) -------------

@@ -72,8 +72,7 @@ class MptModel(CausalLM):
             x = row_linear(o.reshape(t, -1), layer.wo, residual=x)
             h = layer_norm(x, layer.norm_2, None, eps)
             x = row_linear(F.gelu(linear(h, layer.w_up)), layer.w_down, residual=x)
-        if not all_logits:
-            x = x[-1:]
+        x = step.select(x, all_logits)
         return self.head(layer_norm(x, self.norm_f, None, eps), self.lm_head)
 
 

@@ -212,7 +212,7 @@ def load_shard(spec: LaunchSpec, rank: int, opened: Opened | None = None,
     source = serve_source(source, cfg, dev, spec.options)   # packed / quantized as the caller's options ask
     runtime = make_runtime(cfg, dev, dtype, spec.options)
     local = [RankShard(cfg, spec.world, r).local_config() for r in range(spec.world)]
-    window, notice = agree_window(spec, rank, local, dtype, runtime.max_seq_len)
+    window, notice = agree_window(spec, rank, local, dtype, runtime.max_seq_len, source)
     if window < runtime.max_seq_len:
         runtime = dataclasses.replace(runtime, max_seq_len=window)
         if status is not None and notice is not None:

@@ -17,7 +17,9 @@ Modes (``v`` is what :func:`chatcore.quant.packed.dequantize` gives back for a w
   codes), plus float32 rounding. Needs a GPU with fp8 (compute capability 8.9 or later) or the CPU.
 
 Values must be finite and (for int4) within float16's range. A matrix whose K does not fit the layout
-(a multiple of 32, and of ``group`` for int4) raises ``ValueError``: the caller keeps it in float.
+(a multiple of 32, and of ``group`` for int4) raises ``ValueError``. Loading asks :func:`fit_group` first: an
+int4 matrix whose K is a multiple of 32 but not of the asked group takes the largest smaller group that divides K
+(a 576-column projection asked for groups of 128 gets 64), so it is quantized rather than left in float.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from chatcore.errors import LoadOptionError
 from chatcore.quant.packed import PackedWeight, QuantFormat, packed_nbytes
 
-__all__ = ["GROUPS", "MODES", "check_device", "quant_format", "quantize", "quantized_nbytes"]
+__all__ = ["GROUPS", "MODES", "check_device", "fit_group", "quant_format", "quantize", "quantized_nbytes"]
 
 MODES = ("int8", "int4", "fp8")
 GROUPS = (32, 64, 128)
@@ -48,6 +50,17 @@ def quant_format(mode: str, k: int, group: int = 64) -> QuantFormat:
             raise ValueError(f"int4 groups are {', '.join(map(str, GROUPS))} columns, not {group}")
         return QuantFormat(f"int4_g{group}", bits=4, group=group, block=group, offset="min")
     raise ValueError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
+
+
+def fit_group(k: int, group: int) -> int:
+    """The int4 group a matrix of ``k`` columns is quantized with when ``group`` is asked: the largest of
+    :data:`GROUPS` that is at most ``group`` and divides ``k`` (ValueError: ``k`` is not a multiple of 32)."""
+    if group not in GROUPS:
+        raise ValueError(f"int4 groups are {', '.join(map(str, GROUPS))} columns, not {group}")
+    fits = [g for g in GROUPS if g <= group and k % g == 0]
+    if not fits:
+        raise ValueError(f"int4: {k} columns are not a multiple of 32")
+    return max(fits)
 
 
 def quantized_nbytes(shape: tuple[int, int], mode: str, group: int = 64) -> int:

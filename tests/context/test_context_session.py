@@ -265,3 +265,75 @@ def test_a_turn_sent_while_redis_is_down_is_kept_and_written_when_it_returns(cha
         store.close()
         server.terminate()
         server.wait(10)
+
+
+def _flaky_appends(store: Store, monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    """store.append_message raises StoreUnavailable while the returned flag says "down" (as an unreachable
+    Redis does; every other command still works)."""
+    from storage import StoreUnavailable
+
+    real, state = store.append_message, {"down": True}
+
+    def append(*args: Any, **kwargs: Any) -> Any:
+        if state["down"]:
+            raise StoreUnavailable(store.where, "connection refused", "retried")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "append_message", append)
+    return state
+
+
+def _wait(cond: Any, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + 60   # a hang bound for the background retry, never asserted as a time
+    while not cond():
+        assert time.monotonic() < deadline, f"not within 60 s: {what}"
+        time.sleep(0.05)
+
+
+def test_a_reply_whose_session_was_deleted_meanwhile_ends_with_one_clear_error(
+        chat_engine: Any, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis unreachable at send(): the user's message waits in memory and the reply streams. The session is
+    deleted elsewhere, Redis answers, the background retry drops the message (no session): the stream ends
+    with SessionDeleted (one line, nothing chained), not storage's NotFound out of the reply's first save,
+    and nothing of the session is written back. The next send() is refused the same way, at its start."""
+    from context import SessionDeleted
+    from storage.keys import session_keys
+
+    s = ChatSession.create(chat_engine, store, max_new_tokens=12)
+    drain(s.send("one"))
+    flaky = _flaky_appends(store, monkeypatch)
+    dropped: list[str] = []
+    s.on_save(lambda ev: dropped.extend(ev.dropped))
+    stream = s.send("two")
+    user = s.unsaved[0]
+    first = next(stream)                                     # the reply streams, kept in memory
+    assert first.text is not None and s.unsaved == (user,)
+    assert store.delete_session(s.id)
+    flaky["down"] = False
+    _wait(lambda: dropped == [user], "the background retry to drop the user message")
+    with pytest.raises(SessionDeleted) as info:
+        for _ in stream:
+            pass
+    text = str(info.value)
+    assert text.startswith(f"session {s.id} was deleted in storage meanwhile (by another client); the reply (")
+    assert "was not saved" in text and "\n" not in text
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert not store.session_exists(s.id) and not any(store.connection.exists(k) for k in session_keys(s.id))
+    with pytest.raises(SessionDeleted, match="the message was not stored"):
+        s.send("three")
+    assert not store.session_exists(s.id)
+    s.close()
+
+
+def test_a_reply_started_on_a_deleted_session_is_refused_at_its_start(chat_engine: Any, store: Store) -> None:
+    from context import SessionDeleted
+
+    s = ChatSession.create(chat_engine, store, max_new_tokens=4)
+    drain(s.send("one"))
+    assert store.delete_session(s.id)
+    with pytest.raises(SessionDeleted, match="no reply was generated"):
+        next(s.regenerate())
+    assert not store.session_exists(s.id)
+    s.close()

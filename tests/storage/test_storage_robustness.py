@@ -9,10 +9,12 @@ from storage import (
     CorruptRecord,
     InvalidInput,
     MessageTooLarge,
+    ResponseRecord,
     SchemaVersionError,
     Store,
     StoreConfig,
     key,
+    new_response_id,
     session_keys,
 )
 from storage.keys import GLOBAL_KINDS, SESSION_KINDS
@@ -156,6 +158,7 @@ def test_delete_removes_every_key_of_the_session_and_nothing_else(store: Store, 
     store.pin(a, store.thread(a)[0].id)
     store.set_token_counts(a, {store.thread(a)[0].id: 3})
     store.begin_reply(a)  # a live streaming entry too
+    store.save_response(ResponseRecord(new_response_id(), a, 0.0, "completed", "m"))  # and an API response
     backend.client.set("unrelated:key", "keep me")
     backend.client.hset(f"chatcore:{{{a}x}}:meta", "v", "1")  # a look-alike id: not ours to delete
     before = set(backend.client.scan_iter(match="*"))

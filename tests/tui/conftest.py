@@ -105,6 +105,19 @@ async def send(pilot: Any, text: str) -> None:
     await pilot.pause()
 
 
+async def open_dialog(pilot: Any, key: str, screen: type) -> Any:
+    """Press `key` and wait until a new `screen` (a dialog class of tui.screens) is on top with its fields
+    composed; returns it."""
+    from textual.widgets import Input, TextArea
+
+    app = pilot.app
+    before = app.screen
+    await pilot.press(key)
+    await wait_for(pilot, lambda: isinstance(app.screen, screen) and app.screen is not before
+                   and bool(app.screen.query(TextArea) or app.screen.query(Input)))
+    return app.screen
+
+
 def notices(app: RecordingApp) -> list[str]:
     return list(app.notices)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conftest import SlowEngine, aio, notices, ready, send, wait_for
+from conftest import SlowEngine, aio, notices, open_dialog, ready, send, wait_for
 
 
 @aio
@@ -122,15 +122,14 @@ async def test_switch_sessions_loads_only_that_session(make_app: Any, store: Any
 async def test_new_rename_delete_session(make_app: Any, store: Any) -> None:
     from textual.widgets import TextArea
 
-    from tui.screens import ConfirmScreen
+    from tui.screens import ConfirmScreen, TextEditScreen
 
     app = make_app()
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot)
         await send(pilot, "hello")
         sid = app.session_id
-        await pilot.press("f2")
-        await wait_for(pilot, lambda: app.screen.query(TextArea))
+        await open_dialog(pilot, "f2", TextEditScreen)
         app.screen.query_one(TextArea).text = "Renamed"
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: store.get_session(sid).title == "Renamed")
@@ -191,19 +190,17 @@ async def test_copy_message_and_code_block(make_app: Any, store: Any) -> None:
 async def test_system_prompt_and_params(make_app: Any, store: Any) -> None:
     from textual.widgets import Input, TextArea
 
-    from tui.screens import ParamsScreen
+    from tui.screens import ParamsScreen, TextEditScreen
 
     app = make_app()
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot)
         await send(pilot, "hi")
-        await pilot.press("ctrl+o")
-        await wait_for(pilot, lambda: app.screen.query(TextArea))
+        await open_dialog(pilot, "ctrl+o", TextEditScreen)
         app.screen.query_one(TextArea).text = "You are terse."
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: store.get_session(app.session_id).system_prompt == "You are terse.")
-        await pilot.press("ctrl+g")
-        await wait_for(pilot, lambda: isinstance(app.screen, ParamsScreen))
+        await open_dialog(pilot, "ctrl+g", ParamsScreen)
         app.screen.query_one("#p-top_k", Input).value = "abc"
         await pilot.press("ctrl+s")
         await pilot.pause()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conftest import aio, notices, ready, send, wait_for
+from conftest import aio, notices, open_dialog, ready, send, wait_for
 
 
 def type_fast(app: Any, text: str, then: str) -> None:
@@ -22,25 +22,22 @@ def type_fast(app: Any, text: str, then: str) -> None:
 async def test_text_typed_just_before_ctrl_s_is_saved(make_app: Any, store: Any) -> None:
     from textual.widgets import Input, TextArea
 
-    from tui.screens import ParamsScreen
+    from tui.screens import ParamsScreen, TextEditScreen
 
     app = make_app()
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot)
         await send(pilot, "hi")
-        await pilot.press("ctrl+o")
-        await wait_for(pilot, lambda: app.screen.query(TextArea))
+        await open_dialog(pilot, "ctrl+o", TextEditScreen)
         type_fast(app, "Be brief", "ctrl+s")
         await wait_for(pilot, lambda: len(app.screen_stack) == 1)
         await wait_for(pilot, lambda: store.get_session(app.session_id).system_prompt is not None)
         assert store.get_session(app.session_id).system_prompt == "Be brief"
-        await pilot.press("ctrl+o")  # reopened: the prompt in use
-        await wait_for(pilot, lambda: app.screen.query(TextArea))
+        await open_dialog(pilot, "ctrl+o", TextEditScreen)  # reopened: the prompt in use
         assert app.screen.query_one(TextArea).text == "Be brief"
         await pilot.press("escape")
         await wait_for(pilot, lambda: len(app.screen_stack) == 1)
-        await pilot.press("ctrl+g")
-        await wait_for(pilot, lambda: isinstance(app.screen, ParamsScreen))
+        await open_dialog(pilot, "ctrl+g", ParamsScreen)
         app.screen.query_one("#p-top_k", Input).focus()
         type_fast(app, "3", "ctrl+s")
         await wait_for(pilot, lambda: store.get_session(app.session_id).sampling.get("top_k") is not None)
@@ -59,8 +56,7 @@ async def test_a_bad_parameter_keeps_the_dialog_open_and_reopening_shows_the_val
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot)
         await send(pilot, "hi")
-        await pilot.press("ctrl+g")
-        await wait_for(pilot, lambda: isinstance(app.screen, ParamsScreen))
+        await open_dialog(pilot, "ctrl+g", ParamsScreen)
         form = app.screen
         field = {n: form.query_one(f"#p-{n}", Input) for n in ("temperature", "top_p", "max_new_tokens",
                                                                "repetition_penalty", "seed", "top_k")}
@@ -78,9 +74,8 @@ async def test_a_bad_parameter_keeps_the_dialog_open_and_reopening_shows_the_val
         await wait_for(pilot, lambda: store.get_session(app.session_id).sampling.get("top_p") == 0.9)
         sampling = store.get_session(app.session_id).sampling
         assert sampling["repetition_penalty"] == 1.3 and "top_k" not in sampling  # unchanged fields not stored
-        await pilot.press("ctrl+g")
-        await wait_for(pilot, lambda: isinstance(app.screen, ParamsScreen) and app.screen is not form)
-        again = app.screen
+        again = await open_dialog(pilot, "ctrl+g", ParamsScreen)
+        assert again is not form                                          # a new form, filled from storage
         assert again.query_one("#p-top_p", Input).value == "0.9"
         assert again.query_one("#p-repetition_penalty", Input).value == "1.3"
         assert again.query_one("#p-max_new_tokens", Input).value == "12"

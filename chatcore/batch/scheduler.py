@@ -1,0 +1,392 @@
+"""Continuous batching: one thread steps every running sequence together; requests come from any thread.
+
+Each :meth:`Scheduler.step` is one :meth:`BatchRunner.run <chatcore.batch.runner.BatchRunner.run>`: the decode
+token of every running sequence plus at most one prompt chunk of the oldest sequence still prefilling, so a long
+prompt holds the others back by one chunk per step, never by its whole prefill. A sequence's tokens are chosen
+by its own :class:`~chatcore.generation.ReplyState` (sampler, stop strings, detokenizer), exactly as
+:meth:`chatcore.Engine.generate`'s decode loop does: the same events, in the same order, with the same stats.
+
+Events reach the consumer through a queue (:class:`Request.events`); an event is queued once the step that
+consumed its token has run (as the engine yields it). A consumer that stops (:meth:`Scheduler.cancel`) gets its
+sequence out of the batch at the next step, and its slot cut back to the prompt and the tokens it was handed.
+When the runner runs out of KV memory (``OutOfBlocks``), the newest running sequence gives its memory back and
+waits at the head of the queue; it is prefilled again (prompt and tokens so far) when memory frees up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from chatcore.batch.runner import BatchRunner, Work
+from chatcore.errors import ChatcoreError, OutOfBlocks
+from chatcore.generation import ReplyState, TokenEvent
+
+
+class SchedulerClosed(ChatcoreError):
+    """The batch engine was closed: it takes no more requests, and what was still running ended with this."""
+
+
+class Failure:
+    """What a consumer's queue gets instead of an event when its sequence failed: the exception to raise."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_ORDER = itertools.count()
+
+
+class Request:
+    """One sequence: its runner slot, the tokens still to run through it (``todo``), its reply state (None: a
+    prefill alone, whose queue gets the last token's logits [1, vocab]) and its consumer's queue.
+
+    ``chunk``: prompt tokens per step; ``sinks``: the slot shifts its oldest non-sink tokens out when full
+    (``make_room``) instead of ending the reply; ``owned``: the slot is the request's own (released at the end).
+    """
+
+    def __init__(self, slot: Any, todo: list[int], reply: ReplyState | None, *, chunk: int,
+                 sinks: int | None = None, owned: bool = False) -> None:
+        if chunk < 1:
+            raise ValueError(f"the prefill chunk must be >= 1, got {chunk}")
+        self.slot, self.todo, self.reply = slot, todo, reply
+        self.chunk, self.sinks, self.owned = chunk, sinks, owned
+        self.order = next(_ORDER)          # arrival: older sequences keep their memory, newer ones wait
+        self.events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.done = threading.Event()      # set once the scheduler has let go of it
+        self.cancelled = False             # the consumer stopped (set from its thread)
+        self.ended = False                 # the consumer's side is over (last event, failure or cancel)
+        self.delivered = 0                 # tokens the consumer was handed (its thread)
+        self.fed = 0                       # generated tokens put into the sequence (slot or todo)
+        self.decoding = False              # todo is one generated token (else: prompt, or a preempted re-prefill)
+        self.prefilled = False
+        self.pending: tuple[int, str, float | None, bool] | None = None   # the fed token's event, sent once it ran
+
+
+class Scheduler:
+    """Steps every admitted sequence together, at most ``max_batch`` at once (the rest wait, first come first
+    served). ``make_room(slot, need, sinks)`` is :meth:`chatcore.Engine.make_room`; ``shift(slot, sinks)`` the
+    tokens one shift frees (a sink-window prompt goes in chunks no larger). ``pin(slots)``: a context in which
+    the runner's memory never evicts those slots to make room (the paged pool's ``pinned``); every live
+    request's slot is pinned through a step, so a waiting sequence keeps the prefix its prompt counts on.
+
+    Threaded (:meth:`start`) or stepped by hand (:meth:`step`, for tests). ``lock`` is held through each step:
+    whoever changes a slot from another thread takes it (the engine's slot handles do); requests submitted while
+    holding it all join the next step (the lock before the queue's condition, always in this order).
+    """
+
+    def __init__(self, runner: BatchRunner, *, max_batch: int, make_room: Callable[[Any, int, int], int],
+                 shift: Callable[[Any, int], int],
+                 pin: Callable[[Iterable[Any]], contextlib.AbstractContextManager[Any]] | None = None) -> None:
+        self.runner = runner
+        self.pin = pin or (lambda slots: contextlib.nullcontext())
+        self.max_batch = max_batch
+        self.make_room, self.shift = make_room, shift
+        self.lock = threading.RLock()
+        self.steps = 0                     # batched forward passes run
+        self._cond = threading.Condition()
+        self._inbox: list[Request] = []
+        self._tasks: list[tuple[Callable[[], Any], Future[Any]]] = []
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._claimed: set[int] = set()    # id() of the slots of live requests
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    # -- from any thread ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="chatcore-batch", daemon=True)
+        self._thread.start()
+
+    def claim(self, slot: Any) -> None:
+        """Mark a slot as in use by a request about to be submitted (ValueError when it already is)."""
+        with self._cond:
+            if self._closed:
+                raise SchedulerClosed("the batch engine is closed; make a new one")
+            if id(slot) in self._claimed:
+                raise ValueError("this slot is in use by a generation that has not ended; finish or close it first")
+            self._claimed.add(id(slot))
+
+    def unclaim(self, slot: Any) -> None:
+        with self._cond:
+            self._claimed.discard(id(slot))
+
+    def submit(self, req: Request) -> None:
+        """Queue a request whose slot was claimed; its events arrive on ``req.events``."""
+        with self._cond:
+            if self._closed:
+                self._claimed.discard(id(req.slot))
+                raise SchedulerClosed("the batch engine is closed; make a new one")
+            self._inbox.append(req)
+            self._cond.notify()
+
+    def cancel(self, req: Request) -> None:
+        """The consumer stops: wait until the sequence is out of the batch (at most one step), then cut its slot
+        back to the prompt and the tokens handed out."""
+        with self._cond:
+            req.cancelled = True
+            self._cond.notify()
+        if threading.current_thread() is self._thread:   # a stream collected in the step thread: no waiting
+            return
+        if self._thread is None:   # stepped by hand: out of the batch now
+            with self.lock:
+                if not req.done.is_set():
+                    self._remove(req)
+                    self._let_go(req)
+        req.done.wait()
+        with self.lock:
+            extra = req.fed - req.delivered      # generated tokens in the sequence the consumer never saw
+            cut = min(extra, len(req.todo))
+            del req.todo[len(req.todo) - cut:]
+            extra -= cut
+            if extra > 0 and not req.owned:
+                req.slot.truncate(max(0, req.slot.length - extra))
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` in the step thread between two steps (the model to itself meanwhile); return its result."""
+        if threading.current_thread() is self._thread or self._thread is None:
+            with self.lock:
+                return fn()
+        fut: Future[Any] = Future()
+        with self._cond:
+            if self._closed:
+                raise SchedulerClosed("the batch engine is closed; make a new one")
+            self._tasks.append((fn, fut))
+            self._cond.notify()
+        return fut.result()
+
+    def close(self) -> None:
+        """Stop the step thread; whatever still runs or waits ends with :class:`SchedulerClosed`."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._shutdown(SchedulerClosed("the batch engine was closed while this was running"))
+
+    @property
+    def active(self) -> int:
+        """Sequences admitted to the batch now."""
+        return len(self._running)
+
+    # -- the step thread ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._closed or self._inbox or self._tasks or self._running or self._waiting):
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                self.step()
+        except BaseException as exc:   # a bug here must not leave consumers waiting forever
+            self._shutdown(exc)
+            raise
+
+    def _shutdown(self, exc: BaseException) -> None:
+        with self._cond:
+            self._closed = True
+            reqs = [*self._running, *self._waiting, *self._inbox]
+            tasks = self._tasks
+            self._running, self._waiting, self._inbox, self._tasks = [], deque(), [], []
+        for r in reqs:
+            self._fail(r, exc)
+        for _, fut in tasks:
+            fut.set_exception(exc)
+
+    def step(self) -> bool:
+        """Take new requests and calls, then one batched forward pass; returns whether one ran."""
+        with self.guard():
+            with self._cond:
+                self._waiting.extend(self._inbox)
+                self._inbox.clear()
+                tasks, self._tasks = self._tasks, []
+                gone = [r for r in (*self._running, *self._waiting) if r.cancelled]
+            for fn, fut in tasks:
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:   # the caller gets it
+                    fut.set_exception(exc)
+            for r in gone:
+                self._remove(r)
+                self._let_go(r)
+            self._admit()
+            return self._forward()
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Between two steps (the lock), every live request's slot kept from eviction (pinned): where slots
+        change, in the step and from other threads (a slot's drop may take a block, which may evict)."""
+        with self.lock:
+            with self._cond:
+                live = [r.slot for r in (*self._running, *self._waiting, *self._inbox)]
+            with self.pin(live):
+                yield
+
+    def _admit(self) -> None:
+        """One sequence prefills at a time; it joins while the batch has room."""
+        if self._waiting and len(self._running) < self.max_batch and all(r.decoding for r in self._running):
+            self._running.append(self._waiting.popleft())
+
+    def _forward(self) -> bool:
+        reqs = [r for r in self._running if r.decoding]
+        works = [Work(r.slot, r.todo) for r in reqs]
+        pre = next((r for r in self._running if not r.decoding), None)
+        if pre is not None:
+            try:
+                works.append(self._chunk(pre))
+                reqs.append(pre)
+            except Exception as exc:
+                self._fail(pre, exc)
+        works, reqs = self._reserve(works, reqs)
+        if not works:
+            return False
+        try:
+            logits = self.runner.run(works)
+        except Exception as exc:
+            for r in reqs:
+                self._fail(r, exc)
+            return True
+        self.steps += 1
+        ready: list[tuple[int, Request]] = []
+        for i, (w, r) in enumerate(zip(works, reqs, strict=True)):
+            del r.todo[: len(w.ids)]
+            if not r.todo:
+                ready.append((i, r))
+        fast = [i for i, r in ready if r.reply is not None and _plain_greedy(r.reply)]
+        picked = dict(zip(fast, logits[fast].argmax(dim=-1).tolist(), strict=True)) if fast else {}
+        for i, r in ready:
+            try:
+                self._advance(r, logits[i], picked.get(i))
+            except Exception as exc:
+                self._fail(r, exc)
+        return True
+
+    def _chunk(self, r: Request) -> Work:
+        """The next prompt chunk (room made first in a sink window; blocks another sequence registered for its
+        leading tokens shared rather than computed, where the runner's slots share)."""
+        size = r.chunk if r.sinks is None else min(r.chunk, self.shift(r.slot, r.sinks))
+        piece = r.todo[:size]
+        if r.sinks is not None:
+            dropped = self.make_room(r.slot, len(piece), r.sinks)
+            if r.reply is not None:
+                r.reply.discarded += dropped
+        share = getattr(r.slot, "share_prefix", None)
+        if share is not None:
+            k = share(piece)   # committed to the slot; it leaves at least the chunk's last token to run
+            del r.todo[:k], piece[:k]
+        return Work(r.slot, piece)
+
+    def _reserve(self, works: list[Work], reqs: list[Request]) -> tuple[list[Work], list[Request]]:
+        """Take the KV memory each work needs, in order (decodes by age, the prompt chunk last). Out of memory: a
+        prompt chunk waits for a later step; a decode step makes the newest sequence of the step (the prefilling
+        one included) give its memory back and wait."""
+        out_w: list[Work] = []
+        out_r: list[Request] = []
+        todo = list(zip(works, reqs, strict=True))
+        while todo:
+            w, r = todo.pop(0)
+            try:
+                r.slot.reserve(len(w.ids))
+            except OutOfBlocks as exc:
+                if not r.decoding:   # a prompt chunk (the last work) waits for memory a later step frees
+                    if not any(x.decoding for x in out_r):
+                        self._fail(r, exc)   # nothing else runs: no step would free any
+                    continue
+                victim = max([*(x for _, x in todo), *out_r, r], key=lambda x: x.order)
+                self._preempt(victim)
+                if victim in out_r:
+                    k = out_r.index(victim)
+                    del out_r[k], out_w[k]
+                todo = [(ww, rr) for ww, rr in todo if rr is not victim]
+                if victim is not r:
+                    todo.insert(0, (w, r))
+                continue
+            except Exception as exc:
+                self._fail(r, exc)
+                continue
+            out_w.append(w)
+            out_r.append(r)
+        return out_w, out_r
+
+    def _preempt(self, r: Request) -> None:
+        """Give the sequence's memory back; it waits first in line, to be prefilled again as it was."""
+        r.todo = [*r.slot.tokens, *r.todo]
+        r.slot.reset()
+        r.decoding = False
+        self._running.remove(r)
+        self._waiting.appendleft(r)
+
+    def _advance(self, r: Request, row: torch.Tensor, token: int | None) -> None:
+        """The sequence's todo has run: send the fed token's event, then choose the next token (the order of
+        Engine's decode loop)."""
+        reply = r.reply
+        if reply is None:
+            self._finish(r, row[None])
+            return
+        if not r.prefilled:
+            r.prefilled = True
+            reply.prefill_s = time.perf_counter() - reply.t0
+        if r.pending is not None:
+            fed, text, logprob, stopped = r.pending
+            r.pending = None
+            if stopped:   # a stop string ended the reply on the token just run
+                self._finish(r, reply.last(fed, text, logprob, False, True))
+                return
+            r.events.put(TokenEvent(fed, text, logprob))
+        logprob = None
+        if token is None:
+            token, logprob = reply.sampler.sample(row)
+        ended, text, stopped = reply.take(token)
+        if ended:
+            self._finish(r, reply.last(token, text, logprob, True, False))
+            return
+        slot = r.slot
+        if not (reply.n < reply.limit and (r.sinks is not None or slot.length < slot.capacity)):
+            self._finish(r, reply.last(token, text, logprob, False, stopped))
+            return
+        if slot.length >= slot.capacity:
+            reply.discarded += self.make_room(slot, 1, r.sinks)
+        r.todo, r.decoding, r.pending = [token], True, (token, text, logprob, stopped)
+        r.fed += 1
+
+    # -- endings -----------------------------------------------------------------------------------------
+    def _remove(self, r: Request) -> None:
+        if r in self._running:
+            self._running.remove(r)
+        elif r in self._waiting:
+            self._waiting.remove(r)
+
+    def _let_go(self, r: Request) -> None:
+        if r.owned:
+            self.runner.release(r.slot)
+        self.unclaim(r.slot)
+        r.done.set()
+
+    def _finish(self, r: Request, item: Any) -> None:
+        self._remove(r)
+        self._let_go(r)
+        r.events.put(item)
+
+    def _fail(self, r: Request, exc: BaseException) -> None:
+        self._remove(r)
+        try:
+            self._let_go(r)
+        finally:
+            r.events.put(Failure(exc))
+
+
+def _plain_greedy(reply: ReplyState) -> bool:
+    """The token is the argmax of the raw logits (so one argmax serves every such row of a batch)."""
+    p = reply.sampler.params
+    return (p.greedy and p.repetition_penalty == 1 and p.presence_penalty == 0 and p.frequency_penalty == 0
+            and not p.logprobs)
