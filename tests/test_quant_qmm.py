@@ -199,6 +199,7 @@ def test_packed_kernel_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [packed_kernel(m, q4) for m in (1, 2, 64)] == ["qgemv", "dense", "dense"]
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_a_packed_model_through_qmm_matches_its_dequantized_model(monkeypatch: pytest.MonkeyPatch,
                                                                    tmp_path: Path) -> None:
     """The packed linear's GEMM route end to end, on the CPU: a small Llama with Q4_K weights (V as Q6_K: one
