@@ -3,7 +3,9 @@ shape, against bf16 cuBLAS (F.linear) and PyTorch's int4 tinygemm, plus dequanti
 
 Usage (on the GPU machine): python bench/quant_kernels.py --out DIR [--models 8b 70b 1b]
     [--formats q4_k q6_k q4_0 q8_0 int4_g64 int4_g128 int8 fp8] [--budget 140] [--no-sweep]
-    [--sweep-formats q4_k q8_0 q6_k int4_g128]
+    [--sweep-formats q4_k q8_0 q6_k int4_g128] [--parts linears dequantize prefill sweep qmm]
+    [--qmm-formats q4_k q8_0 int4_g64 fp8] [--qmm-rows 1 2 4 8 16 32 64 256] [--qmm-sweep-formats q4_k q8_0]
+    [--qmm-parts table sweep]
 
 Weights are random planes at the real shapes (the speed of these kernels does not depend on the values). The
 linear shapes of a layer are the ones a decode step runs: fused q/k/v, o, fused gate/up (through
@@ -19,7 +21,11 @@ Parts, in order, each skipped once ``--budget`` seconds have passed (the run sti
 2. dequantize_to (8B shapes, bf16 out): GB/s of bytes read + written;
 3. prefill: dequantize_to + cuBLAS vs bf16 cuBLAS for prompt chunks of 256 and 2048 tokens (8B shapes);
 4. a sweep of launch shapes (block_n, block_k, warps, stages) per 8B shape and ``--sweep-formats``, each checked
-   against the default's output: the fastest per (shape, format), to fill ``launch_config``'s table.
+   against the default's output: the fastest per (shape, format), to fill ``launch_config``'s table;
+5. ``qmm`` (only when ``--parts`` names it; bench/quant_qmm.py): the fused dequant-GEMM at small M against bf16
+   cuBLAS, dequantize_to + cuBLAS, tinygemm and (M = 1) the GEMV, a sweep of its launch shapes, and a suggested
+   ``chatcore.layers.qmm_choice.QMM_ROWS``.
+``--parts`` picks parts (default: 1-4, as before).
 Writes DIR/quant_kernels.json (after each part) and DIR/quant_kernels.png (when matplotlib imports), then
 prints a short table.
 """
@@ -367,6 +373,10 @@ def table(res: dict[str, Any]) -> str:
     if pre:
         lines.append("prefill dequantize+cuBLAS / bf16: " + ", ".join(
             f"{r['format']}/{r['proj']}/{r['tokens']} {r['ratio']:.2f}" for r in pre))
+    if res.get("qmm_suggest") or res.get("qmm_sweep"):
+        from quant_qmm import table as qmm_table
+
+        lines.extend(qmm_table(res))
     if res["errors"]:
         lines.append(f"{len(res['errors'])} measurements failed (see errors in the JSON), first: {res['errors'][0]}")
     if res["skipped"]:
@@ -382,16 +392,29 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=140.0, help="seconds after which remaining parts are skipped")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep-formats", nargs="+", default=SWEEP_FORMATS, choices=sorted(FORMATS))
+    ap.add_argument("--parts", nargs="+", default=["linears", "dequantize", "prefill", "sweep"],
+                    choices=["linears", "dequantize", "prefill", "sweep", "qmm"])
+    ap.add_argument("--qmm-formats", nargs="+", default=["q4_k", "q8_0", "int4_g64", "fp8"], choices=sorted(FORMATS))
+    ap.add_argument("--qmm-rows", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64, 256])
+    ap.add_argument("--qmm-sweep-formats", nargs="+", default=["q4_k", "q8_0"], choices=sorted(FORMATS))
+    ap.add_argument("--qmm-parts", nargs="+", default=["table", "sweep"], choices=["table", "sweep"])
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/quant_kernels.py needs a CUDA GPU")
     run = Run(args)
-    for model in args.models:
-        run.linears(model)
-    run.dequantize()
-    run.prefill()
-    if not args.no_sweep:
+    if "linears" in args.parts:
+        for model in args.models:
+            run.linears(model)
+    if "dequantize" in args.parts:
+        run.dequantize()
+    if "prefill" in args.parts:
+        run.prefill()
+    if "sweep" in args.parts and not args.no_sweep:
         run.sweep()
+    if "qmm" in args.parts:
+        from quant_qmm import run_qmm
+
+        run_qmm(run)
     run.res["seconds"] = time.perf_counter() - run.start
     run.save()
     run.guarded("plot", lambda: plot(run.res, run.out / "quant_kernels.png"))

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from chatcore.layers.linear import linear
-from chatcore.layers.norm import use_fused
+from chatcore.layers.norm import rms_norm, use_fused
+from chatcore.layers.qmm_choice import packed_kernel
 from chatcore.layers.timing import graph_seconds
 from chatcore.quant.packed import PackedWeight
 from chatcore.quant.weight import Weight
@@ -36,13 +37,23 @@ def gate_up_silu(x: torch.Tensor, w_gate_up: Weight, b_gate_up: torch.Tensor | N
                  norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """``silu_mul(linear(x, w_gate_up, b_gate_up, norm=norm))``: ``w_gate_up`` [2N, K] holds the gate rows, then
     the up rows; ``norm``: the RMSNorm (weight, eps) of ``x`` before the projection, or None. A packed
-    ``w_gate_up``: for one token on a GPU the fused dequantize GEMV with the activation in its epilogue
-    (:func:`chatcore.layers.triton_qgemv.qgemv_gate_up_silu`); otherwise as :func:`linear` runs it."""
+    ``w_gate_up``: on a GPU the fused dequantize GEMV (one token) or GEMM (a few rows, as
+    :mod:`chatcore.layers.qmm_choice` picks) with the activation in its epilogue
+    (:func:`chatcore.layers.triton_qgemv.qgemv_gate_up_silu`, :func:`chatcore.layers.triton_qmm.qmm_gate_up_silu`);
+    otherwise as :func:`linear` runs it."""
     if not isinstance(w_gate_up, torch.Tensor):
-        if isinstance(w_gate_up, PackedWeight) and x.dim() == 2 and x.shape[0] == 1 and use_fused(x):
-            from chatcore.layers.triton_qgemv import qgemv_gate_up_silu
+        if isinstance(w_gate_up, PackedWeight) and x.dim() >= 2 and use_fused(x):
+            kernel = packed_kernel(x.numel() // x.shape[-1], w_gate_up.fmt)
+            if kernel == "qgemv" and x.dim() == 2:
+                from chatcore.layers.triton_qgemv import qgemv_gate_up_silu
 
-            return qgemv_gate_up_silu(x, w_gate_up, b_gate_up, norm=norm)
+                return qgemv_gate_up_silu(x, w_gate_up, b_gate_up, norm=norm)
+            if kernel == "qmm":
+                from chatcore.layers.triton_qmm import qmm_gate_up_silu
+
+                h = x if norm is None else rms_norm(x, *norm)
+                out = qmm_gate_up_silu(h.reshape(-1, h.shape[-1]), w_gate_up, b_gate_up)
+                return out.view(*x.shape[:-1], out.shape[-1])
         return silu_mul(linear(x, w_gate_up, b_gate_up, norm=norm))
     if x.dim() != 2 or x.shape[0] != 1 or not use_fused(x) or not w_gate_up.is_contiguous():
         return silu_mul(linear(x, w_gate_up, b_gate_up, norm=norm))
