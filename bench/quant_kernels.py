@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from chatcore.layers.timing import graph_seconds
 from chatcore.layers.triton_dequant import dequantize_to
-from chatcore.layers.triton_qgemv import QConfig, launch_config, qgemv, qgemv_gate_up_silu, tile_k, uses_words
+from chatcore.layers.triton_qgemv import QConfig, launch_config, qgemv, qgemv_gate_up_silu, tile_k
 from chatcore.quant.packed import PackedWeight, QuantFormat
 
 PEAK = 4.2e12          # bytes/s: the H200's measured device copy bandwidth
@@ -75,11 +75,7 @@ SWEEP_FORMATS = ["q4_k", "q8_0", "q6_k", "int4_g128"]
 # sums repeated per row, x through shared memory), ~6 with one or two warps over 8-16 rows (the default): the
 # sweep tries both kinds.
 SWEEP_LOW = [QConfig(4, 1024, 4, 3), QConfig(16, 1024, 1, 3), QConfig(8, 2048, 2, 3), QConfig(4, 1024, 1, 3),
-             QConfig(4, 2048, 2, 3), QConfig(16, 2048, 4, 3), QConfig(2, 1024, 4, 3),
-             # 4-bit codes read as 32-bit words (other formats skip these)
-             QConfig(4, 1024, 4, 3, True), QConfig(8, 1024, 2, 3, True), QConfig(4, 1024, 1, 3, True),
-             QConfig(16, 1024, 4, 3, True), QConfig(8, 2048, 4, 3, True), QConfig(2, 1024, 4, 3, True),
-             QConfig(8, 1024, 4, 4, True), QConfig(16, 2048, 8, 3, True)]
+             QConfig(4, 2048, 2, 3), QConfig(16, 2048, 4, 3), QConfig(2, 1024, 4, 3)]
 SWEEP_BYTE = [QConfig(4, 512, 4, 3), QConfig(8, 512, 1, 3), QConfig(4, 1024, 1, 3), QConfig(8, 1024, 2, 3),
               QConfig(16, 512, 2, 3), QConfig(2, 512, 4, 3), QConfig(8, 256, 1, 3)]
 
@@ -303,8 +299,6 @@ class Run:
                 for cfg in sweep:
                     if self.left() < 0:
                         break
-                    if cfg.words and not uses_words(fmt, k):
-                        continue
                     t = self.guarded(f"sweep {name} {proj} {cfg}", sweep_seconds, fmt, n, k, x, gate, w0, want, cfg)
                     self.res["sweep"].append({"format": name, "proj": proj, "n": n, "k": k, "config": cfg.__dict__,
                                               "seconds": t, "gb_s": pb / t / 1e9 if t else None})

@@ -130,25 +130,6 @@ def test_qgemv_launch_shapes(name: str, k: int, config: QConfig) -> None:
     close(out, reference(x, w, b, (nw, 1e-6), res), torch.float32)
 
 
-WORD_FORMATS = ["q4_0", "q4_1", "q4_k", "int4_g32", "int4_g64", "int4_g128"]
-
-
-@pytest.mark.filterwarnings("ignore:overflow encountered in exp")
-@pytest.mark.parametrize("name", WORD_FORMATS)
-def test_4bit_codes_read_as_words(name: str) -> None:
-    """The 32-bit-word path for 4-bit codes (QConfig.words) computes what the byte path does, every epilogue."""
-    n, k = 37, 512
-    w = random_packed(name, n, k, seed=13)
-    x, nw, b, res = inputs(k, n, torch.float32, seed=14)
-    for cfg in (QConfig(block_n=4, block_k=256, words=True), QConfig(block_n=2, block_k=512, words=True)):
-        close(qgemv(x, w, b, norm=(nw, 1e-6), residual=res, config=cfg), reference(x, w, b, (nw, 1e-6), res),
-              torch.float32)
-    gu = random_packed(name, 2 * n, k, seed=15)
-    ref, scale = silu_mul(reference(x, gu, None, (nw, 1e-5), None), n)
-    close(qgemv_gate_up_silu(x, gu, norm=(nw, 1e-5), config=QConfig(block_n=2, block_k=256, words=True)), ref,
-          torch.float32, scale)
-
-
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")   # silu of a large negative gate: -0
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["q4_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "int4_g64", "int8", "fp8"])
@@ -214,17 +195,6 @@ def test_gpu_qgemv_model_shapes(name: str) -> None:
         close(qgemv(x, w, b, norm=(nw, 1e-5), residual=res), reference(x, w, b, (nw, 1e-5), res), torch.bfloat16)
         x32 = x.float()
         close(qgemv(x32, w), reference(x32, w, None, None, None), torch.float32)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", WORD_FORMATS)
-def test_gpu_4bit_words_at_model_shapes(name: str) -> None:
-    for n, k in GPU_SHAPES:
-        w = random_packed(name, n, k, seed=n + k, device="cuda")
-        x, nw, b, res = inputs(k, n, torch.bfloat16, seed=2, device="cuda")
-        for cfg in (QConfig(4, 1024, 4, 3, words=True), QConfig(8, 1024, 2, 3, words=True)):
-            close(qgemv(x, w, b, norm=(nw, 1e-5), residual=res, config=cfg), reference(x, w, b, (nw, 1e-5), res),
-                  torch.bfloat16)
 
 
 @pytest.mark.gpu

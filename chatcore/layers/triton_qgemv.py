@@ -43,7 +43,6 @@ class QConfig:
     block_k: int = 512
     num_warps: int = 4
     num_stages: int = 3
-    words: bool = False   # 4-bit codes read as 32-bit words, eight codes each (:func:`_nibble_words_tile`)
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k"):
@@ -88,11 +87,6 @@ def launch_config(n: int, k: int, fmt: QuantFormat, gate_up: bool = False) -> QC
         return QConfig(block_n=8, block_k=1024, num_warps=2, num_stages=3)
     rows = 2 if gate_up else 4
     return QConfig(block_n=rows, block_k=1024, num_warps=4 if gate_up or n <= 4096 else 1, num_stages=3)
-
-
-def uses_words(fmt: QuantFormat, k: int) -> bool:
-    """Whether a launch shape's ``words`` applies: 4-bit integer codes with groups of whole 32-column chunks."""
-    return fmt.bits == 4 and not fmt.float_codes and fmt.group >= 32 and not row_mode(fmt, k)
 
 
 def plane_args(w: PackedWeight) -> tuple[list[torch.Tensor], list[int]]:
@@ -236,38 +230,6 @@ def _low_bits_tile(ql_ptr, qh_ptr, d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_ql,
 
 
 @triton.jit
-def _nibble_words_tile(ql_ptr, d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_ql, s_d, s_sc, s_m, s_dmin, s_mn, rows,
-                       k0, x, sx, GROUP: tl.constexpr, BLOCK: tl.constexpr, ZERO: tl.constexpr,
-                       SUB_SCALE: tl.constexpr, OFFSET: tl.constexpr, NG: tl.constexpr, CPG: tl.constexpr):
-    """4-bit codes read as int32 words (``s_ql`` in words): the tile's contribution [BLOCK_N, NG], x given as
-    [1, NG, CPG, 4, 8] in the words' order (:func:`nibble_order`): word i of a chunk holds bytes 4i .. 4i + 3,
-    nibble p of it (bits 4p .. 4p + 3) is column 4i + p // 2 + 16 * (p % 2) of the chunk. Each code goes under
-    the float exponent with one shift and one and-or (the shift amounts are constants per register), with no
-    byte-to-int conversion and a quarter of the loads of the byte path. Groups span whole chunks (GROUP >= 32)."""
-    r5 = rows[:, None, None, None, None]
-    chunk = (k0 // 32 + tl.arange(0, NG)[None, :, None, None, None] * CPG
-             + tl.arange(0, CPG)[None, None, :, None, None])                  # [1, NG, CPG, 1, 1]
-    i = tl.arange(0, 4)[None, None, None, :, None]
-    words = tl.load(ql_ptr + r5 * s_ql + chunk * 4 + i)                        # [BN, NG, CPG, 4, 1] int32
-    shift = 4 * tl.arange(0, 8)[None, None, None, None, :]
-    f = ((((words >> shift) & 15) << 19) | 0x3F800000).to(tl.float32, bitcast=True)   # [BN, NG, CPG, 4, 8]
-    dot = tl.sum(tl.sum(tl.sum(f * x, 4), 3), 2)                               # [BN, NG]
-    g = k0 // GROUP + tl.arange(0, NG)[None, :]
-    a, off = _group_scale(d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_d, s_sc, s_m, s_dmin, s_mn, rows[:, None], g,
-                          GROUP, BLOCK, SUB_SCALE, OFFSET)
-    return _scaled(dot, sx, a, off, 4, ZERO, False)
-
-
-@triton.jit
-def _nibble_offsets(k0, NG: tl.constexpr, CPG: tl.constexpr):
-    """The columns [1, NG, CPG, 4, 8] of a tile in the order :func:`_nibble_words_tile` reads its codes."""
-    chunk = (tl.arange(0, NG)[None, :, None, None, None] * CPG + tl.arange(0, CPG)[None, None, :, None, None])
-    i = tl.arange(0, 4)[None, None, None, :, None]
-    p = tl.arange(0, 8)[None, None, None, None, :]
-    return k0 + chunk * 32 + 4 * i + p // 2 + 16 * (p % 2)
-
-
-@triton.jit
 def _byte_codes(q_ptr, offs, FLOAT_CODES: tl.constexpr):
     """8-bit codes at ``offs`` as floats: float8 values, or int8 codes c as 1 + (c + 128) / 256."""
     q = tl.load(q_ptr + offs)
@@ -330,7 +292,7 @@ def _qgemv(x_ptr, out_ptr, b_ptr, nw_ptr, res_ptr, eps, N, K,
            SUB_SCALE: tl.constexpr, OFFSET: tl.constexpr, FLOAT_CODES: tl.constexpr, ROW: tl.constexpr,
            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, CPG: tl.constexpr,
            HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATE_UP: tl.constexpr,
-           PDL: tl.constexpr = False, WORDS: tl.constexpr = False):
+           PDL: tl.constexpr = False):
     """out[rows] for BLOCK_N rows; GATE_UP: rows are gate rows, their up rows N further, out = silu(g) * u."""
     if PDL:   # chatcore.layers.pdl: let the next kernel launch now; wait for the previous one to end
         tl.extra.cuda.gdc_launch_dependents()
@@ -348,10 +310,6 @@ def _qgemv(x_ptr, out_ptr, b_ptr, nw_ptr, res_ptr, eps, N, K,
         acc = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
         squares = tl.zeros([1, NG, GROUP], dtype=tl.float32)
-    elif WORDS:
-        acc = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
-        squares = tl.zeros([1, NG, CPG, 4, 8], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
@@ -377,16 +335,6 @@ def _qgemv(x_ptr, out_ptr, b_ptr, nw_ptr, res_ptr, eps, N, K,
                 acc_up += _byte_tile(q_ptr, d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_q, s_d, s_sc, s_m, s_dmin,
                                      s_mn, rows_up, k0, x, sx, GROUP, BLOCK, ZERO, SUB_SCALE, OFFSET, FLOAT_CODES,
                                      NG)
-        elif WORDS:
-            x, sq = _load_x(x_ptr, nw_ptr, _nibble_offsets(k0, NG, CPG), NORM)
-            squares += sq
-            sx = tl.sum(tl.sum(tl.sum(x, 4), 3), 2)
-            acc += _nibble_words_tile(ql_ptr, d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_ql, s_d, s_sc, s_m, s_dmin,
-                                      s_mn, rows, k0, x, sx, GROUP, BLOCK, ZERO, SUB_SCALE, OFFSET, NG, CPG)
-            if GATE_UP:
-                acc_up += _nibble_words_tile(ql_ptr, d_ptr, sc_ptr, m_ptr, dmin_ptr, mn_ptr, s_ql, s_d, s_sc, s_m,
-                                             s_dmin, s_mn, rows_up, k0, x, sx, GROUP, BLOCK, ZERO, SUB_SCALE,
-                                             OFFSET, NG, CPG)
         else:
             offs = (k0 + (tl.arange(0, NG)[None, :, None, None] * CPG + tl.arange(0, CPG)[None, None, :, None]) * 32
                     + tl.arange(0, 16)[None, None, None, :])
@@ -416,7 +364,7 @@ def _qgemv(x_ptr, out_ptr, b_ptr, nw_ptr, res_ptr, eps, N, K,
         out = tl.sum(acc, 1)
         if GATE_UP:
             out_up = tl.sum(acc_up, 1)
-    if ROW or BITS == 8 or WORDS:
+    if ROW or BITS == 8:
         sum_sq = tl.sum(tl.reshape(squares, [BLOCK_K]), 0)
     else:   # the low and high halves' squares share one accumulator
         sum_sq = tl.sum(tl.reshape(squares, [BLOCK_K // 2]), 0)
@@ -451,9 +399,6 @@ def _launch(x: torch.Tensor, w: PackedWeight, b: torch.Tensor | None, norm: tupl
     cfg = config or launch_config(n, k, w.fmt, gate_up)
     block_k = tile_k(w.fmt, k, cfg.block_k)
     planes, strides = plane_args(w)
-    words = cfg.words and uses_words(w.fmt, k)
-    if words:   # ql as int32 words
-        planes[0], strides[0] = planes[0].view(torch.int32), strides[0] // 4
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     nw, eps = norm if norm is not None else (x, 0.0)
     pdl = uses_pdl(x.device)
@@ -462,7 +407,7 @@ def _launch(x: torch.Tensor, w: PackedWeight, b: torch.Tensor | None, norm: tupl
         residual.contiguous() if residual is not None else x, eps, n, k, *planes, *strides,
         **format_constants(w.fmt, k), BLOCK_N=cfg.block_n, BLOCK_K=block_k, **group_shape(w.fmt, block_k),
         HAS_BIAS=b is not None, NORM=norm is not None, RESIDUAL=residual is not None, GATE_UP=gate_up, PDL=pdl,
-        WORDS=words, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(pdl))
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(pdl))
     return out
 
 
