@@ -176,6 +176,15 @@ def test_an_idle_slot_evicted_for_memory_prefills_again(engine: chatcore.Engine)
         gen = be.generate(turn2, params, slot=slots[0])
         assert same(events(gen), want)
         assert gen.stats.cached_tokens == 0 and want_gen.stats.cached_tokens > 0   # computed again, same reply
+        # a KV plan made from the tokens the second slot held before it was evicted (serve_load at 64 clients:
+        # "cannot truncate a slot of 0 tokens to 108") is nothing to do on the evicted slot
+        planned = slots[1].length
+        assert be.runner.pool.evictions == 2 and planned == 0
+        slots[1].truncate(60)
+        slots[1].drop(4, 20)
+        assert slots[1].length == 0
+        with pytest.raises(ValueError):   # a slot that holds tokens still refuses a truncate past them
+            slots[0].truncate(slots[0].length + 1)
     finally:
         be.scheduler.close()
 

@@ -123,12 +123,19 @@ class BatchSlot:
     def common_prefix(self, ids: Sequence[int]) -> int:
         return common_prefix(self.inner.tokens, ids)
 
+    # A caller plans a KV operation from ``tokens`` read before it takes the step lock; meanwhile the pool may
+    # have evicted this idle slot for memory (reset: empty). An operation on tokens an evicted slot no longer
+    # holds is then nothing to do: the next generate prefills the whole prompt, as after any eviction.
     def truncate(self, n: int) -> None:
         with self._owner.scheduler.guard():
+            if self.inner.length == 0:
+                return
             self.inner.truncate(n)
 
     def drop(self, start: int, end: int) -> None:
         with self._owner.scheduler.guard():
+            if self.inner.length == 0:
+                return
             self.inner.drop(start, end)
 
     def reset(self) -> None:
