@@ -37,7 +37,6 @@ import triton
 import triton.language as tl
 
 from chatcore.layers.kv_quant import QMAX
-from chatcore.layers.pdl import launch_options, uses_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _GRID_ROUNDING = _INTERPRET   # e4m3 codes rounded in-kernel (the interpreter's conversion is wrong); see _quantize
@@ -129,10 +128,7 @@ def _split_k(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, pos_ptr, slopes_ptr, part_pt
              HALF: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr, WINDOW: tl.constexpr,
              SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, PREC: tl.constexpr, PIPELINE: tl.constexpr,
              HAS_NEW: tl.constexpr, HAS_ROPE: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
-             IS_INT: tl.constexpr, GRID: tl.constexpr, PDL: tl.constexpr = False):
-    if PDL:   # chatcore.layers.pdl: let the next kernel launch now; wait for the previous one to end
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+             IS_INT: tl.constexpr, GRID: tl.constexpr):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     last = tl.load(pos_ptr)                       # position of the newest token
@@ -229,10 +225,7 @@ def _split_k(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, pos_ptr, slopes_ptr, part_pt
 
 @triton.jit
 def _merge(part_ptr, ml_ptr, out_ptr, D: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
-           BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+           BLOCK_S: tl.constexpr):
     head = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
@@ -306,7 +299,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     elif k_cache.dtype in QMAX:
         raise ValueError("a cache of int8 or float8 codes needs its scales")
     k_scale, v_scale = scales if scales is not None else (q, q)
-    pdl = uses_pdl(q.device)
     _split_k[(hkv, splits)](q, k_cache, v_cache, k_scale, v_scale, pos, alibi if alibi is not None else q, part, ml,
                             k_new, v_new, cos, sin, d**-0.5, k_cache.stride(0), k_scale.stride(0) if quant else 0,
                             HQ=hq, GROUP=group, BLOCK_G=max(16, _pow2(group)),
@@ -314,8 +306,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                             SINKS=sinks, HAS_ALIBI=alibi is not None, PREC=prec, PIPELINE=not _INTERPRET,
                             HAS_NEW=new_kv is not None, HAS_ROPE=rotary is not None, QUANT=quant,
                             QMAX=QMAX.get(k_cache.dtype, 1.0), IS_INT=k_cache.dtype == torch.int8,
-                            GRID=_GRID_ROUNDING, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
-                            **launch_options(pdl))
-    _merge[(hq,)](part, ml, out, D=d, BLOCK_D=block_d, SPLITS=splits, BLOCK_S=max(2, _pow2(splits)), PDL=pdl,
-                  **launch_options(pdl))
+                            GRID=_GRID_ROUNDING, num_warps=num_warps, num_stages=num_stages)
+    _merge[(hq,)](part, ml, out, D=d, BLOCK_D=block_d, SPLITS=splits, BLOCK_S=max(2, _pow2(splits)))
     return out

@@ -18,41 +18,22 @@ import torch
 import triton
 import triton.language as tl
 
-from chatcore.layers.pdl import launch_options, uses_pdl
-
-
-@triton.jit
-def _x_tile(x_ptr, nw_ptr, cols, col_ok, squares, NORM: tl.constexpr):
-    """x at ``cols`` in float32 (times the RMSNorm weight with ``NORM``), and the running sum of its squares."""
-    x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if NORM:   # RMSNorm of x folded in: its weight here, its 1/rms (a per-row constant) after the sum
-        squares += x * x
-        x = x * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    return x, squares
-
 
 @triton.jit
 def _gemv(x_ptr, w_ptr, b_ptr, out_ptr, nw_ptr, res_ptr, eps, N, K: tl.constexpr, BLOCK_N: tl.constexpr,
-          BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-          PDL: tl.constexpr = False):
-    if PDL:   # chatcore.layers.pdl: let the next kernel launch now
-        tl.extra.cuda.gdc_launch_dependents()
+          BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    # the first weight tile is read before waiting for the previous kernel (weights are never written): under
-    # PDL its loads overlap the previous kernel's tail; x (and the residual) may come from that kernel
-    cols = tl.arange(0, BLOCK_K)
-    col_ok = cols < K
-    w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-    x, squares = _x_tile(x_ptr, nw_ptr, cols, col_ok, tl.zeros([BLOCK_K], dtype=tl.float32), NORM)
-    acc = w.to(tl.float32) * x[None, :]
-    for k0 in tl.range(BLOCK_K, K, BLOCK_K):
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        x, squares = _x_tile(x_ptr, nw_ptr, cols, col_ok, squares, NORM)
+        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if NORM:   # RMSNorm of x folded in: its weight here, its 1/rms (a per-row constant) after the sum
+            squares += x * x
+            x = x * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc += w.to(tl.float32) * x[None, :]
     out = tl.sum(acc, 1)
     if NORM:
@@ -78,37 +59,29 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *,
     block_n = 8 if n >= 2048 else 4
     block_k = min(512, triton.next_power_of_2(k))
     nw, eps = norm if norm is not None else (w, 0.0)
-    pdl = uses_pdl(x.device)
     _gemv[(triton.cdiv(n, block_n),)](x.contiguous(), w, b if b is not None else w, out, nw.contiguous(),
                                       residual.contiguous() if residual is not None else w, eps, n, K=k,
                                       BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=b is not None,
-                                      NORM=norm is not None, RESIDUAL=residual is not None, PDL=pdl, num_warps=4,
-                                      num_stages=4, **launch_options(pdl))
+                                      NORM=norm is not None, RESIDUAL=residual is not None, num_warps=4, num_stages=4)
     return out
 
 
 @triton.jit
 def _gemv_gate_up_silu(x_ptr, w_ptr, b_ptr, out_ptr, nw_ptr, eps, N, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr = False):
-    if PDL:   # as in _gemv: the first weight tiles before the wait
-        tl.extra.cuda.gdc_launch_dependents()
+                       BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)   # gate rows; their up rows are N further
     row_ok = rows < N
-    cols = tl.arange(0, BLOCK_K)
-    col_ok = cols < K
-    mask = row_ok[:, None] & col_ok[None, :]
-    wg = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0)
-    wu = tl.load(w_ptr + (rows + N)[:, None] * K + cols[None, :], mask=mask, other=0.0)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-    x, squares = _x_tile(x_ptr, nw_ptr, cols, col_ok, tl.zeros([BLOCK_K], dtype=tl.float32), NORM)
-    gate = wg.to(tl.float32) * x[None, :]
-    up = wu.to(tl.float32) * x[None, :]
-    for k0 in tl.range(BLOCK_K, K, BLOCK_K):
+    gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         mask = row_ok[:, None] & col_ok[None, :]
-        x, squares = _x_tile(x_ptr, nw_ptr, cols, col_ok, squares, NORM)
+        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if NORM:   # as in _gemv
+            squares += x * x
+            x = x * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         wg = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0)
         wu = tl.load(w_ptr + (rows + N)[:, None] * K + cols[None, :], mask=mask, other=0.0)
         gate += wg.to(tl.float32) * x[None, :]
@@ -141,9 +114,8 @@ def gemv_gate_up_silu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None =
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     block_k = min(512, triton.next_power_of_2(k))
     nw, eps = norm if norm is not None else (w, 0.0)
-    pdl = uses_pdl(x.device)
     _gemv_gate_up_silu[(triton.cdiv(n, block_n),)](x.contiguous(), w, b if b is not None else w, out, nw.contiguous(),
                                                    eps, n, K=k, BLOCK_N=block_n, BLOCK_K=block_k,
-                                                   HAS_BIAS=b is not None, NORM=norm is not None, PDL=pdl,
-                                                   num_warps=4, num_stages=4, **launch_options(pdl))
+                                                   HAS_BIAS=b is not None, NORM=norm is not None, num_warps=4,
+                                                   num_stages=4)
     return out

@@ -28,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from chatcore.layers.pdl import launch_options, uses_pdl
 from chatcore.quant.packed import PackedWeight, QuantFormat
 
 OFFSETS = {None: 0, "min": 1, "dmin": 2}
@@ -291,12 +290,8 @@ def _qgemv(x_ptr, out_ptr, b_ptr, nw_ptr, res_ptr, eps, N, K,
            BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, ZERO: tl.constexpr,
            SUB_SCALE: tl.constexpr, OFFSET: tl.constexpr, FLOAT_CODES: tl.constexpr, ROW: tl.constexpr,
            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, CPG: tl.constexpr,
-           HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATE_UP: tl.constexpr,
-           PDL: tl.constexpr = False):
+           HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATE_UP: tl.constexpr):
     """out[rows] for BLOCK_N rows; GATE_UP: rows are gate rows, their up rows N further, out = silu(g) * u."""
-    if PDL:   # chatcore.layers.pdl: let the next kernel launch now; wait for the previous one to end
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
     rows_out = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows_out < N
     rows = tl.minimum(rows_out, N - 1).to(tl.int64)   # rows past N read row N - 1; their results are not stored
@@ -401,13 +396,12 @@ def _launch(x: torch.Tensor, w: PackedWeight, b: torch.Tensor | None, norm: tupl
     planes, strides = plane_args(w)
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     nw, eps = norm if norm is not None else (x, 0.0)
-    pdl = uses_pdl(x.device)
     _qgemv[(triton.cdiv(n, cfg.block_n),)](
         x.contiguous(), out, b.contiguous() if b is not None else x, nw.contiguous(),
         residual.contiguous() if residual is not None else x, eps, n, k, *planes, *strides,
         **format_constants(w.fmt, k), BLOCK_N=cfg.block_n, BLOCK_K=block_k, **group_shape(w.fmt, block_k),
-        HAS_BIAS=b is not None, NORM=norm is not None, RESIDUAL=residual is not None, GATE_UP=gate_up, PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(pdl))
+        HAS_BIAS=b is not None, NORM=norm is not None, RESIDUAL=residual is not None, GATE_UP=gate_up,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
