@@ -46,18 +46,13 @@ _TARGET_PROGRAMS = 132  # one wave of an H100's multiprocessors (bench/gpu_profi
 
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kv_head, start, lo_visible, hi, last, slopes,
-                  scale, offs_n, offs_d, head_stride, scale_stride, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                  HAS_ALIBI: tl.constexpr, PREC: tl.constexpr, QUANT: tl.constexpr):
-    """One BLOCK_N step of the online softmax over keys start .. start+BLOCK_N-1 (visible: lo_visible..hi-1);
-    QUANT: the caches hold codes, ``ks_ptr``/``vs_ptr`` their scales."""
-    cols = start + offs_n
-    ok = (cols >= lo_visible) & (cols < hi)
-    base = kv_head * head_stride + cols[:, None] * D + offs_d[None, :]
-    dmask = offs_d[None, :] < D
-    k = tl.load(kc_ptr + base, mask=ok[:, None] & dmask, other=0.0)
+def online_softmax_step(acc, m_i, l_i, q, k, v, k_scale, v_scale, ok, cols, last, slopes, scale,
+                        HAS_ALIBI: tl.constexpr, PREC: tl.constexpr, QUANT: tl.constexpr):
+    """One step of the online softmax of queries ``q`` [G, D] over a tile of keys ``k`` / values ``v`` [N, D]
+    at positions ``cols`` (``ok``: visible), the query at ``last``; QUANT: ``k``/``v`` are codes and
+    ``k_scale``/``v_scale`` [N] their scales. Returns the updated (acc, m, l). Shared by the contiguous-cache
+    kernel here and the paged one (:mod:`chatcore.layers.triton_paged`), which differ only in where a key is."""
     if QUANT:
-        k_scale = tl.load(ks_ptr + kv_head * scale_stride + cols, mask=ok, other=0.0)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * (k_scale * scale)[None, :]
     else:
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
@@ -68,14 +63,33 @@ def _attend_block(acc, m_i, l_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kv_head, sta
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(s - m_safe[:, None])
     alpha = tl.exp(m_i - m_safe)
-    v = tl.load(vc_ptr + base, mask=ok[:, None] & dmask, other=0.0)
     if QUANT:   # sum_j p_j (c_j s_j) = sum_j (p_j s_j) c_j
-        v_scale = tl.load(vs_ptr + kv_head * scale_stride + cols, mask=ok, other=0.0)
         acc = acc * alpha[:, None] + tl.dot((p * v_scale[None, :]).to(q.dtype), v.to(q.dtype), input_precision=PREC)
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     l_i = l_i * alpha + tl.sum(p, 1)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kv_head, start, lo_visible, hi, last, slopes,
+                  scale, offs_n, offs_d, head_stride, scale_stride, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HAS_ALIBI: tl.constexpr, PREC: tl.constexpr, QUANT: tl.constexpr):
+    """One BLOCK_N step over keys start .. start+BLOCK_N-1 of the cache (visible: lo_visible..hi-1);
+    QUANT: the caches hold codes, ``ks_ptr``/``vs_ptr`` their scales."""
+    cols = start + offs_n
+    ok = (cols >= lo_visible) & (cols < hi)
+    base = kv_head * head_stride + cols[:, None] * D + offs_d[None, :]
+    dmask = offs_d[None, :] < D
+    k = tl.load(kc_ptr + base, mask=ok[:, None] & dmask, other=0.0)
+    v = tl.load(vc_ptr + base, mask=ok[:, None] & dmask, other=0.0)
+    k_scale = scale
+    v_scale = scale
+    if QUANT:
+        k_scale = tl.load(ks_ptr + kv_head * scale_stride + cols, mask=ok, other=0.0)
+        v_scale = tl.load(vs_ptr + kv_head * scale_stride + cols, mask=ok, other=0.0)
+    return online_softmax_step(acc, m_i, l_i, q, k, v, k_scale, v_scale, ok, cols, last, slopes, scale, HAS_ALIBI,
+                               PREC, QUANT)
 
 
 @triton.jit

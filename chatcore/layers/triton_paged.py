@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from chatcore.layers.kv_quant import QMAX
+from chatcore.layers.triton_decode import online_softmax_step
 
 # one sequence's prompt chunk over its paged keys: attend_paged's backend arguments, in order
 ChunkPath = Callable[..., torch.Tensor]
@@ -67,26 +68,15 @@ def _attend_tile(acc, m_i, l_i, q, k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, kv_h
     dmask = offs_d[None, :] < D
     base = tok[:, None] + offs_d[None, :]
     k = tl.load(k_ptr + base, mask=ok[:, None] & dmask, other=0.0)
-    if QUANT:
-        k_scale = tl.load(ks_ptr + blk * ss_blk + (cols % BS) * ss_tok + kv_head, mask=ok, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * (k_scale * scale)[None, :]
-    else:
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-    if HAS_ALIBI:
-        s += slopes[:, None] * (cols - last).to(tl.float32)[None, :]
-    s = tl.where(ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(s - m_safe[:, None])
-    alpha = tl.exp(m_i - m_safe)
     v = tl.load(v_ptr + base, mask=ok[:, None] & dmask, other=0.0)
-    if QUANT:   # sum_j p_j (c_j s_j) = sum_j (p_j s_j) c_j
-        v_scale = tl.load(vs_ptr + blk * ss_blk + (cols % BS) * ss_tok + kv_head, mask=ok, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot((p * v_scale[None, :]).to(q.dtype), v.to(q.dtype), input_precision=PREC)
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    return acc, m_new, l_i
+    k_scale = scale
+    v_scale = scale
+    if QUANT:
+        srow = blk * ss_blk + (cols % BS) * ss_tok + kv_head
+        k_scale = tl.load(ks_ptr + srow, mask=ok, other=0.0)
+        v_scale = tl.load(vs_ptr + srow, mask=ok, other=0.0)
+    return online_softmax_step(acc, m_i, l_i, q, k, v, k_scale, v_scale, ok, cols, last, slopes, scale, HAS_ALIBI,
+                               PREC, QUANT)
 
 
 @triton.jit
