@@ -12,7 +12,7 @@ import torch
 
 from chatcore.config import ModelConfig
 from chatcore.errors import PromptTooLong, TokenizerMissing
-from chatcore.generation import Generation, ReplyState, ScoreResult, TokenEvent
+from chatcore.generation import Generation, ReplyState, ScoreResult, TokenEvent, score_result
 from chatcore.kv_cache import KVCache
 from chatcore.models.base import CausalModel
 from chatcore.prefix import reused_prefix
@@ -277,16 +277,7 @@ class Engine:
         keep = reused_prefix(slot.tokens, ids)
         slot.truncate(keep)
         logits = self.prefill(full[keep:], slot, all_logits=True)
-        ttft = time.perf_counter() - t0
-        nll = top1 = None
-        if cont:
-            rows = logits[len(ids) - 1 - keep: len(full) - 1 - keep].float()   # the rows that predict `cont`
-            target = torch.tensor(cont, dtype=torch.long, device=rows.device)
-            logp = torch.log_softmax(rows, dim=-1).gather(1, target[:, None])[:, 0]
-            nll = -logp.mean().item()
-            top1 = (rows.argmax(dim=-1) == target).float().mean().item()
-        return ScoreResult(tokens=len(cont), nll=nll, top1=top1, prompt_tokens=len(ids), cached_tokens=keep,
-                           prefill_tokens=len(ids) - keep, ttft_s=ttft)
+        return score_result(logits, ids, cont, keep, time.perf_counter() - t0)
 
     def close(self) -> None:
         """Release what the model holds besides memory: a tensor-parallel engine's worker processes and

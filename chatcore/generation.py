@@ -72,6 +72,20 @@ class ScoreResult:
         return 0.0   # nothing is decoded
 
 
+def score_result(logits: torch.Tensor, ids: list[int], cont: list[int], keep: int, ttft: float) -> ScoreResult:
+    """The :class:`ScoreResult` of ``cont`` after ``ids`` from the logits of the prefill of ``(ids + cont)[keep:]``
+    (``keep`` prompt tokens were already cached)."""
+    nll = top1 = None
+    if cont:
+        rows = logits[len(ids) - 1 - keep: len(ids) + len(cont) - 1 - keep].float()   # the rows that predict cont
+        target = torch.tensor(cont, dtype=torch.long, device=rows.device)
+        logp = torch.log_softmax(rows, dim=-1).gather(1, target[:, None])[:, 0]
+        nll = -logp.mean().item()
+        top1 = (rows.argmax(dim=-1) == target).float().mean().item()
+    return ScoreResult(tokens=len(cont), nll=nll, top1=top1, prompt_tokens=len(ids), cached_tokens=keep,
+                       prefill_tokens=len(ids) - keep, ttft_s=ttft)
+
+
 class Generation:
     """The stream of one :meth:`Engine.generate` call: iterate it for :class:`TokenEvent`s.
 

@@ -16,7 +16,7 @@ from chatcore.batch.paged import PagedSlot
 from chatcore.batch.step import BatchStep
 from chatcore.engine import Engine
 from chatcore.errors import PromptTooLong
-from chatcore.generation import ScoreResult
+from chatcore.generation import ScoreResult, score_result
 from chatcore.kv_cache import KVCache
 from chatcore.prefix import reused_prefix
 
@@ -57,13 +57,4 @@ def score(engine: Engine, runner: Any, slot: Any, ids: list[int], cont: list[int
     keep = reused_prefix(slot.tokens, ids)
     slot.truncate(keep)
     logits = prefill_all(engine, runner, slot, full[keep:], chunk)
-    ttft = time.perf_counter() - t0
-    nll = top1 = None
-    if cont:
-        rows = logits[len(ids) - 1 - keep: len(full) - 1 - keep]   # the rows that predict `cont`
-        target = torch.tensor(cont, dtype=torch.long, device=rows.device)
-        logp = torch.log_softmax(rows, dim=-1).gather(1, target[:, None])[:, 0]
-        nll = -logp.mean().item()
-        top1 = (rows.argmax(dim=-1) == target).float().mean().item()
-    return ScoreResult(tokens=len(cont), nll=nll, top1=top1, prompt_tokens=len(ids), cached_tokens=keep,
-                       prefill_tokens=len(ids) - keep, ttft_s=ttft)
+    return score_result(logits, ids, cont, keep, time.perf_counter() - t0)
