@@ -191,6 +191,10 @@ def test_bad_calls_say_what_is_wrong() -> None:
 
 def test_packed_kernel_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     q4, q8 = FORMATS["q4_k"](256), FORMATS["q8_0"](256)
+    # the measured defaults: 8-bit codes take the GEMM for 2..16 rows, 4-bit codes never
+    assert [packed_kernel(m, q8) for m in (1, 2, 16, 17)] == ["qgemv", "qmm", "qmm", "dense"]
+    assert [packed_kernel(m, q4) for m in (1, 2, 16)] == ["qgemv", "dense", "dense"]
+    monkeypatch.setitem(qmm_choice.QMM_ROWS, 4, (2, 256))
     assert [packed_kernel(m, q4) for m in (1, 2, 64, 256, 257, 4096)] == ["qgemv", "qmm", "qmm", "qmm", "dense",
                                                                           "dense"]
     monkeypatch.setitem(qmm_choice.QMM_ROWS, 8, (1, 32))   # the GEMM for one row too, and only up to 32
@@ -237,6 +241,8 @@ def test_a_packed_model_through_qmm_matches_its_dequantized_model(monkeypatch: p
     monkeypatch.setattr(triton_qmm, "qmm_gate_up_silu", counted_gate_up)
     monkeypatch.setattr(linear_module, "use_fused", lambda x: True)
     monkeypatch.setattr(activation_module, "use_fused", lambda x: True)
+    for bits in (4, 6):                                   # the GEMM for these codes too (off by default)
+        monkeypatch.setitem(qmm_choice.QMM_ROWS, bits, (2, 256))
     ids = prompt(24, seed=2)
     got = engines[False].logits(ids)
     monkeypatch.undo()
@@ -291,6 +297,7 @@ def test_gpu_qmm_launch_shapes_agree(name: str) -> None:
 def test_gpu_linear_takes_qmm_for_a_few_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     from chatcore.layers.linear import linear
 
+    monkeypatch.setitem(qmm_choice.QMM_ROWS, 4, (2, 16))   # on for this test (the measured default is off)
     w = random_packed("q4_k", 1024, 4096, seed=4, device="cuda")
     x, b, res = inputs(6, 1024, 4096, torch.bfloat16, seed=5, device="cuda")
     nw = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5

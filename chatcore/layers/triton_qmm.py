@@ -92,14 +92,16 @@ def mm_config(m: int, n: int, k: int, fmt: QuantFormat, gate_up: bool = False) -
     for sm_90 counts ~6 SASS instructions per 4-bit weight in the loop there, against ~9.5 with 32 rows, which
     fall back to mma.sync), 3 stages; K split (2, 4 or 8 ways) until the launch has about :data:`PROGRAMS`
     programs (narrow outputs at small M). ``gate_up`` (:func:`qmm_gate_up_silu`, n gate rows, each program
-    reading as many up rows again): 8-bit codes step 128 columns (256 spill registers there)."""
+    reading as many up rows again): 8-bit codes step 128 columns (256 spill registers there). 128 activation
+    rows step 128 columns in 2 stages: 256 columns in 3 stages ran out of shared memory on the H200 (M = 256)."""
     block_m = rows_tile(m)
     programs = triton.cdiv(n, 64) * triton.cdiv(m, block_m)
     split = 1
     while split < 8 and programs * split * 5 < PROGRAMS * 4:   # below 80% of the target
         split *= 2
-    block_k = 128 if gate_up and fmt.bits == 8 else 256
-    return MMConfig(block_m=block_m, block_n=64, block_k=block_k, split_k=split, num_warps=4, num_stages=3)
+    block_k = 128 if (gate_up and fmt.bits == 8) or block_m >= 128 else 256
+    stages = 2 if block_m >= 128 else 3   # 128 rows x 256 columns x 3 stages overflowed the H200's shared memory
+    return MMConfig(block_m=block_m, block_n=64, block_k=block_k, split_k=split, num_warps=4, num_stages=stages)
 
 
 @triton.jit
