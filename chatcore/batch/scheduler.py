@@ -263,11 +263,18 @@ class Scheduler:
             del r.todo[: len(w.ids)]
             if not r.todo:
                 ready.append((i, r))
+        # The tokens this step fed are in their slots now: their events go out while the device still computes
+        # the step (nothing below this loop's first read of the logits waits on it).
+        ready = [(i, r) for i, r in ready if self._hand_out(r)]
         fast = [i for i, r in ready if r.reply is not None and _plain_greedy(r.reply)]
-        picked = dict(zip(fast, logits[fast].argmax(dim=-1).tolist(), strict=True)) if fast else {}
+        picked: dict[int, int] = {}
+        if fast:   # one argmax and one transfer for every plain greedy row
+            rows = logits if len(fast) == logits.shape[0] else logits[fast]
+            picked = dict(zip(fast, rows.argmax(dim=-1).tolist(), strict=True))
         for i, r in ready:
             try:
-                self._advance(r, logits[i], picked.get(i))
+                token = picked.get(i)
+                self._advance(r, logits[i] if token is None else None, token)
             except Exception as exc:
                 self._fail(r, exc)
         return True
@@ -327,25 +334,39 @@ class Scheduler:
         self._running.remove(r)
         self._waiting.appendleft(r)
 
-    def _advance(self, r: Request, row: torch.Tensor, token: int | None) -> None:
-        """The sequence's todo has run: send the fed token's event, then choose the next token (the order of
-        Engine's decode loop)."""
+    def _hand_out(self, r: Request) -> bool:
+        """The sequence's todo has run: send the fed token's event (the order of Engine's decode loop: a token's
+        event once it is in the slot). Returns whether the sequence goes on to its next token (False: it ended
+        here, on a stop string, or failed)."""
+        reply = r.reply
+        if reply is None or r.pending is None:
+            return True
+        fed, text, logprob, stopped = r.pending
+        r.pending = None
+        try:
+            if stopped:   # a stop string ended the reply on the token just run
+                self._finish(r, reply.last(fed, text, logprob, False, True))
+                return False
+            r.events.put(TokenEvent(fed, text, logprob))
+        except Exception as exc:
+            self._fail(r, exc)
+            return False
+        return True
+
+    def _advance(self, r: Request, row: torch.Tensor | None, token: int | None) -> None:
+        """Choose the next token from ``row`` (the sequence's logits; None when ``token`` was picked already)
+        and queue it, or end the reply."""
         reply = r.reply
         if reply is None:
+            assert row is not None
             self._finish(r, row[None])
             return
         if not r.prefilled:
             r.prefilled = True
             reply.prefill_s = time.perf_counter() - reply.t0
-        if r.pending is not None:
-            fed, text, logprob, stopped = r.pending
-            r.pending = None
-            if stopped:   # a stop string ended the reply on the token just run
-                self._finish(r, reply.last(fed, text, logprob, False, True))
-                return
-            r.events.put(TokenEvent(fed, text, logprob))
         logprob = None
         if token is None:
+            assert row is not None
             token, logprob = reply.sampler.sample(row)
         ended, text, stopped = reply.take(token)
         if ended:
