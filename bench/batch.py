@@ -376,42 +376,58 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device, dty
     target = (batch_engine(engine, max_n, kv_memory, args.block_size, args.prefill_chunk)
               if args.chatcore == "batch" else LockedEngine(engine))
     m["chatcore_engine"] = type(target).__name__
-    peer = None if args.no_hf else start_peer(hf, args, device, max_n, seq, m)
     save()
 
-    runners: dict[str, Callable[[list[list[int]], int], tuple[list[Trace], list[int]]]] = {
-        "chatcore": lambda b, k: run_chatcore(target, b, k, seq)}
-    if peer is not None:
-        runners["transformers"] = lambda b, k: peer.run(b, k, timeout=max(60.0, left()))
+    # One engine at a time: transformers' manager runs a thread of its own once started, so it starts only
+    # after every chatcore round (and chatcore's pool is closed before it).
     ref_slot = None
+    tokens: dict[int, list[int]] = {}
     for n in args.streams:
         row = m.setdefault("streams", {}).setdefault(str(n), {})
         row["roofline"] = roofline(cost, n, args.prompt + args.new / 2, machine["bandwidth"], machine["flops"])
         batch = prompts(n, args.prompt, vocab, f"{name}/{n}")
-        tokens: dict[str, list[int]] = {}
-        for key, run in runners.items():
-            if left() <= 0:
-                row[key] = {"skipped": "deadline"}
-                print(f"  x{n:<3} {key}: skipped (deadline)", flush=True)
-                continue
-            row[key], tokens[key] = measure_round(run, prompts(n, args.prompt, vocab, f"{name}/{n}/warm/{key}"),
-                                                  batch, args)
-            save()
-            report(n, key, row[key])
-        if "chatcore" in tokens and "transformers" in tokens:
-            row["stream0_common_prefix_with_transformers"] = common_prefix(tokens["chatcore"], tokens["transformers"])
-        if tokens.get("chatcore") and not args.no_check and left() > 0:
+        if not run_one(row, n, "chatcore", lambda b, k: run_chatcore(target, b, k, seq), name, batch, args,
+                       vocab, tokens, left):
+            continue
+        if tokens.get(n) and not args.no_check and left() > 0:
             # batched greedy tokens of stream 0 against the single-stream engine on the same prompt
             ref_slot = ref_slot or engine.new_slot(seq)
             ref = single_stream_tokens(engine, ref_slot, batch[0], args.new)
-            row["stream0_common_prefix_with_engine"] = common_prefix(tokens["chatcore"], ref)
-            row["stream0_identical_to_engine"] = tokens["chatcore"] == ref
+            row["stream0_common_prefix_with_engine"] = common_prefix(tokens[n], ref)
+            row["stream0_identical_to_engine"] = tokens[n] == ref
         derive(m, n)
         save()
-    if peer is not None:
-        peer.close()
     if hasattr(target, "close"):
         target.close()
+    ref_slot = None
+    peer = None if args.no_hf else start_peer(hf, args, device, max_n, seq, m)
+    save()
+    if peer is None:
+        return
+    theirs: dict[int, list[int]] = {}
+    for n in args.streams:
+        row = m["streams"][str(n)]
+        run_one(row, n, "transformers", lambda b, k: peer.run(b, k, timeout=max(60.0, left())), name,
+                prompts(n, args.prompt, vocab, f"{name}/{n}"), args, vocab, theirs, left)
+        if tokens.get(n) and theirs.get(n):
+            row["stream0_common_prefix_with_transformers"] = common_prefix(tokens[n], theirs[n])
+        derive(m, n)
+        save()
+    peer.close()
+
+
+def run_one(row: dict[str, Any], n: int, key: str, run: Callable[[list[list[int]], int], tuple[list[Trace], list[int]]],
+            name: str, batch: list[list[int]], args: argparse.Namespace, vocab: int, tokens: dict[int, list[int]],
+            left: Callable[[], float]) -> bool:
+    """One engine's warm-up and measured round at ``n`` streams into ``row[key]`` (skipped past the deadline);
+    stream 0's tokens into ``tokens[n]``. Returns whether it ran."""
+    if left() <= 0:
+        row[key] = {"skipped": "deadline"}
+        print(f"  x{n:<3} {key}: skipped (deadline)", flush=True)
+        return False
+    row[key], tokens[n] = measure_round(run, prompts(n, args.prompt, vocab, f"{name}/{n}/warm/{key}"), batch, args)
+    report(n, key, row[key])
+    return True
 
 
 def start_peer(hf: torch.nn.Module, args: argparse.Namespace, device: torch.device, max_n: int, seq: int,
