@@ -17,7 +17,7 @@ from chatcore.kv_cache import KVCache
 from chatcore.models.base import CausalModel
 from chatcore.prefix import reused_prefix
 from chatcore.runtime import Runtime, activation_bytes_per_token, fit_chunk
-from chatcore.sampling import SamplingParams
+from chatcore.sampling import MAX_TOP_LOGPROBS, Sampled, Sampler, SamplingParams
 from chatcore.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -25,24 +25,31 @@ if TYPE_CHECKING:
 
 
 class _TokenFetch:
-    """Reads a sampled token (and logprob) from the device without waiting for work queued after it."""
+    """Reads a sampled token (and its logprob report) from the device without waiting for work queued after it.
+
+    The plain token is copied as it is (int64); a logprob report (:func:`chatcore.sampling.logprob_report`,
+    the token among its float32 values) is copied instead of it, in one transfer."""
 
     def __init__(self) -> None:
         self.token = torch.empty(1, dtype=torch.int64, pin_memory=True)
-        self.logprob = torch.empty(1, dtype=torch.float32, pin_memory=True)
+        self.packed = torch.empty(2 + 2 * MAX_TOP_LOGPROBS, dtype=torch.float32, pin_memory=True)
         self.event = torch.cuda.Event()
-        self.with_logprob = False
+        self.width = 0   # values of the packed report (0: the plain token)
 
-    def start(self, token: torch.Tensor, logprob: torch.Tensor | None) -> None:
-        self.token.copy_(token.reshape(1), non_blocking=True)
-        self.with_logprob = logprob is not None
-        if logprob is not None:
-            self.logprob.copy_(logprob.reshape(1), non_blocking=True)
+    def start(self, token: torch.Tensor, packed: torch.Tensor | None) -> None:
+        if packed is None:
+            self.token.copy_(token.reshape(1), non_blocking=True)
+            self.width = 0
+        else:
+            self.width = packed.shape[0]
+            self.packed[: self.width].copy_(packed, non_blocking=True)
         self.event.record()
 
-    def result(self) -> tuple[int, float | None]:
+    def result(self) -> Sampled:
         self.event.synchronize()
-        return int(self.token[0]), (float(self.logprob[0]) if self.with_logprob else None)
+        if not self.width:
+            return Sampled(int(self.token[0]), None, None)
+        return Sampler.unpack(self.packed[: self.width].tolist())
 
 
 class Engine:
@@ -216,14 +223,14 @@ class Engine:
         fetch, sampler, limit, sinks = self._fetch, reply.sampler, reply.limit, sink_tokens is not None
         try:
             while True:
-                token_t, logprob_t = sampler.pick(logits)
-                fetch.start(token_t, logprob_t)
+                token_t, packed = sampler.pick(logits)
+                fetch.start(token_t, packed)
                 more = reply.n + 1 < limit and (sinks or slot.length < slot.capacity)
                 if more:
                     if slot.length >= slot.capacity:
                         reply.discarded += self.make_room(slot, 1, sink_tokens)
                     logits = graph.launch(token_t)[-1]
-                token, logprob = fetch.result()
+                token, logprob, top = fetch.result()
                 ended, text, stopped = reply.take(token)
                 if ended:
                     break
@@ -231,11 +238,11 @@ class Engine:
                     slot.commit([token])   # the queued step ran on this token: its keys/values are in the slot
                 if stopped or not more:
                     break
-                yield TokenEvent(token, text, logprob)
+                yield TokenEvent(token, text, logprob, top_logprobs=top)
         except GeneratorExit:
             reply.cancelled()
             raise
-        yield reply.last(token, text, logprob, ended, stopped)
+        yield reply.last(token, text, logprob, ended, stopped, top)
 
     def _decode_eager(self, reply: ReplyState, logits: torch.Tensor, slot: KVCache,
                       sink_tokens: int | None) -> Iterator[TokenEvent]:
@@ -244,7 +251,7 @@ class Engine:
         sampler, limit, sinks = reply.sampler, reply.limit, sink_tokens is not None
         try:
             while True:
-                token, logprob = sampler.sample(logits)
+                token, logprob, top = sampler.sample(logits)
                 ended, text, stopped = reply.take(token)
                 if ended:
                     break
@@ -255,11 +262,11 @@ class Engine:
                     logits = self._step(token, slot)
                 if stopped or not more:
                     break
-                yield TokenEvent(token, text, logprob)
+                yield TokenEvent(token, text, logprob, top_logprobs=top)
         except GeneratorExit:
             reply.cancelled()
             raise
-        yield reply.last(token, text, logprob, ended, stopped)
+        yield reply.last(token, text, logprob, ended, stopped, top)
 
     # -- scoring -----------------------------------------------------------------------------------
     @torch.inference_mode()

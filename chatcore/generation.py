@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from chatcore.detokenize import IncrementalDetokenizer
-from chatcore.sampling import Sampler, SamplingParams
+from chatcore.sampling import Sampler, SamplingParams, TopLogprobs
 from chatcore.stopping import StopStrings
 from chatcore.tokenizer import Tokenizer
 
@@ -44,6 +44,8 @@ class TokenEvent:
 
     The last event of a generation carries ``finish_reason`` and ``stats``; when it ends on EOS or a
     stop token, that token is not part of the reply and its ``text`` only flushes what was held back.
+    ``logprob`` (with ``SamplingParams.logprobs``) and ``top_logprobs`` (with ``SamplingParams.top_logprobs``:
+    the most likely ``(token_id, logprob)`` pairs of the step, most likely first) are about ``token_id``'s step.
     """
 
     token_id: int
@@ -51,6 +53,7 @@ class TokenEvent:
     logprob: float | None = None
     finish_reason: str | None = None
     stats: GenerationStats | None = None
+    top_logprobs: TopLogprobs | None = None
 
 
 @dataclass(frozen=True)
@@ -161,11 +164,12 @@ class ReplyState:
         """The caller closed the stream after the tokens it was given."""
         self._stats(self.n, "cancelled")
 
-    def last(self, token: int, text: str, logprob: float | None, ended: bool, stopped: bool) -> TokenEvent:
+    def last(self, token: int, text: str, logprob: float | None, ended: bool, stopped: bool,
+             top: TopLogprobs | None = None) -> TokenEvent:
         """The last event: on EOS or a stop token (``ended``), that token is not part of the reply; what the
         detokenizer and the stop strings held back is flushed unless a stop string ended it."""
         finish = "stop" if ended or stopped else "length"
         if not stopped and self.detok is not None:
             tail, stopped = self.stops.feed(self.detok.flush())
             text += tail + ("" if stopped else self.stops.flush())
-        return TokenEvent(token, text, logprob, finish, self._stats(self.n - ended, finish))
+        return TokenEvent(token, text, logprob, finish, self._stats(self.n - ended, finish), top)

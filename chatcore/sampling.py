@@ -18,13 +18,17 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 # Token ids travel back to the host as float32 together with the logprob (one transfer);
 # float32 holds every integer below 2**24 exactly, far above any vocabulary in use.
 _MAX_VOCAB = 2**24
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+
+# What one step reports beside the token: (logprob or None, top (token id, logprob) pairs or None)
+TopLogprobs = tuple[tuple[int, float], ...]
 
 
 def _is_int(x: object) -> bool:
@@ -56,12 +60,15 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0  # 1..20: also the most likely tokens at each step, with their logprobs (implies logprobs)
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         self._validate()
+        if self.top_logprobs:
+            object.__setattr__(self, "logprobs", True)
 
     def _validate(self) -> None:
         if not (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1):
@@ -91,6 +98,8 @@ class SamplingParams:
         for name in ("ignore_eos", "logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, "a bool", getattr(self, name))
+        if not (_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
+            raise _fail("top_logprobs", f"an int in [0, {MAX_TOP_LOGPROBS}] (0 = off)", self.top_logprobs)
 
     @property
     def greedy(self) -> bool:
@@ -101,10 +110,29 @@ class SamplingParams:
         return dataclasses.replace(self, **changes)
 
 
+class Sampled(NamedTuple):
+    """One step's choice on the host: the token, and (when asked for) its logprob and the top tokens."""
+
+    token: int
+    logprob: float | None
+    top_logprobs: TopLogprobs | None
+
+
+def logprob_report(raw: torch.Tensor, token: torch.Tensor, k: int) -> torch.Tensor:
+    """``[token, logprob, k ids, k logprobs]`` as one float32 device tensor (one transfer reads it): the
+    log_softmax of the raw float32 logits ``raw`` [vocab] at ``token`` and at its ``k`` most likely ids."""
+    log_z = torch.logsumexp(raw, dim=-1)
+    head = torch.stack([token.to(torch.float32), raw.gather(0, token.reshape(1))[0] - log_z])
+    if k == 0:
+        return head
+    values, ids = raw.topk(min(k, raw.shape[-1]))
+    return torch.cat([head, ids.to(torch.float32), values - log_z])
+
+
 class Sampler:
     """Turns one decode step's logits into a token for one request.
 
-    Use: ``start(prompt_ids)`` once per request, then per step ``token, logprob = sample(logits)``
+    Use: ``start(prompt_ids)`` once per request, then per step ``token, logprob, top = sample(logits)``
     followed by ``accept(token)`` (sample does not record the token itself, so the engine may
     also force tokens through ``accept``).
 
@@ -167,36 +195,46 @@ class Sampler:
             return onehot.scatter_(0, scores.argmax().unsqueeze(0), 1.0)
         return scores.softmax(dim=-1)
 
-    def sample(self, logits: torch.Tensor) -> tuple[int, float | None]:
-        """Choose the next token; returns ``(token_id, logprob or None)``.
+    def sample(self, logits: torch.Tensor) -> Sampled:
+        """Choose the next token; returns ``(token_id, logprob or None, top_logprobs or None)``.
 
         The logprob (only when ``params.logprobs``) is ``log_softmax`` of the raw model logits,
         before penalties, temperature and filtering, at the chosen token -- what vLLM reports by
-        default. Exactly one device->host transfer happens (token id and logprob together).
+        default. With ``params.top_logprobs`` = k, also the k most likely tokens of that same
+        distribution as ``((token_id, logprob), ...)``, most likely first. Exactly one
+        device->host transfer happens (token id, logprob and the top k packed together).
         """
-        token, logprob = self.pick(logits)
-        if logprob is None:
-            return int(token.item()), None
-        token_f, logprob_f = torch.stack([token.to(torch.float32), logprob]).tolist()
-        return int(token_f), logprob_f
+        token, packed = self.pick(logits)
+        if packed is None:
+            return Sampled(int(token.item()), None, None)
+        return self.unpack(packed.tolist())
 
     def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """:meth:`sample` without the transfer: the token id (int64, 0-d) and logprob stay on the device."""
-        if self.params.greedy and not (self._use_repetition or self._use_counts or self.params.logprobs):
+        """:meth:`sample` without the transfer: the token id (int64, 0-d) on the device and, when logprobs are
+        asked for, the packed float32 report :meth:`unpack` reads (``[token, logprob, k ids, k logprobs]``)."""
+        p = self.params
+        if p.greedy and not (self._use_repetition or self._use_counts or p.logprobs):
             self._upcast_check(logits)
             return logits.argmax(), None   # the argmax of the raw logits: no float32 copy of the vocabulary
         raw = self._upcast(logits)
         scores = self._scores(raw)
-        if self.params.greedy:
+        if p.greedy:
             token = scores.argmax()
         else:
             # Gumbel-max: argmax(x_i - log E_i) with E_i ~ Exp(1) is argmax(p_i / E_i), which picks i
             # with probability p_i = softmax(x)_i; no softmax, and no host sync (unlike multinomial).
             race = torch.empty_like(scores).exponential_(generator=self._generator)
             token = (scores - race.clamp_min_(torch.finfo(torch.float32).tiny).log_()).argmax()
-        if not self.params.logprobs:
+        if not p.logprobs:
             return token, None
-        return token, raw.gather(0, token.unsqueeze(0))[0] - torch.logsumexp(raw, dim=-1)
+        return token, logprob_report(raw, token, p.top_logprobs)
+
+    @staticmethod
+    def unpack(values: Sequence[float]) -> Sampled:
+        """The host copy of :meth:`pick`'s packed report as ``(token_id, logprob, top_logprobs or None)``."""
+        k = (len(values) - 2) // 2
+        top = tuple(zip((int(i) for i in values[2:2 + k]), values[2 + k:], strict=True)) if k else None
+        return Sampled(int(values[0]), values[1], top)
 
     # -- shared processing -------------------------------------------------------------------
 

@@ -24,6 +24,26 @@ class ChatTokenizer(Protocol):
                             **extra: Any) -> list[int]: ...
 
 
+class WithTools:
+    """A chat tokenizer whose template always gets ``tools`` (the function tools a conversation may call), so every
+    count and prompt of a TokenBudget on it is the one the model sees with them."""
+
+    def __init__(self, tokenizer: ChatTokenizer, tools: list[dict[str, Any]]) -> None:
+        self.tokenizer = tokenizer
+        self.tools = tools
+
+    def encode(self, text: str, *, add_bos: bool = False, allow_special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=add_bos, allow_special=allow_special)
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False,
+                            **extra: Any) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  **{"tools": self.tools, **extra})
+
+
 _PROBE = {"role": "system", "content": "a"}
 _PROBES: tuple[tuple[dict[str, str], ...], ...] = (
     ({"role": "system", "content": "You help."}, {"role": "user", "content": "Hi there"},

@@ -71,6 +71,12 @@ class ContextManager:
     def set_system(self, text: str | None) -> None:
         self.system = text or None
 
+    def set_budget(self, budget: TokenBudget) -> None:
+        """Count through another budget from now on (the same tokenizer with other template extras, such as
+        tools); the thread's counts are measured again."""
+        self.budget = budget
+        self.reset(list(self.thread))
+
     def reset(self, messages: Iterable[Any]) -> None:
         self.thread, self._dicts, self._pos = [], [], {}
         self.index = TurnIndex()

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .budget import TokenBudget
+from .budget import TokenBudget, WithTools
 from .errors import ContextError, SessionBusy, SessionDeleted
 from .layout import ContextConfig
 from .manager import ContextManager, Pending
@@ -37,16 +37,38 @@ from .turn import Turn, begin_turn
 
 log = logging.getLogger("context")
 _BUDGETS: weakref.WeakKeyDictionary[Any, TokenBudget] = weakref.WeakKeyDictionary()
+_TOOL_BUDGETS: weakref.WeakKeyDictionary[Any, dict[str, TokenBudget]] = weakref.WeakKeyDictionary()
+_MAX_TOOL_SETS = 32   # budgets kept per tokenizer for distinct tool lists (oldest dropped first)
 
 
-def _budget_for(tokenizer: Any) -> TokenBudget:
-    """One TokenBudget (segment cache, template probe) per tokenizer, shared by its sessions."""
+def _budget_for(tokenizer: Any, tools: list[dict[str, Any]] | None = None) -> TokenBudget:
+    """One TokenBudget (segment cache, template probe) per tokenizer, shared by its sessions; with ``tools``, one
+    per tokenizer and tool list (the template renders them)."""
+    if tools:
+        return _tool_budget(tokenizer, tools)
     try:
         b = _BUDGETS.get(tokenizer)
     except TypeError:  # not weak-referenceable
         return TokenBudget(tokenizer)
     if b is None:
         b = _BUDGETS[tokenizer] = TokenBudget(tokenizer)
+    return b
+
+
+def _tool_budget(tokenizer: Any, tools: list[dict[str, Any]]) -> TokenBudget:
+    import json
+
+    key = json.dumps(tools, sort_keys=True)
+    try:
+        per = _TOOL_BUDGETS.setdefault(tokenizer, {})
+    except TypeError:
+        return TokenBudget(WithTools(tokenizer, tools))
+    b = per.pop(key, None)
+    if b is None:
+        b = TokenBudget(WithTools(tokenizer, tools))
+    per[key] = b
+    while len(per) > _MAX_TOOL_SETS:
+        per.pop(next(iter(per)))
     return b
 
 
@@ -72,7 +94,8 @@ class ChatMessage:
 @dataclass(frozen=True)
 class ChatEvent:
     """A piece of the streaming reply. The last event of a reply has `finish_reason` ("stop",
-    "length" or "cancelled") and `report`; `summary` is set when this turn wrote a new summary."""
+    "length" or "cancelled") and `report`; `summary` is set when this turn wrote a new summary; its `token_id` is
+    set only when its token is part of the reply (an end on the length limit)."""
 
     text: str
     message_id: str
@@ -80,6 +103,8 @@ class ChatEvent:
     finish_reason: str | None = None
     report: TurnReport | None = None
     summary: SummaryResult | None = None
+    logprob: float | None = None          # with SamplingParams.logprobs: the token's (the engine's TokenEvent)
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
 
 
 def branch_positions(conv: Any, thread: Iterable[Any]) -> dict[str, tuple[int, int]]:
@@ -108,13 +133,15 @@ def sampling_params(values: dict[str, Any]) -> Any:
 
 class ChatSession:
     def __init__(self, engine: Any, store: Any, record: Any, thread: list[Any], *,
-                 config: ContextConfig | None = None, pool: SlotPool | None = None) -> None:
+                 config: ContextConfig | None = None, pool: SlotPool | None = None,
+                 tools: list[dict[str, Any]] | None = None) -> None:
         self.engine = engine
         self.store = store
         self.config = config or ContextConfig()
         self.id: str = record.id
         self._record = record
-        self.manager = ContextManager(_budget_for(engine.require_tokenizer()), engine.window, self.config)
+        self.tools = tools or None
+        self.manager = ContextManager(_budget_for(engine.require_tokenizer(), self.tools), engine.window, self.config)
         self.manager.set_system(record.system_prompt)
         self.manager.pinned = tuple(record.pinned)
         self.manager.reset(thread)
@@ -256,6 +283,16 @@ class ChatSession:
         merged = {k: v for k, v in merged.items() if v is not None}
         sampling_params(merged)
         self._record = self.store.update_session(self.id, sampling=merged)
+
+    def set_tools(self, tools: list[dict[str, Any]] | None) -> None:
+        """The function tools the chat template renders from the next turn on (None: none). Not stored: each
+        turn's caller says which tools it offers (the server: each request's `tools`)."""
+        tools = tools or None
+        if tools == self.tools:
+            return
+        self._idle()
+        self.tools = tools
+        self.manager.set_budget(_budget_for(self.engine.require_tokenizer(), tools))
 
     def set_system(self, text: str | None) -> None:
         self._idle()
@@ -452,7 +489,7 @@ class ChatSession:
                 if not writer.write(ev.text):
                     status = "incomplete"
                     break
-                yield ChatEvent(ev.text, writer.id, ev.token_id)
+                yield ChatEvent(ev.text, writer.id, ev.token_id, logprob=ev.logprob, top_logprobs=ev.top_logprobs)
                 if self._cancel.is_set():
                     status = "cancelled"
                     break
@@ -470,7 +507,10 @@ class ChatSession:
             raise
         report = self._end(turn, gen, last, writer, status, n)
         finish = last.finish_reason if last is not None else ("stop" if status == "complete" else "cancelled")
-        yield ChatEvent(last.text if last is not None else "", writer.id, None, finish, report, turn.summary)
+        # when the last token is part of the reply (a length end), its id and logprobs come with the last event
+        counted = last is not None and last.stats is not None and last.stats.generated_tokens > n
+        tok, lp, top = (last.token_id, last.logprob, last.top_logprobs) if counted else (None, None, None)
+        yield ChatEvent(last.text if last is not None else "", writer.id, tok, finish, report, turn.summary, lp, top)
 
     def _end(self, turn: Turn, gen: Any, last: Any, writer: Any, status: str, n: int,
              quiet: bool = False) -> TurnReport:

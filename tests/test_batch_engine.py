@@ -40,16 +40,24 @@ def prompt(n: int, seed: int) -> list[int]:
 
 
 def events(gen: Any) -> list[tuple[Any, ...]]:
-    return [(e.token_id, e.text, e.logprob, e.finish_reason) for e in gen]
+    return [(e.token_id, e.text, e.logprob, e.finish_reason, e.top_logprobs) for e in gen]
 
 
 def same(got: list[tuple[Any, ...]], want: list[tuple[Any, ...]]) -> bool:
     """Events equal: tokens, text and ends exactly; logprobs to float rounding (the paged runner computes every
     sequence in one pass: the same logits, summed in another order)."""
-    if [(t, x, f) for t, x, _, f in got] != [(t, x, f) for t, x, _, f in want]:
+    if [(t, x, f) for t, x, _, f, _ in got] != [(t, x, f) for t, x, _, f, _ in want]:
         return False
-    return all((a is None) == (b is None) and (a is None or abs(a - b) < 1e-4)
-               for (_, _, a, _), (_, _, b, _) in zip(got, want, strict=True))
+    close = all((a is None) == (b is None) and (a is None or abs(a - b) < 1e-4)
+                for (_, _, a, _, _), (_, _, b, _, _) in zip(got, want, strict=True))
+    return close and all(_same_top(a[4], b[4]) for a, b in zip(got, want, strict=True))
+
+
+def _same_top(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is b
+    pairs = zip(a, b, strict=True)
+    return [t for t, _ in a] == [t for t, _ in b] and all(abs(x - y) < 1e-4 for (_, x), (_, y) in pairs)
 
 
 def figures(stats: Any) -> tuple[Any, ...]:
@@ -76,8 +84,8 @@ def in_threads(fns: list[Callable[[], Any]]) -> list[Any]:
 
 
 def cases(engine: chatcore.Engine) -> list[tuple[list[int], SamplingParams]]:
-    """Eight requests: greedy, seeded sampling with each filter and penalty, logprobs, stop ids and a stop string
-    (one found in that request's own greedy reply), different lengths."""
+    """Ten requests: greedy, seeded sampling with each filter and penalty, logprobs, top logprobs, stop ids and a
+    stop string (one found in that request's own greedy reply), different lengths."""
     base = SamplingParams(max_new_tokens=14)
     out = [(prompt(9, 0), base),
            (prompt(30, 1), base.replace(temperature=0.9, seed=11, logprobs=True)),
@@ -85,7 +93,9 @@ def cases(engine: chatcore.Engine) -> list[tuple[list[int], SamplingParams]]:
            (prompt(17, 3), base.replace(temperature=1.1, top_p=0.8, min_p=0.05, seed=13)),
            (prompt(12, 4), base.replace(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4,
                                         logprobs=True)),
-           (prompt(22, 5), base.replace(temperature=0.8, seed=14, repetition_penalty=1.2, max_new_tokens=9))]
+           (prompt(22, 5), base.replace(temperature=0.8, seed=14, repetition_penalty=1.2, max_new_tokens=9)),
+           (prompt(13, 8), base.replace(top_logprobs=3)),   # greedy with its own top-k beside plain greedy rows
+           (prompt(8, 9), base.replace(temperature=0.9, seed=15, top_logprobs=20))]
     ref = list(engine.generate(prompt(14, 6), base))
     out.append((prompt(14, 6), base.replace(stop_token_ids=(ref[4].token_id,))))
     text = "".join(e.text for e in engine.generate(prompt(11, 7), base))

@@ -12,6 +12,7 @@ import torch
 
 import chatcore
 from chatcore.engine import Engine
+from chatcore.sampling import Sampled, Sampler
 
 
 class EagerGraph:
@@ -29,13 +30,13 @@ class EagerGraph:
 
 
 class HostFetch:
-    """The pinned-memory token read, on the CPU."""
+    """The pinned-memory token read, on the CPU: the plain token, or the packed logprob report in its place."""
 
-    def start(self, token: torch.Tensor, logprob: torch.Tensor | None) -> None:
-        self.token, self.logprob = int(token.reshape(-1)[0]), None if logprob is None else float(logprob.reshape(-1)[0])
+    def start(self, token: torch.Tensor, packed: torch.Tensor | None) -> None:
+        self.token, self.packed = int(token.reshape(-1)[0]), None if packed is None else packed.tolist()
 
-    def result(self) -> tuple[int, float | None]:
-        return self.token, self.logprob
+    def result(self) -> Sampled:
+        return Sampled(self.token, None, None) if self.packed is None else Sampler.unpack(self.packed)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def run(engine: Engine, graph: bool, prompt: list[int], params: chatcore.Samplin
         gen = engine.generate(prompt, params, slot=slot, sink_tokens=sink_tokens)
         events = []
         for ev in gen:
-            events.append((ev.token_id, ev.text, ev.logprob, ev.finish_reason))
+            events.append((ev.token_id, ev.text, ev.logprob, ev.finish_reason, ev.top_logprobs))
             if close_after is not None and len(events) == close_after:
                 gen.close()
                 break
@@ -78,7 +79,7 @@ GREEDY = chatcore.SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=
 
 
 @pytest.mark.parametrize("case", ["length", "stop-token", "sampled-logprobs", "one-token", "cancel", "full-window",
-                                  "sinks"])
+                                  "sinks", "top-logprobs", "sampled-top-logprobs"])
 def test_graph_loop_equals_eager_loop(engine: Engine, case: str) -> None:
     prompt, params, kw = ids(20, 3), GREEDY, {}
     if case == "stop-token":
@@ -86,6 +87,10 @@ def test_graph_loop_equals_eager_loop(engine: Engine, case: str) -> None:
         params = dataclasses.replace(GREEDY, stop_token_ids=[first[5][0]])
     elif case == "sampled-logprobs":
         params = dataclasses.replace(GREEDY, temperature=0.9, top_k=40, seed=7, logprobs=True)
+    elif case == "top-logprobs":
+        params = dataclasses.replace(GREEDY, top_logprobs=4)
+    elif case == "sampled-top-logprobs":
+        params = dataclasses.replace(GREEDY, temperature=0.9, seed=5, top_logprobs=2, stop_token_ids=[7])
     elif case == "one-token":
         params = dataclasses.replace(GREEDY, max_new_tokens=1)
     elif case == "cancel":
@@ -108,3 +113,21 @@ def test_graph_loop_equals_eager_loop(engine: Engine, case: str) -> None:
         assert graph[1].finish_reason == "length" and len(graph[2]) == 26
     if case == "sinks":
         assert graph[1].discarded_tokens > 0 and graph[2][:4] == prompt[:4]
+
+
+def test_top_logprobs_are_the_reference_forward_topk(engine: Engine) -> None:
+    """Every step's top tokens and logprobs are log_softmax(logits).topk of a fresh forward pass over the prompt
+    and the reply so far; the chosen token's logprob is its entry there; greedy tokens are those without them."""
+    prompt = ids(16, 9)
+    plain = run(engine, False, prompt, GREEDY)[0]
+    for graph in (False, True):
+        events = run(engine, graph, prompt, dataclasses.replace(GREEDY, top_logprobs=5))[0]
+        assert [e[0] for e in events] == [e[0] for e in plain]
+        tokens = [e[0] for e in events]
+        ref = torch.log_softmax(engine.logits(prompt + tokens[:-1])[len(prompt) - 1:], dim=-1)
+        for step, (token, _, logprob, _, top) in enumerate(events):
+            want_lp, want_ids = ref[step].topk(5)
+            assert [t for t, _ in top] == want_ids.tolist()
+            assert [lp for _, lp in top] == pytest.approx(want_lp.tolist(), abs=1e-4)
+            assert top[0][0] == token and logprob == pytest.approx(top[0][1], abs=1e-6)   # greedy: the top-1
+            assert logprob == pytest.approx(float(ref[step, token]), abs=1e-4)

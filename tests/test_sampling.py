@@ -55,7 +55,7 @@ def test_plain_distribution_is_the_hand_softmax() -> None:
 def test_greedy_is_one_hot_at_argmax() -> None:
     params = SamplingParams(temperature=0.0)
     assert run_probs(params) == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-    assert Sampler(params, 6).sample(torch.tensor(LOGITS)) == (0, None)
+    assert Sampler(params, 6).sample(torch.tensor(LOGITS)) == (0, None, None)
 
 
 def test_greedy_uses_the_penalised_logits() -> None:
@@ -180,7 +180,7 @@ def test_all_minus_inf_but_one() -> None:
     for seed in range(20):
         s = Sampler(params.replace(seed=seed, logprobs=True), 6)
         s.start([2])
-        assert s.sample(torch.tensor(logits)) == (2, 0.0)
+        assert s.sample(torch.tensor(logits)) == (2, 0.0, None)
 
 
 # -- input handling ----------------------------------------------------------------------------
@@ -223,7 +223,7 @@ def generate(sampler: Sampler, steps: int = 50) -> list[int]:
     for step in range(steps):
         g = torch.Generator().manual_seed(step * 7919 + (tokens[-1] if tokens else 0))
         logits = torch.randn(1000, generator=g) * 3
-        token, _ = sampler.sample(logits)
+        token, _, _ = sampler.sample(logits)
         sampler.accept(token)
         tokens.append(token)
     return tokens
@@ -273,9 +273,9 @@ def test_logprob_is_raw_log_softmax_at_the_chosen_token() -> None:
         s = Sampler(params.replace(seed=seed), 6)
         s.start([0])
         s.accept(0)
-        token, logprob = s.sample(torch.tensor(LOGITS))
+        token, logprob, _ = s.sample(torch.tensor(LOGITS))
         assert logprob == pytest.approx(LOGITS[token] - log_z, abs=1e-5)
-    token, logprob = Sampler(SamplingParams(logprobs=True), 6).sample(torch.tensor(LOGITS))
+    token, logprob, _ = Sampler(SamplingParams(logprobs=True), 6).sample(torch.tensor(LOGITS))
     assert (token, logprob) == (0, pytest.approx(2.0 - log_z, abs=1e-5))
     assert Sampler(SamplingParams(temperature=1.0, seed=0), 6).sample(torch.tensor(LOGITS))[1] is None
 
@@ -334,6 +334,10 @@ def test_matches_transformers_logits_processors() -> None:
         ("stop_token_ids", (2, -1)),
         ("ignore_eos", 1),
         ("logprobs", "yes"),
+        ("top_logprobs", -1),
+        ("top_logprobs", 21),
+        ("top_logprobs", 2.0),
+        ("top_logprobs", True),
     ],
 )
 def test_params_validation(field: str, value: object) -> None:
@@ -355,3 +359,45 @@ def test_params_normalisation_and_replace() -> None:
         p.replace(top_p=2.0)
     with pytest.raises(AttributeError):
         p.temperature = 1.0  # type: ignore[misc]
+
+
+# -- top logprobs ----------------------------------------------------------------------------
+
+
+def test_top_logprobs_implies_logprobs() -> None:
+    assert SamplingParams(top_logprobs=3).logprobs
+    assert SamplingParams(top_logprobs=3).replace(temperature=0.5).top_logprobs == 3
+    assert not SamplingParams().logprobs and SamplingParams().top_logprobs == 0
+
+
+def test_top_logprobs_are_the_raw_log_softmax_topk() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(50) * 3
+    ref = torch.log_softmax(logits, dim=-1)
+    want_lp, want_ids = ref.topk(5)
+    for params in (SamplingParams(top_logprobs=5),
+                   SamplingParams(top_logprobs=5, temperature=0.8, top_k=10, repetition_penalty=1.4, seed=3)):
+        s = Sampler(params, 50)
+        s.start([int(want_ids[0])])
+        token, logprob, top = s.sample(logits)
+        assert [t for t, _ in top] == want_ids.tolist()
+        assert [lp for _, lp in top] == pytest.approx(want_lp.tolist(), abs=1e-5)
+        assert logprob == pytest.approx(float(ref[token]), abs=1e-5)
+    # greedy without penalties: the chosen token is the top-1, with its logprob
+    token, logprob, top = Sampler(SamplingParams(top_logprobs=1), 50).sample(logits)
+    assert token == top[0][0] == int(logits.argmax()) and logprob == pytest.approx(top[0][1], abs=1e-6)
+    assert Sampler(SamplingParams(), 50).sample(logits) == (token, None, None)
+
+
+def test_top_logprobs_past_the_vocabulary_are_all_tokens() -> None:
+    _, _, top = Sampler(SamplingParams(top_logprobs=20), 6).sample(torch.tensor(LOGITS))
+    assert len(top) == 6 and top[0][0] == 0
+    assert math.fsum(math.exp(lp) for _, lp in top) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_pick_packs_one_tensor_for_the_transfer() -> None:
+    s = Sampler(SamplingParams(top_logprobs=2), 6)
+    token, packed = s.pick(torch.tensor(LOGITS))
+    assert packed.dtype == torch.float32 and packed.shape == (2 + 2 * 2,)
+    assert Sampler.unpack(packed.tolist()) == s.sample(torch.tensor(LOGITS))
+    assert Sampler(SamplingParams(), 6).pick(torch.tensor(LOGITS))[1] is None   # the plain greedy path: the token only

@@ -30,6 +30,7 @@ import torch
 from chatcore.batch.runner import BatchRunner, Work
 from chatcore.errors import ChatcoreError, OutOfBlocks
 from chatcore.generation import ReplyState, TokenEvent
+from chatcore.sampling import TopLogprobs
 
 
 class SchedulerClosed(ChatcoreError):
@@ -69,7 +70,8 @@ class Request:
         self.fed = 0                       # generated tokens put into the sequence (slot or todo)
         self.decoding = False              # todo is one generated token (else: prompt, or a preempted re-prefill)
         self.prefilled = False
-        self.pending: tuple[int, str, float | None, bool] | None = None   # the fed token's event, sent once it ran
+        # the fed token's event (token, text, logprob, top logprobs, stopped), sent once its step ran
+        self.pending: tuple[int, str, float | None, TopLogprobs | None, bool] | None = None
 
 
 class Scheduler:
@@ -341,13 +343,13 @@ class Scheduler:
         reply = r.reply
         if reply is None or r.pending is None:
             return True
-        fed, text, logprob, stopped = r.pending
+        fed, text, logprob, top, stopped = r.pending
         r.pending = None
         try:
             if stopped:   # a stop string ended the reply on the token just run
-                self._finish(r, reply.last(fed, text, logprob, False, True))
+                self._finish(r, reply.last(fed, text, logprob, False, True, top))
                 return False
-            r.events.put(TokenEvent(fed, text, logprob))
+            r.events.put(TokenEvent(fed, text, logprob, top_logprobs=top))
         except Exception as exc:
             self._fail(r, exc)
             return False
@@ -364,21 +366,21 @@ class Scheduler:
         if not r.prefilled:
             r.prefilled = True
             reply.prefill_s = time.perf_counter() - reply.t0
-        logprob = None
+        logprob = top = None
         if token is None:
             assert row is not None
-            token, logprob = reply.sampler.sample(row)
+            token, logprob, top = reply.sampler.sample(row)   # its own top-k when it asks for top_logprobs
         ended, text, stopped = reply.take(token)
         if ended:
-            self._finish(r, reply.last(token, text, logprob, True, False))
+            self._finish(r, reply.last(token, text, logprob, True, False, top))
             return
         slot = r.slot
         if not (reply.n < reply.limit and (r.sinks is not None or slot.length < slot.capacity)):
-            self._finish(r, reply.last(token, text, logprob, False, stopped))
+            self._finish(r, reply.last(token, text, logprob, False, stopped, top))
             return
         if slot.length >= slot.capacity:
             reply.discarded += self.make_room(slot, 1, r.sinks)
-        r.todo, r.decoding, r.pending = [token], True, (token, text, logprob, stopped)
+        r.todo, r.decoding, r.pending = [token], True, (token, text, logprob, top, stopped)
         r.fed += 1
 
     # -- endings -----------------------------------------------------------------------------------------

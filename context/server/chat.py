@@ -1,5 +1,7 @@
 """`POST /v1/chat/completions`: stateless; the messages rendered with the model's chat template (tools too), one
-engine generation per choice (n > 1: n generations at once, batched by a BatchEngine)."""
+engine generation per choice (n > 1: n generations at once, batched by a BatchEngine). With tools, each choice's
+output is parsed for tool calls (context/server/tool_calls.py): `message.tool_calls`, or in a stream the text up to
+a tool-call marker and then `delta.tool_calls` at the end; finish_reason "tool_calls"."""
 
 from __future__ import annotations
 
@@ -14,10 +16,13 @@ from chatcore.errors import ChatcoreError
 
 from .errors import APIError, bad_request, too_long, translate
 from .items import chat_message
+from .logprobs import token_logprob
 from .pump import Pump, merged
 from .sampling import check, sampling_fields
 from .schemas import ChatCompletionRequest
 from .state import ServerState
+from .tool_calls import CallStream, parse
+from .tool_output import chat_tool_calls, delta_tool_calls, tool_use
 
 
 @dataclass
@@ -27,6 +32,7 @@ class _Choice:
     tokens: int = 0
     finish: str | None = None
     stats: Any = None
+    calls: CallStream | None = None   # with tools: the text shown so far, the calls parsed at the end
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ class ChatJob:
     logprobs: bool
     stream: bool
     include_usage: bool
+    top_logprobs: int = 0
+    tool_names: frozenset[str] = frozenset()   # functions whose calls are parsed from the output (none: text)
 
 
 def prepare(state: ServerState, req: ChatCompletionRequest) -> ChatJob:
@@ -46,11 +54,12 @@ def prepare(state: ServerState, req: ChatCompletionRequest) -> ChatJob:
     model = state.check_model(req.model)
     if req.n > state.config.max_n:
         raise bad_request(f"n must be at most {state.config.max_n}", "n")
-    if req.top_logprobs:
-        raise bad_request("top_logprobs is not supported: chatcore reports the chosen token's logprob only "
-                          "(logprobs: true)", "top_logprobs")
+    top = req.top_logprobs or 0
+    if top and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    tools = tool_use(req.tools, req.tool_choice)
     messages = [chat_message(m, i) for i, m in enumerate(req.messages)]
-    extra: dict[str, Any] = {"tools": req.tools} if req.tools else {}
+    extra: dict[str, Any] = {"tools": tools.template} if tools.template else {}
     try:
         ids = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra)
     except ChatcoreError as exc:
@@ -61,7 +70,8 @@ def prepare(state: ServerState, req: ChatCompletionRequest) -> ChatJob:
                        "needed for the reply); shorten them", "messages")
     wanted = req.max_completion_tokens or req.max_tokens
     room = window - len(ids)
-    base = sampling_fields(req, max_tokens=min(wanted or room, room), stop=req.stop, logprobs=req.logprobs)
+    base = sampling_fields(req, max_tokens=min(wanted or room, room), stop=req.stop, logprobs=req.logprobs,
+                           top_logprobs=top)
     params = []
     for i in range(req.n):
         f = dict(base)
@@ -69,7 +79,8 @@ def prepare(state: ServerState, req: ChatCompletionRequest) -> ChatJob:
             f["seed"] = req.seed + i
         params.append(check(f))
     include = bool(req.stream_options and req.stream_options.include_usage)
-    return ChatJob("chatcmpl-" + _hex(), int(time.time()), model, ids, params, req.logprobs, req.stream, include)
+    return ChatJob("chatcmpl-" + _hex(), int(time.time()), model, ids, params, req.logprobs, req.stream, include,
+                   top, tools.names)
 
 
 def _hex() -> str:
@@ -85,27 +96,38 @@ def _start(state: ServerState, job: ChatJob, loop: asyncio.AbstractEventLoop) ->
     return pumps, queue
 
 
-def _logprob(state: ServerState, ev: Any) -> dict[str, Any]:
-    token = state.tokenizer.decode([ev.token_id])
-    return {"token": token, "logprob": ev.logprob, "bytes": list(token.encode("utf-8")), "top_logprobs": []}
+def _logprob(state: ServerState, job: ChatJob, ev: Any) -> dict[str, Any]:
+    return token_logprob(state.token_texts, ev, job.top_logprobs)
 
 
 def _take(state: ServerState, job: ChatJob, c: _Choice, ev: Any) -> tuple[str, list[dict[str, Any]]]:
-    """Count one engine event into the choice; the text and logprob entries it adds."""
+    """Count one engine event into the choice; the text to show now and the logprob entries it adds."""
     lps: list[dict[str, Any]] = []
     if ev.finish_reason is None:
         c.tokens += 1
         if job.logprobs and ev.logprob is not None:
-            lps.append(_logprob(state, ev))
+            lps.append(_logprob(state, job, ev))
     else:
         c.finish, c.stats = ev.finish_reason, ev.stats
         if ev.stats is not None and ev.stats.generated_tokens > c.tokens:   # the last token is part of the reply
             c.tokens += 1
             if job.logprobs and ev.logprob is not None:
-                lps.append(_logprob(state, ev))
+                lps.append(_logprob(state, job, ev))
     c.text.append(ev.text)
     c.logprobs.extend(lps)
-    return ev.text, lps
+    shown = c.calls.feed(ev.text) if c.calls is not None else ev.text
+    return shown, lps
+
+
+def _message(job: ChatJob, c: _Choice) -> tuple[dict[str, Any], str]:
+    """The choice's message (content and parsed tool calls) and finish_reason."""
+    text = "".join(c.text)
+    finish = _finish(c.finish)
+    parsed = parse(text, job.tool_names) if job.tool_names else None
+    if parsed is None or not parsed.calls:
+        return {"role": "assistant", "content": text}, finish
+    message = {"role": "assistant", "content": parsed.content or None, "tool_calls": chat_tool_calls(parsed.calls)}
+    return message, "tool_calls" if finish == "stop" else finish
 
 
 def _usage(choices: list[_Choice]) -> dict[str, Any]:
@@ -137,10 +159,9 @@ async def complete(state: ServerState, job: ChatJob) -> dict[str, Any]:
             p.stop()
     out = []
     for i, c in enumerate(choices):
-        choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
-                                  "finish_reason": _finish(c.finish),
-                                  "logprobs": {"content": c.logprobs} if job.logprobs else None}
-        out.append(choice)
+        message, finish = _message(job, c)
+        out.append({"index": i, "message": message, "finish_reason": finish,
+                    "logprobs": {"content": c.logprobs} if job.logprobs else None})
     return {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model, "choices": out,
             "usage": _usage(choices), "system_fingerprint": None}
 
@@ -152,7 +173,7 @@ def _sse(obj: Any) -> bytes:
 async def stream(state: ServerState, job: ChatJob) -> AsyncIterator[bytes]:
     """Server-sent chunks; the generations stop when the client goes away (the iterator is closed)."""
     pumps, queue = _start(state, job, asyncio.get_running_loop())
-    choices = [_Choice() for _ in job.params]
+    choices = [_Choice(calls=CallStream(job.tool_names) if job.tool_names else None) for _ in job.params]
 
     def chunk(i: int, delta: dict[str, Any], finish: str | None = None, lps: list | None = None) -> bytes:
         c = {"index": i, "delta": delta, "finish_reason": finish,
@@ -168,11 +189,21 @@ async def stream(state: ServerState, job: ChatJob) -> AsyncIterator[bytes]:
             yield chunk(i, {"role": "assistant", "content": ""})
         try:
             async for i, ev in merged(pumps, queue):
-                text, lps = _take(state, job, choices[i], ev)
+                c = choices[i]
+                text, lps = _take(state, job, c, ev)
                 if text or lps:
                     yield chunk(i, {"content": text}, lps=lps)
-                if ev.finish_reason is not None:
-                    yield chunk(i, {}, _finish(ev.finish_reason))
+                if ev.finish_reason is None:
+                    continue
+                finish = _finish(ev.finish_reason)
+                if c.calls is not None:   # the held text and the parsed calls
+                    parsed, rest = c.calls.finish()
+                    if rest:
+                        yield chunk(i, {"content": rest})
+                    if parsed.calls:
+                        yield chunk(i, {"tool_calls": delta_tool_calls(chat_tool_calls(parsed.calls))})
+                        finish = "tool_calls" if finish == "stop" else finish
+                yield chunk(i, {}, finish)
         except Exception as exc:  # after the headers: the error goes in the stream, in OpenAI's shape
             yield _sse(translate(exc).body())
             return

@@ -13,6 +13,10 @@ Mapping (docs in README "Serving"):
   (system prompt and pinned messages stay; a summary when the server runs with --summarize);
   `"disabled"` sends the whole history or answers 400 context_length_exceeded, storing nothing.
 - `store: false` reads the history as above but stores nothing (no messages, no record).
+- `tools` are rendered by the chat template (unless `tool_choice: "none"`), and the reply's text is parsed for tool
+  calls whenever its response is read (stored raw, as the model wrote it): `function_call` items after the message.
+- `include: ["message.output_text.logprobs"]` (and `top_logprobs`): the reply's logprobs in its output_text, in this
+  response only (they are not stored).
 """
 
 from __future__ import annotations
@@ -33,10 +37,13 @@ from ..manager import ContextManager, Pending
 from ..session import _budget_for
 from .errors import APIError, bad_request, not_found, too_long, translate
 from .items import NewItem, input_items, join_users, output_item, store_items
+from .logprobs import token_logprob
 from .pump import Pump
 from .sampling import check, sampling_fields
 from .schemas import ResponseRequest
 from .state import ServerState
+from .tool_calls import CallStream, parse
+from .tool_output import ToolUse, function_call_items, tool_use
 
 log = logging.getLogger("chatcore.serve")
 _TITLE_CHARS = 60
@@ -57,6 +64,9 @@ class ResponseJob:
     instructions: str | None
     params: dict[str, Any]
     metadata: dict[str, Any]
+    tools: ToolUse = ToolUse(None, frozenset())
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass
@@ -65,6 +75,16 @@ class Started:
 
     session_id: str | None
     input_ids: tuple[str, ...]
+
+
+@dataclass
+class Piece:
+    """A piece of the reply's text as it streams, the message it goes to (None: not stored), its token's
+    logprob entries (asked for: one, else none)."""
+
+    text: str
+    message_id: str | None
+    logprobs: list[dict[str, Any]]
 
 
 @dataclass
@@ -83,6 +103,11 @@ class _Tally:
     finish: str | None = None
     report: Any = None
     stats: Any = None
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+    def count_logprob(self, state: ServerState, job: ResponseJob, ev: Any) -> None:
+        if job.logprobs and ev.logprob is not None and ev.token_id is not None:
+            self.logprobs.append(token_logprob(state.token_texts, ev, job.top_logprobs))
 
 
 def prepare(state: ServerState, req: ResponseRequest) -> ResponseJob:
@@ -95,12 +120,16 @@ def prepare(state: ServerState, req: ResponseRequest) -> ResponseJob:
     if items[-1].role not in ("user", "tool"):
         raise bad_request("the last input item must be a user message or a function_call_output", "input")
     wanted = req.max_output_tokens or state.engine.window
-    sampling = sampling_fields(req, max_tokens=wanted)
+    tools = tool_use(req.tools, req.tool_choice)
+    logprobs = "message.output_text.logprobs" in (req.include or []) or bool(req.top_logprobs)
+    top = req.top_logprobs or 0
+    sampling = sampling_fields(req, max_tokens=wanted, logprobs=logprobs, top_logprobs=top)
     params = {"temperature": req.temperature, "top_p": req.top_p, "max_output_tokens": req.max_output_tokens,
-              "truncation": req.truncation, "tools": req.tools or []}
+              "truncation": req.truncation, "tools": req.tools or [], "tool_choice": tools.choice,
+              "top_logprobs": top}
     return ResponseJob("resp_" + _new_id(), time.time(), model, items, sampling, req.truncation == "disabled",
                        req.store, req.stream, req.previous_response_id, conv, req.instructions, params,
-                       dict(req.metadata or {}))
+                       dict(req.metadata or {}), tools, logprobs, top)
 
 
 def _new_id() -> str:
@@ -143,7 +172,7 @@ def _check_plan(plan: Any, strict: bool) -> None:
 
 
 def run_stored(state: ServerState, job: ResponseJob) -> Iterator[Any]:
-    """Plan, store the input, stream the reply (ChatEvents), save the record; yields Started, events, Done."""
+    """Plan, store the input, stream the reply, save the record; yields Started, Pieces, Done."""
     store = state.store
     conv, parent = _origin(state, job)
     created = conv is None
@@ -169,7 +198,7 @@ def _stored_turn(state: ServerState, job: ResponseJob, sid: str, parent: str | N
     thread = conv.thread(parent) if parent is not None else []
     join, items = join_users(job.items, thread[-1] if thread else None)
     head = thread[:-1] if join else thread
-    session = state.session(conv, head, job.strict)
+    session = state.session(conv, head, job.strict, job.tools.template)
     system = job.instructions if job.instructions is not None else conv.session.system_prompt
     if session.manager.system != (system or None):
         session.manager.set_system(system)
@@ -195,8 +224,10 @@ def _stored_turn(state: ServerState, job: ResponseJob, sid: str, parent: str | N
                 tally.finish, tally.report = ev.finish_reason, ev.report
             elif ev.token_id is not None:
                 tally.tokens += 1
+            seen = len(tally.logprobs)
+            tally.count_logprob(state, job, ev)
             tally.text.append(ev.text)
-            yield ev
+            yield Piece(ev.text, ev.message_id, tally.logprobs[seen:])
     except GeneratorExit:
         tally.finish = tally.finish or "cancelled"
         raise
@@ -210,7 +241,7 @@ def _stored_turn(state: ServerState, job: ResponseJob, sid: str, parent: str | N
             tally.reply = last
         rec = _save(state, job, sid, inputs, tally, error)
     yield Done(response_object(state, rec, [tally.reply] if tally.reply is not None else [],
-                               conversation=sid))
+                               conversation=sid, logprobs=tally.logprobs if job.logprobs else None))
 
 
 def _status(finish: str | None, error: BaseException | None) -> tuple[str, str | None]:
@@ -251,13 +282,13 @@ def _save(state: ServerState, job: ResponseJob, sid: str, inputs: list[str], tal
 
 
 def run_unstored(state: ServerState, job: ResponseJob) -> Iterator[Any]:
-    """store: false: the history read as for a stored turn, nothing written; yields Started, TokenEvents, Done."""
+    """store: false: the history read as for a stored turn, nothing written; yields Started, Pieces, Done."""
     from storage import ResponseRecord
 
     conv, parent = _origin(state, job)
     thread = conv.thread(parent) if conv is not None and parent is not None else []
     cfg = state.config.strict_context if job.strict else dataclasses.replace(state.config.context, summarize=False)
-    manager = ContextManager(_budget_for(state.tokenizer), state.engine.window, cfg)
+    manager = ContextManager(_budget_for(state.tokenizer, job.tools.template), state.engine.window, cfg)
     system = job.instructions if job.instructions is not None else (conv.session.system_prompt if conv else None)
     manager.set_system(system)
     join, items = join_users(job.items, thread[-1] if thread else None)
@@ -275,12 +306,16 @@ def run_unstored(state: ServerState, job: ResponseJob) -> Iterator[Any]:
     gen = state.engine.generate(plan.ids, params)
     try:
         for ev in gen:
+            seen = len(tally.logprobs)
             if ev.finish_reason is not None:
                 tally.finish, tally.stats = ev.finish_reason, ev.stats
+                if ev.stats is not None and ev.stats.generated_tokens > tally.tokens:   # its token is in the reply
+                    tally.count_logprob(state, job, ev)
             else:
                 tally.tokens += 1
+                tally.count_logprob(state, job, ev)
             tally.text.append(ev.text)
-            yield ev
+            yield Piece(ev.text, tally.reply_id, tally.logprobs[seen:])
     finally:
         gen.close()
     stats = tally.stats
@@ -294,7 +329,8 @@ def run_unstored(state: ServerState, job: ResponseJob) -> Iterator[Any]:
                          output_id=tally.reply_id, previous_id=job.previous_id, instructions=job.instructions,
                          usage=usage, params=job.params, metadata=job.metadata, incomplete_reason=reason)
     reply = _Draft(tally.reply_id, "".join(tally.text), "complete" if status == "completed" else "incomplete")
-    yield Done(response_object(state, rec, [reply], conversation=None, store=False))
+    yield Done(response_object(state, rec, [reply], conversation=None, store=False,
+                               logprobs=tally.logprobs if job.logprobs else None))
 
 
 @dataclass(frozen=True)
@@ -308,11 +344,15 @@ class _Draft:
 
 # -- the response object ---------------------------------------------------------------------------------------------
 def response_object(state: ServerState, rec: Any, output: list[Any], *, conversation: str | None,
-                    store: bool = True) -> dict[str, Any]:
-    """OpenAI's Response object for a record and its output messages."""
+                    store: bool = True, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """OpenAI's Response object for a record and its output messages (a reply's tool calls parsed from its text,
+    with the record's tools; `logprobs`: the reply's, in its output_text)."""
     status = rec.status
-    items = [output_item(m, "completed" if status == "completed" else "incomplete") for m in output]
     p = rec.params
+    names = _tool_names(p)
+    items: list[dict[str, Any]] = []
+    for m in output:
+        items += reply_items(m, "completed" if status == "completed" else "incomplete", names, logprobs)
     return {
         "id": rec.id, "object": "response", "created_at": int(rec.created_at), "status": status,
         "model": rec.model, "output": items, "previous_response_id": rec.previous_id,
@@ -320,9 +360,36 @@ def response_object(state: ServerState, rec: Any, output: list[Any], *, conversa
         "incomplete_details": {"reason": rec.incomplete_reason} if rec.incomplete_reason else None,
         "conversation": {"id": conversation} if conversation else None, "metadata": rec.metadata,
         "temperature": p.get("temperature"), "top_p": p.get("top_p"), "max_output_tokens": p.get("max_output_tokens"),
-        "truncation": p.get("truncation", "disabled"), "tools": p.get("tools", []), "tool_choice": "auto",
+        "truncation": p.get("truncation", "disabled"), "tools": p.get("tools", []),
+        "tool_choice": p.get("tool_choice", "auto"), "top_logprobs": p.get("top_logprobs", 0),
         "parallel_tool_calls": False, "store": store, "text": {"format": {"type": "text"}},
     }
+
+
+def _tool_names(params: dict[str, Any]) -> frozenset[str]:
+    """The functions whose calls a record's reply is parsed for (its request's tools and tool_choice)."""
+    try:
+        return tool_use(params.get("tools") or None, params.get("tool_choice", "auto")).names
+    except APIError:   # a record written before tools were checked
+        return frozenset()
+
+
+def reply_items(m: Any, status: str, names: frozenset[str], logprobs: list[dict[str, Any]] | None = None
+                ) -> list[dict[str, Any]]:
+    """A reply's output items: its message (the text outside any tool calls; none when that is empty and there
+    are calls), then one `function_call` item per parsed call."""
+    item = output_item(m, status)
+    if m.role != "assistant":
+        return [item]
+    parsed = parse(m.content, names) if names else None
+    if parsed is not None and parsed.calls:
+        item["content"][0]["text"] = parsed.content
+    if logprobs is not None:
+        item["content"][0]["logprobs"] = logprobs
+    calls = function_call_items(m.id, parsed.calls, status) if parsed is not None else []
+    if calls and not parsed.content:
+        return calls
+    return [item, *calls]
 
 
 def stored_response(state: ServerState, response_id: str) -> dict[str, Any]:
@@ -389,8 +456,10 @@ def _event(kind: str, seq: int, **fields: Any) -> bytes:
 async def stream(state: ServerState, job: ResponseJob, pump: Pump, items: AsyncIterator[Any],
                  started: Started) -> AsyncIterator[bytes]:
     """Server-sent events: response.created, .in_progress, .output_item.added, .content_part.added,
-    .output_text.delta..., .output_text.done, .content_part.done, .output_item.done, then .completed (or
-    .incomplete / .failed). Closing the stream cancels the generation; a stored reply keeps its text, cancelled."""
+    .output_text.delta..., .output_text.done, .content_part.done, .output_item.done, then one
+    .output_item.added, .function_call_arguments.delta / .done, .output_item.done per parsed tool call, and
+    .completed (or .incomplete / .failed). With tools the text is shown up to a tool-call marker; the rest comes
+    once the reply is parsed. Closing the stream cancels the generation; a stored reply keeps its text, cancelled."""
     seq = 0
 
     def ev(kind: str, **fields: Any) -> bytes:
@@ -402,10 +471,20 @@ async def stream(state: ServerState, job: ResponseJob, pump: Pump, items: AsyncI
             "model": job.model, "output": [], "previous_response_id": job.previous_id,
             "instructions": job.instructions, "usage": None, "error": None, "incomplete_details": None,
             "conversation": {"id": started.session_id} if started.session_id else None, "metadata": job.metadata,
-            "tools": job.params.get("tools", []), "tool_choice": "auto", "parallel_tool_calls": False,
-            "truncation": job.params.get("truncation"), "store": job.store, "text": {"format": {"type": "text"}}}
+            "tools": job.params.get("tools", []), "tool_choice": job.params.get("tool_choice", "auto"),
+            "parallel_tool_calls": False, "truncation": job.params.get("truncation"), "store": job.store,
+            "text": {"format": {"type": "text"}}}
+    calls = CallStream(job.tools.names) if job.tools.names else None
     item_id: str | None = None
     text: list[str] = []
+    lps: list[dict[str, Any]] = []   # logprob entries not sent yet (their text is held back)
+
+    def delta(piece: str) -> bytes:
+        nonlocal lps
+        out, lps = lps, []
+        return ev("response.output_text.delta", item_id=item_id, output_index=0, content_index=0, delta=piece,
+                  logprobs=out)
+
     try:
         yield ev("response.created", response=head)
         yield ev("response.in_progress", response=head)
@@ -413,31 +492,42 @@ async def stream(state: ServerState, job: ResponseJob, pump: Pump, items: AsyncI
             async for item in items:
                 if isinstance(item, Done):
                     final = item.response
-                    if item_id is None and final["output"]:
-                        item_id = final["output"][0]["id"]
+                    out = final["output"]
+                    msg = next((o for o in out if o["type"] == "message"), None)
+                    if item_id is None and msg is not None:
+                        item_id = msg["id"]
                         for b in _opening(ev, item_id):
                             yield b
-                    full = "".join(text)
-                    part = {"type": "output_text", "text": full, "annotations": [], "logprobs": []}
                     if item_id is not None:
+                        shown = "".join(text)
+                        full = msg["content"][0]["text"] if msg is not None else shown
+                        rest = full[len(shown):] if full.startswith(shown) else ""
+                        if rest or lps:
+                            yield delta(rest)
+                        done_lps = msg["content"][0].get("logprobs", []) if msg is not None else []
+                        part = {"type": "output_text", "text": full, "annotations": [], "logprobs": done_lps}
                         yield ev("response.output_text.done", item_id=item_id, output_index=0, content_index=0,
-                                 text=full, logprobs=[])
+                                 text=full, logprobs=done_lps)
                         yield ev("response.content_part.done", item_id=item_id, output_index=0, content_index=0,
                                  part=part)
-                        yield ev("response.output_item.done", output_index=0,
-                                 item=final["output"][0] if final["output"] else None)
+                        yield ev("response.output_item.done", output_index=0, item=msg)
+                    for i, o in enumerate(out):
+                        if o["type"] == "function_call":
+                            for b in _call_events(ev, i, o):
+                                yield b
                     kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
                         final["status"], "response.failed")
                     yield ev(kind, response=final)
                     continue
-                if item_id is None:
-                    item_id = getattr(item, "message_id", None) or f"msg_{job.id[5:]}"
+                lps += item.logprobs
+                piece = calls.feed(item.text) if calls is not None else item.text
+                if item_id is None and (piece or calls is None):   # with tools: opened on the first text shown
+                    item_id = item.message_id or f"msg_{job.id[5:]}"
                     for b in _opening(ev, item_id):
                         yield b
-                if item.text:
-                    text.append(item.text)
-                    yield ev("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
-                             delta=item.text, logprobs=[])
+                if piece:
+                    text.append(piece)
+                    yield delta(piece)
         except Exception as exc:  # after the headers: an error event in OpenAI's shape
             err = translate(exc)
             yield ev("error", code=err.code, message=err.message, param=err.param)
@@ -450,3 +540,12 @@ def _opening(ev: Any, item_id: str) -> Iterator[bytes]:
     yield ev("response.output_item.added", output_index=0, item=item)
     yield ev("response.content_part.added", item_id=item_id, output_index=0, content_index=0,
              part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+
+
+def _call_events(ev: Any, index: int, call: dict[str, Any]) -> Iterator[bytes]:
+    """One parsed tool call's events (its arguments in one delta: they are known whole only once parsed)."""
+    yield ev("response.output_item.added", output_index=index, item={**call, "arguments": "", "status": "in_progress"})
+    yield ev("response.function_call_arguments.delta", item_id=call["id"], output_index=index, delta=call["arguments"])
+    yield ev("response.function_call_arguments.done", item_id=call["id"], output_index=index, name=call["name"],
+             arguments=call["arguments"])
+    yield ev("response.output_item.done", output_index=index, item=call)

@@ -12,7 +12,8 @@ _FIELDS = {"temperature": "temperature", "top_p": "top_p", "seed": "seed", "pres
            "repetition_penalty": "repetition_penalty"}
 
 
-def sampling_fields(body: Any, *, max_tokens: int | None, stop: Any = None, logprobs: bool = False) -> dict[str, Any]:
+def sampling_fields(body: Any, *, max_tokens: int | None, stop: Any = None, logprobs: bool = False,
+                    top_logprobs: int = 0) -> dict[str, Any]:
     """The SamplingParams fields a request sets (the rest stay at their defaults); checked now."""
     out: dict[str, Any] = {}
     for name, target in _FIELDS.items():
@@ -28,6 +29,8 @@ def sampling_fields(body: Any, *, max_tokens: int | None, stop: Any = None, logp
         out["stop"] = tuple(stops)
     if logprobs:
         out["logprobs"] = True
+    if top_logprobs:
+        out["top_logprobs"] = top_logprobs
     check(out)
     return out
 

@@ -58,6 +58,9 @@ class ResponseRequest(_Sampling):
     max_output_tokens: int | None = Field(None, ge=1)
     metadata: dict[str, str] | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class ConversationCreate(_Body):

@@ -15,6 +15,7 @@ from ..layout import ContextConfig
 from ..session import ChatSession
 from ..slots import SlotPool
 from .errors import APIError, not_found
+from .logprobs import TokenTexts
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class ServerState:
         self.store = store
         self.config = config or ServerConfig()
         self.tokenizer = engine.require_tokenizer()
+        self.token_texts = TokenTexts(self.tokenizer)   # token id -> text for logprobs
         self.pool = SharedSlotPool(engine.new_slot, self.config.slot_memory)
         self._sessions: OrderedDict[tuple[str, str], ChatSession] = OrderedDict()
         self._busy: set[str] = set()
@@ -102,10 +104,12 @@ class ServerState:
                 self._busy.discard(session_id)
 
     # -- live sessions ---------------------------------------------------------------------------------------
-    def session(self, conv: Any, thread: list[Any], strict: bool) -> ChatSession:
+    def session(self, conv: Any, thread: list[Any], strict: bool,
+                tools: list[dict[str, Any]] | None = None) -> ChatSession:
         """A ChatSession on `conv` (a storage.Conversation) whose current thread is `thread`: the one kept
         from this session's last turn when it holds exactly that thread, pins and summary (its context
-        plan, and so the kept KV prefix, stay stable from turn to turn), else a new one. Call under busy()."""
+        plan, and so the kept KV prefix, stay stable from turn to turn), else a new one. Its chat template renders
+        `tools` (this request's). Call under busy()."""
         record = conv.session
         key = (record.id, "strict" if strict else "auto")
         with self._lock:
@@ -118,7 +122,8 @@ class ServerState:
             live = None
         if live is None:
             cfg = self.config.strict_context if strict else self.config.context
-            live = ChatSession(self.engine, self.store, record, thread, config=cfg, pool=self.pool)
+            live = ChatSession(self.engine, self.store, record, thread, config=cfg, pool=self.pool, tools=tools)
+        live.set_tools(tools)
         live._record = record
         with self._lock:
             self._sessions[key] = live

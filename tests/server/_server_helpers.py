@@ -37,6 +37,42 @@ def make_model(path: Path) -> Path:
     return path
 
 
+# The scripted model's greedy reply to any chat prompt (each piece one token; then <|im_end|>)
+TOOL_SCRIPT = ("Let me check. ", "<tool_call>", '{"name": "get_weather", "arguments": {"city": "Oslo"}}',
+               "</tool_call>")
+
+
+def make_tool_model(path: Path, script: tuple[str, ...] = TOOL_SCRIPT) -> Path:
+    """The tiny chat model made to answer every prompt that ends in a newline (ChatML's generation prompt does)
+    with `script`, greedily: each piece is a token of its own (added to the tokenizer), every layer's attention
+    and MLP output is zero, so the logits depend on the last token only, and the embeddings and output head
+    chain "\n" -> piece 1 -> ... -> piece n -> <|im_end|>. A real checkpoint through the real engine, whose
+    output is known."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from tokenizers import AddedToken, Tokenizer
+
+    make_model(path)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in script])
+    tok.save(str(path / "tokenizer.json"))
+    chain = [tok.token_to_id("\u010a"), *(tok.token_to_id(p) for p in script), tok.token_to_id("<|im_end|>")]
+    weights = load_file(str(path / "model.safetensors"))
+    hidden = weights["model.embed_tokens.weight"].shape[1]
+    assert len(chain) <= hidden and None not in chain
+    for name, w in weights.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            w.zero_()
+    weights["model.norm.weight"].fill_(1.0)
+    embed, head = weights["model.embed_tokens.weight"], weights["lm_head.weight"]
+    head.zero_()
+    for j, (token, following) in enumerate(zip(chain[:-1], chain[1:], strict=True)):
+        embed[token] = torch.nn.functional.one_hot(torch.tensor(j), hidden).float()
+        head[following, j] = 4.0
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
 class ServerProcess:
     """`python -m chatcore serve --model MODEL --port 0 ...` with `env` (where its storage is)."""
 

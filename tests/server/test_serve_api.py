@@ -77,8 +77,18 @@ def test_errors_have_openai_shape(server: ServerProcess, client: openai.OpenAI) 
     # 600 byte-level tokens do not fit the 512-token window
     long = [{"role": "user", "content": "x" * 600}]
     _error_shape(_raw(server, "POST", "/chat/completions", json={"messages": long}), 400, "context_length_exceeded")
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="tiny", messages=HELLO, logprobs=True, top_logprobs=2)
+    _error_shape(_raw(server, "POST", "/chat/completions", json={"messages": HELLO, "top_logprobs": 2}), 400,
+                 param="top_logprobs")   # without logprobs: true, as OpenAI
+    _error_shape(_raw(server, "POST", "/chat/completions", json={"messages": HELLO, "top_logprobs": 21,
+                                                                 "logprobs": True}), 400, param="top_logprobs")
+    _error_shape(_raw(server, "POST", "/chat/completions", json={"messages": HELLO, "tool_choice": "required"}), 400,
+                 param="tool_choice")   # no tools to require
+    tool = {"type": "function", "function": {"name": "f"}}
+    _error_shape(_raw(server, "POST", "/chat/completions", json={
+        "messages": HELLO, "tools": [tool], "tool_choice": {"type": "function", "function": {"name": "g"}}}), 400,
+        param="tool_choice")
+    _error_shape(_raw(server, "POST", "/chat/completions", json={"messages": HELLO, "tools": [{"type": "web"}]}),
+                 400, param="tools[0]")
 
 
 # -- chat completions ------------------------------------------------------------------------------------------
@@ -96,6 +106,50 @@ def test_chat_completion_usage_and_logprobs(client: openai.OpenAI) -> None:
     r2 = client.chat.completions.create(model="tiny", messages=HELLO, max_completion_tokens=3, temperature=0)
     assert r2.usage.completion_tokens == 3
     assert r.choices[0].message.content.startswith(r2.choices[0].message.content)
+
+
+def test_top_logprobs_in_openai_shape(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6
+    text = ""
+    for lp in content:
+        assert len(lp.top_logprobs) == 3 and lp.logprob <= 0
+        assert [t.logprob for t in lp.top_logprobs] == sorted((t.logprob for t in lp.top_logprobs), reverse=True)
+        assert lp.top_logprobs[0].token == lp.token and lp.top_logprobs[0].logprob == pytest.approx(lp.logprob)
+        assert all(t.bytes == list(t.token.encode()) for t in [lp, *lp.top_logprobs])
+        text += lp.token
+    # greedy tokens are those without top_logprobs; the chosen token is the top-1 (greedy)
+    plain = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, temperature=0)
+    assert r.choices[0].message.content == plain.choices[0].message.content
+    chunks = list(client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, temperature=0,
+                                                 logprobs=True, top_logprobs=3, stream=True))
+    streamed = [lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.content]
+    assert [(lp.token, lp.logprob, [t.token for t in lp.top_logprobs]) for lp in streamed] == \
+        [(lp.token, lp.logprob, [t.token for t in lp.top_logprobs]) for lp in content]
+    hot = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=1.0, seed=3,
+                                         logprobs=True, top_logprobs=20)
+    for lp in hot.choices[0].logprobs.content:   # sampled: maybe not the top-1, never likelier than it
+        assert len(lp.top_logprobs) == 20 and lp.logprob <= lp.top_logprobs[0].logprob + 1e-6
+
+
+def test_responses_output_text_logprobs(client: openai.OpenAI) -> None:
+    r = client.responses.create(model="tiny", input="logprobs please", max_output_tokens=4, temperature=0,
+                                include=["message.output_text.logprobs"], top_logprobs=2)
+    part = r.output[0].content[0]
+    assert len(part.logprobs) == 4 and "".join(lp.token for lp in part.logprobs) == part.text
+    assert all(len(lp.top_logprobs) == 2 and lp.top_logprobs[0].logprob == pytest.approx(lp.logprob)
+               for lp in part.logprobs)
+    events = list(client.responses.create(model="tiny", input="logprobs please", max_output_tokens=4, temperature=0,
+                                          include=["message.output_text.logprobs"], top_logprobs=2, stream=True))
+    deltas = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert [lp.token for lp in deltas] == [lp.token for lp in part.logprobs]
+    unstored = client.responses.create(model="tiny", input="logprobs please", max_output_tokens=4, temperature=0,
+                                       include=["message.output_text.logprobs"], store=False)
+    assert [lp.token for lp in unstored.output[0].content[0].logprobs] == [lp.token for lp in part.logprobs]
+    assert client.responses.create(model="tiny", input="none", max_output_tokens=2).output[0].content[0].logprobs \
+        == []
 
 
 def test_streaming_equals_non_streaming_and_reports_usage(client: openai.OpenAI) -> None:

@@ -168,3 +168,53 @@ def test_a_taken_port_is_one_line_before_anything_loads(tmp_path: Any) -> None:
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         f"chatcore: error: cannot listen on 127.0.0.1:{port} (Address already in use); pick another --port or --host"]
+
+
+def test_a_budget_with_tools_renders_what_the_template_renders(tiny_model: Any) -> None:
+    from chatcore.tokenizer.hf import HFTokenizer
+    from context.session import _budget_for
+
+    tok = HFTokenizer.from_dir(tiny_model)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function",
+                                                                  "function": {"name": "f", "arguments": {}}}]},
+            {"role": "tool", "content": "42", "tool_call_id": "c"}]
+    budget = _budget_for(tok, tools)
+    assert budget.render(msgs) == tok.apply_chat_template(msgs, add_generation_prompt=True, tools=tools)
+    assert budget.render(msgs) != _budget_for(tok).render(msgs)
+    assert _budget_for(tok, [dict(t) for t in tools]) is budget and _budget_for(tok, None) is _budget_for(tok)
+
+
+def test_tool_use_and_reply_items() -> None:
+    from context.server.responses import reply_items
+    from context.server.tool_output import call_id, tool_use
+
+    flat = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+    use = tool_use([flat], None)
+    assert use.template == [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert use.names == {"f"} and use.choice == "auto"
+    assert tool_use([flat], "none").template is None and tool_use([flat], "none").names == frozenset()
+    assert tool_use([flat, {**flat, "name": "g"}], {"type": "function", "name": "g"}).names == {"g"}
+    assert tool_use(None, None).names == frozenset()
+    for bad in ("sometimes", {"type": "function", "name": "h"}, {"type": "file_search"}):
+        with pytest.raises(APIError) as e:
+            tool_use([flat], bad)
+        assert e.value.param == "tool_choice"
+    with pytest.raises(APIError):
+        tool_use([{"type": "function"}], None)
+
+    @dataclass(frozen=True)
+    class Reply:
+        id: str
+        content: str
+        role: str = "assistant"
+        status: str = "complete"
+
+    calls_only = reply_items(Reply("m1", '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>'),
+                             "completed", frozenset({"f"}))
+    assert calls_only == [{"type": "function_call", "id": "fc_" + call_id("m1", 0)[5:], "call_id": call_id("m1", 0),
+                           "name": "f", "arguments": '{"a": 1}', "status": "completed"}]
+    text = reply_items(Reply("m2", "plain"), "completed", frozenset({"f"}), logprobs=[{"token": "p"}])
+    assert [i["type"] for i in text] == ["message"] and text[0]["content"][0]["logprobs"] == [{"token": "p"}]
+    assert call_id("m1", 0) != call_id("m1", 1) != call_id("m2", 0)
