@@ -389,6 +389,12 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device, dty
         if not run_one(row, n, "chatcore", lambda b, k: run_chatcore(target, b, k, seq), name, batch, args,
                        vocab, tokens, left):
             continue
+        step_s = graph_step_time(target, n)
+        if step_s is not None and "decode_tokens_per_s" in row["chatcore"]:
+            # the device's time for a step of n rows against the observed one: the rest is host work the
+            # device waited for
+            row["chatcore"]["graph_step_s"] = step_s
+            row["chatcore"]["host_share_of_step"] = 1 - step_s * row["chatcore"]["decode_tokens_per_s"] / n
         if tokens.get(n) and not args.no_check and left() > 0:
             # batched greedy tokens of stream 0 against the single-stream engine on the same prompt
             ref_slot = ref_slot or engine.new_slot(seq)
@@ -414,6 +420,30 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device, dty
         derive(m, n)
         save()
     peer.close()
+
+
+def graph_step_time(target: Any, n: int, reps: int = 20) -> float | None:
+    """Seconds of one replay of the decode graph the round's last step used (n rows: every stream ends on the
+    same step), timed on the device alone, in the step thread between rounds. Replaying it rewrites the same
+    keys and values at the same positions, so nothing changes. None without batched decode graphs."""
+    graphs = getattr(getattr(target, "runner", None), "graphs", None)
+    if graphs is None or not graphs.takes(n) or graphs.bucket(n) not in graphs.graphs:
+        return None
+    graph = graphs.graphs[graphs.bucket(n)][0]
+    if graph is None:
+        return None
+
+    def timed() -> float:
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / reps
+
+    return float(target.scheduler.call(timed))
 
 
 def run_one(row: dict[str, Any], n: int, key: str, run: Callable[[list[list[int]], int], tuple[list[Trace], list[int]]],
@@ -553,7 +583,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def print_table(results: dict[str, Any]) -> None:
     print("\nmodel          N   chatcore tok/s  roof%  xN=1  xEngine  transformers tok/s  roof%  ours/theirs"
-          "  ttft p50/p95 ms (ours | theirs)")
+          "  host%  ttft p50/p95 ms (ours | theirs)")
     for name, m in results["models"].items():
         for n, row in sorted(m.get("streams", {}).items(), key=lambda kv: int(kv[0])):
             c, t = row.get("chatcore", {}), row.get("transformers", {})
@@ -562,6 +592,7 @@ def print_table(results: dict[str, Any]) -> None:
                   f" {100 * c.get('fraction_of_roofline', 0):5.1f} {c.get('speedup_vs_chatcore_1_stream', 0):5.2f}"
                   f" {c.get('speedup_vs_engine_single_stream', 0):7.2f} {t.get('decode_tokens_per_s', 0):19.1f}"
                   f" {100 * t.get('fraction_of_roofline', 0):5.1f} {c.get('speedup_vs_transformers', 0):11.2f}"
+                  f"  {100 * c.get('host_share_of_step', 0):5.1f}"
                   f"  {ct.get('p50', 0) * 1e3:.0f}/{ct.get('p95', 0) * 1e3:.0f}"
                   f" | {tt.get('p50', 0) * 1e3:.0f}/{tt.get('p95', 0) * 1e3:.0f}")
 

@@ -215,3 +215,25 @@ def test_graph_decode_bf16_with_and_without_the_fused_gate_up(tiny_llama_dir: Pa
     rows = want[len(prompt) - 1 : -1]   # each token the graph picked is (near) float32's best, as above
     gap = rows.max(-1).values - rows[torch.arange(len(tokens)), torch.tensor(tokens)]
     assert gap.max().item() <= 4 * err.abs().max().item()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_top_logprobs_through_the_graph_equal_eager(tiny_llama_dir: Path, temperature: float) -> None:
+    """float32: the CUDA-graph loop's top logprobs (packed with the token, one pinned fetch a step) are the eager
+    loop's: the same tokens (seeded sampling too), the same top ids, logprobs to float rounding."""
+    kw = dict(device="cuda", dtype="float32", max_seq_len=256, attention="triton", progress=lambda *_: None)
+    graphed, eager = chatcore.load(tiny_llama_dir, **kw), chatcore.load(tiny_llama_dir, cuda_graphs=False, **kw)
+    params = chatcore.SamplingParams(temperature=temperature, seed=3, max_new_tokens=40, ignore_eos=True,
+                                     top_logprobs=5)
+    runs = []
+    for engine in (graphed, eager):
+        slot = engine.new_slot()
+        runs.append(list(engine.generate(_ids(30, 6), params, slot=slot)))
+        if engine is graphed:
+            assert slot.decode_graph is not None
+    a, b = runs
+    assert [e.token_id for e in a] == [e.token_id for e in b] and len(a) == 40
+    for x, y in zip(a, b, strict=True):
+        assert [t for t, _ in x.top_logprobs] == [t for t, _ in y.top_logprobs]
+        assert [lp for _, lp in x.top_logprobs] == pytest.approx([lp for _, lp in y.top_logprobs], abs=1e-4)
+        assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
