@@ -158,14 +158,14 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 # -- chatcore --------------------------------------------------------------------------------------------------
 def batch_engine(engine: Any, max_batch: int, kv_memory: int, block_size: int | None,
-                 prefill_chunk: int | None) -> Any:
+                 prefill_chunk: int | None, decode_ahead: bool | None = None) -> Any:
     """``BatchEngine(engine, BatchConfig(...))`` with the options this BatchConfig has."""
     import chatcore
     from chatcore.batch.engine import BatchConfig
 
     fields = {f.name for f in dataclasses.fields(BatchConfig)}
     wanted = {"max_batch": max_batch, "kv_memory": kv_memory, "block_size": block_size,
-              "prefill_chunk": prefill_chunk}
+              "prefill_chunk": prefill_chunk, "decode_ahead": decode_ahead}
     return chatcore.BatchEngine(engine, BatchConfig(**{k: v for k, v in wanted.items()
                                                        if k in fields and v is not None}))
 
@@ -373,7 +373,8 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device, dty
     block = args.block_size or 256
     kv_memory = int(max_n * math.ceil(seq / block + 1) * block * cost.kv_bytes_per_token * 1.25)
     m["kv_memory_bytes"] = kv_memory
-    target = (batch_engine(engine, max_n, kv_memory, args.block_size, args.prefill_chunk)
+    target = (batch_engine(engine, max_n, kv_memory, args.block_size, args.prefill_chunk,
+                           False if args.no_ahead else None)
               if args.chatcore == "batch" else LockedEngine(engine))
     m["chatcore_engine"] = type(target).__name__
     save()
@@ -386,9 +387,14 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device, dty
         row = m.setdefault("streams", {}).setdefault(str(n), {})
         row["roofline"] = roofline(cost, n, args.prompt + args.new / 2, machine["bandwidth"], machine["flops"])
         batch = prompts(n, args.prompt, vocab, f"{name}/{n}")
+        sch = getattr(target, "scheduler", None)
+        counts = (sch.steps, sch.ahead_steps) if sch is not None else None
         if not run_one(row, n, "chatcore", lambda b, k: run_chatcore(target, b, k, seq), name, batch, args,
                        vocab, tokens, left):
             continue
+        if counts is not None and "error" not in row["chatcore"]:   # both rounds (warm-up and measured)
+            row["chatcore"]["steps"] = sch.steps - counts[0]
+            row["chatcore"]["steps_queued_ahead"] = sch.ahead_steps - counts[1]
         step_s = graph_step_time(target, n)
         if step_s is not None and "decode_tokens_per_s" in row["chatcore"]:
             # the device's time for a step of n rows against the observed one: the rest is host work the
@@ -614,6 +620,8 @@ def main() -> None:
     ap.add_argument("--hf-memory", type=float, default=0.5,
                     help="GPU: transformers' max_memory_percent for its KV cache (of the memory free then)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--no-ahead", action="store_true",
+                    help="BatchConfig(decode_ahead=False): every step read before the next is queued")
     ap.add_argument("--no-check", action="store_true", help="skip the batched-vs-single token check")
     ap.add_argument("--deadline", type=float, default=600.0, help="seconds; later rounds are skipped")
     ap.add_argument("--threads", type=int, default=1,

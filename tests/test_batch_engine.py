@@ -27,9 +27,11 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> chatcore.Engine:
     return chatcore.load(path, device="cpu", dtype="float32", max_seq_len=256)
 
 
-@pytest.fixture
-def batch(engine: chatcore.Engine) -> Iterator[BatchEngine]:
-    be = BatchEngine(engine, BatchConfig(max_batch=8, block_size=16))
+@pytest.fixture(params=[False, True], ids=["step-by-step", "ahead"])
+def batch(engine: chatcore.Engine, request: pytest.FixtureRequest) -> Iterator[BatchEngine]:
+    """Each test twice: every step read before the next, and greedy steps queued ahead (the GPU's default; on
+    the CPU it overlaps nothing but runs the same code)."""
+    be = BatchEngine(engine, BatchConfig(max_batch=8, block_size=16, decode_ahead=request.param))
     yield be
     be.scheduler.close()   # the module's engine stays open for the next test
 
@@ -119,6 +121,69 @@ def test_concurrent_generations_equal_one_at_a_time(engine: chatcore.Engine, bat
     assert [f for _, f in got] == [f for _, f in want]
     assert all(same(g, w) for (g, _), (w, _) in zip(got, want, strict=True))
     assert any(e[3] == "stop" for e in got[-1][0]) and got[-1][1][4] == "stop"   # the stop string ended it
+
+
+def greedy_cases(engine: chatcore.Engine) -> list[tuple[list[int], SamplingParams]]:
+    """Greedy requests that end every way: at the token limit (several lengths), on an end token found in the
+    request's own reply (known only once read: its row queued ahead is thrown away), on a stop string, at EOS
+    (if the model gives it)."""
+    base = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    out = [(prompt(9, 70), base), (prompt(25, 71), base.replace(max_new_tokens=5)),
+           (prompt(4, 72), base.replace(max_new_tokens=23)), (prompt(16, 73), base.replace(max_new_tokens=1)),
+           (prompt(12, 74), SamplingParams(max_new_tokens=20))]
+    long = base.replace(max_new_tokens=60)
+    ref = [e.token_id for e in engine.generate(prompt(14, 75), long)]
+    late = next(t for i, t in enumerate(ref) if i >= 9 and t not in ref[:i])   # first seen late in the reply
+    out.append((prompt(14, 75), long.replace(stop_token_ids=(late,))))
+    text = "".join(e.text for e in engine.generate(prompt(11, 76), base))
+    out.append((prompt(11, 76), base.replace(stop=(text[5:8],)) if len(text) > 8 else base))
+    return out
+
+
+def test_greedy_steps_queued_ahead_leave_what_step_by_step_leaves(engine: chatcore.Engine) -> None:
+    """Every event, stat and slot token of greedy streams decoded with steps queued ahead equals the Engine's one
+    at a time and the step-by-step scheduler's; the ahead path ran, and threw away the rows of sequences that
+    ended on a token it read late."""
+    todo = greedy_cases(engine)
+    want = []
+    for ids, params in todo:
+        slot = engine.new_slot()
+        gen = engine.generate(ids, params, slot=slot)
+        want.append((events(gen), figures(gen.stats), list(slot.tokens)))
+    for ahead in (True, False):
+        with BatchEngine(engine, BatchConfig(max_batch=8, block_size=16, decode_ahead=ahead)) as be:
+            slots = [be.new_slot() for _ in todo]
+            with be.scheduler.lock:   # all join in the first steps
+                gens = [be.generate(ids, params, slot=slot) for (ids, params), slot in zip(todo, slots, strict=True)]
+            got = in_threads([lambda g=g: (events(g), figures(g.stats)) for g in gens])
+            for (g_events, g_figures), slot, (w_events, w_figures, w_tokens) in zip(got, slots, want, strict=True):
+                assert same(g_events, w_events) and g_figures == w_figures
+                assert list(slot.tokens) == w_tokens
+            sch = be.scheduler
+            if ahead:   # only an end token is seen late: the limit and a stop string are known when queuing
+                on_end_token = sum(1 for (_, p), (ev, _, _) in zip(todo, want, strict=True)
+                                   if ev[-1][3] == "stop" and not p.stop)
+                assert sch.ahead_steps > 10 and 1 <= sch.wasted_rows <= on_end_token
+            else:
+                assert sch.ahead_steps == sch.wasted_rows == 0
+
+
+def test_a_request_joining_greedy_streams_queued_ahead(engine: chatcore.Engine) -> None:
+    """Streams decoding ahead; a greedy and a sampled request join mid-stream (the step in flight is read
+    first, the new prompt prefills, then queuing ahead resumes): everything equals the Engine's."""
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    first = [prompt(10, 80), prompt(6, 81)]
+    late = [(prompt(20, 82), params), (prompt(9, 83), params.replace(temperature=0.9, seed=4, max_new_tokens=8))]
+    want = [events(engine.generate(ids, params)) for ids in first] + [events(engine.generate(i, p)) for i, p in late]
+    with BatchEngine(engine, BatchConfig(max_batch=8, block_size=16, decode_ahead=True)) as be:
+        gens = [be.generate(ids, params) for ids in first]
+        head = [next(gens[0]) for _ in range(6)]
+        steps_before = be.scheduler.ahead_steps
+        gens += [be.generate(i, p) for i, p in late]
+        got = [events(g) for g in gens]
+        got[0] = [(e.token_id, e.text, e.logprob, e.finish_reason, e.top_logprobs) for e in head] + got[0]
+        assert all(same(g, w) for g, w in zip(got, want, strict=True))
+        assert steps_before > 0 and be.scheduler.ahead_steps > steps_before + 10
 
 
 def test_eight_generations_share_each_forward_pass(engine: chatcore.Engine, batch: BatchEngine,
@@ -290,7 +355,15 @@ def test_an_error_in_a_forward_pass_reaches_every_consumer(batch: BatchEngine, m
             failed.append(1)
             raise RuntimeError("the device fell over")
         return real(works)
+    real_greedy = batch.runner.greedy_step
+
+    def failing_greedy(slots: Any, tokens: Any) -> torch.Tensor:   # the decode steps queued ahead
+        if len(slots) == 3 and not failed and batch.scheduler.ahead_steps > 2:   # with one in flight
+            failed.append(1)
+            raise RuntimeError("the device fell over")
+        return real_greedy(slots, tokens)
     monkeypatch.setattr(batch.runner, "run", failing)
+    monkeypatch.setattr(batch.runner, "greedy_step", failing_greedy)
     with batch.scheduler.lock:   # all three join the first step
         gens = [batch.generate(prompt(6, 17 + i), SamplingParams(max_new_tokens=40, ignore_eos=True))
                 for i in range(3)]
@@ -377,6 +450,28 @@ def test_on_the_gpu_concurrent_generations_equal_the_engine(tmp_path: Path) -> N
         assert all(same(g, w) for g, w in zip(got, want, strict=True))
     finally:
         be.close()
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_greedy_steps_queued_ahead_equal_the_engine(tmp_path: Path) -> None:
+    """float32 on CUDA, the decode graphs fed on the device: greedy streams ending every way equal Engine's CUDA
+    graph decode (events, stats, slot tokens), with most steps queued ahead."""
+    eng = chatcore.load(make_chat_model_dir(tmp_path), device="cuda", dtype="float32", max_seq_len=256)
+    todo = greedy_cases(eng)
+    want = []
+    for ids, params in todo:
+        slot = eng.new_slot()
+        gen = eng.generate(ids, params, slot=slot)
+        want.append((events(gen), figures(gen.stats), list(slot.tokens)))
+    with BatchEngine(eng, BatchConfig(max_batch=8, block_size=16)) as be:
+        assert be.runner.graphs is not None
+        slots = [be.new_slot() for _ in todo]
+        with be.scheduler.lock:
+            gens = [be.generate(ids, params, slot=slot) for (ids, params), slot in zip(todo, slots, strict=True)]
+        got = in_threads([lambda g=g: (events(g), figures(g.stats)) for g in gens])
+        for (g_events, g_figures), slot, (w_events, w_figures, w_tokens) in zip(got, slots, want, strict=True):
+            assert same(g_events, w_events) and g_figures == w_figures and list(slot.tokens) == w_tokens
+        assert be.scheduler.ahead_steps > 10 and be.scheduler.wasted_rows >= 1
 
 
 @pytest.mark.gpu

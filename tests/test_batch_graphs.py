@@ -80,6 +80,15 @@ def test_decode_path_pads_and_equals_eager_and_serial(llama_dir: Path) -> None:
             ls = torch.cat([ls, serial.run([Work(ss[3], [want[3]])])])
     assert sorted(graphs.graphs) == [1, 4]
     assert [s.length for s in ps] == [s.length for s in ss]
+    # a greedy step (the scheduler's queued-ahead path): tokens fed from a device tensor, the argmax returned,
+    # nothing committed; equal to the host-token step's logits' argmax
+    want = ls.argmax(-1)
+    for s in ps:
+        s.reserve(1)
+    ahead = runner.greedy_step(ps, want)
+    assert [s.length for s in ps] == [s.length for s in ss]   # nothing committed
+    lp = runner.run([Work(s, [t]) for s, t in zip(ps, want.tolist(), strict=True)])
+    assert ahead.dtype == torch.long and ahead.tolist() == lp.argmax(-1).tolist()
     with pytest.raises(ValueError, match="1 .. 4 sequences"):
         graphs.bucket(5)
 

@@ -45,13 +45,17 @@ class BatchConfig:
     ``max_batch``: sequences decoded together at most (more wait their turn); ``block_size``: tokens per KV
     block of the paged memory (a power of two); ``kv_memory``: bytes of KV memory all sequences share (None: a
     fraction of the free GPU memory, a default on the CPU); ``prefill_chunk``: prompt tokens a new sequence
-    runs per step (None: the engine's prefill chunk, at most 2048).
+    runs per step (None: the engine's prefill chunk, at most 2048); ``decode_ahead``: while every sequence
+    decodes greedily, queue each step on the device before reading the last one's tokens, so the host's work
+    for them overlaps the step (None: on a GPU, where that pays; False: each step read before the next; the
+    same tokens and events either way).
     """
 
     max_batch: int = 32
     block_size: int = 256
     kv_memory: int | None = None
     prefill_chunk: int | None = None
+    decode_ahead: bool | None = None
 
     def __post_init__(self) -> None:
         if not _positive_int(self.max_batch):
@@ -63,6 +67,8 @@ class BatchConfig:
                                   f"got {self.kv_memory!r}")
         if self.prefill_chunk is not None and not _positive_int(self.prefill_chunk):
             raise LoadOptionError(f"BatchConfig.prefill_chunk must be an int >= 1 or None, got {self.prefill_chunk!r}")
+        if self.decode_ahead is not None and not isinstance(self.decode_ahead, bool):
+            raise LoadOptionError(f"BatchConfig.decode_ahead must be True, False or None, got {self.decode_ahead!r}")
 
 
 _DEFAULT_CHUNK = 2048        # prompt tokens per step at most, unless BatchConfig.prefill_chunk says otherwise
@@ -163,7 +169,9 @@ class BatchEngine:
         self.runner = make_runner(engine, self.batch_config)
         pool = getattr(self.runner, "pool", None)
         self.scheduler = Scheduler(self.runner, max_batch=self.batch_config.max_batch, make_room=engine.make_room,
-                                   shift=Engine._shift_size, pin=pool.pinned if pool is not None else None)
+                                   shift=Engine._shift_size, pin=pool.pinned if pool is not None else None,
+                                   ahead=self.batch_config.decode_ahead if self.batch_config.decode_ahead is not None
+                                   else engine.runtime.device.type == "cuda")
         self.scheduler.start()
 
     # -- what the engine is -------------------------------------------------------------------------------

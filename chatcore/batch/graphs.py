@@ -138,13 +138,17 @@ class BatchDecodeGraphs:
         self.tables[live:] = 0
         self.seq_lens[live:] = 1
 
-    def run(self, slots: Sequence[PagedSlot], tokens: Sequence[int]) -> torch.Tensor:
+    def run(self, slots: Sequence[PagedSlot], tokens: Sequence[int] | torch.Tensor, *,
+            greedy: bool = False) -> torch.Tensor:
         """One decode step: token ``tokens[b]`` at position ``slots[b].length`` of each slot (each reserved for
-        it: :meth:`PagedSlot.reserve`). Returns float32 logits [B, vocab] (a copy: the graph's own output is
-        overwritten by the next replay). Commits nothing (the caller does)."""
+        it: :meth:`PagedSlot.reserve`); ``tokens`` from the host, or a device tensor (e.g. the last step's
+        argmax: nothing waits for it on the host). Returns float32 logits [B, vocab] (a copy: the graph's own
+        output is overwritten by the next replay), or with ``greedy`` each row's argmax, int64 [B] on the
+        device (the step's work queued, not waited for). Commits nothing (the caller does)."""
         n = len(slots)
         if len(tokens) != n:
             raise ValueError("one token per slot")
+        on_device = isinstance(tokens, torch.Tensor)
         size = self.bucket(n)
         graph, logits = self.graph(size)
         h = self._host
@@ -152,7 +156,7 @@ class BatchDecodeGraphs:
             self._copied.synchronize()
         tok, pos, lens, tab = (self._np[k] for k in ("tokens", "positions", "seq_lens", "tables"))
         filled, width = self._filled, self.width
-        for b, (slot, token) in enumerate(zip(slots, tokens, strict=True)):
+        for b, slot in enumerate(slots):
             length = slot.length
             if slot.allocated <= length:
                 raise ValueError(f"slot {b} was not reserved for its next token")
@@ -160,7 +164,8 @@ class BatchDecodeGraphs:
             nb = len(blocks)
             if nb > width:
                 raise ValueError(f"slot {b} holds {nb} blocks, more than the tables' {width}")
-            tok[b] = token
+            if not on_device:
+                tok[b] = tokens[b]
             pos[b] = length
             lens[b] = length + 1
             tab[b, :nb] = blocks
@@ -177,8 +182,11 @@ class BatchDecodeGraphs:
         with torch.inference_mode():
             for name in ("tokens", "positions", "seq_lens", "tables"):
                 getattr(self, name)[:size].copy_(h[name][:size], non_blocking=True)
+            if on_device:
+                self.tokens[:n].copy_(tokens)
             if graph is None:   # capture=False
-                return self._forward(size)[:n].to(torch.float32, copy=True)
-            self._copied.record()
-            graph.replay()
-            return logits[:n].to(torch.float32, copy=True)
+                logits = self._forward(size)
+            else:
+                self._copied.record()
+                graph.replay()
+            return logits[:n].argmax(dim=-1) if greedy else logits[:n].to(torch.float32, copy=True)

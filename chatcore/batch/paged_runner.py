@@ -67,5 +67,18 @@ class PagedRunner:
                 slot.commit(ids)
         return logits
 
+    @torch.inference_mode()
+    def greedy_step(self, slots: Sequence[PagedSlot], tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """A decode step of one token per slot (each reserved for it), ``tokens`` from the host or the device:
+        each row's argmax, int64 [n] on the device, queued and not waited for (through the decode graphs where
+        they take the batch, else one eager pass). Commits nothing (the caller commits each token once it knows
+        it)."""
+        if self.graphs is not None and self.graphs.takes(len(slots)):
+            return self.graphs.run(slots, tokens, greedy=True)
+        x = tokens if isinstance(tokens, torch.Tensor) else torch.tensor(
+            list(tokens), dtype=torch.long, device=self.model.runtime.device)
+        step = BatchStep(self.pool, list(slots), [1] * len(slots), self.model.backend)
+        return self.model.run(x, step).argmax(dim=-1)
+
     def release(self, slot: PagedSlot) -> None:
         slot.reset()

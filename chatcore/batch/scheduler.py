@@ -11,6 +11,10 @@ consumed its token has run (as the engine yields it). A consumer that stops (:me
 sequence out of the batch at the next step, and its slot cut back to the prompt and the tokens it was handed.
 When the runner runs out of KV memory (``OutOfBlocks``), the newest running sequence gives its memory back and
 waits at the head of the queue; it is prefilled again (prompt and tokens so far) when memory frees up.
+
+While every running sequence decodes a plain greedy reply, each step is queued on the device before the last
+one's tokens are read, and the host's work for those tokens overlaps the step (:mod:`chatcore.batch.ahead`);
+the events and the slots come out as the step-by-step loop leaves them.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 
 import torch
 
+from chatcore.batch.ahead import InFlight, TokenFetch
 from chatcore.batch.runner import BatchRunner, Work
 from chatcore.errors import ChatcoreError, OutOfBlocks
 from chatcore.generation import ReplyState, TokenEvent
@@ -81,6 +86,9 @@ class Scheduler:
     the runner's memory never evicts those slots to make room (the paged pool's ``pinned``); every live
     request's slot is pinned through a step, so a waiting sequence keeps the prefix its prompt counts on.
 
+    ``ahead``: greedy decode steps are queued before the last one is read, where the runner can
+    (``greedy_step``); False: every step is read before the next (the reference the other equals).
+
     Threaded (:meth:`start`) or stepped by hand (:meth:`step`, for tests). ``lock`` is held through each step:
     whoever changes a slot from another thread takes it (the engine's slot handles do); requests submitted while
     holding it all join the next step (the lock before the queue's condition, always in this order).
@@ -88,8 +96,14 @@ class Scheduler:
 
     def __init__(self, runner: BatchRunner, *, max_batch: int, make_room: Callable[[Any, int, int], int],
                  shift: Callable[[Any, int], int],
-                 pin: Callable[[Iterable[Any]], contextlib.AbstractContextManager[Any]] | None = None) -> None:
+                 pin: Callable[[Iterable[Any]], contextlib.AbstractContextManager[Any]] | None = None,
+                 ahead: bool = True) -> None:
         self.runner = runner
+        self._greedy: Any = runner if ahead and hasattr(runner, "greedy_step") else None
+        self._inflight: InFlight | None = None   # the greedy step queued ahead, not read yet
+        self._fetch: TokenFetch | None = None
+        self.ahead_steps = 0               # steps queued before the last one was read
+        self.wasted_rows = 0               # rows of those steps whose sequence ended on the token read after
         self.pin = pin or (lambda slots: contextlib.nullcontext())
         self.max_batch = max_batch
         self.make_room, self.shift = make_room, shift
@@ -200,6 +214,7 @@ class Scheduler:
             reqs = [*self._running, *self._waiting, *self._inbox]
             tasks = self._tasks
             self._running, self._waiting, self._inbox, self._tasks = [], deque(), [], []
+            self._inflight = None
         for r in reqs:
             self._fail(r, exc)
         for _, fut in tasks:
@@ -213,6 +228,8 @@ class Scheduler:
                 self._inbox.clear()
                 tasks, self._tasks = self._tasks, []
                 gone = [r for r in (*self._running, *self._waiting) if r.cancelled]
+            if tasks:   # a call sees every slot as the step-by-step loop leaves it
+                self._drain()
             for fn, fut in tasks:
                 try:
                     fut.set_result(fn())
@@ -241,6 +258,9 @@ class Scheduler:
             self._running.append(self._waiting.popleft())
 
     def _forward(self) -> bool:
+        if self._forward_ahead():
+            return True
+        self._drain()
         reqs = [r for r in self._running if r.decoding]
         works = [Work(r.slot, r.todo) for r in reqs]
         pre = next((r for r in self._running if not r.decoding), None)
@@ -280,6 +300,87 @@ class Scheduler:
             except Exception as exc:
                 self._fail(r, exc)
         return True
+
+    # -- greedy steps queued ahead (chatcore.batch.ahead) ----------------------------------------------------
+    def _ahead_rows(self) -> list[Request] | None:
+        """The sequences of a greedy step to queue now, or None: the next step goes the usual way. Every running
+        sequence must decode a plain greedy reply (no sink window) and nobody wait for a place in the batch.
+        With a step in flight, its sequences go on unless they end after it in a way known now (a stop string
+        on the token it fed, the token limit, a full window); an end token is only seen once read."""
+        if self._greedy is None or not self._running or (self._waiting and len(self._running) < self.max_batch):
+            return None
+        fl = self._inflight
+        for r in self._running:
+            reply = r.reply
+            if not (r.decoding and reply is not None and r.sinks is None and _plain_greedy(reply)
+                    and len(r.todo) == (0 if fl is not None else 1)):
+                return None
+        if fl is None:
+            return list(self._running)
+        return [r for r in self._running
+                if not (r.pending is not None and r.pending[4]) and r.reply is not None
+                and r.reply.n + 1 < r.reply.limit and r.slot.length < r.slot.capacity]
+
+    def _forward_ahead(self) -> bool:
+        """Queue a greedy step (tokens from the host for the first, from the step in flight after), then read the
+        step in flight and do its host work while the new one runs. False: it does not apply now (or memory for
+        it ran out); the caller drains and steps the usual way."""
+        rows = self._ahead_rows()
+        if not rows:
+            return False
+        try:
+            for r in rows:
+                r.slot.reserve(1)
+        except Exception:   # out of KV memory (or worse): the usual step handles it, sequence by sequence
+            return False
+        fl = self._inflight
+        slots = [r.slot for r in rows]
+        try:
+            ids = self._greedy.greedy_step(slots, [r.todo[0] for r in rows] if fl is None else fl.next_tokens(rows))
+        except Exception as exc:
+            self._inflight = None
+            for r in {id(x): x for x in [*rows, *(fl.reqs if fl is not None else [])]}.values():
+                if r in self._running:
+                    self._fail(r, exc)
+            return True
+        self.steps += 1
+        self.ahead_steps += 1
+        if fl is None:   # the fed tokens were known: in the slots now, as the runner's run commits them
+            for r in rows:
+                r.slot.commit(r.todo)
+                r.todo = []
+        self._fetch = self._fetch or TokenFetch(ids.device)
+        self._inflight = InFlight(rows, ids, self._fetch.start(ids))
+        if fl is not None:
+            self._land(fl, {id(r) for r in rows})
+        return True
+
+    def _drain(self) -> None:
+        """Read the step in flight, if any: its sequences are left as after a usual step (next token in todo)."""
+        fl, self._inflight = self._inflight, None
+        if fl is not None:
+            self._land(fl, set())
+
+    def _land(self, fl: InFlight, queued: set[int]) -> None:
+        """Step ``fl`` ran: hand out the tokens it fed and take the tokens it chose, as a usual step does. A
+        sequence in the step queued since (``queued``: id()s) already feeds its token there: committed now; one
+        that ended on it wasted that row (nothing committed)."""
+        tokens = fl.fetched.tokens()
+        live = {id(r) for r in self._running}
+        for r, token in zip(fl.reqs, tokens, strict=True):
+            if id(r) not in live:
+                continue
+            try:
+                if self._hand_out(r):
+                    self._advance(r, None, token)
+            except Exception as exc:
+                self._fail(r, exc)
+            if id(r) in queued:
+                if r.todo and not r.done.is_set():
+                    r.slot.commit(r.todo)
+                    r.todo = []
+                else:
+                    self.wasted_rows += 1
 
     def _chunk(self, r: Request) -> Work:
         """The next prompt chunk (room made first in a sink window; blocks another sequence registered for its
