@@ -492,3 +492,21 @@ def test_on_the_gpu_the_demo_model_chats_in_a_batch_as_alone(demo_gguf: Path) ->
         be.close()
     assert sum(g == w for g, w in zip(got, want, strict=True)) >= 12
     assert all(g[:8] == w[:8] for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_thread_waiting_for_the_step_lock_gets_it_after_one_step(engine: chatcore.Engine, ahead: bool) -> None:
+    """The step thread takes its lock for every step; a thread waiting for it (to queue a request, close a
+    stream, change a slot) gets it once the step in progress ends, not whenever the step thread happens to lose
+    the race for it (a plain lock let 16 requests wait over a second behind decoding streams)."""
+    with BatchEngine(engine, BatchConfig(max_batch=8, block_size=16, decode_ahead=ahead)) as be:
+        gens = [be.generate(prompt(8, 90 + i), SamplingParams(max_new_tokens=200, ignore_eos=True)) for i in range(4)]
+        next(gens[0])
+        waited = []
+        for _ in range(20):
+            before = be.scheduler.steps
+            with be.scheduler.lock:
+                waited.append(be.scheduler.steps - before)
+        assert max(waited) <= 1, waited
+        for g in gens:
+            g.close()

@@ -225,3 +225,36 @@ def test_a_sequence_that_can_never_fit_fails_alone(engine: Engine) -> None:
     s.submit(small)
     run_all(s)
     assert len(tokens(small)) == 4
+
+
+def test_the_step_lock_lets_a_waiting_thread_in_first() -> None:
+    """After a step the step thread releases its lock and lets in every thread already waiting for it
+    (``let_in``) before it takes the lock again: when let_in returns, the waiter holds the lock."""
+    import threading
+
+    from chatcore.batch.scheduler import StepLock
+
+    lock = StepLock()
+    held, go_on = threading.Event(), threading.Event()
+
+    def waiter() -> None:
+        with lock:
+            held.set()
+            go_on.wait(10)
+    lock.acquire()
+    t = threading.Thread(target=waiter, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    while lock._waiting == 0 and time.monotonic() < deadline:   # the waiter is blocked on the lock
+        time.sleep(0.001)
+    lock.release()
+    lock.let_in(timeout=10)
+    took = lock.acquire(blocking=False)
+    if took:
+        lock.release()
+    go_on.set()
+    assert not took   # the waiter had it
+    t.join(10)
+    assert held.is_set() and lock.acquire(blocking=False)
+    lock.release()
+    lock.let_in(timeout=0)   # nobody waiting: returns at once

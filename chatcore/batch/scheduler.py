@@ -50,6 +50,46 @@ class Failure:
 
 
 _ORDER = itertools.count()
+_LET_IN_S = 0.05   # the longest the step thread waits after a step for other threads to take its lock
+
+
+class StepLock:
+    """The scheduler's reentrant lock, fair to the threads that wait for it: the step thread takes it for every
+    step and would take it again at once (a plain lock lets the releasing thread win, so a request could wait
+    seconds to be queued); after each step it lets every thread already waiting take it first (:meth:`let_in`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(threading.Lock())
+        self._waiting = 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(blocking=False):
+            return True
+        if not blocking:
+            return False
+        with self._cond:
+            self._waiting += 1
+        try:
+            return self._lock.acquire(True, timeout)
+        finally:
+            with self._cond:
+                self._waiting -= 1
+                self._cond.notify_all()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def let_in(self, timeout: float = _LET_IN_S) -> None:
+        """Wait (not holding the lock) until no other thread is waiting for it, at most ``timeout`` seconds."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._waiting == 0, timeout)
 
 
 class Request:
@@ -107,7 +147,7 @@ class Scheduler:
         self.pin = pin or (lambda slots: contextlib.nullcontext())
         self.max_batch = max_batch
         self.make_room, self.shift = make_room, shift
-        self.lock = threading.RLock()
+        self.lock = StepLock()
         self.steps = 0                     # batched forward passes run
         self._cond = threading.Condition()
         self._inbox: list[Request] = []
@@ -204,6 +244,7 @@ class Scheduler:
                     if self._closed:
                         return
                 self.step()
+                self.lock.let_in()
         except BaseException as exc:   # a bug here must not leave consumers waiting forever
             self._shutdown(exc)
             raise
