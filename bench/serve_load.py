@@ -97,7 +97,8 @@ class Server:
         if args.redis_url:
             cmd += ["--redis-url", args.redis_url]
         cmd += args.server_arg
-        env = {**os.environ, "CHATCORE_HOME": str(home), "PYTHONPATH": str(ROOT)}
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))   # and what it had
+        env = {**os.environ, "CHATCORE_HOME": str(home), "PYTHONPATH": path}
         self.cmd = cmd
         self.log_path = log_path
         self.log = log_path.open("w")
