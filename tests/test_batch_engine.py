@@ -140,16 +140,22 @@ def greedy_cases(engine: chatcore.Engine) -> list[tuple[list[int], SamplingParam
     return out
 
 
-def test_greedy_steps_queued_ahead_leave_what_step_by_step_leaves(engine: chatcore.Engine) -> None:
-    """Every event, stat and slot token of greedy streams decoded with steps queued ahead equals the Engine's one
-    at a time and the step-by-step scheduler's; the ahead path ran, and threw away the rows of sequences that
-    ended on a token it read late."""
-    todo = greedy_cases(engine)
+def alone(engine: chatcore.Engine, todo: list[tuple[list[int], SamplingParams]]) -> list[tuple[Any, ...]]:
+    """Each case generated alone by the Engine: its events, stats figures and the slot's tokens after."""
     want = []
     for ids, params in todo:
         slot = engine.new_slot()
         gen = engine.generate(ids, params, slot=slot)
         want.append((events(gen), figures(gen.stats), list(slot.tokens)))
+    return want
+
+
+def test_greedy_steps_queued_ahead_leave_what_step_by_step_leaves(engine: chatcore.Engine) -> None:
+    """Every event, stat and slot token of greedy streams decoded with steps queued ahead equals the Engine's one
+    at a time and the step-by-step scheduler's; the ahead path ran, and threw away the rows of sequences that
+    ended on a token it read late."""
+    todo = greedy_cases(engine)
+    want = alone(engine, todo)
     for ahead in (True, False):
         with BatchEngine(engine, BatchConfig(max_batch=8, block_size=16, decode_ahead=ahead)) as be:
             slots = [be.new_slot() for _ in todo]
@@ -458,11 +464,7 @@ def test_on_the_gpu_greedy_steps_queued_ahead_equal_the_engine(tmp_path: Path) -
     graph decode (events, stats, slot tokens), with most steps queued ahead."""
     eng = chatcore.load(make_chat_model_dir(tmp_path), device="cuda", dtype="float32", max_seq_len=256)
     todo = greedy_cases(eng)
-    want = []
-    for ids, params in todo:
-        slot = eng.new_slot()
-        gen = eng.generate(ids, params, slot=slot)
-        want.append((events(gen), figures(gen.stats), list(slot.tokens)))
+    want = alone(eng, todo)
     with BatchEngine(eng, BatchConfig(max_batch=8, block_size=16)) as be:
         assert be.runner.graphs is not None
         slots = [be.new_slot() for _ in todo]
