@@ -14,29 +14,28 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-SHAPES = {
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=64),
-    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=128),
-}
+BENCH = Path(__file__).resolve().parent.parent
+sys.path.append(str(BENCH))
+from batch import SHAPES  # noqa: E402  (the shapes bench/batch.py measures)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("tokenizer_dir", type=Path)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
+    ap.add_argument("--shape", choices=sorted(k for k in SHAPES if k != "tiny"), default="llama-3.2-1b")
     args = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     vocab = len(json.loads((args.tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
-    config = LlamaConfig(vocab_size=vocab, max_position_embeddings=8192, rope_theta=500000.0, bos_token_id=1,
-                         eos_token_id=2, tie_word_embeddings=False, **SHAPES[args.shape])
+    shape = {k: v for k, v in SHAPES[args.shape].items() if k != "rope_scaling"}   # plain RoPE over 8k
+    shape.update(vocab_size=vocab, max_position_embeddings=8192, tie_word_embeddings=False)   # an own head
+    config = LlamaConfig(bos_token_id=1, eos_token_id=2, **shape)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
