@@ -89,3 +89,29 @@ def test_sharded_checkpoint_loads_like_a_single_file(tiny_llama_dir: Path, tmp_p
     one = chatcore.load(tiny_llama_dir, device="cpu", dtype="float32").logits(ids)
     many = chatcore.load(sharded, device="cpu", dtype="float32").logits(ids)
     assert torch.equal(one, many)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_paired_residual_norms_compute_the_same(tmp_path: Path, family: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several rows on a GPU take the paired flow (each residual add with the norm after it, as add_rms_norm runs
+    them: the next layer's attention norm, the final norm after the last layer). Forced here on the CPU, where
+    add_rms_norm is the plain two ops, the logits equal the one-token flow's exactly."""
+    from model_factory import make_qwen3_dir
+
+    import chatcore.models.llama as llama_module
+
+    make = make_qwen3_dir if family == "qwen3" else make_llama_dir
+    path = make(tmp_path, seed=5)
+    engine = chatcore.load(path, device="cpu", dtype="float32")
+    ids = prompt(40, seed=6)
+    plain = engine.logits(ids)
+    seen: list[int] = []
+
+    def fused(x: torch.Tensor) -> bool:
+        seen.append(x.shape[0])
+        return True
+
+    monkeypatch.setattr(llama_module, "use_fused", fused)
+    assert engine.logits(ids).equal(plain)
+    assert seen and all(n > 1 for n in seen)   # the paired flow ran

@@ -56,3 +56,31 @@ def test_apply_takes_the_kernel_for_gpu_prompt_chunks(dtype: torch.dtype) -> Non
     half = q.shape[-1] // 2
     plain = torch.cat((q[..., :half] * cos - q[..., half:] * sin, q[..., half:] * cos + q[..., :half] * sin), -1)
     assert (out.double() - ref).abs().mean() <= (plain.double() - ref).abs().mean()   # rounds once, not thrice
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "hq", "hkv", "d"), [(5, 6, 2, 16), (1, 32, 8, 128), (3, 5, 5, 80)])
+def test_rope_write_rotates_q_and_writes_the_pools(n: int, hq: int, hkv: int, d: int, dtype: torch.dtype) -> None:
+    """The batched step's one launch (q rotated; k rotated and v copied into their pool rows) equals the rotate
+    kernel bit for bit and leaves every other pool row alone."""
+    from chatcore.layers.triton_fused import rotate
+    from chatcore.layers.triton_rope_write import rope_write
+
+    g = torch.Generator().manual_seed(n * hq + d)
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g).to(dtype)   # a fused projection, split as the model does
+    q, k, v = (t.view(n, -1, d) for t in qkv.split((hq * d, hkv * d, hkv * d), dim=-1))
+    angle = torch.rand(n, d // 2, generator=g) * 6
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    k_flat = torch.full((20, hkv, d), 7.0, dtype=dtype)
+    v_flat = torch.full((20, hkv, d), 7.0, dtype=dtype)
+    rows = torch.randperm(20, generator=g)[:n]
+    out = rope_write(q, k, v, cos, sin, rows, k_flat, v_flat)
+    assert out.shape == (n, hq, d) and out.is_contiguous()
+    assert out.view(torch.int16).equal(rotate(q, cos, sin).view(torch.int16))
+    assert k_flat[rows].view(torch.int16).equal(rotate(k, cos, sin).view(torch.int16))
+    assert v_flat[rows].equal(v)
+    rest = torch.ones(20, dtype=torch.bool)
+    rest[rows] = False
+    assert (k_flat[rest] == 7).all() and (v_flat[rest] == 7).all()
+    with pytest.raises(ValueError, match="cos/sin"):
+        rope_write(q, k, v, cos[:, :-1], sin, rows, k_flat, v_flat)

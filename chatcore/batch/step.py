@@ -3,8 +3,9 @@
 A family's ``run(ids, step)`` takes ids [N] and hidden rows [N, ...] grouped by sequence, in the order given:
 sequence b's rows are its ``counts[b]`` new tokens, after the ``slot.length`` tokens its slot holds. Per layer
 the step rotates q and k at each row's own position, writes k and v at each row's (block, offset) in the pool
-(quantized when the pool is) and calls :func:`~chatcore.layers.paged_attention.attend_paged`; ``select`` then
-keeps each sequence's last row for the head.
+(quantized when the pool is; half precision on a GPU: one launch for all of it,
+:mod:`chatcore.layers.triton_rope_write`) and calls :func:`~chatcore.layers.paged_attention.attend_paged`;
+``select`` then keeps each sequence's last row for the head.
 
 - :class:`BatchStep`: any mix of decode tokens and prompt chunks, positions known on the host (the slots'
   lengths); the slots must have been reserved for their new tokens.
@@ -23,6 +24,7 @@ import torch
 
 from chatcore.batch.paged import PagedPool, PagedSlot
 from chatcore.layers.kv_quant import copy_rows, quantize
+from chatcore.layers.norm import use_fused
 from chatcore.layers.paged_attention import attend_paged
 from chatcore.layers.rope import Rotary
 
@@ -42,33 +44,41 @@ class _PagedWrites:
     def _init_tables(self) -> None:
         self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # per rotary and dtype
 
-    def _rotate(self, rotary: Rotary, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cos_sin(self, rotary: Rotary, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos / sin [N, 1, D/2] of each row's position in ``dtype`` (made once a step per rotary)."""
         key = id(rotary)
         tables = self._tables.get(key)
-        if tables is None or tables[0].dtype != q.dtype:
-            tables = self._tables[key] = (rotary.cos.index_select(0, self.positions)[:, None, :].to(q.dtype),
-                                          rotary.sin.index_select(0, self.positions)[:, None, :].to(q.dtype))
-        cos, sin = tables
-        return Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        if tables is None or tables[0].dtype != dtype:
+            tables = self._tables[key] = (rotary.cos.index_select(0, self.positions)[:, None, :].to(dtype),
+                                          rotary.sin.index_select(0, self.positions)[:, None, :].to(dtype))
+        return tables
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rotary: Rotary | None,
                sliding_window: int | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
         """q [N, Hq, D], k/v [N, Hkv, D] of every sequence's new rows (k not yet rotated) -> [N, Hq, D]."""
-        if rotary is not None:
-            q, k = self._rotate(rotary, q, k)
         p = self.pool
         kp, vp = p.k[layer], p.v[layer]
         flat_k, flat_v = kp.view(-1, *kp.shape[2:]), vp.view(-1, *vp.shape[2:])
         scales = None
-        if p.k_scale is None or p.v_scale is None:
-            flat_k.index_copy_(0, self.rows, k.to(flat_k.dtype))
-            flat_v.index_copy_(0, self.rows, v.to(flat_v.dtype))
+        if rotary is not None and p.k_scale is None and use_fused(q) and _rope_write_takes(q, k, v, flat_k, flat_v):
+            from chatcore.layers.triton_rope_write import rope_write
+
+            cos, sin = self._cos_sin(rotary, q.dtype)   # one launch: q rotated, k rotated and v written
+            n = q.shape[0]
+            q = rope_write(q, k, v, cos.view(n, -1), sin.view(n, -1), self.rows, flat_k, flat_v)
         else:
-            scales = (p.k_scale[layer], p.v_scale[layer])
-            for flat, sc, x in ((flat_k, scales[0], k), (flat_v, scales[1], v)):
-                codes, s = quantize(x, flat.dtype)
-                copy_rows(flat, 0, self.rows, codes)
-                sc.view(-1, sc.shape[-1]).index_copy_(0, self.rows, s)
+            if rotary is not None:
+                cos, sin = self._cos_sin(rotary, q.dtype)
+                q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+            if p.k_scale is None or p.v_scale is None:
+                flat_k.index_copy_(0, self.rows, k.to(flat_k.dtype))
+                flat_v.index_copy_(0, self.rows, v.to(flat_v.dtype))
+            else:
+                scales = (p.k_scale[layer], p.v_scale[layer])
+                for flat, sc, x in ((flat_k, scales[0], k), (flat_v, scales[1], v)):
+                    codes, s = quantize(x, flat.dtype)
+                    copy_rows(flat, 0, self.rows, codes)
+                    sc.view(-1, sc.shape[-1]).index_copy_(0, self.rows, s)
         return attend_paged(q, kp, vp, cu_q=self.cu_q, seq_lens=self.seq_lens, block_tables=self.block_tables,
                             max_q=self.max_q, backend=self.backend, sliding_window=sliding_window, alibi=alibi,
                             scales=scales)
@@ -139,3 +149,10 @@ class DeviceBatchStep(_PagedWrites):
 
     def select(self, h: torch.Tensor, all_logits: bool) -> torch.Tensor:
         return h
+
+
+def _rope_write_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flat_k: torch.Tensor,
+                      flat_v: torch.Tensor) -> bool:
+    from chatcore.layers.triton_rope_write import takes
+
+    return takes(q, k, v, flat_k, flat_v)

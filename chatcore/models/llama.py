@@ -23,7 +23,7 @@ from chatcore.config import ModelConfig, as_ids, hf_rope
 from chatcore.config_gguf import rope_fields
 from chatcore.layers.activation import gate_up_silu
 from chatcore.layers.linear import for_linear, linear
-from chatcore.layers.norm import rms_norm
+from chatcore.layers.norm import add_rms_norm, rms_norm, use_fused
 from chatcore.layers.rope import Rotary
 from chatcore.models.base import CausalLM
 from chatcore.models.family import Family, Fields, GetTensor, tied_head
@@ -79,21 +79,34 @@ class LlamaModel(CausalLM):
         t = ids.shape[0]
         row_linear = self.row_linear
         x = self.embed_ids(ids, self.embed, self.runtime.dtype)
+        # one token: each residual add in the GEMV before it (epilogue), each norm in the GEMV after it
+        # (prologue), no kernel of their own. Several rows on a GPU (batched decode, prompt chunks): each residual
+        # add and the norm after it in one kernel (add_rms_norm), the same roundings as the two ops
+        paired = t > 1 and use_fused(x) and x.dim() == 2
+        h = rms_norm(x, self.layers[0].attn_norm, eps) if paired and self.layers else None
         for i, layer in enumerate(self.layers):
-            # the attention input's RMSNorm runs inside the qkv projection (for one token on a GPU: one GEMV)
-            qkv = linear(x, layer.wqkv, layer.bqkv, norm=(layer.attn_norm, eps))
+            if paired:
+                qkv = linear(h, layer.wqkv, layer.bqkv)
+            else:
+                qkv = linear(x, layer.wqkv, layer.bqkv, norm=(layer.attn_norm, eps))
             q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
             q, k = q.view(t, c.num_heads, c.head_dim), k.view(t, c.num_kv_heads, c.head_dim)
             if layer.q_norm is not None:
                 q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
             o = step.attend(i, q, k, v.view(t, c.num_kv_heads, c.head_dim), rotary=self.rotary,
                             sliding_window=layer.sliding_window)
-            # each residual add in the GEMV before it (epilogue), each norm in the GEMV after it (prologue):
-            # for one token on a GPU, no kernel of their own
-            x = row_linear(o.reshape(t, self.q_size), layer.wo, layer.bo, residual=x)
-            up = gate_up_silu(x, layer.w_gate_up, layer.b_gate_up, norm=(layer.mlp_norm, eps))
-            x = row_linear(up, layer.w_down, layer.b_down, residual=x)
-        h = rms_norm(x, self.norm, eps)
+            if paired:
+                x, h = add_rms_norm(x, row_linear(o.reshape(t, self.q_size), layer.wo, layer.bo), layer.mlp_norm,
+                                    eps)
+                up = gate_up_silu(h, layer.w_gate_up, layer.b_gate_up)
+                after = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
+                x, h = add_rms_norm(x, row_linear(up, layer.w_down, layer.b_down), after, eps)
+            else:
+                x = row_linear(o.reshape(t, self.q_size), layer.wo, layer.bo, residual=x)
+                up = gate_up_silu(x, layer.w_gate_up, layer.b_gate_up, norm=(layer.mlp_norm, eps))
+                x = row_linear(up, layer.w_down, layer.b_down, residual=x)
+        if h is None:
+            h = rms_norm(x, self.norm, eps)
         return self.head(step.select(h, all_logits), self.lm_head)
 
 
