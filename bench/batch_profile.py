@@ -26,8 +26,9 @@ from chatcore.batch.paged import PagedPool  # noqa: E402
 from chatcore.batch.paged_runner import PagedRunner  # noqa: E402
 from chatcore.batch.runner import Work  # noqa: E402
 
-GROUPS = [("gemm", r"gemm|gemv|cutlass|sm90_xmma|nvjet|splitk|_gemv"),
-          ("attention", r"attn|flash|paged|split_k|decode"), ("norm", r"norm"), ("rope", r"rope|rotary"),
+# first match wins: flash-attn's "splitkv" kernels are attention, cuBLAS's "splitKreduce" a projection's
+GROUPS = [("attention", r"attn|flash|paged|split_k|decode"), ("gemm", r"gemm|gemv|cutlass|sm90_xmma|nvjet|splitk"),
+          ("norm", r"norm"), ("rope", r"rope|rotary|rotate"),
           ("silu", r"silu|act_and_mul"),
           ("argmax/logits", r"argmax|max|reduce"), ("copy", r"copy|memcpy|cat|index|gather|embedding")]
 

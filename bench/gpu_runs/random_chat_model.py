@@ -28,7 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("tokenizer_dir", type=Path)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--shape", choices=sorted(k for k in SHAPES if k != "tiny"), default="llama-3.2-1b")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
     args = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
