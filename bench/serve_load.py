@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -229,14 +230,63 @@ async def run_client(url: str, model: str, c: Client, args: argparse.Namespace, 
         await api.close()
 
 
-async def run_load(url: str, model: str, clients: list[Client], args: argparse.Namespace, stop_at: float) -> float:
+async def run_load(url: str, model: str, clients: list[Client], args: argparse.Namespace, stop_at: float,
+                   start_at: float | None = None) -> tuple[float, float]:
+    """Every client's turns, all at once: (start, end) in ``time.perf_counter`` seconds (system-wide monotonic on
+    Linux, so processes compare). ``start_at``: the first request waits for that moment (a process of several)."""
     gate = asyncio.Event()
     tasks = [asyncio.create_task(run_client(url, model, c, args, gate, stop_at)) for c in clients]
     await asyncio.sleep(0.2)   # every client made before the first request
+    if start_at is not None:
+        await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
     t0 = time.perf_counter()
     gate.set()
     await asyncio.gather(*tasks)
-    return time.perf_counter() - t0
+    return t0, time.perf_counter()
+
+
+def cpu_seconds(pid: int | None = None) -> float | None:
+    """CPU seconds (user + system) this process (None) or process ``pid`` has used (Linux /proc; else None)."""
+    if pid is None:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def client_process(url: str, model: str, clients: list[Client], args: argparse.Namespace, stop_at: float,
+                   start_at: float) -> tuple[list[Client], float, float, float | None]:
+    """One of ``--client-procs`` processes: its share of the clients, their turns, its own CPU seconds."""
+    before = cpu_seconds()
+    t0, t1 = asyncio.run(run_load(url, model, clients, args, stop_at, start_at))
+    after = cpu_seconds()
+    return clients, t0, t1, None if before is None or after is None else after - before
+
+
+def run_clients(url: str, model: str, clients: list[Client], args: argparse.Namespace,
+                stop_at: float) -> tuple[list[Client], float, float | None]:
+    """The load from this process (``--client-procs 1``) or spread over that many processes (each client in one,
+    all starting together): (the clients with their turns, wall seconds, the clients' CPU seconds)."""
+    procs = max(1, min(args.client_procs, len(clients)))
+    if procs == 1:
+        before = cpu_seconds()
+        t0, t1 = asyncio.run(run_load(url, model, clients, args, stop_at))
+        after = cpu_seconds()
+        return clients, t1 - t0, None if before is None or after is None else after - before
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    shares = [clients[i::procs] for i in range(procs)]
+    start_at = time.perf_counter() + 8.0   # time for every process to start and import the client
+    with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = [f.result() for f in [pool.submit(client_process, url, model, share, args, stop_at, start_at)
+                                     for share in shares]]
+    back = sorted((c for d in done for c in d[0]), key=lambda c: c.index)
+    cpu = [d[3] for d in done]
+    return back, max(d[2] for d in done) - min(d[1] for d in done), None if None in cpu else sum(cpu)
 
 
 # -- the check through storage -------------------------------------------------------------------------------------
@@ -338,6 +388,19 @@ def tally(clients: list[Client], wall: float, args: argparse.Namespace) -> dict[
     return res
 
 
+def cpu_use(run: dict[str, Any], server_s: float | None, client_s: float | None, procs: int) -> dict[str, Any]:
+    """CPU seconds the server process and the clients used during the load, and per output token (which side
+    runs out of CPU first: one Python process holds one GIL)."""
+    tokens = run.get("output_tokens") or 0
+
+    def per_token(sec: float | None) -> float | None:
+        return None if sec is None or not tokens else sec * 1e3 / tokens
+
+    return {"client_procs": procs, "server_cpu_s": server_s, "client_cpu_s": client_s,
+            "server_cpu_ms_per_output_token": per_token(server_s),
+            "client_cpu_ms_per_output_token": per_token(client_s)}
+
+
 def plot(run: dict[str, Any], clients: list[Client], path: Path) -> None:
     import matplotlib
 
@@ -384,6 +447,8 @@ def main() -> int:
     ap.add_argument("--start-timeout", type=float, default=300.0)
     ap.add_argument("--request-timeout", type=float, default=600.0)
     ap.add_argument("--deadline", type=float, default=1800.0, help="seconds of load; later turns are not started")
+    ap.add_argument("--client-procs", type=int, default=1,
+                    help="processes the clients are spread over (one asyncio process can be the limit itself)")
     args = ap.parse_args()
     cpu = args.device == "cpu"
     args.clients = args.clients or (16 if cpu else 64)
@@ -401,11 +466,15 @@ def main() -> int:
     try:
         model = asyncio.run(served_model(server.url, args))
         stop_at = time.perf_counter() + args.deadline
-        wall = asyncio.run(run_load(server.url, model, clients, args, stop_at))
+        server_cpu0 = cpu_seconds(server.proc.pid)
+        clients, wall, client_cpu = run_clients(server.url, model, clients, args, stop_at)
+        server_cpu1 = cpu_seconds(server.proc.pid)
     finally:
         status = server.stop()
     run = tally(clients, wall, args)
     run.update(server_start_s=server.start_s, server_exit_status=status, model=model)
+    run.update(cpu_use(run, None if server_cpu0 is None or server_cpu1 is None else server_cpu1 - server_cpu0,
+                       client_cpu, args.client_procs))
     run.update(check_storage(clients, args, home))
     failed = run["errors"] > 0 or run["conversations_complete"] != run["conversations"]
     if failed:   # keep the server's log for a look

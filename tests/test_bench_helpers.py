@@ -201,8 +201,11 @@ def test_serve_load_runs_its_cpu_path(tmp_path: Path) -> None:
     pytest.importorskip("uvicorn")
     env = {**os.environ, "PYTHONPATH": str(BENCH.parent)}
     subprocess.run([sys.executable, str(BENCH / "serve_load.py"), "--device", "cpu", "--clients", "3", "--turns", "2",
-                    "--max-tokens", "4", "--chat-share", "0.34", "--out", str(tmp_path)], check=True, env=env,
-                   capture_output=True, timeout=300)
+                    "--max-tokens", "4", "--chat-share", "0.34", "--client-procs", "2", "--out", str(tmp_path)],
+                   check=True, env=env, capture_output=True, timeout=300)
     run = json.loads((tmp_path / "serve_load_cpu.json").read_text())["runs"][0]
     assert run["errors"] == 0 and run["ok"] == 6 and run["apis"] == {"responses": 2, "chat": 1}
     assert run["conversations"] == run["conversations_complete"] == 2
+    # the clients ran in two processes, whose turns came back; both sides' CPU was counted
+    assert run["client_procs"] == 2 and run["server_cpu_s"] > 0 and run["client_cpu_s"] > 0
+    assert run["server_cpu_ms_per_output_token"] == pytest.approx(run["server_cpu_s"] * 1e3 / run["output_tokens"])
