@@ -445,18 +445,19 @@ def graph_step_time(target: Any, n: int, reps: int = 20) -> float | None:
     graph = graphs.graphs[graphs.bucket(n)][0]
     if graph is None:
         return None
+    return float(target.scheduler.call(lambda: replay_seconds(graph, reps)))
 
-    def timed() -> float:
+
+def replay_seconds(graph: torch.cuda.CUDAGraph, reps: int = 20) -> float:
+    """Device seconds of one replay of ``graph`` (after one unmeasured replay), between CUDA events."""
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
         graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / reps
-
-    return float(target.scheduler.call(timed))
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
 
 
 def run_one(row: dict[str, Any], n: int, key: str, run: Callable[[list[list[int]], int], tuple[list[Trace], list[int]]],

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from batch import SHAPES, build_engine, build_hf, copy_bandwidth  # noqa: E402
+from batch import SHAPES, build_engine, build_hf, copy_bandwidth, replay_seconds  # noqa: E402
 
 from chatcore.batch.paged import PagedPool  # noqa: E402
 from chatcore.batch.paged_runner import PagedRunner  # noqa: E402
@@ -50,17 +50,6 @@ def profile_replay(graph: torch.cuda.CUDAGraph) -> list[tuple[str, float, int]]:
     rows = [(e.key, e.device_time_total / 1e6, e.count) for e in prof.key_averages()
             if e.device_time_total > 0]
     return sorted(rows, key=lambda r: -r[1])
-
-
-def replay_seconds(graph: torch.cuda.CUDAGraph, reps: int = 20) -> float:
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / reps
 
 
 def main() -> None:

@@ -24,6 +24,12 @@ def _rot(src, cos, sin, ok, HALF: tl.constexpr):
 
 
 @triton.jit
+def _store_halves(dst, a, b, ok, HALF: tl.constexpr):
+    tl.store(dst, a.to(dst.dtype.element_ty), mask=ok)
+    tl.store(dst + HALF, b.to(dst.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _rope_write(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, rows_ptr, q_out_ptr, k_pool_ptr, v_pool_ptr,
                 q_row, q_head, k_row, k_head, v_row, v_head, HQ, HKV, HALF: tl.constexpr, BLOCK_Q: tl.constexpr,
                 BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -35,20 +41,15 @@ def _rope_write(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, rows_ptr, q_out_ptr, k_po
     hq = tl.arange(0, BLOCK_Q)[:, None]
     ok = (hq < HQ) & d_ok[None, :]
     a, b = _rot(q_ptr + row * q_row + hq * q_head + dims[None, :], cos, sin, ok, HALF)
-    dst = q_out_ptr + (row * HQ + hq) * (2 * HALF) + dims[None, :]
-    tl.store(dst, a.to(q_out_ptr.dtype.element_ty), mask=ok)
-    tl.store(dst + HALF, b.to(q_out_ptr.dtype.element_ty), mask=ok)
+    _store_halves(q_out_ptr + (row * HQ + hq) * (2 * HALF) + dims[None, :], a, b, ok, HALF)
     slot = tl.load(rows_ptr + row).to(tl.int64)
     hk = tl.arange(0, BLOCK_KV)[:, None]
     ok = (hk < HKV) & d_ok[None, :]
     a, b = _rot(k_ptr + row * k_row + hk * k_head + dims[None, :], cos, sin, ok, HALF)
-    dst = k_pool_ptr + (slot * HKV + hk) * (2 * HALF) + dims[None, :]
-    tl.store(dst, a.to(k_pool_ptr.dtype.element_ty), mask=ok)
-    tl.store(dst + HALF, b.to(k_pool_ptr.dtype.element_ty), mask=ok)
+    _store_halves(k_pool_ptr + (slot * HKV + hk) * (2 * HALF) + dims[None, :], a, b, ok, HALF)
     src = v_ptr + row * v_row + hk * v_head + dims[None, :]
-    dst = v_pool_ptr + (slot * HKV + hk) * (2 * HALF) + dims[None, :]
-    tl.store(dst, tl.load(src, mask=ok, other=0.0), mask=ok)
-    tl.store(dst + HALF, tl.load(src + HALF, mask=ok, other=0.0), mask=ok)
+    _store_halves(v_pool_ptr + (slot * HKV + hk) * (2 * HALF) + dims[None, :], tl.load(src, mask=ok, other=0.0),
+                  tl.load(src + HALF, mask=ok, other=0.0), ok, HALF)
 
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor) -> bool:
