@@ -63,23 +63,33 @@ def test_apply_takes_the_kernel_for_gpu_prompt_chunks(dtype: torch.dtype) -> Non
 def test_rope_write_rotates_q_and_writes_the_pools(n: int, hq: int, hkv: int, d: int, dtype: torch.dtype) -> None:
     """The batched step's one launch (q rotated; k rotated and v copied into their pool rows) equals the rotate
     kernel bit for bit and leaves every other pool row alone."""
+    check_rope_write(n, hq, hkv, d, dtype, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("n", "hq", "hkv", "d"), [(1, 32, 8, 128), (32, 32, 8, 64), (64, 40, 8, 128)])
+def test_gpu_rope_write_compiled(n: int, hq: int, hkv: int, d: int) -> None:
+    check_rope_write(n, hq, hkv, d, torch.bfloat16, "cuda")
+
+
+def check_rope_write(n: int, hq: int, hkv: int, d: int, dtype: torch.dtype, device: str) -> None:
     from chatcore.layers.triton_fused import rotate
     from chatcore.layers.triton_rope_write import rope_write
 
     g = torch.Generator().manual_seed(n * hq + d)
-    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g).to(dtype)   # a fused projection, split as the model does
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g).to(device, dtype)   # a fused projection, split
     q, k, v = (t.view(n, -1, d) for t in qkv.split((hq * d, hkv * d, hkv * d), dim=-1))
     angle = torch.rand(n, d // 2, generator=g) * 6
-    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
-    k_flat = torch.full((20, hkv, d), 7.0, dtype=dtype)
-    v_flat = torch.full((20, hkv, d), 7.0, dtype=dtype)
-    rows = torch.randperm(20, generator=g)[:n]
+    cos, sin = angle.cos().to(device, dtype), angle.sin().to(device, dtype)
+    k_flat = torch.full((2 * n + 10, hkv, d), 7.0, dtype=dtype, device=device)
+    v_flat = torch.full((2 * n + 10, hkv, d), 7.0, dtype=dtype, device=device)
+    rows = torch.randperm(2 * n + 10, generator=g)[:n].to(device)
     out = rope_write(q, k, v, cos, sin, rows, k_flat, v_flat)
     assert out.shape == (n, hq, d) and out.is_contiguous()
     assert out.view(torch.int16).equal(rotate(q, cos, sin).view(torch.int16))
     assert k_flat[rows].view(torch.int16).equal(rotate(k, cos, sin).view(torch.int16))
     assert v_flat[rows].equal(v)
-    rest = torch.ones(20, dtype=torch.bool)
+    rest = torch.ones(2 * n + 10, dtype=torch.bool, device=device)
     rest[rows] = False
     assert (k_flat[rest] == 7).all() and (v_flat[rest] == 7).all()
     with pytest.raises(ValueError, match="cos/sin"):
