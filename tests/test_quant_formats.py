@@ -202,10 +202,15 @@ def int4_mse(w: torch.Tensor, group: int) -> tuple[float, float]:
     return float((dequantize(quantize(w, "int4", group)) - w).square().mean()), float(step.square().mean()) / 12
 
 
-@pytest.mark.parametrize("kind", ["rows_of_many_sizes", "gaussian"])
+@pytest.mark.parametrize("kind", ["rows_of_many_sizes", "gaussian", "heavy_tailed"])
 def test_int4_error_shrinks_with_the_group(kind: str) -> None:
-    w = weights(k=384) if kind == "rows_of_many_sizes" else torch.randn(64, 384, generator=torch.Generator()
-                                                                          .manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    if kind == "rows_of_many_sizes":
+        w = weights(k=384)
+    elif kind == "gaussian":
+        w = torch.randn(64, 384, generator=gen)
+    else:   # Student t, 3 degrees of freedom: the outliers a real projection has, a few per group of 128
+        w = torch.randn(64, 384, generator=gen) / torch.randn(64, 384, 3, generator=gen).square().mean(-1).sqrt()
     mse = {g: int4_mse(w, g) for g in (32, 64, 128)}
     assert mse[32][0] <= mse[64][0] <= mse[128][0]
     # round to nearest errs uniformly within half a step (mean d^2 / 12); the range search must do better
