@@ -258,8 +258,9 @@ def cpu_seconds(pid: int | None = None) -> float | None:
 
 
 def client_process(url: str, model: str, clients: list[Client], args: argparse.Namespace, stop_at: float,
-                   start_at: float) -> tuple[list[Client], float, float, float | None]:
-    """One of ``--client-procs`` processes: its share of the clients, their turns, its own CPU seconds."""
+                   start_at: float | None = None) -> tuple[list[Client], float, float, float | None]:
+    """The clients' turns from this process (one of ``--client-procs``, or the only one): the clients, the
+    load's start and end (``time.perf_counter``), the process's CPU seconds over it."""
     before = cpu_seconds()
     t0, t1 = asyncio.run(run_load(url, model, clients, args, stop_at, start_at))
     after = cpu_seconds()
@@ -272,10 +273,8 @@ def run_clients(url: str, model: str, clients: list[Client], args: argparse.Name
     all starting together): (the clients with their turns, wall seconds, the clients' CPU seconds)."""
     procs = max(1, min(args.client_procs, len(clients)))
     if procs == 1:
-        before = cpu_seconds()
-        t0, t1 = asyncio.run(run_load(url, model, clients, args, stop_at))
-        after = cpu_seconds()
-        return clients, t1 - t0, None if before is None or after is None else after - before
+        _, t0, t1, cpu_s = client_process(url, model, clients, args, stop_at)
+        return clients, t1 - t0, cpu_s
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 

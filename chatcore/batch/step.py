@@ -53,6 +53,21 @@ class _PagedWrites:
                                           rotary.sin.index_select(0, self.positions)[:, None, :].to(dtype))
         return tables
 
+    def _write(self, layer: int, flat_k: torch.Tensor, flat_v: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """k (rotated) and v into their rows of the layer's pools, quantized when the pool is: its scales, or None."""
+        p = self.pool
+        if p.k_scale is None or p.v_scale is None:
+            flat_k.index_copy_(0, self.rows, k.to(flat_k.dtype))
+            flat_v.index_copy_(0, self.rows, v.to(flat_v.dtype))
+            return None
+        scales = (p.k_scale[layer], p.v_scale[layer])
+        for flat, sc, x in ((flat_k, scales[0], k), (flat_v, scales[1], v)):
+            codes, s = quantize(x, flat.dtype)
+            copy_rows(flat, 0, self.rows, codes)
+            sc.view(-1, sc.shape[-1]).index_copy_(0, self.rows, s)
+        return scales
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rotary: Rotary | None,
                sliding_window: int | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
         """q [N, Hq, D], k/v [N, Hkv, D] of every sequence's new rows (k not yet rotated) -> [N, Hq, D]."""
@@ -70,15 +85,7 @@ class _PagedWrites:
             if rotary is not None:
                 cos, sin = self._cos_sin(rotary, q.dtype)
                 q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
-            if p.k_scale is None or p.v_scale is None:
-                flat_k.index_copy_(0, self.rows, k.to(flat_k.dtype))
-                flat_v.index_copy_(0, self.rows, v.to(flat_v.dtype))
-            else:
-                scales = (p.k_scale[layer], p.v_scale[layer])
-                for flat, sc, x in ((flat_k, scales[0], k), (flat_v, scales[1], v)):
-                    codes, s = quantize(x, flat.dtype)
-                    copy_rows(flat, 0, self.rows, codes)
-                    sc.view(-1, sc.shape[-1]).index_copy_(0, self.rows, s)
+            scales = self._write(layer, flat_k, flat_v, k, v)
         return attend_paged(q, kp, vp, cu_q=self.cu_q, seq_lens=self.seq_lens, block_tables=self.block_tables,
                             max_q=self.max_q, backend=self.backend, sliding_window=sliding_window, alibi=alibi,
                             scales=scales)
